@@ -1,0 +1,36 @@
+"""gradkit: concrete NumPy gradients of Keras models, on every Keras backend.
+
+    import gradkit as gk
+    grads = gk.gradients(model, x, y)        # {"dense/kernel": np.ndarray, ...}
+
+Importing gradkit imports no framework; the adapter of a model's flavour is loaded on use.
+"""
+
+from gradkit._errors import (
+    DataShapeError as DataShapeError,
+    GradkitError as GradkitError,
+    GradkitFileError as GradkitFileError,
+    InvalidArgumentError as InvalidArgumentError,
+    NonFiniteGradientWarning as NonFiniteGradientWarning,
+    UnconnectedGradientError as UnconnectedGradientError,
+    UnknownLayerError as UnknownLayerError,
+    UnsupportedModelError as UnsupportedModelError,
+)
+from gradkit._gradients import gradients as gradients
+from gradkit._io import load as load, save as save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataShapeError",
+    "GradkitError",
+    "GradkitFileError",
+    "InvalidArgumentError",
+    "NonFiniteGradientWarning",
+    "UnconnectedGradientError",
+    "UnknownLayerError",
+    "UnsupportedModelError",
+    "gradients",
+    "load",
+    "save",
+]

@@ -1,0 +1,147 @@
+"""The objective as Keras 3 computes it, written once with `keras.ops` for all three backends.
+
+This is the backend-neutral half of Keras' own JAX trainer (`compute_loss_and_updates`):
+a stateless forward pass, the model's losses (regularizers, `add_loss`) collected from that
+pass, and the compiled loss through `stateless_compute_loss`. Every state update the pass
+makes (BatchNorm statistics, seed generators, loss metrics) stays inside a StatelessScope and
+is thrown away. Each backend adapter only differentiates `objective_value`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
+from gradkit._objective import Objective, data_loss, target_scores
+
+
+def floatx() -> str:
+    return keras.config.floatx()
+
+
+def check_built(model: Any) -> None:
+    """Raise if the model has no variables yet (a subclassed model never called)."""
+    if not model.built or not model.variables:
+        raise UnsupportedModelError(
+            f"Model {model.name!r} has not been built, so it has no weights to differentiate. "
+            "Build it first: call it once on a batch (model(x[:1])) or call model.build(...). "
+            + received(built=model.built)
+        )
+
+
+def loss_scale(model: Any) -> float:
+    """The optimizer's loss-scale factor (mixed precision), or 1.0.
+
+    The loss is multiplied by it before differentiation and the gradients divided by it
+    after, as `fit` does, so float16 gradients do not underflow and results are unscaled.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 1.0
+    return float(keras.ops.convert_to_numpy(optimizer.scale_loss(np.float32(1.0))))
+
+
+def resolve_loss(spec: Any) -> Any:
+    """A `keras.losses.Loss` for a loss name, Loss or callable (Keras reduction semantics)."""
+    if isinstance(spec, keras.losses.Loss):
+        return spec
+    if isinstance(spec, str):
+        try:
+            spec = keras.losses.get(spec)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{spec!r} is not a Keras loss name. Use a name such as 'mse', "
+                "'categorical_crossentropy' or 'sparse_categorical_crossentropy', a "
+                "keras.losses.Loss, or a callable (y_true, y_pred). " + received(loss=spec)
+            ) from None
+        if isinstance(spec, keras.losses.Loss):
+            return spec
+    return keras.losses.LossFunctionWrapper(spec, reduction="sum_over_batch_size")
+
+
+def prepare_objective(objective: Objective) -> Objective:
+    """Resolve a loss name to its Loss once, outside any traced function."""
+    if objective.kind == "loss":
+        return Objective("loss", resolve_loss(objective.spec))
+    return objective
+
+
+def objective_value(
+    model: Any,
+    objective: Objective,
+    training: bool,
+    trainable_values: list,
+    non_trainable_values: list,
+    metrics_values: list,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> Any:
+    """The unscaled scalar objective at the given variable values; no state is changed."""
+    kwargs = {"training": training} if model._call_has_training_arg else {}
+    y_pred, _, losses = model.stateless_call(
+        trainable_values, non_trainable_values, x, return_losses=True, **kwargs
+    )
+    if objective.kind == "target":
+        return target_score(objective.spec, y_pred, sample_weight)
+    if objective.kind == "loss":
+        total = data_loss(objective.spec, y, y_pred, sample_weight)
+        for extra in losses:
+            total = total + _aggregate(extra)
+        return total
+    return _compiled_loss(
+        model, losses, trainable_values, non_trainable_values, metrics_values,
+        x, y, y_pred, sample_weight, training,
+    )
+
+
+def _compiled_loss(model, losses, trainable_values, non_trainable_values, metrics_values,
+                   x, y, y_pred, sample_weight, training):
+    saved = model._losses_override
+    if losses:  # forward-pass losses (add_loss, regularizers) as the JAX trainer passes them
+        model._losses_override = list(losses)
+    try:
+        loss, _ = model.stateless_compute_loss(
+            trainable_values, non_trainable_values, metrics_values,
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training,
+        )
+    finally:
+        model._losses_override = saved
+    return loss
+
+
+def _aggregate(loss: Any) -> Any:
+    if not keras.backend.is_float_dtype(loss.dtype):
+        loss = keras.ops.cast(loss, floatx())
+    return keras.ops.sum(loss)
+
+
+def target_score(target: Any, y_pred: Any, sample_weight: Any) -> Any:
+    """The SUM over the batch of the (optionally weighted) target scores."""
+    ops = keras.ops
+    scores = target_scores(target, y_pred)
+    if not keras.backend.is_float_dtype(scores.dtype):
+        scores = ops.cast(scores, "float32")
+    if sample_weight is not None:
+        weights = ops.cast(sample_weight, scores.dtype)
+        extra = len(scores.shape) - len(weights.shape)
+        scores = scores * ops.reshape(weights, tuple(weights.shape) + (1,) * max(extra, 0))
+    return ops.sum(scores)
+
+
+def variable_values(model: Any) -> tuple[list, list, list]:
+    """Current (trainable, non-trainable, metrics) values, read fresh for this call."""
+    return (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.metrics_variables],
+    )
+
+
+def selected_indices(model: Any, variables: list) -> list[int]:
+    """Positions of `variables` in model.trainable_variables."""
+    position = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    return [position[id(v)] for v in variables]

@@ -1,0 +1,98 @@
+"""Keras 3 on JAX: `jax.value_and_grad` over `stateless_call`, inside a cached `jax.jit`.
+
+XLA compiles one program per input shape; a compiled program is reused for every later call
+with the same shapes. Variable values are read fresh on every call (`fit` donates buffers).
+Which variables are connected to the objective is read off the traced program once, since
+`jax.grad` returns zeros, not None, for a variable the objective does not use.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import jax
+import numpy as np
+
+from gradkit._backends import _keras3 as k3
+from gradkit._data import Batch
+from gradkit._objective import Objective
+
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+class _Entry:
+    def __init__(self, fn, selected):
+        self.fn = fn
+        self.selected = selected
+        self.connected: list[bool] | None = None
+
+
+def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
+    k3.check_built(model)
+    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training))
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build(model, variables, objective, training)
+    entry = per_model[key]
+    trainable, non_trainable, metrics = k3.variable_values(model)
+    chosen = set(entry.selected)
+    args = (
+        [trainable[i] for i in entry.selected],
+        [v for i, v in enumerate(trainable) if i not in chosen],
+        non_trainable, metrics, batch.x, batch.y, batch.sample_weight,
+        np.float32(k3.loss_scale(model)),
+    )
+    if entry.connected is None:
+        entry.connected = _connected(entry.fn, args)
+    (_, loss), grads = entry.fn(*args)
+    loss, grads = jax.device_get((loss, grads))
+    return float(loss), [g if ok else None for g, ok in zip(grads, entry.connected)]
+
+
+def _build(model, variables, objective, training):
+    model_ref = weakref.ref(model)
+    objective = k3.prepare_objective(objective)
+    selected = k3.selected_indices(model, variables)
+
+    def scaled_objective(chosen, others, non_trainable, metrics, x, y, sample_weight, scale):
+        rest = iter(others)
+        by_position = dict(zip(selected, chosen))
+        count = len(selected) + len(others)
+        trainable = [by_position[i] if i in by_position else next(rest) for i in range(count)]
+        loss = k3.objective_value(
+            model_ref(), objective, training, trainable, non_trainable, metrics,
+            x, y, sample_weight,
+        )
+        loss = loss.astype("float32")
+        return loss * scale, loss
+
+    def value_and_unscaled_grads(*args):
+        (scaled, loss), grads = jax.value_and_grad(scaled_objective, has_aux=True)(*args)
+        scale = args[-1]
+        return (scaled, loss), [g / scale.astype(g.dtype) for g in grads]
+
+    return _Entry(jax.jit(value_and_unscaled_grads), selected)
+
+
+def _connected(fn, args) -> list[bool]:
+    """For each differentiated variable: does the objective depend on it at all?
+
+    A forward dependency walk over the traced program; a nested call (pjit, custom_jvp) is
+    treated as depending on all of its inputs, so the answer errs towards "connected".
+    """
+    closed = jax.make_jaxpr(lambda *a: fn.__wrapped__(*a)[0][1])(*args)
+    jaxpr = closed.jaxpr
+    n = len(args[0])
+    deps: dict[Any, int] = {var: 1 << i for i, var in enumerate(jaxpr.invars[:n])}
+    for eqn in jaxpr.eqns:
+        mask = 0
+        for var in eqn.invars:
+            if not hasattr(var, "val"):  # a Var, not a Literal
+                mask |= deps.get(var, 0)
+        if mask:
+            for var in eqn.outvars:
+                deps[var] = mask
+    out = jaxpr.outvars[0]
+    mask = 0 if hasattr(out, "val") else deps.get(out, 0)
+    return [bool(mask >> i & 1) for i in range(n)]

@@ -1,0 +1,128 @@
+"""tf-keras (Keras 2), eager mode: a GradientTape inside a cached `tf.function`.
+
+tf-keras layers assign their state during the call (BatchNorm moving statistics, loss
+metrics), so the function reads that state first and writes the same values back after the
+gradient: the model leaves the call bitwise as it entered. The batch axis of the input
+signature is open (None), so a new batch size does not retrace.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import tensorflow as tf
+import tf_keras
+
+from gradkit._backends.tensorflow import _inputs, _relaxed_spec, _signature_key
+from gradkit._data import Batch, map_structure
+from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
+from gradkit._objective import Objective, data_loss, target_scores
+
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
+    if not tf.executing_eagerly():
+        raise UnsupportedModelError(
+            "gradkit runs tf-keras models in eager mode, but eager execution is disabled "
+            "(tf.compat.v1.disable_eager_execution() was called). Remove that call; gradkit "
+            "compiles its own tf.function, so graph mode is not needed for speed. "
+            + received(executing_eagerly=False)
+        )
+    if not model.built or not model.variables:
+        raise UnsupportedModelError(
+            f"Model {model.name!r} has not been built, so it has no weights to differentiate. "
+            "Call it once on a batch (model(x[:1])) or call model.build(...) first. "
+            + received(built=model.built)
+        )
+    inputs = _inputs(batch)
+    signature = map_structure(_relaxed_spec, inputs)
+    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+           _signature_key(signature))
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build(model, variables, objective, training, signature)
+    loss, grads = per_model[key](inputs, tf.constant(_loss_scale(model), tf.float32))
+    return float(loss), [None if g is None else g.numpy() for g in grads]
+
+
+def _loss_scale(model: Any) -> float:
+    optimizer = getattr(model, "optimizer", None)
+    scale = getattr(optimizer, "loss_scale", None) if optimizer is not None else None
+    return 1.0 if scale is None else float(scale)
+
+
+def _resolve_loss(spec: Any) -> Any:
+    if isinstance(spec, tf_keras.losses.Loss):
+        return spec
+    if isinstance(spec, str):
+        try:
+            spec = tf_keras.losses.get(spec)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{spec!r} is not a tf-keras loss name. Use a name such as 'mse' or "
+                "'categorical_crossentropy', a tf_keras.losses.Loss, or a callable "
+                "(y_true, y_pred). " + received(loss=spec)
+            ) from None
+        if isinstance(spec, tf_keras.losses.Loss):
+            return spec
+    from tf_keras.src.losses import LossFunctionWrapper
+
+    return LossFunctionWrapper(spec, reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
+
+
+def _state_variables(model: Any) -> list:
+    """Everything a forward pass or a loss may assign: non-trainable and metric variables."""
+    seen, state = set(), []
+    candidates = list(model.non_trainable_variables)
+    for metric in model.metrics:
+        candidates.extend(metric.variables)
+    for v in candidates:
+        if id(v) not in seen:
+            seen.add(id(v))
+            state.append(v)
+    return state
+
+
+def _objective_value(model, objective, x, y, sample_weight, y_pred):
+    if objective.kind == "compiled":
+        return model.compute_loss(x, y, y_pred, sample_weight)
+    if objective.kind == "target":
+        scores = tf.cast(target_scores(objective.spec, y_pred), tf.float32)
+        if sample_weight is not None:
+            weights = tf.cast(sample_weight, scores.dtype)
+            extra = scores.shape.rank - weights.shape.rank
+            scores = scores * tf.reshape(weights, tf.concat(
+                [tf.shape(weights), tf.ones([max(extra, 0)], tf.int32)], 0))
+        return tf.reduce_sum(scores)
+    total = data_loss(objective.spec, y, y_pred, sample_weight)
+    if model.losses:
+        total = total + tf.add_n([tf.cast(l, total.dtype) for l in model.losses])
+    return total
+
+
+def _build(model, variables, objective, training, signature):
+    model_ref = weakref.ref(model)
+    if objective.kind == "loss":
+        objective = Objective("loss", _resolve_loss(objective.spec))
+    state = _state_variables(model)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
+    def step(inputs, scale):
+        model = model_ref()
+        saved = [tf.identity(v) for v in state]
+        x, y, sw = inputs["x"], inputs.get("y"), inputs.get("sample_weight")
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=training)
+            loss = _objective_value(model, objective, x, y, sw, y_pred)
+            scaled = tf.cast(loss, tf.float32) * scale
+        grads = tape.gradient(scaled, variables)
+        grads = [None if g is None else tf.convert_to_tensor(g) / tf.cast(scale, g.dtype)
+                 for g in grads]
+        with tf.control_dependencies([g for g in grads if g is not None] + [loss]):
+            for v, value in zip(state, saved):
+                v.assign(value)
+        return loss, grads
+
+    return step

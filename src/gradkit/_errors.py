@@ -1,0 +1,67 @@
+"""Errors and warnings raised by gradkit.
+
+Every error says what happened, what was expected and how to fix it, and ends in
+``Received: name=value``. Each subclass also subclasses the builtin a caller would catch
+without knowing gradkit::
+
+    GradkitError (Exception)
+    ├── UnsupportedModelError (TypeError)     not a Keras model, or a flavour gradkit lacks
+    ├── InvalidArgumentError (ValueError)     a bad option value or combination
+    │   ├── DataShapeError                    data that does not fit the model's inputs
+    │   └── UnknownLayerError (KeyError)      layers= names nothing in the model
+    ├── UnconnectedGradientError (ValueError) a selected variable does not affect the loss
+    └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
+
+    NonFiniteGradientWarning (RuntimeWarning) NaN/Inf in a gradient, naming the variables
+"""
+
+from __future__ import annotations
+
+
+class GradkitError(Exception):
+    """Base class of every error gradkit raises on purpose."""
+
+
+class UnsupportedModelError(GradkitError, TypeError):
+    """The object is not a model gradkit can differentiate."""
+
+
+class InvalidArgumentError(GradkitError, ValueError):
+    """An option has a bad value, or two options contradict each other."""
+
+
+class DataShapeError(InvalidArgumentError):
+    """The data does not fit the model's inputs, or x, y and sample_weight disagree."""
+
+
+class UnknownLayerError(InvalidArgumentError, KeyError):
+    """A `layers=` entry matches no layer of the model."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; show it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnconnectedGradientError(GradkitError, ValueError):
+    """A selected variable has no path to the loss (its gradient is undefined, not zero)."""
+
+
+class GradkitFileError(GradkitError, OSError):
+    """A file could not be read or written, or is not what it claims to be."""
+
+
+class NonFiniteGradientWarning(RuntimeWarning):
+    """A gradient holds NaN or Inf; the message names the variables."""
+
+
+def received(**values: object) -> str:
+    """Format the closing ``Received: name=value`` part of an error message."""
+    return "Received: " + ", ".join(f"{name}={_short_repr(v)}" for name, v in values.items())
+
+
+def _short_repr(value: object, limit: int = 120) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (str, bytes)):
+        dtype = getattr(value, "dtype", "?")
+        return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

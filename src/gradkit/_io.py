@@ -1,0 +1,96 @@
+"""Gradient sets on disk: `.npz` files, written atomically, read without pickle.
+
+Keys are variable paths such as ``"dense/kernel"``; ``np.savez`` would accept them, but a
+key may not be a valid file name inside the zip on every tool, so the mapping is stored
+as-is and read back exactly. Only arrays are stored: a ``None`` entry (an unconnected
+variable under ``unconnected="none"``) is refused rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradkit._errors import GradkitFileError, InvalidArgumentError, received
+
+
+def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
+    """Write `grads` to `path` (``.npz`` appended if missing) atomically; return the path.
+
+    The file appears complete or not at all: it is written to a temporary file in the same
+    folder, flushed to disk, then renamed over `path`.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = _checked_arrays(grads)
+    if not path.parent.is_dir():
+        raise GradkitFileError(
+            f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist. "
+            "Create it first or choose another path. " + received(path=str(path))
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a gradient set written by `save` (or any ``.npz`` of arrays), without pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradkitFileError(
+            f"No gradient file at {str(path)!r}. Check the path (gradkit.save writes .npz "
+            "files). " + received(path=str(path))
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise GradkitFileError(
+            f"{str(path)!r} is not a readable .npz of arrays ({exc}). It may be truncated, "
+            "not an .npz file, or hold pickled objects, which gradkit never loads. "
+            + received(path=str(path))
+        ) from None
+
+
+def _checked_arrays(grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(grads, Mapping):
+        raise InvalidArgumentError(
+            "save() takes a gradient dict {name: array}, as gradkit.gradients returns. "
+            + received(grads=type(grads).__name__)
+        )
+    arrays = {}
+    for key, value in grads.items():
+        if not isinstance(key, str):
+            raise InvalidArgumentError(
+                "Every key of a gradient dict must be a string (a variable path). "
+                + received(key=key)
+            )
+        if value is None:
+            raise InvalidArgumentError(
+                f"The gradient of {key!r} is None (an unconnected variable); a file can hold "
+                "only arrays. Drop the entry, or compute with unconnected='zero'. "
+                + received(key=key)
+            )
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise InvalidArgumentError(
+                f"The gradient of {key!r} is not a numeric array. " + received(key=key)
+            )
+        arrays[key] = array
+    return arrays

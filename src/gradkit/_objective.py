@@ -1,0 +1,137 @@
+"""What is differentiated: the compiled loss, an explicit loss, or a target score.
+
+- ``compiled`` (``loss=None, target=None``): exactly what ``fit`` differentiates: the compiled
+  loss (per output, with loss weights), sample weights, and every loss in ``model.losses``
+  (kernel/bias/activity regularizers, ``add_loss``). Reduction as compiled: by default the
+  mean over the batch ("sum_over_batch_size").
+- ``loss`` (a Keras loss name, a ``keras.losses.Loss`` or a callable ``(y_true, y_pred)``):
+  replaces the compiled loss; a per-example result is reduced as Keras does (weighted sum over
+  the number of elements); ``model.losses`` are still added, as ``fit`` would add them had the
+  model been compiled with that loss. A single loss on a multi-output model applies to each
+  output and the results are summed, as in ``compile``.
+- ``target`` (an int class index, or a callable ``outputs -> per-example scores``): the SUM over
+  the batch of the score (``outputs[:, k]``), optionally weighted by ``sample_weight``; no
+  ``y``, no regularizers. Summing keeps each example's own gradient unscaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gradkit._errors import InvalidArgumentError, received
+
+
+@dataclass(frozen=True, eq=False)
+class Objective:
+    """The resolved choice of what to differentiate (see the module docstring)."""
+
+    kind: str  # "compiled" | "loss" | "target"
+    spec: Any = None  # the loss name/object/callable, or the target index/callable
+
+    def cache_key(self) -> tuple:
+        """A hashable key that identifies this objective for compiled-function caches."""
+        simple = isinstance(self.spec, (str, int)) or self.spec is None
+        return (self.kind, self.spec if simple else id(self.spec))
+
+
+def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
+    """Check the loss/target/y combination and return the Objective it names."""
+    if loss is not None and target is not None:
+        raise InvalidArgumentError(
+            "loss= and target= are alternatives: loss= differentiates a loss of (y, y_pred), "
+            "target= differentiates a score of the outputs. Pass only one. "
+            + received(loss=loss, target=target)
+        )
+    if target is not None:
+        return _target_objective(target, y)
+    if loss is not None:
+        if not (isinstance(loss, str) or callable(loss)):
+            raise InvalidArgumentError(
+                "loss= must be a Keras loss name ('mse', 'categorical_crossentropy'), a "
+                "keras.losses.Loss instance or a callable (y_true, y_pred) -> loss. "
+                + received(loss=loss)
+            )
+        _require_y(y, "loss=" + (loss if isinstance(loss, str) else type(loss).__name__))
+        return Objective("loss", loss)
+    if not _is_compiled(model):
+        raise InvalidArgumentError(
+            f"Model {model.name!r} is not compiled, so there is no loss to differentiate. "
+            "Compile it (model.compile(loss=...)), or pass loss='mse' (any Keras loss), or "
+            "target=k to differentiate the output score of class k. "
+            + received(loss=None, target=None)
+        )
+    if _has_compiled_loss(model):
+        _require_y(y, "the compiled loss")
+    return Objective("compiled")
+
+
+def _target_objective(target: Any, y: Any) -> Objective:
+    if isinstance(target, bool) or not (isinstance(target, int) or callable(target)):
+        raise InvalidArgumentError(
+            "target= must be an int class index k (the score outputs[:, k]) or a callable "
+            "outputs -> per-example scores. " + received(target=target)
+        )
+    if y is not None:
+        raise InvalidArgumentError(
+            "y is not used with target=: the target score depends on the outputs alone. "
+            "Drop y, or pass loss= instead of target= to differentiate a loss of (y, y_pred). "
+            + received(y=y, target=target)
+        )
+    return Objective("target", target)
+
+
+def _require_y(y: Any, what: str) -> None:
+    if y is None:
+        raise InvalidArgumentError(
+            f"{what} compares predictions with targets, so y is required. Pass y (the labels), "
+            "or use target=k to differentiate an output score without labels. "
+            + received(y=None)
+        )
+
+
+def _is_compiled(model: Any) -> bool:
+    if getattr(model, "compiled", False):  # Keras 3
+        return True
+    return bool(getattr(model, "_is_compiled", False))  # tf-keras
+
+
+def _has_compiled_loss(model: Any) -> bool:
+    return getattr(model, "loss", None) is not None
+
+
+def data_loss(loss: Any, y: Any, y_pred: Any, sample_weight: Any) -> Any:
+    """A resolved Loss applied per output and summed (one loss for all outputs, as compile)."""
+    if isinstance(y_pred, dict):
+        return sum(loss(y[k], y_pred[k], sample_weight=sample_weight) for k in y_pred)
+    if isinstance(y_pred, (list, tuple)):
+        ys = list(y.values()) if isinstance(y, dict) else (
+            list(y) if isinstance(y, (list, tuple)) else [y])
+        if len(ys) != len(y_pred):
+            raise InvalidArgumentError(
+                f"The model has {len(y_pred)} outputs but y holds {len(ys)} array(s). Pass "
+                "one target array per output (a list in output order or a dict by name). "
+                + received(y_count=len(ys))
+            )
+        return sum(loss(t, p, sample_weight=sample_weight) for t, p in zip(ys, y_pred))
+    return loss(y, y_pred, sample_weight=sample_weight)
+
+
+def target_scores(target: Any, y_pred: Any) -> Any:
+    """Per-example scores: column `target` of the output, or `target(outputs)`."""
+    if not isinstance(target, int):
+        return target(y_pred)
+    if isinstance(y_pred, (list, tuple, dict)):
+        raise InvalidArgumentError(
+            "target=k picks column k of the output, but this model has several outputs. "
+            "Pass a callable, e.g. target=lambda outputs: outputs[0][:, k]. "
+            + received(target=target)
+        )
+    shape = tuple(y_pred.shape)
+    if len(shape) < 2 or shape[1] is None or not -shape[1] <= target < shape[1]:
+        raise InvalidArgumentError(
+            f"target={target} is not a valid index into the output of shape {shape}: "
+            "target=k needs outputs of shape (batch, classes) with more than k classes. "
+            + received(target=target)
+        )
+    return y_pred[:, target]

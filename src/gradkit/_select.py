@@ -1,0 +1,120 @@
+"""`layers=` resolution and the naming of result keys.
+
+A layer is matched by its name, by its path inside nested models (``"encoder/dense"``), by a
+glob over either (``"block*_conv"``), or by the Layer object itself. Keys of a gradient set
+are variable paths (Keras 3 ``variable.path``; tf-keras ``variable.name`` without ``:0``),
+made unique with a ``#n`` suffix in the rare case two variables share one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from gradkit._errors import InvalidArgumentError, UnknownLayerError, received
+
+
+def walk_layers(model: Any) -> Iterator[tuple[str, Any]]:
+    """Yield ``(path, layer)`` for every layer inside `model`, nested ones included."""
+    seen: set[int] = set()
+
+    def visit(parent: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        for layer in parent._flatten_layers(include_self=False, recursive=False):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            path = f"{prefix}{layer.name}"
+            yield path, layer
+            yield from visit(layer, path + "/")
+
+    yield from visit(model, "")
+
+
+def variable_key(variable: Any) -> str:
+    """The key of one variable: its Keras 3 path, or its tf-keras name without ``:0``."""
+    path = getattr(variable, "path", None)
+    if isinstance(path, str) and path:
+        return path
+    name = variable.name
+    return name[:-2] if name.endswith(":0") else name
+
+
+def unique_keys(variables: Iterable[Any]) -> list[str]:
+    """Keys for `variables` in order, a repeated key getting ``#1``, ``#2``, ... appended."""
+    keys: list[str] = []
+    counts: dict[str, int] = {}
+    for variable in variables:
+        key = variable_key(variable)
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        keys.append(key if n == 0 else f"{key}#{n}")
+    return keys
+
+
+def resolve_layers(model: Any, layers: Any) -> list[Any]:
+    """The Layer objects named by `layers` (a name, glob, Layer, or a list of them)."""
+    specs = list(layers) if isinstance(layers, (list, tuple, set)) else [layers]
+    if not specs:
+        raise InvalidArgumentError(
+            "layers= is empty; pass at least one layer name, glob or Layer, or leave it as "
+            "None to select every trainable variable. " + received(layers=layers)
+        )
+    found = list(walk_layers(model))
+    chosen: dict[int, Any] = {}
+    for spec in specs:
+        for layer in _match(spec, found, model):
+            chosen.setdefault(id(layer), layer)
+    return list(chosen.values())
+
+
+def _match(spec: Any, found: list[tuple[str, Any]], model: Any) -> list[Any]:
+    if not isinstance(spec, str):
+        if any(layer is spec for _, layer in found):
+            return [spec]
+        name = getattr(spec, "name", type(spec).__name__)
+        raise UnknownLayerError(
+            f"The layer object {name!r} is not part of this model, so its variables cannot "
+            "receive a gradient from the model's loss. Pass a layer taken from the model "
+            f"itself (model.get_layer({name!r})) or its name. " + received(layers=spec)
+        )
+    exact = [layer for path, layer in found if spec in (path, layer.name)]
+    if exact:
+        return exact
+    globbed = [
+        layer
+        for path, layer in found
+        if fnmatch.fnmatchcase(path, spec) or fnmatch.fnmatchcase(layer.name, spec)
+    ]
+    if globbed:
+        return globbed
+    names = sorted({n for path, layer in found for n in (path, layer.name)})
+    close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+    hint = f"Did you mean {', '.join(map(repr, close))}?" if close else (
+        f"The model's layers are: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}."
+    )
+    raise UnknownLayerError(
+        f"No layer of model {model.name!r} is named or matches {spec!r}. {hint} "
+        "Names, nested paths ('outer/inner') and globs ('dense*') are accepted. "
+        + received(layers=spec)
+    )
+
+
+def select_variables(model: Any, layers: Any = None) -> list[Any]:
+    """The model's trainable variables (in model order) that belong to `layers`, or all."""
+    trainable = list(model.trainable_variables)
+    if layers is None:
+        return trainable
+    chosen = resolve_layers(model, layers)
+    wanted = {id(v) for layer in chosen for v in layer.trainable_variables}
+    selected = [v for v in trainable if id(v) in wanted]
+    if not selected:
+        names = [layer.name for layer in chosen]
+        raise InvalidArgumentError(
+            f"The selected layers {names} have no trainable variables (they may be frozen with "
+            "trainable=False, or hold no weights, like Dropout or Flatten). Select layers with "
+            "weights, or use activation gradients for weightless layers. "
+            + received(layers=layers)
+        )
+    return selected
