@@ -1,0 +1,89 @@
+"""One Keras flavour per pytest process, chosen by GRADKIT_FLAVOUR before Keras is imported.
+
+GRADKIT_FLAVOUR: tensorflow | jax | torch (Keras 3 on that backend) | tf_keras (Keras 2).
+`tests/run_flavours.py` runs the suite once per flavour, each in its own process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+FLAVOUR = os.environ.get("GRADKIT_FLAVOUR", "tensorflow")
+if FLAVOUR not in ("tensorflow", "jax", "torch", "tf_keras"):
+    raise pytest.UsageError(f"GRADKIT_FLAVOUR must be tensorflow, jax, torch or tf_keras: {FLAVOUR}")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+if FLAVOUR != "tf_keras":
+    os.environ["KERAS_BACKEND"] = FLAVOUR
+
+if FLAVOUR == "tf_keras":
+    import tf_keras as keras_module
+else:
+    import keras as keras_module
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "flavours(*names): run the test only on these flavours"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("flavours")
+        if marker and FLAVOUR not in marker.args:
+            item.add_marker(pytest.mark.skip(reason=f"not for flavour {FLAVOUR}"))
+
+
+def pytest_report_header(config):
+    return f"gradkit flavour: {FLAVOUR} (keras {keras_module.__version__})"
+
+
+@pytest.fixture
+def flavour() -> str:
+    return FLAVOUR
+
+
+@pytest.fixture
+def keras():
+    """The Keras of this flavour: `keras` (Keras 3) or `tf_keras` (Keras 2)."""
+    return keras_module
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    keras_module.backend.clear_session()
+    keras_module.utils.set_random_seed(0)
+    yield
+
+
+def to_numpy(value) -> np.ndarray:
+    """A variable's or tensor's value as NumPy, on any flavour."""
+    if FLAVOUR == "tf_keras":
+        return np.array(value.numpy())
+    return np.array(keras_module.ops.convert_to_numpy(value))
+
+
+def state_snapshot(model) -> list[np.ndarray]:
+    """Copies of every model variable (weights, BatchNorm statistics, seeds) and metric."""
+    values = [to_numpy(v) for v in model.variables]
+    for metric in model.metrics:
+        values.extend(to_numpy(v) for v in metric.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "variables", None):
+        opt_vars = optimizer.variables() if callable(optimizer.variables) else optimizer.variables
+        values.extend(to_numpy(v) for v in opt_vars)
+    if FLAVOUR != "tf_keras":
+        for layer in model._flatten_layers():
+            for gen in getattr(layer, "_seed_generators", []) or []:
+                values.append(to_numpy(gen.state))
+    return values
+
+
+def assert_same_state(before, after):
+    assert len(before) == len(after)
+    for i, (a, b) in enumerate(zip(before, after)):
+        np.testing.assert_array_equal(a, b, err_msg=f"state entry {i} changed")
