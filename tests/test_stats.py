@@ -12,10 +12,11 @@ RNG = np.random.default_rng(1)
 
 
 def _per_example(n):
+    rng = np.random.default_rng(n)  # the same data for every partition of one size
     return {
-        "block/dense/kernel": RNG.normal(0.8, 1.0, size=(n, 3, 2)).astype("float32"),
-        "block/dense/bias": RNG.normal(-0.8, 0.5, size=(n, 2)).astype("float32"),
-        "out/kernel": RNG.normal(1.0, 2.0, size=(n, 2, 1)).astype("float32"),
+        "block/dense/kernel": rng.normal(0.8, 1.0, size=(n, 3, 2)).astype("float32"),
+        "block/dense/bias": rng.normal(-0.8, 0.5, size=(n, 2)).astype("float32"),
+        "out/kernel": rng.normal(1.0, 2.0, size=(n, 2, 1)).astype("float32"),
     }
 
 
