@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
 
@@ -127,8 +128,9 @@ def target_score(target: Any, y_pred: Any, sample_weight: Any) -> Any:
         scores = ops.cast(scores, "float32")
     if sample_weight is not None:
         weights = ops.cast(sample_weight, scores.dtype)
-        extra = len(scores.shape) - len(weights.shape)
-        scores = scores * ops.reshape(weights, tuple(weights.shape) + (1,) * max(extra, 0))
+        for _ in range(len(scores.shape) - len(weights.shape)):
+            weights = ops.expand_dims(weights, -1)  # the batch axis may be None when traced
+        scores = scores * weights
     return ops.sum(scores)
 
 
@@ -145,3 +147,27 @@ def selected_indices(model: Any, variables: list) -> list[int]:
     """Positions of `variables` in model.trainable_variables."""
     position = {id(v): i for i, v in enumerate(model.trainable_variables)}
     return [position[id(v)] for v in variables]
+
+
+# --- Per-example objectives (gradkit.per_example_gradients, gradkit.per_example_norms)
+
+
+def merge_trainable(selected: list[int], chosen: list, others: list) -> list:
+    """All trainable values in model order, from the selected ones and the rest."""
+    rest = iter(others)
+    by_position = dict(zip(selected, chosen))
+    count = len(selected) + len(others)
+    return [by_position[i] if i in by_position else next(rest) for i in range(count)]
+
+
+def example_objective(model, objective, training, trainable, non_trainable, metrics,
+                      x, y, sample_weight):
+    """`objective_value` on the batch of one made from one example (arrays without batch axis).
+
+    Called inside a vectorizer (vmap), once per example: the objective of that example alone.
+    """
+    def one(tree: Any) -> Any:
+        return map_structure(lambda a: keras.ops.expand_dims(a, 0), tree)
+
+    return objective_value(model, objective, training, trainable, non_trainable, metrics,
+                           one(x), one(y), one(sample_weight))

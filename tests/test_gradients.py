@@ -1,0 +1,305 @@
+"""gradkit.gradients against closed forms, on every flavour and model shape.
+
+References are derived by hand (linear models, where the gradient has a closed form) or
+computed by NumPy loops; nothing here compares against numbers gradkit printed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradkit as gk
+
+RNG = np.random.default_rng(0)
+
+
+def _dense_model(keras, n_in, n_out, *, bias, activation=None, name="dense"):
+    inputs = keras.Input((n_in,), name="x")
+    outputs = keras.layers.Dense(n_out, use_bias=bias, activation=activation, name=name)(inputs)
+    return keras.Model(inputs, outputs)
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_mse_linear_closed_form(keras):
+    # Keras' mse is the mean over the last axis, then the mean over the batch:
+    #   L = 1/(N*out) * sum_ij (XW - y)_ij^2   =>   dL/dW = 2/(N*out) * X^T (XW - y).
+    n, n_in, n_out = 6, 4, 3
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    y = RNG.normal(size=(n, n_out)).astype("float32")
+    w = RNG.normal(size=(n_in, n_out)).astype("float32")
+    model = _dense_model(keras, n_in, n_out, bias=False)
+    model.get_layer("dense").set_weights([w])
+    model.compile(optimizer="sgd", loss="mse")
+
+    grads = gk.gradients(model, x, y)
+
+    xd, yd, wd = (a.astype("float64") for a in (x, y, w))
+    expected = 2.0 / (n * n_out) * xd.T @ (xd @ wd - yd)
+    assert list(grads) == ["dense/kernel"]
+    assert grads["dense/kernel"].dtype == np.float32
+    np.testing.assert_allclose(grads["dense/kernel"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_softmax_regression_closed_form(keras, from_logits):
+    # L = -1/N sum_i log softmax(x_i W + b)[y_i]  =>  dW = X^T (P - Y) / N, db = sum(P - Y) / N.
+    n, n_in, n_classes = 8, 5, 4
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    labels = RNG.integers(0, n_classes, size=n)
+    y = np.eye(n_classes, dtype="float32")[labels]
+    w = RNG.normal(size=(n_in, n_classes)).astype("float32") * 0.5
+    b = RNG.normal(size=(n_classes,)).astype("float32") * 0.5
+    model = _dense_model(keras, n_in, n_classes, bias=True,
+                         activation=None if from_logits else "softmax")
+    model.get_layer("dense").set_weights([w, b])
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=from_logits))
+
+    grads = gk.gradients(model, x, y)
+
+    p = _softmax(x.astype("float64") @ w + b)
+    np.testing.assert_allclose(grads["dense/kernel"], x.T @ (p - y) / n, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads["dense/bias"], (p - y).sum(0) / n, rtol=1e-4, atol=1e-6)
+    assert list(grads) == ["dense/kernel", "dense/bias"]
+
+
+def test_keys_shapes_and_order_follow_trainable_variables(keras):
+    model = keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(4, name="a"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dense(2, name="b"),
+    ])
+    model.compile(loss="mse")
+    grads = gk.gradients(model, np.ones((5, 3)), np.zeros((5, 2)))
+    variables = model.trainable_variables
+    assert list(grads) == [gk._select.variable_key(v) for v in variables]
+    assert len(set(grads)) == len(variables) == 6
+    for v, g in zip(variables, grads.values()):
+        assert g.shape == tuple(v.shape)
+        assert isinstance(g, np.ndarray)
+    assert all(":0" not in k for k in grads)
+
+
+def test_target_int_is_sum_of_scores_over_batch(keras):
+    # target=k differentiates sum_i (x_i W + b)[k]: dW[:, k] = sum_i x_i, db[k] = N, zero elsewhere.
+    n, n_in, n_out = 5, 3, 4
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    model = _dense_model(keras, n_in, n_out, bias=True)
+    grads = gk.gradients(model, x, target=2)
+    expected_w = np.zeros((n_in, n_out))
+    expected_w[:, 2] = x.sum(0)
+    expected_b = np.zeros(n_out)
+    expected_b[2] = n
+    np.testing.assert_allclose(grads["dense/kernel"], expected_w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grads["dense/bias"], expected_b, rtol=1e-6)
+
+
+def test_target_callable_is_summed_over_batch(keras):
+    # target(outputs) = outputs[:, 0] * 3 per example  =>  dW[:, 0] = 3 * sum_i x_i.
+    n, n_in = 4, 3
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    model = _dense_model(keras, n_in, 2, bias=False)
+    grads = gk.gradients(model, x, target=lambda out: out[:, 0] * 3.0)
+    expected = np.zeros((n_in, 2))
+    expected[:, 0] = 3 * x.sum(0)
+    np.testing.assert_allclose(grads["dense/kernel"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_target_with_sample_weight_weights_each_score(keras):
+    n, n_in = 4, 3
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    sw = np.array([1.0, 0.0, 2.0, 0.5], "float32")
+    model = _dense_model(keras, n_in, 2, bias=False)
+    grads = gk.gradients(model, x, target=1, sample_weight=sw)
+    expected = np.zeros((n_in, 2))
+    expected[:, 1] = (sw[:, None] * x).sum(0)
+    np.testing.assert_allclose(grads["dense/kernel"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_tensors_are_accepted(keras, flavour):
+    n, n_in = 4, 3
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    y = RNG.normal(size=(n, 1)).astype("float32")
+    model = _dense_model(keras, n_in, 1, bias=False)
+    model.compile(loss="mse")
+    convert = (lambda a: __import__("tensorflow").constant(a)) if flavour == "tf_keras" else (
+        keras.ops.convert_to_tensor)
+    from_tensors = gk.gradients(model, convert(x), convert(y))
+    from_numpy = gk.gradients(model, x, y)
+    np.testing.assert_allclose(from_tensors["dense/kernel"], from_numpy["dense/kernel"],
+                               rtol=1e-6)
+
+
+def _two_input_model(keras):
+    a = keras.Input((3,), name="a")
+    b = keras.Input((2,), name="b")
+    da = keras.layers.Dense(1, use_bias=False, name="da")(a)
+    db = keras.layers.Dense(1, use_bias=False, name="db")(b)
+    out = keras.layers.Add(name="add")([da, db])
+    model = keras.Model([a, b], out)
+    model.compile(loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_multi_input_list_and_dict(keras, as_dict):
+    # out = a Wa + b Wb; mse with one output: dWa = 2/N a^T r, dWb = 2/N b^T r, r = out - y.
+    n = 5
+    a = RNG.normal(size=(n, 3)).astype("float32")
+    b = RNG.normal(size=(n, 2)).astype("float32")
+    y = RNG.normal(size=(n, 1)).astype("float32")
+    model = _two_input_model(keras)
+    wa, wb = RNG.normal(size=(3, 1)), RNG.normal(size=(2, 1))
+    model.get_layer("da").set_weights([wa])
+    model.get_layer("db").set_weights([wb])
+    x = {"a": a, "b": b} if as_dict else [a, b]
+
+    grads = gk.gradients(model, x, y)
+
+    r = a @ wa + b @ wb - y
+    np.testing.assert_allclose(grads["da/kernel"], 2 / n * a.T @ r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["db/kernel"], 2 / n * b.T @ r, rtol=1e-5, atol=1e-6)
+
+
+def _two_output_model(keras, loss_weights=None, dict_losses=True):
+    inputs = keras.Input((3,), name="x")
+    o1 = keras.layers.Dense(2, use_bias=False, name="o1")(inputs)
+    o2 = keras.layers.Dense(1, use_bias=False, name="o2")(inputs)
+    model = keras.Model(inputs, {"o1": o1, "o2": o2} if dict_losses else [o1, o2])
+    losses = {"o1": "mse", "o2": "mae"} if dict_losses else ["mse", "mae"]
+    model.compile(loss=losses, loss_weights=loss_weights)
+    return model
+
+
+def _two_output_reference(x, y1, y2, w1, w2, lw1, lw2):
+    n = len(x)
+    g1 = lw1 * 2.0 / (n * y1.shape[1]) * x.T @ (x @ w1 - y1)
+    g2 = lw2 * x.T @ np.sign(x @ w2 - y2) / n
+    return g1, g2
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_two_outputs_two_losses_with_loss_weights(keras, as_dict):
+    n = 6
+    x = RNG.normal(size=(n, 3)).astype("float32")
+    y1 = RNG.normal(size=(n, 2)).astype("float32")
+    y2 = RNG.normal(size=(n, 1)).astype("float32") + 5.0  # residual sign is always -1
+    weights = {"o1": 0.3, "o2": 2.0} if as_dict else [0.3, 2.0]
+    model = _two_output_model(keras, loss_weights=weights, dict_losses=as_dict)
+    w1, w2 = RNG.normal(size=(3, 2)), RNG.normal(size=(3, 1)) * 0.1
+    model.get_layer("o1").set_weights([w1])
+    model.get_layer("o2").set_weights([w2])
+    y = {"o1": y1, "o2": y2} if as_dict else [y1, y2]
+
+    grads = gk.gradients(model, x, y)
+
+    g1, g2 = _two_output_reference(x, y1, y2, w1, w2, 0.3, 2.0)
+    np.testing.assert_allclose(grads["o1/kernel"], g1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["o2/kernel"], g2, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_integer_inputs(keras):
+    # out_i = mean_t E[tok_it] . v; mse against y: dE[k] = sum_{i,t: tok=k} 2/N r_i v / T.
+    n, steps, vocab, dim = 5, 3, 7, 2
+    tokens = RNG.integers(0, vocab, size=(n, steps)).astype("int32")
+    y = RNG.normal(size=(n, 1)).astype("float32")
+    inputs = keras.Input((steps,), dtype="int32", name="tokens")
+    emb = keras.layers.Embedding(vocab, dim, name="emb")(inputs)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(emb)
+    out = keras.layers.Dense(1, use_bias=False, name="head")(pooled)
+    model = keras.Model(inputs, out)
+    model.compile(loss="mse")
+    table = RNG.normal(size=(vocab, dim)).astype("float32")
+    v = RNG.normal(size=(dim, 1)).astype("float32")
+    model.get_layer("emb").set_weights([table])
+    model.get_layer("head").set_weights([v])
+
+    grads = gk.gradients(model, tokens, y)
+
+    r = table[tokens].mean(1) @ v - y  # (n, 1)
+    expected = np.zeros((vocab, dim))
+    for i in range(n):
+        for t in range(steps):
+            expected[tokens[i, t]] += 2 / n * r[i, 0] * v[:, 0] / steps
+    np.testing.assert_allclose(grads["emb/embeddings"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def float64(keras, flavour):
+    """floatx float64 for one test (and JAX's x64 mode, without which JAX has no float64)."""
+    if flavour == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
+    set_floatx("float64")
+    try:
+        yield
+    finally:
+        set_floatx("float32")
+        if flavour == "jax":
+            jax.config.update("jax_enable_x64", False)
+
+
+def test_float64_model_gives_float64_gradients(keras, flavour, float64):
+    n = 5
+    x = RNG.normal(size=(n, 3))
+    y = RNG.normal(size=(n, 2))
+    model = _dense_model(keras, 3, 2, bias=False)
+    w = RNG.normal(size=(3, 2))
+    model.get_layer("dense").set_weights([w])
+    model.compile(loss="mse")
+    grads = gk.gradients(model, x, y)
+    assert grads["dense/kernel"].dtype == np.float64
+    # Keras itself runs some float64 ops in float32 on JAX (ops.mean) and torch (matmul), in
+    # fit too; on TensorFlow and tf-keras the whole computation is float64.
+    rtol = 1e-6 if flavour in ("jax", "torch") else 1e-12
+    np.testing.assert_allclose(grads["dense/kernel"], 2 / (n * 2) * x.T @ (x @ w - y),
+                               rtol=rtol)
+
+
+class _Subclassed:
+    """A keras.Model subclass with its own call(), made per flavour."""
+
+    @staticmethod
+    def make(keras):
+        class Tiny(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.hidden = keras.layers.Dense(3, use_bias=False, name="hidden")
+                self.head = keras.layers.Dense(1, use_bias=False, name="head")
+
+            def call(self, inputs):
+                return self.head(self.hidden(inputs))
+
+        return Tiny()
+
+
+def test_subclassed_model_once_built(keras):
+    n = 4
+    x = RNG.normal(size=(n, 2)).astype("float32")
+    y = RNG.normal(size=(n, 1)).astype("float32")
+    model = _Subclassed.make(keras)
+    model(x[:1])
+    model.compile(loss="mse")
+    w1, w2 = model.hidden.get_weights()[0], model.head.get_weights()[0]
+
+    grads = gk.gradients(model, x, y)
+
+    r = x @ w1 @ w2 - y
+    by_shape = {g.shape: g for g in grads.values()}
+    np.testing.assert_allclose(by_shape[(2, 3)], 2 / n * x.T @ r @ w2.T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(by_shape[(3, 1)], 2 / n * (x @ w1).T @ r, rtol=1e-4, atol=1e-6)
+
+
+def test_subclassed_model_not_built_is_a_clear_error(keras):
+    model = _Subclassed.make(keras)
+    model.compile(loss="mse")
+    with pytest.raises(gk.UnsupportedModelError, match=r"not been built.*Received: "):
+        gk.gradients(model, np.ones((2, 2)), np.ones((2, 1)))
