@@ -10,6 +10,7 @@ without knowing gradkit::
     │   ├── DataShapeError                    data that does not fit the model's inputs
     │   └── UnknownLayerError (KeyError)      layers= names nothing in the model
     ├── UnconnectedGradientError (ValueError) a selected variable does not affect the loss
+    ├── NonFiniteGradientError (FloatingPointError)  a batch's gradient holds NaN/Inf
     └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
 
     NonFiniteGradientWarning (RuntimeWarning) NaN/Inf in a gradient, naming the variables
@@ -43,6 +44,10 @@ class UnknownLayerError(InvalidArgumentError, KeyError):
 
 class UnconnectedGradientError(GradkitError, ValueError):
     """A selected variable has no path to the loss (its gradient is undefined, not zero)."""
+
+
+class NonFiniteGradientError(GradkitError, FloatingPointError):
+    """A gradient holds NaN or Inf where the caller asked for an error (on_nonfinite="raise")."""
 
 
 class GradkitFileError(GradkitError, OSError):
