@@ -6,6 +6,7 @@
 Importing gradkit imports no framework; the adapter of a model's flavour is loaded on use.
 """
 
+from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._errors import (
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
@@ -17,6 +18,7 @@ from gradkit._errors import (
     UnsupportedModelError as UnsupportedModelError,
 )
 from gradkit._gradients import gradients as gradients
+from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
 
 __version__ = "0.1.0"
@@ -30,7 +32,9 @@ __all__ = [
     "UnconnectedGradientError",
     "UnknownLayerError",
     "UnsupportedModelError",
+    "activation_gradients",
     "gradients",
+    "input_gradients",
     "load",
     "save",
 ]

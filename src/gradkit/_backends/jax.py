@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from gradkit._backends import _keras3 as k3
-from gradkit._data import Batch
+from gradkit._backends._taps import OutputTaps
+from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -96,3 +97,115 @@ def _connected(fn, args) -> list[bool]:
     out = jaxpr.outvars[0]
     mask = 0 if hasattr(out, "val") else deps.get(out, 0)
     return [bool(mask >> i & 1) for i in range(n)]
+
+
+# --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
+
+_AUX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
+    """(loss, [gradient per leaf of batch.x]) of the objective w.r.t. the inputs."""
+    k3.check_built(model)
+    template = map_structure(lambda _: 0, batch.x)
+    key = ("inputs", repr(template), objective.cache_key(), bool(training))
+    per_model = _AUX_CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build_input_fn(model, objective, training, template)
+    loss, grads = per_model[key](leaves(batch.x), *k3.variable_values(model), batch.y,
+                                 batch.sample_weight, np.float32(k3.loss_scale(model)))
+    loss, grads = jax.device_get((loss, grads))
+    return float(loss), list(grads)
+
+
+def _objective_of_inputs(model_ref, objective, training, template):
+    """objective(flat_x, trainable, non_trainable, metrics, y, sw, scale) -> (scaled, loss)."""
+
+    def objective_of(flat, trainable, non_trainable, metrics, y, sample_weight, scale):
+        feed = iter(flat)
+        x = map_structure(lambda _: next(feed), template)
+        loss = k3.objective_value(model_ref(), objective, training, trainable, non_trainable,
+                                  metrics, x, y, sample_weight).astype("float32")
+        return loss * scale, loss
+
+    return objective_of
+
+
+def _build_input_fn(model, objective, training, template):
+    objective_of = _objective_of_inputs(
+        weakref.ref(model), k3.prepare_objective(objective), training, template)
+
+    def loss_and_input_grads(*args):
+        (_, loss), grads = jax.value_and_grad(objective_of, has_aux=True)(*args)
+        return loss, [g / args[-1].astype(g.dtype) for g in grads]
+
+    return jax.jit(loss_and_input_grads)
+
+
+class _TapEntry:
+    def __init__(self, taps, fn, forward):
+        self.taps, self.fn, self.forward = taps, fn, forward
+        self.shapes: dict = {}
+        self.connected: list[bool] | None = None
+
+
+def compute_activation_gradients(model, layers, keys, objective: Objective, batch: Batch,
+                                 training: bool, return_activations: bool):
+    """(loss, [gradient or None], [activation or None]) for the outputs of `layers`."""
+    k3.check_built(model)
+    template = map_structure(lambda _: 0, batch.x)
+    key = ("activations", tuple(id(layer) for layer in layers), repr(template),
+           objective.cache_key(), bool(training))
+    per_model = _AUX_CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build_activation_entry(model, layers, keys, objective, training,
+                                                 template)
+    entry = per_model[key]
+    data = [leaves(batch.x), *k3.variable_values(model), batch.y, batch.sample_weight]
+    with entry.taps.installed():
+        signature = repr([(tuple(a.shape), str(a.dtype)) for a in leaves(data[:1] + data[4:])])
+        if signature not in entry.shapes:
+            entry.shapes[signature] = jax.eval_shape(entry.forward, *data)
+        zeros = [jax.numpy.zeros(s.shape, s.dtype) for s in entry.shapes[signature]]
+        args = (zeros, *data, np.float32(k3.loss_scale(model)))
+        if entry.connected is None:
+            entry.connected = _connected(entry.fn, args)
+        (_, loss), grads, outputs = entry.fn(*args)
+    loss, grads = jax.device_get((loss, grads))
+    outputs = jax.device_get(outputs) if return_activations else [None] * len(layers)
+    return float(loss), [g if ok else None for g, ok in zip(grads, entry.connected)], outputs
+
+
+def _build_activation_entry(model, layers, keys, objective, training, template):
+    taps = OutputTaps(layers, keys)
+    objective_of = _objective_of_inputs(
+        weakref.ref(model), k3.prepare_objective(objective), training, template)
+
+    def forward(flat, trainable, non_trainable, metrics, y, sample_weight):
+        outputs = _start_recording(taps, None)
+        objective_of(flat, trainable, non_trainable, metrics, y, sample_weight, 1.0)
+        taps.check_called()
+        return outputs
+
+    def perturbed(perturbations, *args):
+        outputs = _start_recording(taps, perturbations)
+        scaled, loss = objective_of(*args)
+        return scaled, (loss, outputs)
+
+    def loss_and_grads(*args):
+        (scaled, (loss, outputs)), grads = jax.value_and_grad(perturbed, has_aux=True)(*args)
+        return (scaled, loss), [g / args[-1].astype(g.dtype) for g in grads], outputs
+
+    return _TapEntry(taps, jax.jit(loss_and_grads), forward)
+
+
+def _start_recording(taps: OutputTaps, perturbations: list | None) -> list:
+    """Start `taps` recording each output (plus its perturbation, if given); the record."""
+    outputs = [None] * len(taps.layers)
+
+    def tap(index, output):
+        outputs[index] = output
+        return output if perturbations is None else output + perturbations[index]
+
+    taps.start(tap)
+    return outputs

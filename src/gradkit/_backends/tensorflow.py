@@ -12,7 +12,8 @@ from typing import Any
 import tensorflow as tf
 
 from gradkit._backends import _keras3 as k3
-from gradkit._data import Batch, map_structure
+from gradkit._backends._taps import OutputTaps
+from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -75,3 +76,104 @@ def _build(model, variables, objective, training, signature):
                       for g in grads]
 
     return step
+
+
+# --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
+
+_AUX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
+    """(loss, [gradient or None per leaf of batch.x]) of the objective w.r.t. the inputs."""
+    k3.check_built(model)
+    template = map_structure(lambda _: 0, batch.x)
+    inputs = dict(_inputs(batch), x=leaves(batch.x))
+    signature = map_structure(_relaxed_spec, inputs)
+    key = ("inputs", repr(template), objective.cache_key(), bool(training),
+           _signature_key(signature))
+    per_model = _AUX_CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build_input_step(model, objective, training, signature, template)
+    loss, grads = per_model[key](inputs, tf.constant(k3.loss_scale(model), tf.float32))
+    return float(loss), [None if g is None else g.numpy() for g in grads]
+
+
+def _build_input_step(model, objective, training, signature, template):
+    model_ref = weakref.ref(model)
+    objective = k3.prepare_objective(objective)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
+    def step(inputs, scale):
+        flat = list(inputs["x"])
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(flat)
+            loss = _forward_objective(model_ref(), objective, training, inputs, flat, template)
+            scaled = tf.cast(loss, tf.float32) * scale
+        return loss, _unscaled(tape.gradient(scaled, flat), scale)
+
+    return step
+
+
+def _forward_objective(model, objective, training, inputs, flat, template):
+    feed = iter(flat)
+    x = map_structure(lambda _: next(feed), template)
+    trainable, non_trainable, metrics = k3.variable_values(model)
+    return k3.objective_value(model, objective, training, trainable, non_trainable, metrics,
+                              x, inputs.get("y"), inputs.get("sample_weight"))
+
+
+def _unscaled(grads, scale):
+    return [None if g is None else tf.convert_to_tensor(g) / tf.cast(scale, g.dtype)
+            for g in grads]
+
+
+def compute_activation_gradients(model, layers, keys, objective: Objective, batch: Batch,
+                                 training: bool, return_activations: bool):
+    """(loss, [gradient or None], [activation or None]) for the outputs of `layers`."""
+    k3.check_built(model)
+    template = map_structure(lambda _: 0, batch.x)
+    inputs = dict(_inputs(batch), x=leaves(batch.x))
+    signature = map_structure(_relaxed_spec, inputs)
+    key = ("activations", tuple(id(layer) for layer in layers), repr(template),
+           objective.cache_key(), bool(training), _signature_key(signature))
+    per_model = _AUX_CACHE.setdefault(model, {})
+    if key not in per_model:
+        taps = OutputTaps(layers, keys)
+        per_model[key] = (taps, _build_activation_step(
+            model, taps, objective, training, signature, template))
+    taps, step = per_model[key]
+    with taps.installed():
+        loss, grads, outputs = step(inputs, tf.constant(k3.loss_scale(model), tf.float32))
+    return float(loss), [None if g is None else g.numpy() for g in grads], [
+        o.numpy() if return_activations else None for o in outputs]
+
+
+def _build_activation_step(model, taps, objective, training, signature, template):
+    model_ref = weakref.ref(model)
+    objective = k3.prepare_objective(objective)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
+    def step(inputs, scale):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            perturbations, outputs = watched_taps(taps, tape)
+            loss = _forward_objective(model_ref(), objective, training, inputs,
+                                      list(inputs["x"]), template)
+            scaled = tf.cast(loss, tf.float32) * scale
+        taps.check_called()
+        return loss, _unscaled(tape.gradient(scaled, perturbations), scale), outputs
+
+    return step
+
+
+def watched_taps(taps: OutputTaps, tape: tf.GradientTape) -> tuple[list, list]:
+    """Start `taps` so each output gets a watched zero perturbation; (perturbations, outputs)."""
+    perturbations, outputs = [None] * len(taps.layers), [None] * len(taps.layers)
+
+    def tap(index, output):
+        perturbation = tf.zeros_like(output)
+        tape.watch(perturbation)
+        perturbations[index], outputs[index] = perturbation, output
+        return output + perturbation
+
+    taps.start(tap)
+    return perturbations, outputs

@@ -14,8 +14,15 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends.tensorflow import _inputs, _relaxed_spec, _signature_key
-from gradkit._data import Batch, map_structure
+from gradkit._backends.tensorflow import (
+    _inputs,
+    _relaxed_spec,
+    _signature_key,
+    _unscaled,
+    watched_taps,
+)
+from gradkit._backends._taps import OutputTaps
+from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
 
@@ -124,5 +131,97 @@ def _build(model, variables, objective, training, signature):
             for v, value in zip(state, saved):
                 v.assign(value)
         return loss, grads
+
+    return step
+
+
+# --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
+
+_AUX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _check_ready(model: Any) -> None:
+    if not tf.executing_eagerly():
+        raise UnsupportedModelError(
+            "gradkit runs tf-keras models in eager mode, but eager execution is disabled "
+            "(tf.compat.v1.disable_eager_execution() was called). Remove that call. "
+            + received(executing_eagerly=False)
+        )
+    if not model.built or not model.variables:
+        raise UnsupportedModelError(
+            f"Model {model.name!r} has not been built, so it cannot be differentiated yet. "
+            "Call it once on a batch (model(x[:1])) or call model.build(...) first. "
+            + received(built=model.built)
+        )
+
+
+def _cached_step(model, key, build):
+    per_model = _AUX_CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = build()
+    return per_model[key]
+
+
+def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
+    """(loss, [gradient or None per leaf of batch.x]) of the objective w.r.t. the inputs."""
+    _check_ready(model)
+    template = map_structure(lambda _: 0, batch.x)
+    inputs = dict(_inputs(batch), x=leaves(batch.x))
+    signature = map_structure(_relaxed_spec, inputs)
+    key = ("inputs", repr(template), objective.cache_key(), bool(training),
+           _signature_key(signature))
+    step = _cached_step(model, key, lambda: _build_tapped_step(
+        model, None, objective, training, signature, template))
+    loss, grads, _ = step(inputs, tf.constant(_loss_scale(model), tf.float32))
+    return float(loss), [None if g is None else g.numpy() for g in grads]
+
+
+def compute_activation_gradients(model, layers, keys, objective: Objective, batch: Batch,
+                                 training: bool, return_activations: bool):
+    """(loss, [gradient or None], [activation or None]) for the outputs of `layers`."""
+    _check_ready(model)
+    template = map_structure(lambda _: 0, batch.x)
+    inputs = dict(_inputs(batch), x=leaves(batch.x))
+    signature = map_structure(_relaxed_spec, inputs)
+    key = ("activations", tuple(id(layer) for layer in layers), repr(template),
+           objective.cache_key(), bool(training), _signature_key(signature))
+    taps = OutputTaps(layers, keys)
+    taps, step = _cached_step(model, key, lambda: (taps, _build_tapped_step(
+        model, taps, objective, training, signature, template)))
+    with taps.installed():
+        loss, grads, outputs = step(inputs, tf.constant(_loss_scale(model), tf.float32))
+    return float(loss), [None if g is None else g.numpy() for g in grads], [
+        o.numpy() if return_activations else None for o in outputs]
+
+
+def _build_tapped_step(model, taps, objective, training, signature, template):
+    """Gradients w.r.t. the inputs (taps=None) or the tapped layer outputs; state restored."""
+    model_ref = weakref.ref(model)
+    if objective.kind == "loss":
+        objective = Objective("loss", _resolve_loss(objective.spec))
+    state = _state_variables(model)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
+    def step(inputs, scale):
+        model = model_ref()
+        saved = [tf.identity(v) for v in state]
+        feed = iter(inputs["x"])
+        x = map_structure(lambda _: next(feed), template)
+        y, sw = inputs.get("y"), inputs.get("sample_weight")
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            if taps is None:
+                sources, outputs = list(inputs["x"]), []
+                tape.watch(sources)
+            else:
+                sources, outputs = watched_taps(taps, tape)
+            loss = _objective_value(model, objective, x, y, sw, model(x, training=training))
+            scaled = tf.cast(loss, tf.float32) * scale
+        if taps is not None:
+            taps.check_called()
+        grads = _unscaled(tape.gradient(scaled, sources), scale)
+        with tf.control_dependencies([g for g in grads if g is not None] + outputs + [loss]):
+            for v, value in zip(state, saved):
+                v.assign(value)
+        return loss, grads, outputs
 
     return step

@@ -1,0 +1,108 @@
+"""`activation_gradients()`: the gradient of the objective with respect to layer outputs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from gradkit import _backends
+from gradkit._errors import InvalidArgumentError, UnconnectedGradientError, received
+from gradkit._gradients import _prepare, report_nonfinite
+from gradkit._select import resolve_layers, walk_layers
+
+
+def activation_gradients(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    layers: Any,
+    loss: Any = None,
+    target: Any = None,
+    training: bool = False,
+    unconnected: str = "raise",
+    return_activations: bool = False,
+) -> Any:
+    """The gradient of the objective with respect to the outputs of the chosen layers.
+
+    Returns ``{layer name: array shaped like that layer's output}`` in the order the layers
+    were selected (float32; float64 for float64 outputs); with ``return_activations=True``,
+    ``(gradients, activations)``, two dicts with the same keys (Grad-CAM needs both). A key
+    is the layer's name, or its path inside nested models (``"encoder/dense"``) when two
+    layers of the model share a name.
+
+    ``layers=``: names, nested paths, globs (``"conv*"``) or Layer objects; layers inside
+    nested models and on residual branches included. The gradient is taken with respect to
+    a zero perturbation added to the layer's output, so it counts every path from that
+    output to the objective (the skip connection and the residual branch alike).
+
+    Scale: the objective is the one ``gradients()`` differentiates: with ``loss=None`` the
+    compiled loss, by default the MEAN over the batch (row ``i`` is ``1/N`` of example ``i``'s
+    own gradient); ``loss=`` a Keras loss (Keras reduction); ``target=k`` or a callable the
+    SUM over the batch of the scores (row ``i`` is example ``i``'s own score gradient).
+    Mixed-precision loss scaling is undone. No model state changes; the model is restored
+    exactly even if an error is raised.
+
+    A layer whose output does not affect the objective raises (``unconnected="raise"``),
+    or gets zeros (``"zero"``) or ``None`` (``"none"``). A layer called more than once in
+    one forward pass (a shared layer), one that is not called, or one whose output is not
+    a single floating-point tensor, is a clear error.
+    """
+    if layers is None:
+        raise InvalidArgumentError(
+            "layers= is required: the layers whose outputs to differentiate (names, nested "
+            "paths, globs or Layer objects). " + received(layers=None)
+        )
+    if not isinstance(return_activations, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            "return_activations= must be True or False. "
+            + received(return_activations=return_activations)
+        )
+    flavour, _, objective, batch = _prepare(
+        model, x, y, loss, target, None, None, training, unconnected
+    )
+    chosen = resolve_layers(model, layers)
+    keys = layer_keys(model, chosen)
+    _, grads, outputs = _backends.load(flavour).compute_activation_gradients(
+        model, chosen, keys, objective, batch, bool(training),
+        bool(return_activations) or unconnected == "zero",
+    )
+    result = _apply_unconnected(keys, grads, outputs, unconnected)
+    report_nonfinite(result, batch)
+    if not return_activations:
+        return result
+    return result, {key: _as_float(out) for key, out in zip(keys, outputs)}
+
+
+def layer_keys(model: Any, layers: list[Any]) -> list[str]:
+    """A layer's name, or its nested path when another layer of the model has that name."""
+    paths = {id(layer): path for path, layer in walk_layers(model)}
+    names = Counter(layer.name for _, layer in walk_layers(model))
+    return [layer.name if names[layer.name] == 1 else paths[id(layer)] for layer in layers]
+
+
+def _apply_unconnected(keys, grads, outputs, unconnected) -> dict[str, Any]:
+    missing = [key for key, grad in zip(keys, grads) if grad is None]
+    if missing and unconnected == "raise":
+        raise UnconnectedGradientError(
+            f"The output of {len(missing)} selected layer(s) does not affect the objective, so "
+            f"its gradient is undefined: {', '.join(missing)}. Select layers on the path to "
+            "the loss or target, or pass unconnected='zero' (zeros) or unconnected='none' "
+            "(None) to accept it. " + received(unconnected=unconnected)
+        )
+    result: dict[str, Any] = {}
+    for key, grad, output in zip(keys, grads, outputs):
+        if grad is not None:
+            result[key] = _as_float(grad)
+        elif unconnected == "zero":
+            result[key] = np.zeros_like(_as_float(output))
+        else:
+            result[key] = None
+    return result
+
+
+def _as_float(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    return array if array.dtype == np.float64 else array.astype(np.float32)

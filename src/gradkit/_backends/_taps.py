@@ -1,0 +1,104 @@
+"""Output taps: route selected layers' outputs through a function, only while installed.
+
+An activation gradient is the gradient with respect to a zero-valued perturbation added to
+a layer's output. Keras has no output hook that works on every backend, so `OutputTaps`
+temporarily shadows each selected layer's ``call`` with a wrapper that passes the output
+through ``tap(index, output)`` (which adds the perturbation and records the output). The
+wrapper lives in the layer's instance ``__dict__`` only inside ``installed()``; leaving the
+block, normally or by an exception, restores the layer exactly as it was. Framework-free: the
+adapters supply the tap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from gradkit._errors import InvalidArgumentError, received
+
+_MISSING = object()
+
+
+class OutputTaps:
+    """Taps on the outputs of `layers` (reported under `keys`, in the same order)."""
+
+    def __init__(self, layers: list[Any], keys: list[str]):
+        self.layers = list(layers)
+        self.keys = list(keys)
+        self.tap: Callable[[int, Any], Any] = lambda index, output: output
+        self.calls = [0] * len(self.layers)
+
+    def start(self, tap: Callable[[int, Any], Any]) -> None:
+        """Use `tap` for the next forward pass and reset the call counts."""
+        self.tap = tap
+        self.calls = [0] * len(self.layers)
+
+    def check_called(self) -> None:
+        """Raise if a selected layer did not run in the forward pass just made."""
+        missing = [key for key, n in zip(self.keys, self.calls) if n == 0]
+        if missing:
+            raise InvalidArgumentError(
+                f"The selected layer(s) {missing} did not run in the model's forward pass, so "
+                "they have no output to differentiate (an InputLayer is never called: use "
+                "gradkit.input_gradients for the inputs). Select layers the model calls. "
+                + received(layers=missing)
+            )
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[OutputTaps]:
+        """Shadow each layer's call with its tap for the duration of the block."""
+        saved: list[tuple[Any, str, Any]] = []
+        try:
+            for index, layer in enumerate(self.layers):
+                name = _call_attribute(layer)
+                saved.append((layer, name, vars(layer).get(name, _MISSING)))
+                object.__setattr__(layer, name, self._wrap(index, getattr(layer, name)))
+            yield self
+        finally:
+            for layer, name, previous in reversed(saved):
+                if previous is _MISSING:
+                    object.__delattr__(layer, name)
+                else:
+                    object.__setattr__(layer, name, previous)
+
+    def _wrap(self, index: int, call: Callable) -> Callable:
+        @functools.wraps(call)
+        def tapped(*args: Any, **kwargs: Any) -> Any:
+            output = call(*args, **kwargs)
+            self.calls[index] += 1
+            if self.calls[index] > 1:
+                raise InvalidArgumentError(
+                    f"Layer {self.keys[index]!r} is called more than once in one forward pass "
+                    "(a shared layer), so it has no single output to differentiate. Select "
+                    "the layers that consume its outputs instead, or a layer called once. "
+                    + received(layers=self.keys[index])
+                )
+            if not (hasattr(output, "shape") and hasattr(output, "dtype")):
+                raise InvalidArgumentError(
+                    f"Layer {self.keys[index]!r} returns {type(output).__name__}, not a "
+                    "single tensor; activation gradients need a layer with one output tensor. "
+                    "Select the layer that consumes the part you need. "
+                    + received(layers=self.keys[index])
+                )
+            if not _is_float(output.dtype):
+                raise InvalidArgumentError(
+                    f"Layer {self.keys[index]!r} outputs {output.dtype} values, which have no "
+                    "gradient. Select a layer with a floating-point output (for token ids, "
+                    "the Embedding layer that reads them). " + received(layers=self.keys[index])
+                )
+            return self.tap(index, output)
+
+        return tapped
+
+
+def _call_attribute(layer: Any) -> str:
+    """The method Keras calls in the forward pass: ``quantized_call`` for quantized layers."""
+    if getattr(layer, "quantization_mode", None) is not None:
+        return "quantized_call"
+    return "call"
+
+
+def _is_float(dtype: Any) -> bool:
+    return "float" in str(getattr(dtype, "name", dtype))

@@ -1,0 +1,93 @@
+"""`input_gradients()`: the gradient of the objective with respect to the model's inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradkit import _backends
+from gradkit._data import leaves, map_structure
+from gradkit._errors import InvalidArgumentError, received
+from gradkit._gradients import _prepare, report_nonfinite
+from gradkit._select import walk_layers
+
+
+def input_gradients(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    loss: Any = None,
+    target: Any = None,
+    sample_weight: Any = None,
+    training: bool = False,
+) -> Any:
+    """The gradient of the objective with respect to each model input, as NumPy.
+
+    Returns an array shaped like ``x`` (or a list/dict mirroring a multi-input ``x``),
+    float32 (float64 for float64 inputs). Saliency maps, attribution and adversarial
+    directions start here.
+
+    Scale: the objective is the one ``gradients()`` differentiates. With ``loss=None`` it is
+    the compiled loss as ``fit`` computes it, by default the MEAN over the batch, so row ``i``
+    is ``1/N`` times the gradient of example ``i``'s own loss (plus its share of any
+    regularizer that depends on the inputs). ``loss=`` replaces the compiled loss (Keras
+    reduction). ``target=k`` (or a callable on the outputs) differentiates the SUM over the
+    batch of the scores, so row ``i`` is exactly the gradient of example ``i``'s own score
+    (weighted by ``sample_weight`` if given). Mixed-precision loss scaling is undone.
+
+    Rows never mix: unless the model has layers that couple examples (BatchNorm with
+    ``training=True``), changing example ``j`` leaves row ``i`` unchanged. An input the
+    objective does not depend on gets zeros. No model state changes (``training=True``
+    included). Integer inputs (token ids) have no gradient: use
+    ``activation_gradients(model, x, layers="<embedding layer>")`` instead.
+    """
+    flavour, _, objective, batch = _prepare(
+        model, x, y, loss, target, sample_weight, None, training, "raise"
+    )
+    _check_float_inputs(model, batch.x)
+    _, grads = _backends.load(flavour).compute_input_gradients(
+        model, objective, batch, bool(training)
+    )
+    arrays = [_as_result(g, leaf) for g, leaf in zip(grads, leaves(batch.x))]
+    report_nonfinite(dict(zip(_input_names(batch.x), arrays)), batch)
+    feed = iter(arrays)
+    return map_structure(lambda _: next(feed), batch.x)
+
+
+def _as_result(grad: Any, leaf: Any) -> np.ndarray:
+    shape = tuple(int(d) for d in leaf.shape)
+    dtype = np.dtype("float64") if _dtype_name(leaf) == "float64" else np.dtype("float32")
+    if grad is None:
+        return np.zeros(shape, dtype)
+    return np.asarray(grad, dtype=dtype).reshape(shape)
+
+
+def _dtype_name(leaf: Any) -> str:
+    name = str(getattr(leaf.dtype, "name", leaf.dtype))
+    return name.rsplit(".", 1)[-1]  # torch.float32 -> float32
+
+
+def _input_names(x: Any) -> list[str]:
+    if isinstance(x, dict):
+        return [f"x[{key!r}]" for key in x]
+    if isinstance(x, (list, tuple)):
+        return [f"x[{i}]" for i in range(len(x))]
+    return ["x"]
+
+
+def _check_float_inputs(model: Any, x: Any) -> None:
+    for name, leaf in zip(_input_names(x), leaves(x)):
+        if "float" in _dtype_name(leaf):
+            continue
+        embeddings = [path for path, layer in walk_layers(model)
+                      if "Embedding" in type(layer).__name__]
+        hint = (f"layers={embeddings[0]!r}" if embeddings else "layers=<the layer that reads "
+                "them>")
+        raise InvalidArgumentError(
+            f"Input {name} holds {_dtype_name(leaf)} values (token ids or categories), which "
+            "have no gradient. Differentiate the first layer's float output instead: "
+            f"gradkit.activation_gradients(model, x, ..., {hint}). "
+            + received(input=name, dtype=_dtype_name(leaf))
+        )
