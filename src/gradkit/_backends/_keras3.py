@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from gradkit._backends import _norm_taps
 from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
@@ -60,7 +61,10 @@ def resolve_loss(spec: Any) -> Any:
             ) from None
         if isinstance(spec, keras.losses.Loss):
             return spec
-    return keras.losses.LossFunctionWrapper(spec, reduction="sum_over_batch_size")
+    # The wrapper compile() itself puts around a loss function (keras.losses does not export it).
+    from keras.src.losses.losses import LossFunctionWrapper
+
+    return LossFunctionWrapper(spec, reduction="sum_over_batch_size", name="loss_fn")
 
 
 def prepare_objective(objective: Objective) -> Objective:
@@ -171,3 +175,16 @@ def example_objective(model, objective, training, trainable, non_trainable, metr
 
     return objective_value(model, objective, training, trainable, non_trainable, metrics,
                            one(x), one(y), one(sample_weight))
+
+
+def norm_plan(model: Any, variables: list) -> list:
+    """The Dense/Embedding layers whose per-example norms have closed forms (see _norm_taps)."""
+    return _norm_taps.plan(model, variables, keras.layers.Dense, keras.layers.Embedding)
+
+
+def norm_ops() -> _norm_taps.Ops:
+    """keras.ops for the per-example norm formulas, on whichever backend runs them."""
+    ops = keras.ops
+    return _norm_taps.Ops(ops.einsum, ops.reshape, ops.cast, ops.equal,
+                          lambda parts: parts[0] if len(parts) == 1 else
+                          ops.concatenate(parts, axis=1))
