@@ -20,6 +20,7 @@ from gradkit._errors import (
 from gradkit._gradients import gradients as gradients
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
+from gradkit._table import summary as summary
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "input_gradients",
     "load",
     "save",
+    "summary",
 ]
