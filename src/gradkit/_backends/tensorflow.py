@@ -6,9 +6,11 @@ with the batch axis left open (None), so a new batch size does not retrace.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from gradkit._backends import _keras3 as k3
@@ -23,15 +25,25 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     k3.check_built(model)
     inputs = _inputs(batch)
     signature = map_structure(_relaxed_spec, inputs)
+    scale = k3.loss_scale(model)
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature))
+           _signature_key(signature), scale != 1.0)
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = _build(model, variables, objective, training, signature)
-    step = per_model[key]
-    scale = tf.constant(k3.loss_scale(model), tf.float32)
-    loss, grads = step(inputs, scale)
+        per_model[key] = _build(model, variables, objective, training, signature,
+                                scaled=scale != 1.0)
+    loss, grads = per_model[key](inputs, _scale_tensor(scale))
     return float(loss), [None if g is None else g.numpy() for g in grads]
+
+
+def _scale_tensor(scale: float) -> tf.Tensor:
+    """The loss scale as a float32 scalar tensor (the usual 1.0 made only once)."""
+    return _one() if scale == 1.0 else tf.constant(scale, tf.float32)
+
+
+@functools.cache
+def _one() -> tf.Tensor:
+    return tf.constant(1.0, tf.float32)
 
 
 def _inputs(batch: Batch) -> dict:
@@ -44,16 +56,22 @@ def _inputs(batch: Batch) -> dict:
 
 
 def _relaxed_spec(value: Any) -> tf.TensorSpec:
-    tensor = tf.convert_to_tensor(value)
-    shape = [None] + list(tensor.shape[1:]) if tensor.shape.rank else []
-    return tf.TensorSpec(shape, tensor.dtype)
+    """The spec of `value` with the batch axis open; NumPy arrays are not copied to read it."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        shape, dtype = value.shape, tf.as_dtype(value.dtype)
+    else:
+        tensor = value if isinstance(value, tf.Tensor) else tf.convert_to_tensor(value)
+        shape, dtype = tensor.shape, tensor.dtype
+    return tf.TensorSpec([None, *shape[1:]] if len(shape) else [], dtype)
 
 
 def _signature_key(signature: Any) -> str:
     return repr(signature)
 
 
-def _build(model, variables, objective, training, signature):
+def _build(model, variables, objective, training, signature, scaled=True):
+    """The cached step(inputs, scale) -> (loss, grads); `scaled=False` ignores `scale` (1.0),
+    sparing a division per gradient (x / 1.0 == x, so the result is the same)."""
     model_ref = weakref.ref(model)
     objective = k3.prepare_objective(objective)
     selected = k3.selected_indices(model, variables)
@@ -70,8 +88,12 @@ def _build(model, variables, objective, training, signature):
                 model, objective, training, trainable, non_trainable, metrics,
                 inputs["x"], inputs.get("y"), inputs.get("sample_weight"),
             )
-            scaled = tf.cast(loss, tf.float32) * scale
-        grads = tape.gradient(scaled, watched)
+            target = tf.cast(loss, tf.float32)
+            if scaled:
+                target = target * scale
+        grads = tape.gradient(target, watched)
+        if not scaled:
+            return loss, [None if g is None else tf.convert_to_tensor(g) for g in grads]
         return loss, [None if g is None else tf.convert_to_tensor(g) / tf.cast(scale, g.dtype)
                       for g in grads]
 

@@ -17,6 +17,7 @@ import tf_keras
 from gradkit._backends.tensorflow import (
     _inputs,
     _relaxed_spec,
+    _scale_tensor,
     _signature_key,
     _unscaled,
     watched_taps,
@@ -45,12 +46,14 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
         )
     inputs = _inputs(batch)
     signature = map_structure(_relaxed_spec, inputs)
+    scale = _loss_scale(model)
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature))
+           _signature_key(signature), scale != 1.0)
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = _build(model, variables, objective, training, signature)
-    loss, grads = per_model[key](inputs, tf.constant(_loss_scale(model), tf.float32))
+        per_model[key] = _build(model, variables, objective, training, signature,
+                                scaled=scale != 1.0)
+    loss, grads = per_model[key](inputs, _scale_tensor(scale))
     return float(loss), [None if g is None else g.numpy() for g in grads]
 
 
@@ -109,7 +112,9 @@ def _objective_value(model, objective, x, y, sample_weight, y_pred):
     return total
 
 
-def _build(model, variables, objective, training, signature):
+def _build(model, variables, objective, training, signature, scaled=True):
+    """The cached step(inputs, scale) -> (loss, grads); `scaled=False` ignores `scale` (1.0),
+    sparing a division per gradient (x / 1.0 == x, so the result is the same)."""
     model_ref = weakref.ref(model)
     if objective.kind == "loss":
         objective = Objective("loss", _resolve_loss(objective.spec))
@@ -123,10 +128,13 @@ def _build(model, variables, objective, training, signature):
         with tf.GradientTape() as tape:
             y_pred = model(x, training=training)
             loss = _objective_value(model, objective, x, y, sw, y_pred)
-            scaled = tf.cast(loss, tf.float32) * scale
-        grads = tape.gradient(scaled, variables)
-        grads = [None if g is None else tf.convert_to_tensor(g) / tf.cast(scale, g.dtype)
-                 for g in grads]
+            target = tf.cast(loss, tf.float32)
+            if scaled:
+                target = target * scale
+        grads = [None if g is None else tf.convert_to_tensor(g)
+                 for g in tape.gradient(target, variables)]
+        if scaled:
+            grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
         with tf.control_dependencies([g for g in grads if g is not None] + [loss]):
             for v, value in zip(state, saved):
                 v.assign(value)
