@@ -1,0 +1,246 @@
+"""tf.distribute: each replica sums the gradients of its shard; one all-reduce at the end.
+
+Used by Keras 3 on TensorFlow and by tf-keras. Each batch is split over the worker's local
+replicas with `strategy.experimental_distribute_values_from_function` (contiguous slices,
+sizes differing by at most one, an empty slice when a batch has fewer examples than
+replicas); `strategy.run` adds each replica's weighted gradient into that replica's own
+accumulator inside a cached `tf.function`; after the last batch a single `strategy.reduce`
+(SUM) all-reduces the accumulators and the example count over every replica of every
+worker.
+
+Keras divides a mean-reduced loss (and the regularizers) by the replica count inside a
+replica context, so that `fit`'s summed gradients approximate the global mean
+(keras/src/losses/loss.py `scale_loss_for_distribution`; tf-keras `LossesContainer`). A
+replica with n_r examples therefore multiplies its objective by R * n_r (R = replicas in
+sync), which undoes that division exactly and gives its share of n_b * gradient(batch mean)
+even when shards are uneven; an explicit `loss=` on Keras 3 is divided by R but its
+regularizers are not, and tf-keras divides neither, so each part gets its own factor. A
+`target=` objective is a plain sum and is not rescaled.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradkit._data import Batch, leaves, map_structure
+from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
+from gradkit._objective import Objective, data_loss
+
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_SUPPORTED = (
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+    tf.distribute.OneDeviceStrategy,
+)
+
+
+def accumulate(model, variables, objective: Objective, batches, training: bool, strategy):
+    """(sum over batches of n_b * gradient of batch b's objective, N), all replicas reduced."""
+    check_strategy(model, strategy)
+    keras3 = not _is_tf_keras(model)
+    step = _cached_step(model, variables, objective, training, strategy, keras3)
+    acc = None
+    for batch in batches:
+        if acc is None:
+            acc = strategy.run(lambda: _zeros(variables))
+        acc = step.fn(_distribute(strategy, batch), acc, tf.constant(_scale(model, keras3)))
+    if acc is None:  # no local data: still take part in the all-reduce of the other workers
+        acc = strategy.run(lambda: _zeros(variables))
+    total = _all_reduce(strategy, acc)
+    grads = [g.numpy() if ok else None for g, ok in zip(total[:-1], step.connected)]
+    return grads, int(round(float(total[-1])))
+
+
+def _all_reduce(strategy: Any, acc: list) -> list:
+    """SUM every per-replica accumulator over all replicas of all workers, in one batch."""
+    reduced = strategy.extended.batch_reduce_to(
+        tf.distribute.ReduceOp.SUM, [(value, value) for value in acc]
+    )
+    return [strategy.experimental_local_results(r)[0] for r in reduced]
+
+
+def check_strategy(model: Any, strategy: Any) -> None:
+    """Raise unless `strategy` is a supported tf.distribute strategy that owns the model."""
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise InvalidArgumentError(
+            "On TensorFlow, strategy= takes a tf.distribute strategy, e.g. "
+            "tf.distribute.MirroredStrategy() or tf.distribute.MultiWorkerMirroredStrategy(). "
+            + received(strategy=strategy)
+        )
+    if not isinstance(strategy, _SUPPORTED):
+        raise InvalidArgumentError(
+            f"gradkit distributes with MirroredStrategy, MultiWorkerMirroredStrategy and "
+            f"OneDeviceStrategy; {type(strategy).__name__} is not supported (its replicas "
+            "are driven differently). Use one of those, or strategy=None. "
+            + received(strategy=type(strategy).__name__)
+        )
+    owned = [_tf_variable(v) for v in model.variables]
+    foreign = [v.name for v in owned if not strategy.extended.variable_created_in_scope(v)]
+    if foreign:
+        raise InvalidArgumentError(
+            f"Model {model.name!r} was not created under this strategy's scope, so its "
+            f"weights are not mirrored on the replicas ({len(foreign)} variable(s), e.g. "
+            f"{foreign[0]!r}). Build and compile the model inside `with strategy.scope():`, "
+            "or load it there (keras.saving.load_model inside the scope), then pass the "
+            "same strategy. " + received(strategy=type(strategy).__name__)
+        )
+
+
+def _tf_variable(variable: Any) -> Any:
+    value = getattr(variable, "value", None)  # a Keras 3 Variable wraps a tf.Variable
+    return value if isinstance(value, tf.Variable) else variable
+
+
+def _is_tf_keras(model: Any) -> bool:
+    return not any(c.__module__.startswith("keras.src.") for c in type(model).__mro__)
+
+
+def _zeros(variables: list) -> list:
+    return [tf.zeros(v.shape, _tf_variable(v).dtype) for v in variables] + [
+        tf.zeros([], tf.float64)
+    ]
+
+
+def _scale(model: Any, keras3: bool) -> float:
+    if keras3:
+        from gradkit._backends import _keras3
+
+        return float(_keras3.loss_scale(model))
+    from gradkit._backends import tf_keras as tfk
+
+    return tfk._loss_scale(model)
+
+
+def _distribute(strategy: Any, batch: Batch) -> Any:
+    """The batch as per-replica values: contiguous slices, one per local replica."""
+    devices = strategy.extended.worker_devices
+    bounds = np.cumsum([0] + [len(s) for s in np.array_split(np.arange(batch.size),
+                                                             len(devices))])
+    inputs = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+
+    def shard(context: Any) -> Any:
+        local = context.replica_id_in_sync_group % len(devices)
+        lo, hi = int(bounds[local]), int(bounds[local + 1])
+        with tf.device(devices[local]):
+            return map_structure(lambda a: tf.identity(tf.convert_to_tensor(a)[lo:hi]),
+                                 inputs)
+
+    return strategy.experimental_distribute_values_from_function(shard)
+
+
+class _Step:
+    def __init__(self):
+        self.fn: Any = None
+        self.connected: list[bool] = []
+
+
+def _cached_step(model, variables, objective, training, strategy, keras3) -> _Step:
+    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+           id(strategy))
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build(model, variables, objective, training, strategy, keras3)
+    return per_model[key]
+
+
+def _build(model, variables, objective, training, strategy, keras3) -> _Step:
+    model_ref = weakref.ref(model)
+    objective = _prepare(objective, keras3)
+    gradient = _keras3_gradient if keras3 else _tf_keras_gradient
+    built = _Step()
+
+    def replica_step(inputs, acc, scale):
+        n = tf.shape(leaves(inputs["x"])[0])[0]
+        count = tf.cast(n, tf.float32)
+        replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
+        grads = gradient(model_ref(), variables, objective, training, inputs, scale,
+                         count, replicas)
+        built.connected = [g is not None for g in grads]
+        grads = [tf.zeros_like(a) if g is None else _unscale(g, scale, n)
+                 for a, g in zip(acc, grads)]
+        return [a + tf.cast(g, a.dtype) for a, g in zip(acc, grads)] + [
+            acc[-1] + tf.cast(n, tf.float64)
+        ]
+
+    @tf.function(reduce_retracing=True)
+    def step(inputs, acc, scale):
+        return strategy.run(replica_step, args=(inputs, acc, scale))
+
+    built.fn = step
+    return built
+
+
+def _unscale(grad: Any, scale: Any, n: Any) -> Any:
+    """Undo the loss scale; an empty shard adds zeros (never the NaN of an empty mean)."""
+    grad = tf.convert_to_tensor(grad)
+    return tf.where(n > 0, grad / tf.cast(scale, grad.dtype), tf.zeros_like(grad))
+
+
+def _prepare(objective: Objective, keras3: bool) -> Objective:
+    if objective.kind != "loss":
+        return objective
+    if keras3:
+        from gradkit._backends import _keras3
+
+        return _keras3.prepare_objective(objective)
+    from gradkit._backends import tf_keras as tfk
+
+    loss = copy.copy(tfk._resolve_loss(objective.spec))
+    loss._allow_sum_over_batch_size = True  # reduced per replica; rescaled below
+    return Objective("loss", loss)
+
+
+def _keras3_gradient(model, variables, objective, training, inputs, scale, n, replicas):
+    """Replica-local gradient of R*n_r*(Keras' replica objective), times the loss scale."""
+    from gradkit._backends import _keras3 as k3
+
+    selected = k3.selected_indices(model, variables)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        trainable = [tf.identity(v.value) for v in model.trainable_variables]
+        watched = [trainable[i] for i in selected]
+        tape.watch(watched)
+        _, non_trainable, metrics = k3.variable_values(model)
+        x, y, sw = inputs["x"], inputs.get("y"), inputs.get("sample_weight")
+        if objective.kind == "loss":  # the data loss is divided by R, its regularizers not
+            kwargs = {"training": training} if model._call_has_training_arg else {}
+            y_pred, _, extra = model.stateless_call(
+                trainable, non_trainable, x, return_losses=True, **kwargs)
+            value = tf.cast(data_loss(objective.spec, y, y_pred, sw), tf.float32) * replicas
+            for loss in extra:
+                value = value + tf.cast(k3._aggregate(loss), tf.float32)
+            value = value * n
+        else:
+            value = tf.cast(k3.objective_value(model, objective, training, trainable,
+                                               non_trainable, metrics, x, y, sw), tf.float32)
+            if objective.kind == "compiled":
+                value = value * (replicas * n)
+        scaled = value * scale
+    return tape.gradient(scaled, watched)
+
+
+def _tf_keras_gradient(model, variables, objective, training, inputs, scale, n, replicas):
+    """tf-keras: the adapter's recipe per replica, state read first and written back."""
+    from gradkit._backends import tf_keras as tfk
+
+    state = tfk._state_variables(model)
+    saved = [tf.identity(v) for v in state]
+    x, y, sw = inputs["x"], inputs.get("y"), inputs.get("sample_weight")
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=training)
+        value = tf.cast(tfk._objective_value(model, objective, x, y, sw, y_pred), tf.float32)
+        if objective.kind == "compiled":
+            value = value * (replicas * n)
+        elif objective.kind == "loss":
+            value = value * n
+        scaled = value * scale
+    grads = tape.gradient(scaled, variables)
+    with tf.control_dependencies([g for g in grads if g is not None]):
+        restores = [v.assign(s) for v, s in zip(state, saved)]
+    with tf.control_dependencies(restores):
+        return [None if g is None else tf.identity(tf.convert_to_tensor(g)) for g in grads]

@@ -1,0 +1,98 @@
+"""Dataset gradients over several devices or machines, through each framework's own engine.
+
+`accumulate_distributed` is what ``gradkit.accumulate(..., strategy=...)`` calls. What
+``strategy=`` takes depends on the flavour:
+
+- TensorFlow (Keras 3 on TF, and tf-keras): a ``tf.distribute.MirroredStrategy``,
+  ``MultiWorkerMirroredStrategy`` or ``OneDeviceStrategy`` whose ``scope()`` the model was
+  built in. Each batch is split over the local replicas, each replica sums the weighted
+  gradients of its shard, and one ``strategy.reduce`` (SUM) after the last batch all-reduces
+  them. Keras' division of a mean loss by the replica count is undone exactly.
+- JAX: ``"data_parallel"`` (every device, ``jax.devices()``), a
+  ``keras.distribution.DataParallel`` or a ``jax.sharding.Mesh``. The batch axis is sharded
+  over the devices (``NamedSharding``), the weights replicated, and the one jitted gradient
+  program runs on the global batch, XLA inserting the all-reduce. After
+  ``jax.distributed.initialize`` the mesh spans every process.
+- torch: no strategy (raises).
+
+Multi-worker / multi-process: each worker passes its OWN share of the data (e.g.
+``dataset.shard(num_workers, index)``); the result, identical on every worker, covers the
+union of all shares. Workers may hold different numbers of batches and examples.
+
+Exactness: the objective must be a mean over examples (reduction ``"sum_over_batch_size"``,
+the default, or ``"mean"``) or a ``target=`` score, so that a batch's gradient splits over
+shards; other reductions raise. Layers that use batch statistics with ``training=True``
+(BatchNorm) see each replica's shard (TensorFlow) or each sharded part (JAX), as in ``fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from gradkit import _backends
+from gradkit._data import Batch
+from gradkit._detect import flavour_of
+from gradkit._errors import InvalidArgumentError, received
+from gradkit._objective import Objective
+
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
+
+
+def accumulate_distributed(
+    model: Any,
+    variables: list,
+    objective: Objective,
+    batches: Iterable[Batch],
+    training: bool,
+    strategy: Any,
+) -> tuple[list[np.ndarray | None], int]:
+    """Sum over all batches of every worker of ``n_b * gradient(batch b's objective)``, and N.
+
+    With a mean-reduced objective (compiled loss or ``loss=``; sample weights, loss weights
+    and ``model.losses`` included) dividing the sum by N gives the exact gradient of the
+    mean loss over the dataset. With ``target=`` the first element is the plain sum of the
+    batch gradients, i.e. of the scores over every example (no n_b factor). Gradients are
+    unscaled (mixed-precision loss scale undone), one array per variable in `variables`
+    order, None for a variable not connected to the objective. N is the total example
+    count over every worker. No model state changes.
+    """
+    flavour = flavour_of(model)
+    if flavour == "torch":
+        raise InvalidArgumentError(
+            "strategy= is supported on the TensorFlow, tf-keras and JAX flavours; Keras 3 "
+            "on torch has no distribution engine to run it. Use strategy=None, or run one "
+            "process per device and add up the unnormalized sums with "
+            "torch.distributed.all_reduce. " + received(strategy=strategy)
+        )
+    check_reductions(model, objective)
+    module = "jax_distributed" if flavour == "jax" else "tensorflow_distributed"
+    return _backends.load(module).accumulate(
+        model, variables, objective, batches, bool(training), strategy
+    )
+
+
+def check_reductions(model: Any, objective: Objective) -> None:
+    """Raise unless every loss of `objective` is a mean over examples (splits over shards)."""
+    if objective.kind == "target":
+        return
+    specs = _loss_leaves(model.loss if objective.kind == "compiled" else objective.spec)
+    for spec in specs:
+        reduction = getattr(spec, "reduction", None)
+        if reduction is None or str(reduction).lower() in MEAN_REDUCTIONS:
+            continue
+        raise InvalidArgumentError(
+            f"strategy= needs losses that average over the examples, but the loss "
+            f"{getattr(spec, 'name', spec)!r} uses reduction={reduction!r}, whose batch "
+            "value does not split over replicas. Use reduction='sum_over_batch_size' (the "
+            "default), or strategy=None. " + received(reduction=reduction)
+        )
+
+
+def _loss_leaves(spec: Any) -> list:
+    if isinstance(spec, dict):
+        return [leaf for value in spec.values() for leaf in _loss_leaves(value)]
+    if isinstance(spec, (list, tuple)):
+        return [leaf for value in spec for leaf in _loss_leaves(value)]
+    return [] if spec is None else [spec]
