@@ -27,16 +27,18 @@ class OutputTaps:
     def __init__(self, layers: list[Any], keys: list[str]):
         self.layers = list(layers)
         self.keys = list(keys)
-        self.tap: Callable[[int, Any], Any] = lambda index, output: output
-        self.calls = [0] * len(self.layers)
+        self.start(lambda index, output: output)
 
     def start(self, tap: Callable[[int, Any], Any]) -> None:
-        """Use `tap` for the next forward pass and reset the call counts."""
+        """Use `tap` for the next forward pass and forget the previous pass's record."""
         self.tap = tap
         self.calls = [0] * len(self.layers)
+        self.problems: list[str] = []
 
-    def check_called(self) -> None:
-        """Raise if a selected layer did not run in the forward pass just made."""
+    def check(self) -> None:
+        """Raise, outside any model call, what the last forward pass found wrong."""
+        if self.problems:
+            raise InvalidArgumentError(self.problems[0])
         missing = [key for key, n in zip(self.keys, self.calls) if n == 0]
         if missing:
             raise InvalidArgumentError(
@@ -68,29 +70,35 @@ class OutputTaps:
         def tapped(*args: Any, **kwargs: Any) -> Any:
             output = call(*args, **kwargs)
             self.calls[index] += 1
-            if self.calls[index] > 1:
-                raise InvalidArgumentError(
-                    f"Layer {self.keys[index]!r} is called more than once in one forward pass "
-                    "(a shared layer), so it has no single output to differentiate. Select "
-                    "the layers that consume its outputs instead, or a layer called once. "
-                    + received(layers=self.keys[index])
-                )
-            if not (hasattr(output, "shape") and hasattr(output, "dtype")):
-                raise InvalidArgumentError(
-                    f"Layer {self.keys[index]!r} returns {type(output).__name__}, not a "
-                    "single tensor; activation gradients need a layer with one output tensor. "
-                    "Select the layer that consumes the part you need. "
-                    + received(layers=self.keys[index])
-                )
-            if not _is_float(output.dtype):
-                raise InvalidArgumentError(
-                    f"Layer {self.keys[index]!r} outputs {output.dtype} values, which have no "
-                    "gradient. Select a layer with a floating-point output (for token ids, "
-                    "the Embedding layer that reads them). " + received(layers=self.keys[index])
-                )
+            problem = _problem(self.keys[index], output, self.calls[index])
+            if problem:  # raised by check() after the pass: Keras and autograph would wrap it
+                self.problems.append(problem)
+                return output
             return self.tap(index, output)
 
         return tapped
+
+
+def _problem(key: str, output: Any, calls: int) -> str:
+    if calls > 1:
+        return (
+            f"Layer {key!r} is called more than once in one forward pass (a shared layer), "
+            "so it has no single output to differentiate. Select the layers that consume "
+            "its outputs instead, or a layer called once. " + received(layers=key)
+        )
+    if not (hasattr(output, "shape") and hasattr(output, "dtype")):
+        return (
+            f"Layer {key!r} returns {type(output).__name__}, not a single tensor; activation "
+            "gradients need a layer with one output tensor. Select the layer that consumes "
+            "the part you need. " + received(layers=key)
+        )
+    if not _is_float(output.dtype):
+        return (
+            f"Layer {key!r} outputs {output.dtype} values, which have no gradient. Select a "
+            "layer with a floating-point output (for token ids, the Embedding layer that "
+            "reads them). " + received(layers=key)
+        )
+    return ""
 
 
 def _call_attribute(layer: Any) -> str:

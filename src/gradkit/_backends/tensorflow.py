@@ -166,8 +166,9 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
     taps, step = per_model[key]
     with taps.installed():
         loss, grads, outputs = step(inputs, tf.constant(k3.loss_scale(model), tf.float32))
+    taps.check()  # what the trace recorded: a shared, unused or non-float layer
     return float(loss), [None if g is None else g.numpy() for g in grads], [
-        o.numpy() if return_activations else None for o in outputs]
+        None if o is None or not return_activations else o.numpy() for o in outputs]
 
 
 def _build_activation_step(model, taps, objective, training, signature, template):
@@ -181,8 +182,7 @@ def _build_activation_step(model, taps, objective, training, signature, template
             loss = _forward_objective(model_ref(), objective, training, inputs,
                                       list(inputs["x"]), template)
             scaled = tf.cast(loss, tf.float32) * scale
-        taps.check_called()
-        return loss, _unscaled(tape.gradient(scaled, perturbations), scale), outputs
+        return loss, tapped_gradients(tape, scaled, perturbations, scale), outputs
 
     return step
 
@@ -199,3 +199,10 @@ def watched_taps(taps: OutputTaps, tape: tf.GradientTape) -> tuple[list, list]:
 
     taps.start(tap)
     return perturbations, outputs
+
+
+def tapped_gradients(tape: tf.GradientTape, scaled, perturbations: list, scale) -> list:
+    """Unscaled gradients w.r.t. the perturbations; None where a layer was not tapped."""
+    tapped = [p for p in perturbations if p is not None]
+    grads = iter(_unscaled(tape.gradient(scaled, tapped), scale))
+    return [None if p is None else next(grads) for p in perturbations]

@@ -19,7 +19,7 @@ from gradkit._backends.tensorflow import (
     _relaxed_spec,
     _scale_tensor,
     _signature_key,
-    _unscaled,
+    tapped_gradients,
     watched_taps,
 )
 from gradkit._backends._taps import OutputTaps
@@ -193,13 +193,17 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
     signature = map_structure(_relaxed_spec, inputs)
     key = ("activations", tuple(id(layer) for layer in layers), repr(template),
            objective.cache_key(), bool(training), _signature_key(signature))
-    taps = OutputTaps(layers, keys)
-    taps, step = _cached_step(model, key, lambda: (taps, _build_tapped_step(
-        model, taps, objective, training, signature, template)))
+    taps, step = _cached_step(model, key, lambda: _tapped_entry(
+        model, OutputTaps(layers, keys), objective, training, signature, template))
     with taps.installed():
         loss, grads, outputs = step(inputs, tf.constant(_loss_scale(model), tf.float32))
+    taps.check()  # what the trace recorded: a shared, unused or non-float layer
     return float(loss), [None if g is None else g.numpy() for g in grads], [
-        o.numpy() if return_activations else None for o in outputs]
+        None if o is None or not return_activations else o.numpy() for o in outputs]
+
+
+def _tapped_entry(model, taps, objective, training, signature, template):
+    return taps, _build_tapped_step(model, taps, objective, training, signature, template)
 
 
 def _build_tapped_step(model, taps, objective, training, signature, template):
@@ -224,10 +228,9 @@ def _build_tapped_step(model, taps, objective, training, signature, template):
                 sources, outputs = watched_taps(taps, tape)
             loss = _objective_value(model, objective, x, y, sw, model(x, training=training))
             scaled = tf.cast(loss, tf.float32) * scale
-        if taps is not None:
-            taps.check_called()
-        grads = _unscaled(tape.gradient(scaled, sources), scale)
-        with tf.control_dependencies([g for g in grads if g is not None] + outputs + [loss]):
+        grads = tapped_gradients(tape, scaled, sources, scale)
+        done = [t for t in grads + outputs if t is not None] + [loss]
+        with tf.control_dependencies(done):
             for v, value in zip(state, saved):
                 v.assign(value)
         return loss, grads, outputs

@@ -91,7 +91,7 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
         taps.start(tap)
         loss = _detached_forward(model, objective, batch, training,
                                  map_structure(_to_tensor, batch.x))
-        taps.check_called()
+        taps.check()  # a shared, unused or non-float layer
         grads = _unscaled_grads(loss, perturbations, k3.loss_scale(model))
     return float(loss.detach()), grads, [
         o.detach().cpu().numpy() if return_activations else None for o in outputs]
