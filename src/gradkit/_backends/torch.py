@@ -29,7 +29,7 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     chosen = set(selected)
     trainable = [v if i in chosen else v.detach() for i, v in enumerate(trainable)]
     watched = [trainable[i] for i in selected]
-    with torch.enable_grad():
+    with torch.enable_grad(), kept_rng():
         loss = k3.objective_value(
             model, objective, training, trainable, non_trainable, metrics, x, y, sample_weight
         )
@@ -37,6 +37,13 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     return float(loss.detach()), [
         None if g is None else (g / scale).detach().cpu().numpy() for g in grads
     ]
+
+
+def kept_rng():
+    """Restore torch's global RNG afterwards: Keras draws unseeded dropout masks from it, and
+    a gradkit call must not shift the random stream of the user's next `fit` step."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
 
 
 def _to_tensor(value: Any) -> Any:
