@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradkit._backends import _keras3 as k3
+from gradkit._backends._norm_taps import NormTaps, squared_norms
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -206,3 +207,118 @@ def tapped_gradients(tape: tf.GradientTape, scaled, perturbations: list, scale) 
     tapped = [p for p in perturbations if p is not None]
     grads = iter(_unscaled(tape.gradient(scaled, tapped), scale))
     return [None if p is None else next(grads) for p in perturbations]
+
+
+# --- Per-example gradients (gradkit.per_example_gradients)
+
+_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def per_example_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
+    """[tensor (n, *variable.shape) per variable]: `tf.vectorized_map` in a `tf.function`."""
+    k3.check_built(model)
+    inputs = _inputs(batch)
+    signature = map_structure(_relaxed_spec, inputs)
+    key = ("gradients", tuple(id(v) for v in variables), objective.cache_key(),
+           bool(training), _signature_key(signature))
+    per_model = _PER_EXAMPLE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build_per_example(model, variables, objective, training, signature)
+    return list(per_model[key](inputs, tf.constant(k3.loss_scale(model), tf.float32)))
+
+
+def _build_per_example(model, variables, objective, training, signature):
+    model_ref = weakref.ref(model)
+    objective = k3.prepare_objective(objective)
+    selected = k3.selected_indices(model, variables)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
+    def step(inputs, scale):
+        model = model_ref()
+        values, non_trainable, metrics = k3.variable_values(model)
+
+        def one(example):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                trainable = [tf.identity(v) for v in values]
+                watched = [trainable[i] for i in selected]
+                tape.watch(watched)
+                loss = k3.example_objective(
+                    model, objective, training, trainable, non_trainable, metrics,
+                    example["x"], example.get("y"), example.get("sample_weight"))
+                scaled = tf.cast(loss, tf.float32) * scale
+            grads = tape.gradient(scaled, watched, unconnected_gradients="zero")
+            return [tf.convert_to_tensor(g) / tf.cast(scale, g.dtype) for g in grads]
+
+        return tf.vectorized_map(one, inputs)
+
+    return step
+
+
+# --- Per-example gradient norms (gradkit.per_example_norms); also used by tf_keras.py
+
+
+def per_example_squared_norms(model, variables, objective: Objective, batch: Batch,
+                              training: bool) -> dict:
+    """{variable index: (n,) squared norm} for the variables of plain Dense/Embedding layers.
+
+    Pre-activation gradients of each example's objective come from a GradientTape on watched
+    zero perturbations inside `tf.vectorized_map`, inside a cached `tf.function`.
+    """
+    k3.check_built(model)
+    inputs = _inputs(batch)
+    signature = map_structure(_relaxed_spec, inputs)
+    key = ("norms", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+           _signature_key(signature))
+    per_model = _PER_EXAMPLE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _build_norms(model, variables, objective, training, signature)
+    step = per_model[key]
+    return {} if step is None else step(inputs, tf.constant(k3.loss_scale(model), tf.float32))
+
+
+def _build_norms(model, variables, objective, training, signature):
+    planned = k3.norm_plan(model, variables)
+    if not planned:
+        return None
+    taps, model_ref = NormTaps(planned), weakref.ref(model)
+    objective = k3.prepare_objective(objective)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
+    def step(inputs, scale):
+        model = model_ref()
+        values = k3.variable_values(model)
+
+        def one(example):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                perturbations, perturb = watched_perturbations(tape, len(planned))
+                taps.start(perturb)
+                with taps.installed():
+                    loss = k3.example_objective(
+                        model, objective, training, *values, example["x"], example.get("y"),
+                        example.get("sample_weight"))
+                scaled = tf.cast(loss, tf.float32) * scale
+            return unscaled_deltas(tape, scaled, perturbations, scale), taps.inputs
+
+        deltas, layer_inputs = tf.vectorized_map(one, inputs)
+        return squared_norms(planned, layer_inputs, deltas, k3.norm_ops())
+
+    return step
+
+
+def watched_perturbations(tape: tf.GradientTape, count: int) -> tuple[list, Any]:
+    """([[perturbation per call] per layer], perturb): zero perturbations the tape watches."""
+    perturbations: list[list] = [[] for _ in range(count)]
+
+    def perturb(layer: int, call: int, z: Any) -> Any:
+        zero = tf.zeros_like(z)
+        tape.watch(zero)
+        perturbations[layer].append(zero)
+        return z + zero
+
+    return perturbations, perturb
+
+
+def unscaled_deltas(tape: tf.GradientTape, scaled: Any, perturbations: list, scale: Any):
+    """Gradients of `scaled` at the perturbations, with the loss scale divided out."""
+    deltas = tape.gradient(scaled, perturbations, unconnected_gradients="zero")
+    return [[d / tf.cast(scale, d.dtype) for d in calls] for calls in deltas]

@@ -13,6 +13,7 @@ import keras
 import torch
 
 from gradkit._backends import _keras3 as k3
+from gradkit._backends._norm_taps import NormTaps, squared_norms
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -102,3 +103,80 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
         grads = _unscaled_grads(loss, perturbations, k3.loss_scale(model))
     return float(loss.detach()), grads, [
         o.detach().cpu().numpy() if return_activations else None for o in outputs]
+
+
+# --- Per-example gradients (gradkit.per_example_gradients)
+
+
+def per_example_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
+    """[tensor (n, *variable.shape) per variable]: `torch.func.vmap` of `torch.func.grad`."""
+    k3.check_built(model)
+    objective = k3.prepare_objective(objective)
+    selected = k3.selected_indices(model, variables)
+    scale = k3.loss_scale(model)
+    data = [map_structure(_to_tensor, v) for v in (batch.x, batch.y, batch.sample_weight)]
+    trainable, non_trainable, metrics = (
+        [v.detach() for v in values] for values in k3.variable_values(model))
+    chosen = set(selected)
+    others = [v for i, v in enumerate(trainable) if i not in chosen]
+
+    def scaled_example_objective(chosen_values, x, y, sample_weight):
+        values = k3.merge_trainable(selected, chosen_values, others)
+        loss = k3.example_objective(model, objective, training, values, non_trainable,
+                                    metrics, x, y, sample_weight)
+        return loss.float() * scale
+
+    in_dims = (None,) + tuple(None if d is None else 0 for d in data)
+    per_example = torch.func.vmap(torch.func.grad(scaled_example_objective), in_dims=in_dims,
+                                  randomness="same")
+    with torch.enable_grad():
+        grads = per_example([trainable[i] for i in selected], *data)
+    return [(g / scale).detach().cpu() for g in grads]
+
+
+# --- Per-example gradient norms (gradkit.per_example_norms)
+
+
+def per_example_squared_norms(model, variables, objective: Objective, batch: Batch,
+                              training: bool) -> dict:
+    """{variable index: (n,) squared norm} for the variables of plain Dense/Embedding layers.
+
+    Pre-activation gradients come from `torch.func.vmap` of `torch.func.grad` with respect to
+    zero perturbations, whose shapes one forward pass on the first example finds.
+    """
+    k3.check_built(model)
+    planned = k3.norm_plan(model, variables)
+    if not planned:
+        return {}
+    objective, taps = k3.prepare_objective(objective), NormTaps(planned)
+    values = [[v.detach() for v in part] for part in k3.variable_values(model)]
+    data = [map_structure(_to_tensor, v) for v in (batch.x, batch.y, batch.sample_weight)]
+    scale = k3.loss_scale(model)
+
+    def forward(x, y, sample_weight, perturb):
+        taps.start(perturb)
+        with taps.installed():
+            loss = k3.example_objective(model, objective, training, *values, x, y,
+                                        sample_weight)
+        return loss.float(), taps.inputs
+
+    seen: list[list] = [[] for _ in planned]
+    with torch.no_grad():
+        forward(*[map_structure(lambda a: a[0], d) for d in data],
+                lambda layer, call, z: seen[layer].append(z) or z)
+    zeros = [[torch.zeros((batch.size, *z.shape), dtype=z.dtype, device=z.device)
+              for z in calls] for calls in seen]
+
+    def scaled(eps, x, y, sample_weight):
+        loss, inputs = forward(x, y, sample_weight,
+                               lambda layer, call, z: z + eps[layer][call])
+        return loss * scale, inputs
+
+    in_dims = (0,) + tuple(None if d is None else 0 for d in data)
+    with torch.enable_grad():
+        deltas, inputs = torch.func.vmap(torch.func.grad(scaled, has_aux=True),
+                                         in_dims=in_dims, randomness="same")(zeros, *data)
+    deltas = [[(d / scale).detach() for d in calls] for calls in deltas]
+    inputs = [[a.detach() for a in calls] for calls in inputs]
+    return {j: s.cpu() for j, s in
+            squared_norms(planned, inputs, deltas, k3.norm_ops()).items()}

@@ -1,0 +1,109 @@
+"""Per-example gradient norms, without materializing per-example gradients where possible.
+
+Dense and Embedding layers get closed forms from each example's layer input and
+pre-activation gradient (see ``gradkit._backends._norm_taps``): memory grows with the
+activations, not with B × parameters. Every other selected variable (convolutions,
+normalization, regularized or customized layers) goes through the materializing route of
+`per_example_gradients`, chunk by chunk, keeping only each chunk's squared norms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradkit import _backends
+from gradkit._data import Batch
+from gradkit._errors import InvalidArgumentError, received
+from gradkit._gradients import _prepare, report_nonfinite
+from gradkit._per_example import (
+    check_connected,
+    check_independent,
+    for_each_chunk,
+    resolve_chunk_size,
+    vectorized_or_loop,
+)
+from gradkit._select import unique_keys
+
+_ALL = "all selected variables"
+
+
+def per_example_norms(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    loss: Any = None,
+    target: Any = None,
+    layers: Any = None,
+    sample_weight: Any = None,
+    training: bool = False,
+    by_layer: bool = False,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """The L2 norm of each example's gradient: shape ``(B,)``, or ``{layer: (B,)}``.
+
+    Example i's gradient is row i of ``per_example_gradients`` with the same arguments (the
+    gradient of the objective on the batch of one ``x[i:i+1]``: for the compiled mean loss,
+    example i's loss times its sample weight plus ``model.losses`` in full; for ``target=k``
+    the score ``outputs[i, k]``; loss scaling undone). The norm runs over all selected
+    variables together, or, with ``by_layer=True``, over each layer's selected variables,
+    keyed by the layer's path (the variable key without its last part: ``"dense_1"``), in
+    model order. float32 (float64 when every selected variable is float64).
+
+    Dense and Embedding layers use closed forms from the layer input and the pre-activation
+    gradient, so per-example gradients are never formed for them; other layers are
+    materialized chunk by chunk (256 MiB of per-example gradients per chunk). Errors as
+    ``per_example_gradients``; no model state changes.
+    """
+    if not isinstance(by_layer, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            "by_layer= must be True (one norm per layer) or False (one norm over all selected "
+            "variables). " + received(by_layer=by_layer)
+        )
+    flavour, variables, objective, batch = _prepare(
+        model, x, y, loss, target, sample_weight, layers, training, "raise"
+    )
+    check_independent(model, bool(training))
+    adapter = _backends.load(flavour)
+    check_connected(adapter, model, variables, objective, batch, bool(training))
+    fast = adapter.per_example_squared_norms(model, variables, objective, batch, bool(training))
+    squared = [None if j not in fast else np.asarray(fast[j], np.float64)
+               for j in range(len(variables))]
+    rest = [j for j, s in enumerate(squared) if s is None]
+    if rest:
+        for j, s in zip(rest, _materialized(adapter, model, [variables[j] for j in rest],
+                                             objective, batch, bool(training))):
+            squared[j] = s
+    return _combine(variables, squared, bool(by_layer), batch)
+
+
+def _materialized(adapter, model, variables, objective, batch: Batch, training) -> list:
+    """Squared per-example norms of `variables` from their per-example gradients, chunked."""
+    squared = [np.zeros(batch.size, np.float64) for _ in variables]
+
+    def store(start: int, stop: int, grads: list) -> None:
+        for j in range(len(grads)):
+            grad, grads[j] = grads[j], None
+            rows = np.asarray(grad)[: stop - start].reshape(stop - start, -1)
+            squared[j][start:stop] = np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
+
+    compute = vectorized_or_loop(adapter, model, variables, objective, training)
+    chunk = resolve_chunk_size(None, variables, batch.size)
+    for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
+    return squared
+
+
+def _combine(variables: list, squared: list, by_layer: bool, batch: Batch) -> Any:
+    """Square roots of the summed squares, overall or per layer, in the result dtype."""
+    all64 = all(str(getattr(v.dtype, "name", v.dtype)) == "float64" for v in variables)
+    dtype = np.float64 if all64 else np.float32
+    groups: dict[str, np.ndarray] = {}
+    for key, sq in zip(unique_keys(variables), squared):
+        name = key.rsplit("/", 1)[0] if by_layer else _ALL
+        groups[name] = groups[name] + sq if name in groups else sq
+    result = {name: np.sqrt(total).astype(dtype) for name, total in groups.items()}
+    bad = {name: value for name, value in result.items() if not np.all(np.isfinite(value))}
+    if bad:
+        report_nonfinite(bad, batch)
+    return result if by_layer else result[_ALL]

@@ -1,0 +1,227 @@
+"""Per-example gradients: row i is the gradient of example i's OWN objective.
+
+Example i's objective is the objective evaluated on the batch of one
+``(x[i:i+1], y[i:i+1], sample_weight[i:i+1])``: for the compiled mean loss that is example
+i's loss times its sample weight, plus ``model.losses`` (regularizers) in full. So for a
+mean-reduced compiled loss the mean over rows equals ``gradients()`` of the whole batch
+(regularizers included once), and for ``target=`` the sum over rows does.
+
+Each adapter vectorizes the single-example gradient with its framework's own vectorizer
+inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map`` in
+``tf.function``, ``torch.func.vmap``). The batch is processed in chunks, each chunk's result
+copied into a preallocated NumPy array, so peak memory is the result plus one chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+
+from gradkit import _backends
+from gradkit._data import Batch, leaves, map_structure
+from gradkit._errors import (
+    GradkitError,
+    InvalidArgumentError,
+    UnconnectedGradientError,
+    received,
+)
+from gradkit._gradients import _prepare, _result_dtype, report_nonfinite
+from gradkit._select import unique_keys, walk_layers
+
+#: Bytes of per-example result one chunk may hold when chunk_size=None (256 MiB).
+CHUNK_BUDGET_BYTES = 256 * 2**20
+_COUPLING_LAYERS = ("BatchNormalization", "SyncBatchNormalization")
+_CONNECTED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+logger = logging.getLogger("gradkit")
+
+
+def per_example_gradients(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    loss: Any = None,
+    target: Any = None,
+    layers: Any = None,
+    sample_weight: Any = None,
+    chunk_size: int | None = None,
+    training: bool = False,
+) -> dict[str, np.ndarray]:
+    """Gradient of each example's own objective: ``{variable path: (B, *variable.shape)}``.
+
+    Row i is the gradient of the objective evaluated on the batch of one ``x[i:i+1]`` (with
+    ``y[i:i+1]``, ``sample_weight[i:i+1]``). Scale: with the compiled loss (mean over the
+    batch, as ``fit``) row i is the gradient of example i's loss times its sample weight
+    ``w_i``, plus the gradient of ``model.losses`` (regularizers) in full, so the MEAN over
+    rows equals ``gradients()`` of the batch (for the default "sum_over_batch_size"
+    reduction). With ``target=k`` row i is the gradient of the score ``outputs[i, k]``, so the
+    SUM over rows equals ``gradients()``. Loss scaling is undone; float32 (float64 for
+    float64 variables); keys and order as ``gradients()``.
+
+    Vectorized with the backend's own vectorizer inside its compiled function. The batch
+    runs in chunks of ``chunk_size`` examples (default: as many as fit
+    ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak memory is the B-row result plus one
+    chunk. If the vectorizer cannot handle a layer, a Python loop over examples is used
+    instead, and a warning is logged on the ``"gradkit"`` logger (slower, same values).
+
+    Layers that couple examples (BatchNormalization with ``training=True``) raise
+    InvalidArgumentError naming the layer. A selected variable that does not affect the
+    objective raises UnconnectedGradientError; select other ``layers=``. No model state
+    changes (weights, moving statistics, seed generators, metrics).
+    """
+    flavour, variables, objective, batch = _prepare(
+        model, x, y, loss, target, sample_weight, layers, training, "raise"
+    )
+    check_independent(model, bool(training))
+    chunk = resolve_chunk_size(chunk_size, variables, batch.size)
+    adapter = _backends.load(flavour)
+    check_connected(adapter, model, variables, objective, batch, bool(training))
+    keys = unique_keys(variables)
+    result = {
+        key: np.empty((batch.size, *tuple(v.shape)), _result_dtype(v))
+        for key, v in zip(keys, variables)
+    }
+
+    def store(start: int, stop: int, grads: list) -> None:
+        for j, key in enumerate(keys):
+            grad, grads[j] = grads[j], None  # drop the backend's buffer once copied
+            rows = np.asarray(grad)[: stop - start]
+            result[key][start:stop] = rows.reshape((stop - start, *result[key].shape[1:]))
+
+    compute = vectorized_or_loop(adapter, model, variables, objective, bool(training))
+    for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
+    warn_nonfinite(result, batch)
+    return result
+
+
+def check_independent(model: Any, training: bool) -> None:
+    """Raise if a layer mixes the examples of a batch (BatchNorm statistics in training)."""
+    if not training:
+        return
+    for path, layer in walk_layers(model):
+        names = {cls.__name__ for cls in type(layer).__mro__}
+        if names.intersection(_COUPLING_LAYERS) and layer.trainable:
+            raise InvalidArgumentError(
+                f"Layer {path!r} ({type(layer).__name__}) couples the examples of a batch "
+                "when training=True: it normalizes with the batch's mean and variance, so "
+                "one example's gradient depends on the others and has no per-example value. "
+                "Pass training=False (moving statistics, the default), or freeze the layer "
+                f"(model.get_layer({layer.name!r}).trainable = False). "
+                + received(training=training, layer=path)
+            )
+
+
+def check_connected(adapter, model, variables, objective, batch: Batch, training) -> None:
+    """Raise if a selected variable has no path to the objective (checked once per setup)."""
+    key = (tuple(id(v) for v in variables), objective.cache_key(), training)
+    per_model = _CONNECTED.setdefault(model, {})
+    if key not in per_model:
+        _, grads = adapter.compute_gradients(
+            model, variables, objective, slice_batch(batch, 0, 1), training
+        )
+        per_model[key] = [g is not None for g in grads]
+    missing = [k for k, ok in zip(unique_keys(variables), per_model[key]) if not ok]
+    if missing:
+        raise UnconnectedGradientError(
+            f"{len(missing)} selected variable(s) do not affect the loss, so their "
+            f"per-example gradient is undefined: {', '.join(missing)}. Select the layers "
+            "that do with layers=. " + received(layers=[k.rsplit("/", 1)[0] for k in missing])
+        )
+
+
+def resolve_chunk_size(chunk_size: Any, variables: list, size: int) -> int:
+    """The number of examples per chunk: `chunk_size`, or what fits the memory budget."""
+    if chunk_size is None:
+        per_example = sum(
+            int(np.prod(v.shape)) * _result_dtype(v).itemsize for v in variables
+        )
+        return max(1, min(size, CHUNK_BUDGET_BYTES // max(per_example, 1)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
+        chunk_size < 1
+    ):
+        raise InvalidArgumentError(
+            "chunk_size= must be a positive int (examples per vectorized chunk), or None "
+            "to fit each chunk's result in 256 MiB. " + received(chunk_size=chunk_size)
+        )
+    return int(min(chunk_size, size))
+
+
+def slice_batch(batch: Batch, start: int, stop: int, pad_to: int | None = None) -> Batch:
+    """Examples ``start:stop`` of `batch`; padded with copies of the first to `pad_to`."""
+
+    def cut(array: Any) -> Any:
+        part = array[start:stop]
+        if pad_to is None or stop - start == pad_to:
+            return part
+        return np.concatenate([part, np.repeat(part[:1], pad_to - (stop - start), axis=0)])
+
+    return Batch(
+        map_structure(cut, batch.x), map_structure(cut, batch.y),
+        None if batch.sample_weight is None else cut(batch.sample_weight), stop - start,
+    )
+
+
+def for_each_chunk(compute: Callable, batch: Batch, chunk: int, store: Callable,
+                   pad: bool = False) -> None:
+    """Run `compute` on each chunk and hand its rows to ``store(start, stop, grads)``.
+
+    With `pad` (adapters that compile per shape), a short last chunk is padded to the chunk
+    size when every array is NumPy, so no new program is compiled for it.
+    """
+    arrays = leaves(batch.x) + leaves(batch.y) + leaves(batch.sample_weight)
+    pad = pad and batch.size > chunk and all(isinstance(a, np.ndarray) for a in arrays)
+    for start in range(0, batch.size, chunk):
+        stop = min(start + chunk, batch.size)
+        part = slice_batch(batch, start, stop, chunk if pad else None)
+        store(start, stop, list(compute(part)))
+
+
+def vectorized_or_loop(adapter, model, variables, objective, training) -> Callable:
+    """The adapter's vectorized per-example gradient, or a loop when it cannot vectorize."""
+
+    def vectorized(part: Batch) -> list:
+        return adapter.per_example_gradients(model, variables, objective, part, training)
+
+    fallback: list[str] = []
+
+    def compute(part: Batch) -> list:
+        if not fallback:
+            try:
+                return vectorized(part)
+            except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
+                if isinstance(error, GradkitError):
+                    raise
+                fallback.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            rows = loop_over_examples(adapter, model, variables, objective, part, training)
+            logger.warning(
+                "gradkit: the %s vectorizer cannot handle model %r (%s); per-example "
+                "gradients are computed with a Python loop over examples instead (same "
+                "values, slower).", adapter.__name__.rsplit(".", 1)[-1], model.name, fallback[0],
+            )
+            return rows
+        return loop_over_examples(adapter, model, variables, objective, part, training)
+
+    return compute
+
+
+def loop_over_examples(adapter, model, variables, objective, part: Batch, training) -> list:
+    """The documented fallback: one gradient call per example, stacked."""
+    rows = [
+        adapter.compute_gradients(model, variables, objective, slice_batch(part, i, i + 1),
+                                  training)[1]
+        for i in range(part.size)
+    ]
+    return [np.stack([row[j] for row in rows]) for j in range(len(variables))]
+
+
+def warn_nonfinite(result: dict[str, np.ndarray], batch: Batch) -> None:
+    """Report NaN/Inf by variable name (min/max propagate NaN: no boolean copy of B x P)."""
+    bad = {
+        key: value for key, value in result.items()
+        if value.size and not (np.isfinite(value.min()) and np.isfinite(value.max()))
+    }
+    if bad:
+        report_nonfinite(bad, batch)

@@ -1,0 +1,78 @@
+"""gradkit.per_example_norms against the norms of the materialized per-example gradients.
+
+per_example_gradients is itself checked against a loop of gradients() (test_per_example.py);
+here the Dense/Embedding closed forms and the materializing route must both reproduce it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _per_example_models import BUILDERS, N, mlp, sequence, text
+
+import gradkit as gk
+
+
+def materialized_norms(rows: dict, by_layer: bool = False):
+    """L2 norms over the flattened rows, overall or per layer (key without its last part)."""
+    squares: dict[str, np.ndarray] = {}
+    for key, value in rows.items():
+        name = key.rsplit("/", 1)[0] if by_layer else "all"
+        flat = value.reshape(len(value), -1).astype("float64")
+        squares[name] = squares.get(name, 0.0) + (flat * flat).sum(axis=1)
+    norms = {name: np.sqrt(total) for name, total in squares.items()}
+    return norms if by_layer else norms["all"]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_norms_equal_norms_of_per_example_gradients(keras, name):
+    model, x, y = BUILDERS[name](keras)
+    rows = gk.per_example_gradients(model, x, y)
+    norms = gk.per_example_norms(model, x, y)
+    assert norms.shape == (N,) and norms.dtype == np.float32
+    np.testing.assert_allclose(norms, materialized_norms(rows), rtol=1e-5, atol=1e-7)
+    by_layer = gk.per_example_norms(model, x, y, by_layer=True)
+    expected = materialized_norms(rows, by_layer=True)
+    assert list(by_layer) == list(expected)
+    for layer in expected:
+        np.testing.assert_allclose(by_layer[layer], expected[layer], rtol=1e-5, atol=1e-7,
+                                   err_msg=layer)
+
+
+def test_dense_and_embedding_use_the_closed_forms(keras, flavour):
+    """The fast route covers plain Dense/Embedding variables, not regularized or conv ones."""
+    from gradkit import _backends
+    from gradkit._data import prepare_batch
+    from gradkit._objective import Objective
+    from gradkit._select import unique_keys
+
+    adapter = _backends.load(flavour)
+    for builder, fast in ((mlp, ["out/kernel", "out/bias"]),
+                          (text, ["embed/embeddings", "out/kernel", "out/bias"]),
+                          (sequence, ["shared/kernel", "shared/bias", "out/kernel", "out/bias"])):
+        model, x, y = builder(keras)
+        gk.gradients(model, x, y)  # builds the model's compiled loss on every flavour
+        batch = prepare_batch(model, x, y, None, "float32")
+        variables = list(model.trainable_variables)
+        covered = adapter.per_example_squared_norms(model, variables, Objective("compiled"),
+                                                    batch, False)
+        keys = unique_keys(variables)
+        names = sorted("/".join(keys[j].split("/")[-2:]) for j in covered)
+        assert names == sorted(fast), builder.__name__
+
+
+def test_sample_weight_target_and_layers(keras):
+    model, x, y = mlp(keras)
+    weights = np.array([0.5, 2.0, 0.0, 1.0, 3.0], "float32")
+    rows = gk.per_example_gradients(model, x, y, sample_weight=weights)
+    np.testing.assert_allclose(gk.per_example_norms(model, x, y, sample_weight=weights),
+                               materialized_norms(rows), rtol=1e-5, atol=1e-7)
+    rows = gk.per_example_gradients(model, x, target=2, layers="out")
+    np.testing.assert_allclose(gk.per_example_norms(model, x, target=2, layers="out"),
+                               materialized_norms(rows), rtol=1e-5, atol=1e-7)
+
+
+def test_by_layer_must_be_a_bool(keras):
+    model, x, y = mlp(keras)
+    with pytest.raises(gk.InvalidArgumentError, match="Received: by_layer='yes'"):
+        gk.per_example_norms(model, x, y, by_layer="yes")
