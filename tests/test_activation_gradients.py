@@ -266,3 +266,85 @@ def test_input_layer_points_to_input_gradients(keras):
     model, _, _ = _linear_residual(keras)
     with pytest.raises(gk.InvalidArgumentError, match=r"(?s)'x'.*input_gradients.*Received: "):
         gk.activation_gradients(model, np.ones((2, 3), "float32"), layers="x", target=0)
+
+
+@pytest.fixture
+def policy(keras):
+    """Set a global dtype policy for one test and always restore float32."""
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _mixed_mlp(keras):
+    return keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(8, activation="tanh", name="d1"),
+        keras.layers.Dense(3, name="d2"),
+        keras.layers.Activation("linear", dtype="float32", name="out"),
+    ])
+
+
+def test_mixed_precision_is_unscaled_float32(keras, policy):
+    x = RNG.normal(size=(6, 4)).astype("float32")
+    y = RNG.normal(size=(6, 3)).astype("float32")
+    reference = _mixed_mlp(keras)
+    reference.compile(loss="mse")
+    policy("mixed_float16")
+    model = _mixed_mlp(keras)
+    model.set_weights(reference.get_weights())
+    model.compile(optimizer="sgd", loss="mse")  # a LossScaleOptimizer: the loss is scaled
+
+    grads = gk.activation_gradients(model, x, y, layers="d1")["d1"]
+    inputs = gk.input_gradients(model, x, y)
+
+    assert grads.dtype == np.float32 and inputs.dtype == np.float32
+    expected = gk.activation_gradients(reference, x, y, layers="d1")["d1"]
+    np.testing.assert_allclose(grads, expected, rtol=2e-2, atol=1e-4)
+    np.testing.assert_allclose(inputs, gk.input_gradients(reference, x, y), rtol=2e-2, atol=1e-4)
+
+
+def _cross_backend_result(keras) -> dict:
+    """Input and activation gradients of one fixed residual model (run once per flavour)."""
+    rng = np.random.default_rng(7)
+    x_in = keras.Input((4,), name="x")
+    h = keras.layers.Dense(6, activation="tanh", name="d1")(x_in)
+    r = keras.layers.Dense(6, activation="sigmoid", name="branch")(h)
+    s = keras.layers.Add(name="add")([h, r])
+    probs = keras.layers.Dense(3, activation="softmax", name="head")(s)
+    model = keras.Model(x_in, probs)
+    model.set_weights([rng.normal(size=w.shape).astype("float32")
+                       for w in model.get_weights()])
+    model.compile(loss="categorical_crossentropy")
+    x = rng.normal(size=(5, 4)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, size=5)]
+    result = {"input/loss": gk.input_gradients(model, x, y),
+              "input/target": gk.input_gradients(model, x, target=2)}
+    by_loss = gk.activation_gradients(model, x, y, layers=["d1", "branch", "add"])
+    by_target = gk.activation_gradients(model, x, target=0, layers=["d1", "add"])
+    result.update({"act/loss/" + k: v for k, v in by_loss.items()})
+    result.update({"act/target/" + k: v for k, v in by_target.items()})
+    return result
+
+
+@pytest.mark.flavours("tensorflow")
+def test_cross_backend_agreement(keras, tmp_path):
+    # The same weights on TF (here), JAX, torch and tf-keras (each in its own process,
+    # exchanging results through gradkit.save) give the same gradients.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, conftest, gradkit, test_activation_gradients as t; "
+            "gradkit.save(sys.argv[1], t._cross_backend_result(conftest.keras_module))")
+    reference = _cross_backend_result(keras)
+    assert len(reference) == 7
+    for flavour in ("jax", "torch", "tf_keras"):
+        path = tmp_path / f"{flavour}.npz"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=300,
+                       cwd=Path(__file__).parent, env=dict(os.environ, GRADKIT_FLAVOUR=flavour))
+        grads = gk.load(path)
+        assert list(grads) == list(reference), flavour
+        for key, value in reference.items():
+            np.testing.assert_allclose(grads[key], value, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{flavour}: {key}")
