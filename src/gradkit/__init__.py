@@ -6,12 +6,14 @@
 Importing gradkit imports no framework; the adapter of a model's flavour is loaded on use.
 """
 
+from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._errors import (
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
     GradkitFileError as GradkitFileError,
     InvalidArgumentError as InvalidArgumentError,
+    NonFiniteGradientError as NonFiniteGradientError,
     NonFiniteGradientWarning as NonFiniteGradientWarning,
     UnconnectedGradientError as UnconnectedGradientError,
     UnknownLayerError as UnknownLayerError,
@@ -20,6 +22,7 @@ from gradkit._errors import (
 from gradkit._gradients import gradients as gradients
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
+from gradkit._stats import GradientStats as GradientStats, gradient_stats as gradient_stats
 from gradkit._norms import per_example_norms as per_example_norms
 from gradkit._per_example import per_example_gradients as per_example_gradients
 from gradkit._table import summary as summary
@@ -28,14 +31,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataShapeError",
+    "GradientStats",
     "GradkitError",
     "GradkitFileError",
     "InvalidArgumentError",
+    "NonFiniteGradientError",
     "NonFiniteGradientWarning",
     "UnconnectedGradientError",
     "UnknownLayerError",
     "UnsupportedModelError",
+    "accumulate",
     "activation_gradients",
+    "gradient_stats",
     "gradients",
     "input_gradients",
     "load",

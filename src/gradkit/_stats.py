@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
+from gradkit._gradients import _floatx
+from gradkit._objective import resolve_objective
+from gradkit._progress import Progress
+from gradkit._sources import BatchStream
 
 
 @dataclass(frozen=True)
@@ -176,3 +181,46 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 def _result_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype("float64") if dtype == np.float64 else np.dtype("float32")
+
+
+def gradient_stats(
+    model: Any,
+    data: Any,
+    *,
+    loss: Any = None,
+    layers: Any = None,
+    training: bool = False,
+    progress: bool = True,
+    batch_size: int | None = None,
+) -> GradientStats:
+    """Statistics of the per-example gradients over every example of `data`, in one pass.
+
+    Per-example gradient i is ``per_example_gradients()``'s row i: the gradient of example
+    i's own loss (times its sample weight), plus ``model.losses`` (regularizers) in full,
+    so ``stats.mean`` is the gradient of the MEAN loss over the dataset (what
+    ``accumulate()`` returns). ``stats.variance`` is the per-example variance (elementwise,
+    unbiased, ddof=1), ``stats.second_moment`` the mean of g_i², ``stats.snr`` mean² /
+    variance; each is a ``{variable path: array}`` set other gradkit tools accept.
+    ``stats.variables`` / ``stats.layers`` / ``stats.total`` hold the L2 norm of the mean,
+    the mean per-example norm, tr(Σ), the signal-to-noise ratio |ḡ|² / tr(Σ) and the
+    gradient noise scale B_simple = tr(Σ) / |G|² (McCandlish et al. 2018, unbiased
+    estimators; inf when the noise swamps the signal). Loss scaling is undone; float32
+    (float64 for float64 variables).
+
+    `data` as in ``accumulate()``; merged batch by batch with Chan's parallel Welford
+    update in float64, so memory holds one batch of per-example gradients. Needs at least
+    two examples. No model state changes.
+    """
+    from gradkit._per_example import per_example_gradients
+
+    flavour = flavour_of(model)
+    stream = BatchStream(model, data, batch_size, flavour, _floatx(flavour))
+    resolve_objective(model, loss, None, stream.first[1].y)  # fail before any work
+    moments = MomentAccumulator()
+    with Progress(stream.total, progress, description="gradkit.gradient_stats") as bar:
+        for _, batch in stream:
+            moments.update(per_example_gradients(
+                model, batch.x, batch.y, loss=loss, layers=layers,
+                sample_weight=batch.sample_weight, training=training))
+            bar.update(batch.size)
+    return moments.result()

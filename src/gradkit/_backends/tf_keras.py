@@ -89,7 +89,15 @@ def _state_variables(model: Any) -> list:
     """Everything a forward pass or a loss may assign: non-trainable and metric variables."""
     seen, state = set(), []
     candidates = list(model.non_trainable_variables)
-    for metric in model.metrics:
+    # The compiled loss hides its "loss" (and per-output) Mean metrics from model.metrics
+    # until first used, and creates the per-output ones then: build it now (functional
+    # models), and take its total-loss mean in any case, so that they are restored too.
+    container = getattr(model, "compiled_loss", None)
+    if container is not None and not container.built \
+            and getattr(model, "_nested_outputs", None) is not None:
+        container.build(model._nested_outputs)
+    total_mean = getattr(container, "_total_loss_mean", None)
+    for metric in [*model.metrics, *([total_mean] if total_mean is not None else [])]:
         candidates.extend(metric.variables)
     for v in candidates:
         if id(v) not in seen:
@@ -348,3 +356,39 @@ def _build_norms(model, variables, objective, training, signature):
         return {j: tf.identity(n) for j, n in norms.items()}
 
     return step
+
+
+# --- Streaming accumulation (gradkit.accumulate)
+
+_ACCUMULATE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def gradient_accumulator(model, variables, objective: Objective, training: bool,
+                         skip_nonfinite: bool):
+    """A running sum Σ_b w_b ∇L_b kept on the device: tensorflow.TFAccumulator over the
+    state-restoring tf-keras step (see gradkit._accumulate)."""
+    from gradkit._backends.tensorflow import TFAccumulator
+
+    if not tf.executing_eagerly() or not model.built or not model.variables:
+        raise UnsupportedModelError(
+            "gradkit needs a built tf-keras model and eager execution (no "
+            "tf.compat.v1.disable_eager_execution()). Call the model once on a batch "
+            "(model(x[:1])) and remove that call. "
+            + received(built=model.built, executing_eagerly=tf.executing_eagerly())
+        )
+
+    scale = _loss_scale(model)
+
+    def step_for(signature):  # the step gradients() uses, shared through its cache
+        key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+               _signature_key(signature), scale != 1.0)
+        per_model = _CACHE.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = _build(model, variables, objective, training, signature,
+                                    scaled=scale != 1.0)
+        return per_model[key]
+
+    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+           bool(skip_nonfinite))
+    adders = _ACCUMULATE.setdefault(model, {}).setdefault(key, {})
+    return TFAccumulator(variables, step_for, scale, skip_nonfinite, adders)

@@ -180,3 +180,61 @@ def per_example_squared_norms(model, variables, objective: Objective, batch: Bat
     inputs = [[a.detach() for a in calls] for calls in inputs]
     return {j: s.cpu() for j, s in
             squared_norms(planned, inputs, deltas, k3.norm_ops()).items()}
+
+
+# --- Streaming accumulation (gradkit.accumulate)
+
+
+def gradient_accumulator(model, variables, objective: Objective, training: bool,
+                         skip_nonfinite: bool):
+    """A running sum Σ_b w_b ∇L_b kept on the device (see gradkit._accumulate)."""
+    k3.check_built(model)
+    return _Accumulator(model, variables, objective, bool(training), bool(skip_nonfinite))
+
+
+class _Accumulator:
+    """Eager autograd per batch; ``weight * gradient`` added in place into device tensors,
+    masked to zero when `skip_nonfinite` and the batch has any NaN/Inf (no host sync)."""
+
+    def __init__(self, model, variables, objective, training, skip_nonfinite) -> None:
+        self._model, self._training, self._skip = model, training, skip_nonfinite
+        self._objective = k3.prepare_objective(objective)
+        self._selected = k3.selected_indices(model, variables)
+        self._scale = k3.loss_scale(model)
+        self._sums = [torch.zeros(tuple(v.shape), device=v.value.device,
+                                  dtype=torch.float64 if v.dtype == "float64" else torch.float32)
+                      for v in variables]
+        self.connected: list[bool] | None = None
+
+    def add(self, batch: Batch, weight: float):
+        grads = self._gradients(batch)
+        if self.connected is None:
+            self.connected = [g is not None for g in grads]
+        flags = [torch.isfinite(g).all() if g is not None else torch.tensor(True) for g in grads]
+        finite = torch.stack([f.to(self._sums[0].device) for f in flags])
+        keep = finite.all() if self._skip else None
+        with torch.no_grad():
+            for total, g in zip(self._sums, grads):
+                if g is None:
+                    continue
+                update = g.to(total.dtype) * (weight / self._scale)
+                total.add_(torch.where(keep, update, 0.0) if self._skip else update)
+        return finite
+
+    def _gradients(self, batch: Batch) -> tuple:
+        x, y, sample_weight = (map_structure(_to_tensor, v)
+                               for v in (batch.x, batch.y, batch.sample_weight))
+        trainable, non_trainable, metrics = k3.variable_values(self._model)
+        chosen = set(self._selected)
+        trainable = [v if i in chosen else v.detach() for i, v in enumerate(trainable)]
+        with torch.enable_grad():
+            loss = k3.objective_value(self._model, self._objective, self._training, trainable,
+                                      non_trainable, metrics, x, y, sample_weight)
+            return torch.autograd.grad(loss.float() * self._scale,
+                                       [trainable[i] for i in self._selected], allow_unused=True)
+
+    def finite(self, flags):
+        return flags.cpu().numpy()
+
+    def total(self) -> list:
+        return [s.cpu().numpy() for s in self._sums]

@@ -1,0 +1,237 @@
+"""`accumulate()`: the exact gradient over a whole dataset, streamed one batch at a time.
+
+For a loss that is a mean over the batch (Keras' default "sum_over_batch_size"), the loss over
+all N examples is ``L = Σ_b (n_b / N) L_b`` (regularizers included, since Σ n_b / N = 1), so
+
+    ∇L = (1 / N) Σ_b n_b ∇L_b.
+
+The adapter keeps the running sum ``Σ_b n_b ∇L_b`` on the device inside its compiled
+function, and it is copied to the host once, at the end. Non-finite batches are found from a
+per-variable flag each batch returns, read one batch late so the device is never waited on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from gradkit import _backends
+from gradkit._data import Batch, leaves
+from gradkit._detect import flavour_of
+from gradkit._errors import (
+    InvalidArgumentError,
+    NonFiniteGradientError,
+    NonFiniteGradientWarning,
+    received,
+)
+from gradkit._gradients import _floatx, finish
+from gradkit._objective import Objective, resolve_objective
+from gradkit._progress import Progress
+from gradkit._select import select_variables, unique_keys
+from gradkit._sources import BatchStream
+
+ON_NONFINITE = ("raise", "skip", "warn")
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
+
+
+def accumulate(
+    model: Any,
+    data: Any,
+    *,
+    loss: Any = None,
+    target: Any = None,
+    layers: Any = None,
+    training: bool = False,
+    progress: bool = True,
+    strategy: Any = None,
+    on_nonfinite: str = "raise",
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The gradient over every example of `data`, as ``{variable path: np.ndarray}``.
+
+    Scale: with a loss (the compiled one, or ``loss=``) the result is the gradient of the
+    MEAN loss over all N examples, exactly what ``gradients()`` would return on the whole
+    dataset as one batch: batch b's gradient is weighted by n_b / N, whatever the batch sizes,
+    sample weights count as Keras counts them (weighted sum over the example count), and
+    ``model.losses`` (regularizers) are included once. The loss must be mean-reduced
+    ("sum_over_batch_size", the default; other reductions raise). With ``target=`` it is
+    the SUM over every example of the target score. Loss scaling is undone; float32
+    (float64 for float64 variables); keys and order as ``gradients()``.
+
+    `data`: a batched ``tf.data.Dataset``, a ``keras.utils.PyDataset``, a torch
+    ``DataLoader``, any iterable or generator of ``(x, y)`` / ``(x, y, sample_weight)``
+    batches (``x`` alone for ``target=``), or a tuple of arrays ``(x, y[, sample_weight])``
+    cut into batches of ``batch_size`` (default 32). The first batch is checked against the
+    model before any work. Memory does not grow with the number of batches.
+
+    ``on_nonfinite``: a batch whose gradient holds NaN/Inf raises NonFiniteGradientError
+    naming its index and variables (``"raise"``), is left out of the mean and reported once
+    at the end (``"skip"``), or is kept with a NonFiniteGradientWarning (``"warn"``).
+    ``progress=True`` shows a bar (batches, examples/s) when stderr is a terminal.
+    ``strategy=``: see ``gradkit._distributed`` (tf.distribute, or JAX data parallelism).
+    ``training`` as in ``gradients()``; no model state changes, even when interrupted.
+    """
+    flavour = flavour_of(model)
+    _check_options(training, on_nonfinite, progress)
+    stream = BatchStream(model, data, batch_size, flavour, _floatx(flavour))
+    objective = resolve_objective(model, loss, target, stream.first[1].y)
+    check_mean_reduction(model, objective)
+    variables = select_variables(model, layers)
+    if strategy is not None:
+        sums, count, faults = _distributed(model, variables, objective, stream, training,
+                                           strategy, on_nonfinite)
+    else:
+        sums, count, faults = _sum_batches(flavour, model, variables, objective, stream,
+                                           bool(training), on_nonfinite, progress)
+    kept = count - faults.skipped_examples
+    if kept == 0:
+        raise faults.all_skipped()
+    divisor = 1.0 if objective.kind == "target" else float(kept)
+    grads = [None if s is None else np.asarray(s) / np.asarray(divisor, s.dtype) for s in sums]
+    with warnings.catch_warnings():
+        if faults.hits:  # already reported, batch by batch
+            warnings.simplefilter("ignore", NonFiniteGradientWarning)
+        result = finish(variables, grads, "raise")
+    faults.report()
+    return result
+
+
+def _check_options(training: Any, on_nonfinite: Any, progress: Any) -> None:
+    if on_nonfinite not in ON_NONFINITE:
+        raise InvalidArgumentError(
+            f"on_nonfinite= must be one of {ON_NONFINITE}. " + received(on_nonfinite=on_nonfinite)
+        )
+    for name, value in (("training", training), ("progress", progress)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgumentError(
+                f"{name}= must be True or False. " + received(**{name: value})
+            )
+
+
+def check_mean_reduction(model: Any, objective: Objective) -> None:
+    """Raise unless every loss of `objective` averages over the batch (see module docstring)."""
+    if objective.kind == "target":
+        return
+    specs = leaves(model.loss if objective.kind == "compiled" else objective.spec)
+    for spec in specs:
+        reduction = getattr(spec, "reduction", None)
+        if reduction is None or str(reduction).lower() in MEAN_REDUCTIONS:
+            continue
+        raise InvalidArgumentError(
+            f"The loss {getattr(spec, 'name', spec)!r} uses reduction={reduction!r}, but "
+            "accumulate() weights each batch's loss by its example count, which gives the "
+            "dataset loss only for a loss that averages over the batch. Use "
+            "reduction='sum_over_batch_size' (the Keras default). " + received(reduction=reduction)
+        )
+
+
+def _sum_batches(flavour, model, variables, objective, stream, training, on_nonfinite,
+                 progress):
+    """(Σ_b w_b ∇L_b per variable, examples seen, faults): the single-device loop."""
+    adapter = _backends.load(flavour)
+    acc = adapter.gradient_accumulator(model, variables, objective, training,
+                                       on_nonfinite == "skip")
+    faults = _Faults(on_nonfinite, unique_keys(variables))
+    weighted = objective.kind != "target"
+    pending = None  # (index, batch, finite flags) of the batch before, checked one late
+    with Progress(stream.total, progress, description="gradkit.accumulate") as bar:
+        for index, batch in stream:
+            flags = acc.add(batch, float(batch.size) if weighted else 1.0)
+            if pending is None:
+                _check_connected(variables, acc.connected)
+            else:
+                faults.check(*pending[:2], acc.finite(pending[2]))
+            pending = (index, batch, flags)
+            bar.update(batch.size)
+        faults.check(*pending[:2], acc.finite(pending[2]))
+    return acc.total(), bar.examples, faults
+
+
+def _check_connected(variables: list, connected: list[bool]) -> None:
+    if not all(connected):  # raise now, not after the whole pass
+        finish(variables, [np.zeros(1) if ok else None for ok in connected], "raise")
+
+
+def _distributed(model, variables, objective, stream, training, strategy, on_nonfinite):
+    if on_nonfinite != "raise":
+        raise InvalidArgumentError(
+            "on_nonfinite='skip' and 'warn' act on single batches, which strategy= sums "
+            "on the replicas without looking at them. Use on_nonfinite='raise' (the sum is "
+            "checked at the end) or strategy=None. " + received(on_nonfinite=on_nonfinite)
+        )
+    try:
+        from gradkit._distributed import accumulate_distributed
+    except ModuleNotFoundError as error:
+        if error.name != "gradkit._distributed":
+            raise
+        raise InvalidArgumentError(
+            "strategy= is not available in this version of gradkit. Use strategy=None. "
+            + received(strategy=strategy)
+        ) from None
+    batches = (batch for _, batch in stream)
+    sums, count = accumulate_distributed(model, variables, objective, batches, training,
+                                         strategy)
+    faults = _Faults("raise", unique_keys(variables))
+    finite = np.array([s is None or bool(np.all(np.isfinite(s))) for s in sums])
+    faults.check(None, None, finite)
+    return sums, count, faults
+
+
+class _Faults:
+    """Non-finite batches: raise at once, or collect them (skip / warn)."""
+
+    def __init__(self, mode: str, keys: list[str]) -> None:
+        self.mode, self.keys = mode, keys
+        self.hits: list[tuple[int, int, list[str]]] = []
+
+    def check(self, index: int | None, batch: Batch | None, finite: np.ndarray) -> None:
+        if bool(np.all(finite)):
+            return
+        names = [k for k, ok in zip(self.keys, finite) if not ok]
+        where = "The summed gradient" if index is None else f"Batch {index} of the data"
+        text = (f"{where} holds NaN or Inf in {len(names)} variable(s): "
+                f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}."
+                f"{_data_cause(batch)}")
+        if self.mode == "raise":
+            raise NonFiniteGradientError(
+                f"{text} Check the data and the loss (log(0), division by zero), or pass "
+                "on_nonfinite='skip' to leave such batches out of the mean, or 'warn' to "
+                "keep them. " + received(batch_index=index, on_nonfinite=self.mode)
+            )
+        self.hits.append((index, batch.size, names))
+        if self.mode == "warn":
+            warnings.warn(f"{text} It is included in the result (on_nonfinite='warn').",
+                          NonFiniteGradientWarning, stacklevel=4)
+
+    @property
+    def skipped_examples(self) -> int:
+        return sum(size for _, size, _ in self.hits) if self.mode == "skip" else 0
+
+    def report(self) -> None:
+        """Once at the end: which batches "skip" left out."""
+        if self.mode == "skip" and self.hits:
+            indices = [index for index, _, _ in self.hits]
+            names = sorted({n for _, _, hit in self.hits for n in hit})
+            warnings.warn(
+                f"{len(indices)} batch(es) with NaN/Inf gradients were left out of the mean "
+                f"(on_nonfinite='skip'): batch indices {indices}, variables hit: "
+                f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}.",
+                NonFiniteGradientWarning, stacklevel=3,
+            )
+
+    def all_skipped(self) -> NonFiniteGradientError:
+        return NonFiniteGradientError(
+            f"Every batch of the data gave a NaN/Inf gradient, so on_nonfinite='skip' left "
+            "nothing to average. Check the data and the loss. "
+            + received(skipped_batches=[index for index, _, _ in self.hits])
+        )
+
+
+def _data_cause(batch: Batch | None) -> str:
+    if batch is None:
+        return ""
+    arrays = [a for a in leaves(batch.x) + leaves(batch.y) if isinstance(a, np.ndarray)]
+    count = sum(int(np.sum(~np.isfinite(a))) for a in arrays if a.dtype.kind == "f")
+    return f" The batch itself holds {count} NaN/Inf value(s)." if count else ""

@@ -1,0 +1,68 @@
+"""A progress bar for work over many batches: batches done, and examples per second.
+
+tqdm when it is installed, else Keras' own Progbar; shown only when asked for AND the stream
+(stderr by default) is an interactive terminal, so logs, pipes and CI stay clean.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+class Progress:
+    """``with Progress(total, enabled) as bar: bar.update(examples)`` once per batch."""
+
+    def __init__(self, total: int | None, enabled: bool, *, description: str = "gradkit",
+                 stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(enabled) and callable(isatty) and bool(isatty())
+        self.total = total
+        self.description = description
+        self.batches = 0
+        self.examples = 0
+        self._start = time.perf_counter()
+        self._bar: Any = None
+        self._kind = ""
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._bar, self._kind = _open_bar(self.total, self.description, self.stream)
+        self._start = time.perf_counter()
+        return self
+
+    def update(self, examples: int) -> None:
+        """Record one finished batch of `examples` examples."""
+        self.batches += 1
+        self.examples += int(examples)
+        if self._bar is None:
+            return
+        rate = self.examples / max(time.perf_counter() - self._start, 1e-9)
+        if self._kind == "tqdm":
+            self._bar.set_postfix_str(f"{rate:,.0f} examples/s", refresh=False)
+            self._bar.update(1)
+        else:
+            self._bar.update(self.batches, values=[("examples/s", rate)])
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None and self._kind == "tqdm":
+            self._bar.close()
+        self._bar = None
+
+
+def _open_bar(total: int | None, description: str, stream: TextIO) -> tuple[Any, str]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _progbar(total), "progbar"
+    return tqdm(total=total, desc=description, unit="batch", file=stream), "tqdm"
+
+
+def _progbar(total: int | None) -> Any:
+    try:
+        from keras.utils import Progbar
+    except ImportError:
+        from tf_keras.utils import Progbar
+    return Progbar(total, unit_name="batch", stateful_metrics=["examples/s"])
