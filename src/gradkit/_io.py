@@ -1,9 +1,9 @@
 """Gradient sets on disk: `.npz` files, written atomically, read without pickle.
 
-Keys are variable paths such as ``"dense/kernel"``; ``np.savez`` would accept them, but a
-key may not be a valid file name inside the zip on every tool, so the mapping is stored
-as-is and read back exactly. Only arrays are stored: a ``None`` entry (an unconnected
-variable under ``unconnected="none"``) is refused rather than silently dropped.
+Keys are variable paths such as ``"dense/kernel"``; each becomes the zip member
+``dense/kernel.npy``, which ``np.load`` reads back under the same key, so keys, their order,
+values and dtypes survive a round trip. Only arrays are stored: a ``None`` entry (an
+unconnected variable under ``unconnected="none"``) is refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
     """Write `grads` to `path` (``.npz`` appended if missing) atomically; return the path.
 
     The file appears complete or not at all: it is written to a temporary file in the same
-    folder, flushed to disk, then renamed over `path`.
+    folder, flushed to disk, then renamed over `path`; if anything fails, an existing file
+    at `path` is left untouched and the temporary file is removed. Arrays are stored as
+    they are (values and dtypes), never pickled.
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -35,10 +37,22 @@ def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
             f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist. "
             "Create it first or choose another path. " + received(path=str(path))
         )
+    try:
+        _write_atomically(path, arrays)
+    except OSError as exc:
+        raise GradkitFileError(
+            f"Could not write {str(path)!r} ({exc}); nothing was written there. Check that "
+            "the path is a writable file (not a folder) and that the disk has room. "
+            + received(path=str(path))
+        ) from exc
+    return path
+
+
+def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            _write_npz(handle, arrays)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -46,11 +60,21 @@ def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def _write_npz(handle: Any, arrays: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes, without its keyword arguments shadowing keys like "file"."""
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, array in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a gradient set written by `save` (or any ``.npz`` of arrays), without pickle."""
+    """Read a gradient set written by `save` (or any ``.npz`` of arrays), without pickle.
+
+    Keys and their order, values and dtypes come back exactly as saved.
+    """
     path = Path(path)
     if not path.is_file():
         raise GradkitFileError(
@@ -58,6 +82,8 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "files). " + received(path=str(path))
         )
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive")
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
