@@ -157,6 +157,42 @@ def runs(keras, strategy):
     ]
 
 
+def public_accumulate(model, reference, strategy, x, y, w, bounds):
+    """gradkit.accumulate(strategy=...): each worker passes its share, in batches of 5."""
+    import gradkit as gk
+
+    lo, hi = bounds[0][0], bounds[-1][1]
+    mean = gk.accumulate(model, (x[lo:hi], y[lo:hi], w[lo:hi]), batch_size=5,
+                         strategy=strategy, progress=False)
+    ref = gk.gradients(reference, x, y, sample_weight=w)
+    out = {"accumulate/n": np.array(N_EXAMPLES), "accumulate/divisor": np.array(1)}
+    for (key, value), grad in zip(ref.items(), mean.values()):
+        out[f"accumulate/ref/{key}"], out[f"accumulate/dist/{key}"] = value, grad
+    return out
+
+
+def mixed_precision(keras, strategy, x, y, w):
+    """float16 compute with loss scaling: the replicas' sum must not overflow float16."""
+    import gradkit as gk
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = build(keras)
+        reference = build(keras)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    reference.set_weights(model.get_weights())
+    big = np.concatenate([x] * 16), np.concatenate([y] * 16), np.concatenate([w] * 16)
+    mean = gk.accumulate(model, big, batch_size=200, strategy=strategy, progress=False)
+    ref = gk.gradients(reference, *big[:2], sample_weight=big[2])
+    out = {"mixed/n": np.array(N_EXAMPLES), "mixed/divisor": np.array(1),
+           "mixed/rtol": np.array(1e-2)}
+    for (key, value), grad in zip(ref.items(), mean.values()):
+        out[f"mixed/ref/{key}"], out[f"mixed/dist/{key}"] = value, grad
+    return out
+
+
 def main():
     keras, strategy, model, bounds, spy = setup()
     import gradkit as gk
@@ -179,9 +215,13 @@ def main():
         grads, n = accumulate_distributed(model, variables, objective, batches, False, strat)
         ref = gk.gradients(reference, x, labels, sample_weight=w, **options)
         out[f"{name}/n"] = np.array(n)
+        out[f"{name}/divisor"] = np.array(1 if "target" in options else n)
         for (key, value), grad in zip(ref.items(), grads):
             out[f"{name}/ref/{key}"] = value
             out[f"{name}/dist/{key}"] = grad
+    out.update(public_accumulate(model, reference, strategy, x, y, w, bounds))
+    if MODE in ("tf_mirrored", "tf_keras_mirrored"):
+        out.update(mixed_precision(keras, strategy, x, y, w))
     # training=True (dropout on): the state must still come back untouched.
     objective = resolve_objective(model, None, None, y)
     accumulate_distributed(model, select_variables(model, None), objective,

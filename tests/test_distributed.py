@@ -76,8 +76,9 @@ def _check(result: dict, n_expected: int = 16) -> None:
         for key in sorted(k for k in result if k.startswith(f"{name}/dist/")):
             reference = result[key.replace("/dist/", "/ref/")]
             # mean objectives: sum of n_b * batch gradient, / N; target=: the plain sum
-            got = result[key] if name.startswith("target") else result[key] / n
-            np.testing.assert_allclose(got, reference, rtol=2e-5, atol=2e-6, err_msg=key)
+            got = result[key] / result[f"{name}/divisor"]
+            rtol = float(result.get(f"{name}/rtol", 2e-5))  # float16 runs: 1e-2
+            np.testing.assert_allclose(got, reference, rtol=rtol, atol=rtol / 10, err_msg=key)
 
 
 def _shards(result: dict) -> list[list[int]]:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradkit._backends import _keras3 as k3
 from gradkit._backends import jax as single
-from gradkit._data import Batch, leaves, map_structure
+from gradkit._data import leaves, map_structure
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import Objective
 

@@ -4,18 +4,19 @@ Used by Keras 3 on TensorFlow and by tf-keras. Each batch is split over the work
 replicas with `strategy.experimental_distribute_values_from_function` (contiguous slices,
 sizes differing by at most one, an empty slice when a batch has fewer examples than
 replicas); `strategy.run` adds each replica's weighted gradient into that replica's own
-accumulator inside a cached `tf.function`; after the last batch a single `strategy.reduce`
-(SUM) all-reduces the accumulators and the example count over every replica of every
-worker.
+accumulator inside a cached `tf.function`; after the last batch one batched all-reduce
+(`strategy.extended.batch_reduce_to`, SUM) adds the accumulators and the example counts of
+every replica of every worker.
 
-Keras divides a mean-reduced loss (and the regularizers) by the replica count inside a
-replica context, so that `fit`'s summed gradients approximate the global mean
+Keras divides a mean-reduced compiled loss (and the regularizers) by the replica count R
+inside a replica context, so that `fit`'s summed gradients approximate the global mean
 (keras/src/losses/loss.py `scale_loss_for_distribution`; tf-keras `LossesContainer`). A
-replica with n_r examples therefore multiplies its objective by R * n_r (R = replicas in
-sync), which undoes that division exactly and gives its share of n_b * gradient(batch mean)
-even when shards are uneven; an explicit `loss=` on Keras 3 is divided by R but its
-regularizers are not, and tf-keras divides neither, so each part gets its own factor. A
-`target=` objective is a plain sum and is not rescaled.
+replica with n_r examples therefore multiplies its gradient by R * n_r, which undoes that
+division exactly and gives its share of n_b * gradient(batch mean) even when shards are
+uneven. With `loss=`, Keras 3 divides the data loss by R but not the regularizers (the data
+loss is multiplied back by R before differentiating) and tf-keras divides neither: the
+factor is n_r. A `target=` score is a plain sum: factor 1. The factor is applied after
+differentiation, so float16 gradients are never larger than in `fit`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from gradkit._data import Batch, leaves, map_structure
-from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
+from gradkit._detect import flavour_of
+from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import Objective, data_loss
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -42,13 +44,14 @@ _SUPPORTED = (
 def accumulate(model, variables, objective: Objective, batches, training: bool, strategy):
     """(sum over batches of n_b * gradient of batch b's objective, N), all replicas reduced."""
     check_strategy(model, strategy)
-    keras3 = not _is_tf_keras(model)
+    keras3 = flavour_of(model) != "tf_keras"
     step = _cached_step(model, variables, objective, training, strategy, keras3)
+    scale = tf.constant(_scale(model, keras3), tf.float32)
     acc = None
     for batch in batches:
         if acc is None:
             acc = strategy.run(lambda: _zeros(variables))
-        acc = step.fn(_distribute(strategy, batch), acc, tf.constant(_scale(model, keras3)))
+        acc = step.fn(_distribute(strategy, batch), acc, scale)
     if acc is None:  # no local data: still take part in the all-reduce of the other workers
         acc = strategy.run(lambda: _zeros(variables))
     total = _all_reduce(strategy, acc)
@@ -96,10 +99,6 @@ def _tf_variable(variable: Any) -> Any:
     return value if isinstance(value, tf.Variable) else variable
 
 
-def _is_tf_keras(model: Any) -> bool:
-    return not any(c.__module__.startswith("keras.src.") for c in type(model).__mro__)
-
-
 def _zeros(variables: list) -> list:
     return [tf.zeros(v.shape, _tf_variable(v).dtype) for v in variables] + [
         tf.zeros([], tf.float64)
@@ -119,8 +118,8 @@ def _scale(model: Any, keras3: bool) -> float:
 def _distribute(strategy: Any, batch: Batch) -> Any:
     """The batch as per-replica values: contiguous slices, one per local replica."""
     devices = strategy.extended.worker_devices
-    bounds = np.cumsum([0] + [len(s) for s in np.array_split(np.arange(batch.size),
-                                                             len(devices))])
+    share, extra = divmod(batch.size, len(devices))
+    bounds = np.cumsum([0] + [share + (i < extra) for i in range(len(devices))])
     inputs = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
     inputs = {k: v for k, v in inputs.items() if v is not None}
 
@@ -128,8 +127,7 @@ def _distribute(strategy: Any, batch: Batch) -> Any:
         local = context.replica_id_in_sync_group % len(devices)
         lo, hi = int(bounds[local]), int(bounds[local + 1])
         with tf.device(devices[local]):
-            return map_structure(lambda a: tf.identity(tf.convert_to_tensor(a)[lo:hi]),
-                                 inputs)
+            return map_structure(lambda a: tf.identity(a[lo:hi]), inputs)
 
     return strategy.experimental_distribute_values_from_function(shard)
 
@@ -159,10 +157,10 @@ def _build(model, variables, objective, training, strategy, keras3) -> _Step:
         n = tf.shape(leaves(inputs["x"])[0])[0]
         count = tf.cast(n, tf.float32)
         replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
-        grads = gradient(model_ref(), variables, objective, training, inputs, scale,
-                         count, replicas)
+        grads = gradient(model_ref(), variables, objective, training, inputs, scale, replicas)
         built.connected = [g is not None for g in grads]
-        grads = [tf.zeros_like(a) if g is None else _unscale(g, scale, n)
+        weight = _weight(objective, replicas, count) / scale
+        grads = [tf.zeros_like(a) if g is None else _weighted(g, weight, n)
                  for a, g in zip(acc, grads)]
         return [a + tf.cast(g, a.dtype) for a, g in zip(acc, grads)] + [
             acc[-1] + tf.cast(n, tf.float64)
@@ -176,10 +174,22 @@ def _build(model, variables, objective, training, strategy, keras3) -> _Step:
     return built
 
 
-def _unscale(grad: Any, scale: Any, n: Any) -> Any:
-    """Undo the loss scale; an empty shard adds zeros (never the NaN of an empty mean)."""
+def _weight(objective: Objective, replicas: float, count: Any) -> Any:
+    """The factor that turns this replica's gradient into its share of n_b * gradient.
+
+    Applied after differentiation, so float16 gradients are no larger than in `fit`.
+    """
+    if objective.kind == "target":
+        return tf.constant(1.0)
+    if objective.kind == "compiled":  # Keras divided the whole objective by R
+        return replicas * count
+    return count  # loss=: its objective is rebuilt at the global scale (see the gradients)
+
+
+def _weighted(grad: Any, weight: Any, n: Any) -> Any:
+    """Weight (and unscale) a gradient; an empty shard adds zeros, never an empty mean's NaN."""
     grad = tf.convert_to_tensor(grad)
-    return tf.where(n > 0, grad / tf.cast(scale, grad.dtype), tf.zeros_like(grad))
+    return tf.where(n > 0, grad * tf.cast(weight, grad.dtype), tf.zeros_like(grad))
 
 
 def _prepare(objective: Objective, keras3: bool) -> Objective:
@@ -196,8 +206,12 @@ def _prepare(objective: Objective, keras3: bool) -> Objective:
     return Objective("loss", loss)
 
 
-def _keras3_gradient(model, variables, objective, training, inputs, scale, n, replicas):
-    """Replica-local gradient of R*n_r*(Keras' replica objective), times the loss scale."""
+def _keras3_gradient(model, variables, objective, training, inputs, scale, replicas):
+    """Replica-local gradient of Keras' replica objective times the loss scale.
+
+    For loss= Keras divides the data loss by R but not the regularizers: the data loss is
+    multiplied back by R here, so the objective is on the global scale like tf-keras'.
+    """
     from gradkit._backends import _keras3 as k3
 
     selected = k3.selected_indices(model, variables)
@@ -214,17 +228,14 @@ def _keras3_gradient(model, variables, objective, training, inputs, scale, n, re
             value = tf.cast(data_loss(objective.spec, y, y_pred, sw), tf.float32) * replicas
             for loss in extra:
                 value = value + tf.cast(k3._aggregate(loss), tf.float32)
-            value = value * n
         else:
             value = tf.cast(k3.objective_value(model, objective, training, trainable,
                                                non_trainable, metrics, x, y, sw), tf.float32)
-            if objective.kind == "compiled":
-                value = value * (replicas * n)
         scaled = value * scale
     return tape.gradient(scaled, watched)
 
 
-def _tf_keras_gradient(model, variables, objective, training, inputs, scale, n, replicas):
+def _tf_keras_gradient(model, variables, objective, training, inputs, scale, replicas):
     """tf-keras: the adapter's recipe per replica, state read first and written back."""
     from gradkit._backends import tf_keras as tfk
 
@@ -234,10 +245,6 @@ def _tf_keras_gradient(model, variables, objective, training, inputs, scale, n, 
     with tf.GradientTape() as tape:
         y_pred = model(x, training=training)
         value = tf.cast(tfk._objective_value(model, objective, x, y, sw, y_pred), tf.float32)
-        if objective.kind == "compiled":
-            value = value * (replicas * n)
-        elif objective.kind == "loss":
-            value = value * n
         scaled = value * scale
     grads = tape.gradient(scaled, variables)
     with tf.control_dependencies([g for g in grads if g is not None]):
