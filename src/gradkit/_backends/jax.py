@@ -145,9 +145,9 @@ def _build_input_fn(model, objective, training, template):
 
 
 class _TapEntry:
-    def __init__(self, taps, fn, forward):
+    def __init__(self, taps, fn, forward, with_perturbations):
         self.taps, self.fn, self.forward = taps, fn, forward
-        self.shapes: dict = {}
+        self.with_perturbations = with_perturbations  # (zeros, *args) -> same as fn
         self.connected: list[bool] | None = None
 
 
@@ -163,21 +163,24 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
         per_model[key] = _build_activation_entry(model, layers, keys, objective, training,
                                                  template)
     entry = per_model[key]
-    data = [leaves(batch.x), *k3.variable_values(model), batch.y, batch.sample_weight]
+    args = (leaves(batch.x), *k3.variable_values(model), batch.y, batch.sample_weight,
+            np.float32(k3.loss_scale(model)))
     with entry.taps.installed():
-        signature = repr([(tuple(a.shape), str(a.dtype)) for a in leaves(data[:1] + data[4:])])
-        if signature not in entry.shapes:
-            shapes = jax.eval_shape(entry.forward, *data)
-            entry.taps.check()  # a shared, unused or non-float layer
-            entry.shapes[signature] = shapes
-        zeros = [jax.numpy.zeros(s.shape, s.dtype) for s in entry.shapes[signature]]
-        args = (zeros, *data, np.float32(k3.loss_scale(model)))
         if entry.connected is None:
-            entry.connected = _connected(entry.fn, args)
+            entry.connected = _tapped_connected(entry, args)
         (_, loss), grads, outputs = entry.fn(*args)
+    entry.taps.check()
     loss, grads = jax.device_get((loss, grads))
     outputs = jax.device_get(outputs) if return_activations else [None] * len(layers)
     return float(loss), [g if ok else None for g, ok in zip(grads, entry.connected)], outputs
+
+
+def _tapped_connected(entry: _TapEntry, args: tuple) -> list[bool]:
+    """Check the taps on an abstract forward pass, then which outputs reach the objective."""
+    shapes = jax.eval_shape(entry.forward, *args[:-1])
+    entry.taps.check()  # a shared, unused or non-float layer: raised before compiling
+    zeros = [np.zeros(s.shape, s.dtype) for s in shapes]
+    return _connected(jax.jit(entry.with_perturbations), (zeros, *args))
 
 
 def _build_activation_entry(model, layers, keys, objective, training, template):
@@ -195,11 +198,18 @@ def _build_activation_entry(model, layers, keys, objective, training, template):
         scaled, loss = objective_of(*args)
         return scaled, (loss, outputs)
 
-    def loss_and_grads(*args):
-        (scaled, (loss, outputs)), grads = jax.value_and_grad(perturbed, has_aux=True)(*args)
+    def with_perturbations(zeros, *args):
+        (scaled, (loss, outputs)), grads = jax.value_and_grad(perturbed, has_aux=True)(
+            zeros, *args)
         return (scaled, loss), [g / args[-1].astype(g.dtype) for g in grads], outputs
 
-    return _TapEntry(taps, jax.jit(loss_and_grads), forward)
+    def loss_and_grads(*args):
+        """Zero perturbations shaped like the outputs, made inside the compiled program."""
+        shapes = jax.eval_shape(forward, *args[:-1])
+        zeros = [jax.numpy.zeros(s.shape, s.dtype) for s in shapes]
+        return with_perturbations(zeros, *args)
+
+    return _TapEntry(taps, jax.jit(loss_and_grads), forward, with_perturbations)
 
 
 def _start_recording(taps: OutputTaps, perturbations: list | None) -> list:
