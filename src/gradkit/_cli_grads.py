@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ def run_grads(args: argparse.Namespace) -> int:
     from gradkit._table import summary
 
     out = checked_output(args.output)
+    check_model_file(Path(args.model))
     x, y, sample_weight = load_data(Path(args.data))
     keras = import_keras()
     model = load_model(keras, Path(args.model))
@@ -98,8 +100,8 @@ def _group(arrays: dict[str, np.ndarray], prefix: str, path: Path) -> Any:
     return arrays.get(prefix, named or None)
 
 
-def load_model(keras: Any, path: Path) -> Any:
-    """A Keras 3 model from a .keras file with safe_mode=True, or one clear error."""
+def check_model_file(path: Path) -> None:
+    """Raise if `path` is missing, a folder, or a .keras file that is not a zip archive."""
     if not path.exists():
         raise GradkitFileError(
             f"No model file at {str(path)!r}. MODEL must be a Keras model saved with "
@@ -111,6 +113,11 @@ def load_model(keras: Any, path: Path) -> Any:
             "one may be truncated, or another format such as a SavedModel folder). Save the "
             "model with model.save('model.keras'). " + received(model=str(path))
         )
+
+
+def load_model(keras: Any, path: Path) -> Any:
+    """A Keras 3 model from a .keras file with safe_mode=True, or one clear error."""
+    check_model_file(path)
     try:
         model = keras.saving.load_model(str(path), compile=True, safe_mode=True)
     except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
@@ -192,15 +199,21 @@ def _loss_and_gradients(model: Any, x: Any, y: Any, sample_weight: Any, args) ->
         loss, raw = _backends.load(flavour).compute_gradients(
             model, variables, objective, batch, bool(args.training)
         )
-    except GradkitError:
-        raise
-    except Exception as exc:  # a framework error: y, sample_weight or the loss do not fit
-        raise DataShapeError(
+    except (ValueError, TypeError, RuntimeError, _tf_op_error()) as exc:
+        if isinstance(exc, GradkitError):
+            raise
+        raise DataShapeError(  # the framework refused the data: y or the loss do not fit
             f"The model could not compute the loss on DATA ({describe(exc)}). Check that y "
             "(and sample_weight) fit the model's outputs and the loss. "
             + received(x=_shapes(x), y=_shapes(y))
         ) from None
     return loss, finish(variables, raw, "raise", batch), batch.size
+
+
+def _tf_op_error() -> type:
+    """TensorFlow's runtime error class if TensorFlow is loaded (shape errors in graphs)."""
+    errors = sys.modules.get("tensorflow.python.framework.errors_impl")
+    return getattr(errors, "OpError", ValueError)
 
 
 def _shapes(data: Any) -> Any:
