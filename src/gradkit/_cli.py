@@ -98,11 +98,11 @@ def _run_grads(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from gradkit._demo import run
+    from gradkit._demo import output_path, run
 
-    out = None if args.output is None else str(checked_output(args.output))
+    out = output_path(None if args.output is None else str(checked_output(args.output)))
     import_keras()
-    run(out)
+    run(str(out))
     return 0
 
 
