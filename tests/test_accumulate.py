@@ -155,6 +155,17 @@ def test_state_unchanged_with_training_true(keras):
     _close(gk.accumulate(model, (x, y), batch_size=10), gk.gradients(model, x, y))
 
 
+@pytest.mark.flavours("torch")
+def test_torch_global_rng_is_restored(keras):
+    import torch
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    model.compile(loss="mse")
+    before = torch.get_rng_state().clone()
+    gk.accumulate(model, (X, Y), batch_size=8, training=True)
+    assert torch.equal(before, torch.get_rng_state())
+
+
 def test_keyboard_interrupt_leaves_the_model_untouched(keras):
     model = _model(keras)
     before = _snapshot(model)

@@ -115,3 +115,66 @@ def test_fewer_than_two_examples_and_mismatched_chunks_raise():
 def test_layer_of():
     assert layer_of("a/b/kernel") == "a/b"
     assert layer_of("kernel") == "kernel"
+
+
+# --- gradient_stats on a model: against per-example gradients from a slow loop of gradients()
+
+
+def _stats_model(keras):
+    model = keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.1),
+                           name="hidden"),
+        keras.layers.Dense(2, name="out"),
+    ])
+    model.compile(loss="mse")
+    return model
+
+
+def test_gradient_stats_equal_numpy_on_a_loop_of_single_examples(keras):
+    import gradkit as gk
+
+    rng = np.random.default_rng(5)
+    n = 12
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = rng.normal(size=(n, 2)).astype("float32") + 1.0
+    sw = rng.uniform(0.5, 1.5, size=n).astype("float32")
+    model = _stats_model(keras)
+    loop = [gk.gradients(model, x[i:i + 1], y[i:i + 1], sample_weight=sw[i:i + 1])
+            for i in range(n)]
+    per_example = {k: np.stack([g[k] for g in loop]).astype("float64") for k in loop[0]}
+
+    stats = gk.gradient_stats(model, (x, y, sw), batch_size=5)
+
+    assert stats.count == n and list(stats.mean) == list(per_example)
+    for key, g in per_example.items():
+        np.testing.assert_allclose(stats.mean[key], g.mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(stats.variance[key], g.var(0, ddof=1), rtol=1e-3, atol=1e-7)
+        np.testing.assert_allclose(stats.second_moment[key], np.mean(g**2, 0), rtol=1e-4,
+                                   atol=1e-7)
+    flat = np.concatenate([g.reshape(n, -1) for g in per_example.values()], axis=1)
+    trace, _, noise = _mccandlish(flat)
+    np.testing.assert_allclose(stats.total.norm_of_mean, np.linalg.norm(flat.mean(0)), rtol=1e-4)
+    np.testing.assert_allclose(stats.total.mean_example_norm,
+                               np.linalg.norm(flat, axis=1).mean(), rtol=1e-4)
+    np.testing.assert_allclose(stats.total.trace_variance, trace, rtol=1e-3)
+    np.testing.assert_allclose(stats.total.noise_scale, noise, rtol=1e-3)
+    assert {layer_of(k) for k in per_example} == set(stats.layers)
+    # The mean per-example gradient is the dataset gradient (regularizer counted once).
+    accumulated = gk.accumulate(model, (x, y, sw), batch_size=5)
+    for key in accumulated:
+        np.testing.assert_allclose(stats.mean[key], accumulated[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_stats_layers_and_errors(keras):
+    import gradkit as gk
+
+    model = _stats_model(keras)
+    x = np.ones((4, 3), "float32")
+    y = np.zeros((4, 2), "float32")
+    stats = gk.gradient_stats(model, [(x[:2], y[:2]), (x[2:], y[2:])], layers="out")
+    assert [k.rpartition("/")[0].rpartition("/")[2] for k in stats.mean] == ["out", "out"]
+    with pytest.raises(InvalidArgumentError, match="at least 2 examples"):
+        gk.gradient_stats(model, (x[:1], y[:1]))
+    with pytest.raises(InvalidArgumentError, match="y is required"):
+        gk.gradient_stats(model, x)

@@ -22,9 +22,9 @@ from gradkit._errors import (
 from gradkit._gradients import gradients as gradients
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
-from gradkit._stats import GradientStats as GradientStats, gradient_stats as gradient_stats
 from gradkit._norms import per_example_norms as per_example_norms
 from gradkit._per_example import per_example_gradients as per_example_gradients
+from gradkit._stats import GradientStats as GradientStats, gradient_stats as gradient_stats
 from gradkit._table import summary as summary
 
 __version__ = "0.1.0"

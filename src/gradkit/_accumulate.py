@@ -136,7 +136,8 @@ def _sum_batches(flavour, model, variables, objective, stream, training, on_nonf
     faults = _Faults(on_nonfinite, unique_keys(variables))
     weighted = objective.kind != "target"
     pending = None  # (index, batch, finite flags) of the batch before, checked one late
-    with Progress(stream.total, progress, description="gradkit.accumulate") as bar:
+    bar = Progress(stream.total, progress, description="gradkit.accumulate")
+    with acc.running(), bar:
         for index, batch in stream:
             flags = acc.add(batch, float(batch.size) if weighted else 1.0)
             if pending is None:

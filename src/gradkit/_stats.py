@@ -28,6 +28,7 @@ from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._gradients import _floatx
 from gradkit._objective import resolve_objective
+from gradkit._per_example import per_example_gradients
 from gradkit._progress import Progress
 from gradkit._sources import BatchStream
 
@@ -211,8 +212,6 @@ def gradient_stats(
     update in float64, so memory holds one batch of per-example gradients. Needs at least
     two examples. No model state changes.
     """
-    from gradkit._per_example import per_example_gradients
-
     flavour = flavour_of(model)
     stream = BatchStream(model, data, batch_size, flavour, _floatx(flavour))
     resolve_objective(model, loss, None, stream.first[1].y)  # fail before any work

@@ -384,6 +384,12 @@ class _Accumulator:
         self._sums, finite = self._adder(self._sums, np.float32(weight), *args)
         return finite
 
+    def running(self):
+        """Around the whole pass (nothing to guard: every step is stateless)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     def finite(self, flags) -> np.ndarray:
         return np.asarray(jax.device_get(flags), dtype=bool)
 

@@ -383,6 +383,12 @@ class TFAccumulator:
                                    tf.constant(weight, tf.float32))
         return finite
 
+    def running(self):
+        """Around the whole pass (nothing to guard: each step restores what it changes)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     def finite(self, flags):
         return flags.numpy()  # a NumPy bool array, one flag per variable
 

@@ -233,6 +233,10 @@ class _Accumulator:
             return torch.autograd.grad(loss.float() * self._scale,
                                        [trainable[i] for i in self._selected], allow_unused=True)
 
+    def running(self):
+        """Around the whole pass: torch's global RNG (unseeded dropout) is restored after."""
+        return kept_rng()
+
     def finite(self, flags):
         return flags.cpu().numpy()
 
