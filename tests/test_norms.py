@@ -39,9 +39,11 @@ def test_norms_equal_norms_of_per_example_gradients(keras, name):
                                    err_msg=layer)
 
 
-def test_dense_and_embedding_use_the_closed_forms(keras, flavour):
-    """The fast route covers plain Dense/Embedding variables, not regularized or conv ones."""
+def test_dense_and_embedding_come_back_factored(keras, flavour):
+    """Plain Dense/Embedding variables come back as (input, output gradient) factors, so
+    neither route materializes them; regularized and conv variables come back as arrays."""
     from gradkit import _backends
+    from gradkit._backends._layer_factors import Factor
     from gradkit._data import prepare_batch
     from gradkit._objective import Objective
     from gradkit._select import unique_keys
@@ -54,11 +56,11 @@ def test_dense_and_embedding_use_the_closed_forms(keras, flavour):
         gk.gradients(model, x, y)  # builds the model's compiled loss on every flavour
         batch = prepare_batch(model, x, y, None, "float32")
         variables = list(model.trainable_variables)
-        covered = adapter.per_example_squared_norms(model, variables, Objective("compiled"),
-                                                    batch, False)
-        keys = unique_keys(variables)
-        names = sorted("/".join(keys[j].split("/")[-2:]) for j in covered)
-        assert names == sorted(fast), builder.__name__
+        parts = adapter.per_example_parts(model, variables, Objective("compiled"), batch, False)
+        factored = ["/".join(key.split("/")[-2:])
+                    for key, part in zip(unique_keys(variables), parts)
+                    if isinstance(part, Factor)]
+        assert sorted(factored) == sorted(fast), builder.__name__
 
 
 def test_sample_weight_target_and_layers(keras):

@@ -1,10 +1,10 @@
 """Per-example gradient norms, without materializing per-example gradients where possible.
 
-Dense and Embedding layers get closed forms from each example's layer input and
-pre-activation gradient (see ``gradkit._backends._norm_taps``): memory grows with the
-activations, not with B × parameters. Every other selected variable (convolutions,
-normalization, regularized or customized layers) goes through the materializing route of
-`per_example_gradients`, chunk by chunk, keeping only each chunk's squared norms.
+Plain Dense and Embedding layers get closed forms from each example's layer input and
+pre-activation gradient (see ``gradkit._backends._layer_factors``): their cost and memory grow
+with the activations, not with B × parameters. Every other selected variable (convolutions,
+normalization, regularized or customized layers) is materialized by the adapter chunk by
+chunk, keeping only each chunk's squared norms.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gradkit import _backends
+from gradkit._backends._layer_factors import Factor
 from gradkit._data import Batch
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._gradients import _prepare, report_nonfinite
@@ -67,31 +68,44 @@ def per_example_norms(
     check_independent(model, bool(training))
     adapter = _backends.load(flavour)
     check_connected(adapter, model, variables, objective, batch, bool(training))
-    fast = adapter.per_example_squared_norms(model, variables, objective, batch, bool(training))
-    squared = [None if j not in fast else np.asarray(fast[j], np.float64)
-               for j in range(len(variables))]
-    rest = [j for j, s in enumerate(squared) if s is None]
-    if rest:
-        for j, s in zip(rest, _materialized(adapter, model, [variables[j] for j in rest],
-                                             objective, batch, bool(training))):
-            squared[j] = s
+    squared = [np.zeros(batch.size, np.float64) for _ in variables]
+
+    def store(start: int, stop: int, parts: list) -> None:
+        for j in range(len(parts)):
+            part, parts[j] = parts[j], None
+            squared[j][start:stop] = squared_rows(part, stop - start)
+
+    compute = vectorized_or_loop(adapter, model, variables, objective, bool(training))
+    chunk = resolve_chunk_size(None, variables, batch.size)
+    for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
     return _combine(variables, squared, bool(by_layer), batch)
 
 
-def _materialized(adapter, model, variables, objective, batch: Batch, training) -> list:
-    """Squared per-example norms of `variables` from their per-example gradients, chunked."""
-    squared = [np.zeros(batch.size, np.float64) for _ in variables]
+def squared_rows(part: Any, n: int) -> np.ndarray:
+    """Squared L2 norm of each of the first `n` rows (an array, or a `Factor`: closed forms)."""
+    if not isinstance(part, Factor):
+        rows = np.asarray(part)[:n].reshape(n, -1)
+        return np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
+    d = np.asarray(part.deltas)[:n].astype(np.float64)
+    if part.role == "bias":
+        summed = d.sum(axis=1)
+        return np.einsum("bo,bo->b", summed, summed)
+    if part.role == "embeddings":  # Σ_{t,s} [id_t = id_s] (δ_t·δ_s)
+        ids = np.asarray(part.inputs)[:n]
+        same = (ids[:, :, None] == ids[:, None, :]).astype(np.float64)
+        return np.einsum("bts,bts->b", same, _gram(d))
+    a = np.asarray(part.inputs)[:n].astype(np.float64)
+    positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
+    if positions == 1:  # ||a||² ||δ||²
+        return np.einsum("bti,bti->b", a, a) * np.einsum("bto,bto->b", d, d)
+    if positions * positions <= fan_in * fan_out:  # Σ_{t,s} (a_t·a_s)(δ_t·δ_s)
+        return np.einsum("bts,bts->b", _gram(a), _gram(d))
+    grads = np.matmul(a.transpose(0, 2, 1), d)  # fewer numbers than the Gram matrices
+    return np.einsum("bio,bio->b", grads, grads)
 
-    def store(start: int, stop: int, grads: list) -> None:
-        for j in range(len(grads)):
-            grad, grads[j] = grads[j], None
-            rows = np.asarray(grad)[: stop - start].reshape(stop - start, -1)
-            squared[j][start:stop] = np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
 
-    compute = vectorized_or_loop(adapter, model, variables, objective, training)
-    chunk = resolve_chunk_size(None, variables, batch.size)
-    for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
-    return squared
+def _gram(x: np.ndarray) -> np.ndarray:
+    return np.matmul(x, x.transpose(0, 2, 1))
 
 
 def _combine(variables: list, squared: list, by_layer: bool, batch: Batch) -> Any:

@@ -8,8 +8,11 @@ mean-reduced compiled loss the mean over rows equals ``gradients()`` of the whol
 
 Each adapter vectorizes the single-example gradient with its framework's own vectorizer
 inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map`` in
-``tf.function``, ``torch.func.vmap``). The batch is processed in chunks, each chunk's result
-copied into a preallocated NumPy array, so peak memory is the result plus one chunk.
+``tf.function``, ``torch.func.vmap``). Plain Dense and Embedding layers come back as small
+factors (layer input, pre-activation gradient; see ``_backends._layer_factors``) whose
+product is written once, straight into the preallocated NumPy result; other variables come
+back as arrays and are copied in. The batch is processed in chunks, so peak memory is the
+result plus one chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit import _backends
+from gradkit._backends._layer_factors import Factor
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import (
     GradkitError,
@@ -85,15 +89,17 @@ def per_example_gradients(
         for key, v in zip(keys, variables)
     }
 
-    def store(start: int, stop: int, grads: list) -> None:
+    bad: set[str] = set()
+
+    def store(start: int, stop: int, parts: list) -> None:
         for j, key in enumerate(keys):
-            grad, grads[j] = grads[j], None  # drop the backend's buffer once copied
-            rows = np.asarray(grad)[: stop - start]
-            result[key][start:stop] = rows.reshape((stop - start, *result[key].shape[1:]))
+            part, parts[j] = parts[j], None  # drop the backend's buffer once copied
+            if not write_rows(part, result[key][start:stop]):
+                bad.add(key)
 
     compute = vectorized_or_loop(adapter, model, variables, objective, bool(training))
     for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
-    warn_nonfinite(result, batch)
+    warn_nonfinite(result, bad, batch)
     return result
 
 
@@ -183,7 +189,7 @@ def vectorized_or_loop(adapter, model, variables, objective, training) -> Callab
     """The adapter's vectorized per-example gradient, or a loop when it cannot vectorize."""
 
     def vectorized(part: Batch) -> list:
-        return adapter.per_example_gradients(model, variables, objective, part, training)
+        return adapter.per_example_parts(model, variables, objective, part, training)
 
     fallback: list[str] = []
 
@@ -217,11 +223,45 @@ def loop_over_examples(adapter, model, variables, objective, part: Batch, traini
     return [np.stack([row[j] for row in rows]) for j in range(len(variables))]
 
 
-def warn_nonfinite(result: dict[str, np.ndarray], batch: Batch) -> None:
-    """Report NaN/Inf by variable name (min/max propagate NaN: no boolean copy of B x P)."""
-    bad = {
-        key: value for key, value in result.items()
-        if value.size and not (np.isfinite(value.min()) and np.isfinite(value.max()))
-    }
+def write_rows(part: Any, out: np.ndarray) -> bool:
+    """Write one variable's per-example gradients (an array or a `Factor`) into `out`.
+
+    Returns whether the rows are finite, from the small factors when a bound allows it.
+    """
+    n = out.shape[0]
+    if not isinstance(part, Factor):
+        out[...] = np.asarray(part)[:n].reshape(out.shape)
+        return _finite(out)
+    deltas = np.asarray(part.deltas)[:n]
+    inputs = None if part.role == "bias" else np.asarray(part.inputs)[:n]
+    if part.role == "bias":
+        np.sum(deltas, axis=1, out=out)
+    elif part.role == "embeddings":  # δ_t added into row id_t
+        out[...] = 0
+        np.add.at(out, (np.arange(n)[:, None], inputs.astype(np.intp)), deltas)
+    elif inputs.shape[1] == 1:  # a_i δ_iᵀ, written once, straight into the result
+        np.einsum("bi,bo->bio", inputs[:, 0], deltas[:, 0], out=out)
+    else:
+        np.matmul(inputs.transpose(0, 2, 1), deltas, out=out)
+    return _factor_finite(part.role, inputs, deltas, out.dtype) or _finite(out)
+
+
+def _factor_finite(role: str, inputs: Any, deltas: np.ndarray, dtype: np.dtype) -> bool:
+    """True if finite factors bound every entry of the product below the dtype's maximum."""
+    if not _finite(deltas) or (role == "kernel" and not _finite(inputs)):
+        return False
+    bound = float(np.abs(deltas).max(initial=0.0)) * deltas.shape[1]
+    if role == "kernel":
+        bound *= float(np.abs(inputs).max(initial=0.0))
+    return bound < 0.5 * float(np.finfo(dtype).max)
+
+
+def _finite(array: np.ndarray) -> bool:
+    """No NaN/Inf (min/max propagate NaN: no boolean copy of the array)."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
+def warn_nonfinite(result: dict[str, np.ndarray], bad: set, batch: Batch) -> None:
+    """Report NaN/Inf by variable name."""
     if bad:
-        report_nonfinite(bad, batch)
+        report_nonfinite({key: result[key] for key in result if key in bad}, batch)

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradkit._backends import _norm_taps
+from gradkit._backends import _layer_factors
 from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
@@ -177,14 +177,14 @@ def example_objective(model, objective, training, trainable, non_trainable, metr
                            one(x), one(y), one(sample_weight))
 
 
-def norm_plan(model: Any, variables: list) -> list:
-    """The Dense/Embedding layers whose per-example norms have closed forms (see _norm_taps)."""
-    return _norm_taps.plan(model, variables, keras.layers.Dense, keras.layers.Embedding)
+def factor_plan(model: Any, variables: list) -> list:
+    """The Dense/Embedding layers whose per-example gradients are factored (_layer_factors)."""
+    return _layer_factors.plan(model, variables, keras.layers.Dense, keras.layers.Embedding)
 
 
-def norm_ops() -> _norm_taps.Ops:
-    """keras.ops for the per-example norm formulas, on whichever backend runs them."""
+def factor_ops() -> _layer_factors.Ops:
+    """keras.ops for `_layer_factors.factor_arrays`, on whichever backend runs them."""
     ops = keras.ops
-    return _norm_taps.Ops(ops.einsum, ops.reshape, ops.cast, ops.equal,
-                          lambda parts: parts[0] if len(parts) == 1 else
-                          ops.concatenate(parts, axis=1))
+    return _layer_factors.Ops(ops.reshape, ops.cast,
+                              lambda parts: parts[0] if len(parts) == 1 else
+                              ops.concatenate(parts, axis=1))

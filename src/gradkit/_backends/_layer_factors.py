@@ -1,22 +1,22 @@
-"""Per-example gradient norms of Dense and Embedding layers, without per-example gradients.
+"""Per-example gradients of Dense and Embedding layers as factors: layer input × output gradient.
 
-For a Dense layer ``z = a·W + b`` (then its activation), example i's kernel gradient is
-``Σ_t a_t δ_tᵀ`` over its positions t (one for a flat input, every timestep of a sequence),
-with ``a`` the layer input and ``δ = ∂L_i/∂z`` the gradient at the pre-activation. So::
+For a Dense layer ``z = a·W + b`` (then its activation), example i's gradients are
 
-    ||g_W||² = ||a||² · ||δ||²                 one position
-    ||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)      several (Gram matrices: T² numbers, not in·out)
-    ||g_b||² = ||Σ_t δ_t||²
+    g_W = Σ_t a_t δ_tᵀ        g_b = Σ_t δ_t
 
-An Embedding scatters ``δ_t`` into row ``id_t``: ``||g_E||² = Σ_{t,s} [id_t = id_s](δ_t·δ_s)``.
-A layer called more than once (shared) adds every call's positions to the same sums.
+over its positions t (one for a flat input, every timestep of a sequence), with ``a`` the layer
+input and ``δ = ∂L_i/∂z`` the gradient at the pre-activation. An Embedding scatters ``δ_t``
+into row ``id_t``. A layer called more than once (shared) adds every call's positions. So the
+small per-example factors ``(a, δ)`` carry the whole gradient: the front door writes
+``a δᵀ`` straight into its NumPy result (one write of B × P numbers) or takes the norm from
+them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``).
 
-`NormTaps` supplies ``a`` and ``δ``: while installed, each planned layer's ``call`` records its
+`LayerTaps` collects the factors: while installed, each planned layer's ``call`` records its
 input, and the adapter's ``perturb(layer, call, z)`` adds a zero perturbation at the
-pre-activation (inside a Dense layer's activation; at an Embedding's output). Differentiating
-the per-example objective with respect to the perturbations gives ``δ`` with no weight
-gradient formed. Layers not planned here (other types, regularized or customized layers) go
-through the materializing route. Framework-free: the adapter passes its ops and layer classes.
+pre-activation (inside a Dense layer's activation; at an Embedding's output). The adapter
+differentiates each example's objective with respect to those perturbations inside its
+vectorizer. Layers not planned here (other types; regularized, LoRA, quantized or customized
+Dense/Embedding) are differentiated directly. Framework-free: adapters pass their ops.
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ _REGULARIZERS = {"dense": ("kernel_regularizer", "bias_regularizer"),
 
 
 class Ops(NamedTuple):
-    """The few tensor functions the formulas need, from the adapter's framework."""
+    """The few tensor functions `factor_arrays` needs, from the adapter's framework."""
 
-    einsum: Callable
     reshape: Callable
     cast: Callable
-    equal: Callable
     concat: Callable  # (list of tensors) -> joined along axis 1
 
 
@@ -49,8 +47,16 @@ class Planned(NamedTuple):
     roles: dict  # "kernel" / "bias" / "embeddings" -> index into the selected variables
 
 
+class Factor(NamedTuple):
+    """One variable's per-example gradient in factored form (see the module docstring)."""
+
+    role: str  # "kernel" | "bias" | "embeddings"
+    inputs: Any  # (n, T, fan_in) layer inputs, or (n, T) ids; None for a bias
+    deltas: Any  # (n, T, fan_out) pre-activation gradients
+
+
 def plan(model: Any, variables: list, dense_cls: type, embedding_cls: type) -> list[Planned]:
-    """The layers whose selected variables get the fast formulas, in model order."""
+    """The layers whose selected variables are factored, in model order."""
     index = {id(v): j for j, v in enumerate(variables)}
     planned = []
     for _, layer in walk_layers(model):
@@ -82,7 +88,13 @@ def _kind(layer: Any, dense_cls: type, embedding_cls: type) -> str | None:
     return None
 
 
-class NormTaps:
+def rest(planned: list[Planned], count: int) -> list[int]:
+    """Indices of the selected variables that are not factored (differentiated directly)."""
+    covered = {j for entry in planned for j in entry.roles.values()}
+    return [j for j in range(count) if j not in covered]
+
+
+class LayerTaps:
     """Record planned layers' inputs and route their pre-activations through `perturb`."""
 
     def __init__(self, planned: list[Planned]):
@@ -96,7 +108,7 @@ class NormTaps:
         self.inputs = [[] for _ in self.planned]
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[NormTaps]:
+    def installed(self) -> Iterator[LayerTaps]:
         """Shadow the planned layers' call (and Dense activation) inside the block."""
         patched: list[tuple[Any, str, Any]] = []
         try:
@@ -136,29 +148,35 @@ def _shadow(layer: Any, name: str, value: Any, patched: list) -> None:
     object.__setattr__(layer, name, value)
 
 
-def squared_norms(planned: list[Planned], inputs: list[list], deltas: list[list],
-                  ops: Ops) -> dict[int, Any]:
-    """{variable index: (B,) squared norm} from batched layer inputs and pre-activation δ."""
-    result = {}
-    for (_, kind, roles), a_calls, d_calls in zip(planned, inputs, deltas):
+def factor_arrays(planned: list[Planned], inputs: list[list], deltas: list[list],
+                  ops: Ops) -> list[tuple]:
+    """[(inputs (n, T, in) or ids (n, T), deltas (n, T, out)) per planned layer], all calls
+    joined along T, from batched per-example recordings shaped (n, 1, ..., features)."""
+    arrays = []
+    for (_, kind, _), a_calls, d_calls in zip(planned, inputs, deltas):
         dtype = "float64" if "float64" in str(d_calls[0].dtype) else "float32"
         d = ops.concat([_positions(x, ops, dtype) for x in d_calls])
         if kind == "embedding":
-            ids = ops.concat([_positions(x, ops, None, keep_last=False) for x in a_calls])
-            same = ops.cast(ops.equal(ids[:, :, None], ids[:, None, :]), dtype)
-            result[roles["embeddings"]] = ops.einsum("bts,bts->b", same, _gram(d, ops))
-            continue
-        if "kernel" in roles:
+            a = ops.concat([_positions(x, ops, None, keep_last=False) for x in a_calls])
+        else:
             a = ops.concat([_positions(x, ops, dtype) for x in a_calls])
-            result[roles["kernel"]] = _kernel_norm(a, d, ops)
-        if "bias" in roles:
-            summed = ops.einsum("bto->bo", d)
-            result[roles["bias"]] = ops.einsum("bo,bo->b", summed, summed)
+        arrays.append((a, d))
+    return arrays
+
+
+def assemble(count: int, planned: list[Planned], arrays: list[tuple], rest_grads: list) -> list:
+    """One entry per selected variable: a `Factor`, or its directly computed (n, ...) array."""
+    result: list[Any] = [None] * count
+    for entry, (a, d) in zip(planned, arrays):
+        for role, j in entry.roles.items():
+            result[j] = Factor(role, None if role == "bias" else a, d)
+    for j, grad in zip(rest(planned, count), rest_grads):
+        result[j] = grad
     return result
 
 
 def _positions(x: Any, ops: Ops, dtype: Any, keep_last: bool = True) -> Any:
-    """(B, T, features) (or (B, T) ids) from a batched per-example (B, 1, ..., features)."""
+    """(n, T, features) (or (n, T) ids) from a batched per-example (n, 1, ..., features)."""
     shape = tuple(x.shape)
     inner = shape[1:-1] if keep_last else shape[1:]
     positions = 1
@@ -166,17 +184,3 @@ def _positions(x: Any, ops: Ops, dtype: Any, keep_last: bool = True) -> Any:
         positions *= int(size)
     x = ops.reshape(x, (-1, positions, int(shape[-1])) if keep_last else (-1, positions))
     return x if dtype is None else ops.cast(x, dtype)
-
-
-def _gram(x: Any, ops: Ops) -> Any:
-    return ops.einsum("bti,bsi->bts", x, x)
-
-
-def _kernel_norm(a: Any, d: Any, ops: Ops) -> Any:
-    positions, fan_in, fan_out = int(a.shape[1]), int(a.shape[2]), int(d.shape[2])
-    if positions == 1:
-        return ops.einsum("bti,bti->b", a, a) * ops.einsum("bto,bto->b", d, d)
-    if positions * positions <= fan_in * fan_out:
-        return ops.einsum("bts,bts->b", _gram(a, ops), _gram(d, ops))
-    grads = ops.einsum("bti,bto->bio", a, d)  # fewer numbers than the Gram matrices
-    return ops.einsum("bio,bio->b", grads, grads)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._norm_taps import NormTaps, squared_norms
+from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -224,23 +224,29 @@ def _start_recording(taps: OutputTaps, perturbations: list | None) -> list:
     return outputs
 
 
-# --- Per-example gradients (gradkit.per_example_gradients)
+# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
 
 #: The front door pads a short last chunk to the chunk size: XLA compiles per shape.
 PAD_CHUNKS = True
 _PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def per_example_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    """[array (n, *variable.shape) per variable]: `jax.vmap` of `jax.grad` inside `jax.jit`."""
+def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
+    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) array.
+
+    One `jax.jit` program: `jax.vmap` of `jax.grad` of each example's objective, with respect
+    to zero perturbations at the factored layers' pre-activations (their shapes found by
+    `jax.eval_shape` while tracing) and to the other selected variables.
+    """
     k3.check_built(model)
-    key = ("gradients", tuple(id(v) for v in variables), objective.cache_key(), bool(training))
+    key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training))
     per_model = _PER_EXAMPLE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = _build_per_example(model, variables, objective, training)
-    selected, fn = per_model[key]
-    return list(fn(*_split_values(model, selected), batch.x, batch.y, batch.sample_weight,
-                   np.float32(k3.loss_scale(model))))
+        per_model[key] = _build_parts(model, variables, objective, training)
+    planned, selected, fn = per_model[key]
+    arrays, grads = fn(*_split_values(model, selected), batch.x, batch.y, batch.sample_weight,
+                       np.float32(k3.loss_scale(model)))
+    return assemble(len(variables), planned, arrays, grads)
 
 
 def _split_values(model, selected: list[int]) -> tuple[list, list, list, list]:
@@ -251,82 +257,44 @@ def _split_values(model, selected: list[int]) -> tuple[list, list, list, list]:
             [v for i, v in enumerate(trainable) if i not in chosen], non_trainable, metrics)
 
 
-def _build_per_example(model, variables, objective, training):
-    model_ref = weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-    selected = k3.selected_indices(model, variables)
+def _build_parts(model, variables, objective, training):
+    model_ref, objective = weakref.ref(model), k3.prepare_objective(objective)
+    planned = k3.factor_plan(model, variables)
+    selected = k3.selected_indices(model, [variables[j] for j in rest(planned, len(variables))])
+    taps = LayerTaps(planned)
 
-    def scaled_example_objective(chosen, others, non_trainable, metrics, x, y, sw, scale):
-        trainable = k3.merge_trainable(selected, chosen, others)
-        loss = k3.example_objective(model_ref(), objective, training, trainable,
-                                    non_trainable, metrics, x, y, sw)
-        return loss.astype("float32") * scale
-
-    per_example = jax.vmap(jax.grad(scaled_example_objective),
-                           in_axes=(None, None, None, None, 0, 0, 0, None))
-
-    def unscaled(*args):
-        scale = args[-1]
-        return [g / scale.astype(g.dtype) for g in per_example(*args)]
-
-    return selected, jax.jit(unscaled)
-
-
-# --- Per-example gradient norms (gradkit.per_example_norms)
-
-
-def per_example_squared_norms(model, variables, objective: Objective, batch: Batch,
-                              training: bool) -> dict:
-    """{variable index: (n,) squared norm} for the variables of plain Dense/Embedding layers.
-
-    The pre-activation gradients come from `jax.vmap` of `jax.grad` with respect to zero
-    perturbations (shapes found by `jax.eval_shape` while tracing), inside `jax.jit`.
-    """
-    k3.check_built(model)
-    key = ("norms", tuple(id(v) for v in variables), objective.cache_key(), bool(training))
-    per_model = _PER_EXAMPLE.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = _build_norms(model, variables, objective, training)
-    fn = per_model[key]
-    if fn is None:
-        return {}
-    return fn(list(k3.variable_values(model)), batch.x, batch.y, batch.sample_weight,
-              np.float32(k3.loss_scale(model)))
-
-
-def _build_norms(model, variables, objective, training):
-    planned = k3.norm_plan(model, variables)
-    if not planned:
-        return None
-    taps, model_ref = NormTaps(planned), weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-
-    def forward(values, x, y, sw, perturb):
+    def forward(perturb, chosen, others, non_trainable, metrics, x, y, sw):
         taps.start(perturb)
         with taps.installed():
-            loss = k3.example_objective(model_ref(), objective, training, *values, x, y, sw)
+            loss = k3.example_objective(
+                model_ref(), objective, training, k3.merge_trainable(selected, chosen, others),
+                non_trainable, metrics, x, y, sw)
         return loss.astype("float32"), taps.inputs
 
-    def record(values, x, y, sw):
+    def record(*args):
         seen = [[] for _ in planned]
-        forward(values, x, y, sw, lambda layer, call, z: seen[layer].append(z) or z)
+        forward(lambda layer, call, z: seen[layer].append(z) or z, *args)
         return seen
 
-    def norms(values, x, y, sw, scale):
+    def example(eps, chosen, others, non_trainable, metrics, x, y, sw, scale):
+        loss, inputs = forward(lambda layer, call, z: z + eps[layer][call],
+                               chosen, others, non_trainable, metrics, x, y, sw)
+        return loss * scale, inputs
+
+    def parts(chosen, others, non_trainable, metrics, x, y, sw, scale):
         first = [map_structure(lambda a: a[0], part) for part in (x, y, sw)]
-        shapes = jax.eval_shape(record, values, *first)
+        shapes = jax.eval_shape(record, chosen, others, non_trainable, metrics, *first)
         size = jax.tree_util.tree_leaves(x)[0].shape[0]
         zeros = [[jnp.zeros((size, *s.shape), s.dtype) for s in calls] for calls in shapes]
-
-        def scaled(eps, x, y, sw):
-            loss, inputs = forward(values, x, y, sw, lambda layer, call, z: z + eps[layer][call])
-            return loss * scale, inputs
-
-        deltas, inputs = jax.vmap(jax.grad(scaled, has_aux=True))(zeros, x, y, sw)
+        per_example = jax.vmap(jax.grad(example, argnums=(0, 1), has_aux=True),
+                               in_axes=(0, None, None, None, None, 0, 0, 0, None))
+        (deltas, grads), inputs = per_example(zeros, chosen, others, non_trainable, metrics,
+                                              x, y, sw, scale)
         deltas = [[d / scale.astype(d.dtype) for d in calls] for calls in deltas]
-        return squared_norms(planned, inputs, deltas, k3.norm_ops())
+        arrays = factor_arrays(planned, inputs, deltas, k3.factor_ops())
+        return arrays, [g / scale.astype(g.dtype) for g in grads]
 
-    return jax.jit(norms)
+    return planned, selected, jax.jit(parts)
 
 
 # --- Streaming accumulation (gradkit.accumulate)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._norm_taps import NormTaps, squared_norms
+from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -209,28 +209,40 @@ def tapped_gradients(tape: tf.GradientTape, scaled, perturbations: list, scale) 
     return [None if p is None else next(grads) for p in perturbations]
 
 
-# --- Per-example gradients (gradkit.per_example_gradients)
+# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
 
 _PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def per_example_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    """[tensor (n, *variable.shape) per variable]: `tf.vectorized_map` in a `tf.function`."""
+def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
+    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor.
+
+    One cached `tf.function`: `tf.vectorized_map` over a per-example GradientTape watching
+    zero perturbations at the factored layers' pre-activations and the other selected
+    variables.
+    """
     k3.check_built(model)
     inputs = _inputs(batch)
     signature = map_structure(_relaxed_spec, inputs)
-    key = ("gradients", tuple(id(v) for v in variables), objective.cache_key(),
-           bool(training), _signature_key(signature))
+    scale = k3.loss_scale(model)
+    key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+           _signature_key(signature), scale != 1.0)
     per_model = _PER_EXAMPLE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = _build_per_example(model, variables, objective, training, signature)
-    return list(per_model[key](inputs, tf.constant(k3.loss_scale(model), tf.float32)))
+        planned = k3.factor_plan(model, variables)
+        per_model[key] = planned, _build_parts(model, variables, objective, training,
+                                               signature, planned, scaled=scale != 1.0)
+    planned, step = per_model[key]
+    arrays, grads = step(inputs, _scale_tensor(scale))
+    return assemble(len(variables), planned, arrays, grads)
 
 
-def _build_per_example(model, variables, objective, training, signature):
-    model_ref = weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-    selected = k3.selected_indices(model, variables)
+def _build_parts(model, variables, objective, training, signature, planned, scaled):
+    """step(inputs, scale) -> (factor arrays, other gradients); `scaled=False` skips the
+    loss scale (1.0), which would otherwise cost a copy of every per-example gradient."""
+    model_ref, objective = weakref.ref(model), k3.prepare_objective(objective)
+    selected = k3.selected_indices(model, [variables[j] for j in rest(planned, len(variables))])
+    taps = LayerTaps(planned)
 
     @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
     def step(inputs, scale):
@@ -239,68 +251,27 @@ def _build_per_example(model, variables, objective, training, signature):
 
         def one(example):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
-                trainable = [tf.identity(v) for v in values]
+                trainable = list(values)
+                for i in selected:
+                    trainable[i] = tf.identity(trainable[i])
                 watched = [trainable[i] for i in selected]
                 tape.watch(watched)
-                loss = k3.example_objective(
-                    model, objective, training, trainable, non_trainable, metrics,
-                    example["x"], example.get("y"), example.get("sample_weight"))
-                scaled = tf.cast(loss, tf.float32) * scale
-            grads = tape.gradient(scaled, watched, unconnected_gradients="zero")
-            return [tf.convert_to_tensor(g) / tf.cast(scale, g.dtype) for g in grads]
-
-        return tf.vectorized_map(one, inputs)
-
-    return step
-
-
-# --- Per-example gradient norms (gradkit.per_example_norms); also used by tf_keras.py
-
-
-def per_example_squared_norms(model, variables, objective: Objective, batch: Batch,
-                              training: bool) -> dict:
-    """{variable index: (n,) squared norm} for the variables of plain Dense/Embedding layers.
-
-    Pre-activation gradients of each example's objective come from a GradientTape on watched
-    zero perturbations inside `tf.vectorized_map`, inside a cached `tf.function`.
-    """
-    k3.check_built(model)
-    inputs = _inputs(batch)
-    signature = map_structure(_relaxed_spec, inputs)
-    key = ("norms", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature))
-    per_model = _PER_EXAMPLE.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = _build_norms(model, variables, objective, training, signature)
-    step = per_model[key]
-    return {} if step is None else step(inputs, tf.constant(k3.loss_scale(model), tf.float32))
-
-
-def _build_norms(model, variables, objective, training, signature):
-    planned = k3.norm_plan(model, variables)
-    if not planned:
-        return None
-    taps, model_ref = NormTaps(planned), weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        values = k3.variable_values(model)
-
-        def one(example):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
                 perturbations, perturb = watched_perturbations(tape, len(planned))
                 taps.start(perturb)
                 with taps.installed():
                     loss = k3.example_objective(
-                        model, objective, training, *values, example["x"], example.get("y"),
-                        example.get("sample_weight"))
-                scaled = tf.cast(loss, tf.float32) * scale
-            return unscaled_deltas(tape, scaled, perturbations, scale), taps.inputs
+                        model, objective, training, trainable, non_trainable, metrics,
+                        example["x"], example.get("y"), example.get("sample_weight"))
+                target = tf.cast(loss, tf.float32)
+                target = target * scale if scaled else target
+            deltas, grads = tape.gradient(target, (perturbations, watched),
+                                          unconnected_gradients="zero")
+            unscale = (lambda g: g / tf.cast(scale, g.dtype)) if scaled else (lambda g: g)
+            return ([[unscale(d) for d in calls] for calls in deltas],
+                    [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs)
 
-        deltas, layer_inputs = tf.vectorized_map(one, inputs)
-        return squared_norms(planned, layer_inputs, deltas, k3.norm_ops())
+        deltas, grads, layer_inputs = tf.vectorized_map(one, inputs)
+        return factor_arrays(planned, layer_inputs, deltas, k3.factor_ops()), grads
 
     return step
 
@@ -316,12 +287,6 @@ def watched_perturbations(tape: tf.GradientTape, count: int) -> tuple[list, Any]
         return z + zero
 
     return perturbations, perturb
-
-
-def unscaled_deltas(tape: tf.GradientTape, scaled: Any, perturbations: list, scale: Any):
-    """Gradients of `scaled` at the perturbations, with the loss scale divided out."""
-    deltas = tape.gradient(scaled, perturbations, unconnected_gradients="zero")
-    return [[d / tf.cast(scale, d.dtype) for d in calls] for calls in deltas]
 
 
 # --- Streaming accumulation (gradkit.accumulate); also used by tf_keras.py

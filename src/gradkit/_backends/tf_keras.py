@@ -14,14 +14,20 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends._norm_taps import NormTaps, Ops, plan, squared_norms
+from gradkit._backends._layer_factors import (
+    LayerTaps,
+    Ops,
+    assemble,
+    factor_arrays,
+    plan,
+    rest,
+)
 from gradkit._backends.tensorflow import (
     _inputs,
     _relaxed_spec,
     _scale_tensor,
     _signature_key,
     tapped_gradients,
-    unscaled_deltas,
     watched_perturbations,
     watched_taps,
 )
@@ -249,31 +255,40 @@ def _build_tapped_step(model, taps, objective, training, signature, template):
     return step
 
 
-# --- Per-example gradients (gradkit.per_example_gradients)
+# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
 
 _PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_TF_OPS = Ops(tf.reshape, tf.cast,
+              lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
 
 
-def per_example_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    """[tensor (n, *variable.shape) per variable]: `tf.vectorized_map` in a `tf.function`.
+def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
+    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor.
 
-    The front door has run `compute_gradients` on this model first (its eager/built checks).
+    As the Keras 3 TensorFlow adapter (`tf.vectorized_map` over a per-example tape in a
+    cached `tf.function`); the model's state is written back afterwards. The front door has
+    run `compute_gradients` on this model first (its eager and built checks).
     """
     inputs = _inputs(batch)
     signature = map_structure(_relaxed_spec, inputs)
-    key = ("gradients", tuple(id(v) for v in variables), objective.cache_key(),
-           bool(training), _signature_key(signature))
+    scale = _loss_scale(model)
+    key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
+           _signature_key(signature), scale != 1.0)
     per_model = _PER_EXAMPLE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = _build_per_example(model, variables, objective, training, signature)
-    return list(per_model[key](inputs, tf.constant(_loss_scale(model), tf.float32)))
+        planned = plan(model, variables, tf_keras.layers.Dense, tf_keras.layers.Embedding)
+        per_model[key] = planned, _build_parts(model, variables, objective, training,
+                                               signature, planned, scaled=scale != 1.0)
+    planned, step = per_model[key]
+    arrays, grads = step(inputs, _scale_tensor(scale))
+    return assemble(len(variables), planned, arrays, grads)
 
 
-def _build_per_example(model, variables, objective, training, signature):
-    model_ref = weakref.ref(model)
+def _build_parts(model, variables, objective, training, signature, planned, scaled):
+    model_ref, taps, state = weakref.ref(model), LayerTaps(planned), _state_variables(model)
+    direct = [variables[j] for j in rest(planned, len(variables))]
     if objective.kind == "loss":
         objective = Objective("loss", _resolve_loss(objective.spec))
-    state = _state_variables(model)
 
     @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
     def step(inputs, scale):
@@ -284,76 +299,27 @@ def _build_per_example(model, variables, objective, training, signature):
             x, y, sw = (map_structure(lambda a: a[None], example.get(name))
                         for name in ("x", "y", "sample_weight"))
             with tf.GradientTape() as tape:
-                y_pred = model(x, training=training)
-                loss = _objective_value(model, objective, x, y, sw, y_pred)
-                scaled = tf.cast(loss, tf.float32) * scale
-            grads = tape.gradient(scaled, variables, unconnected_gradients="zero")
-            return [tf.convert_to_tensor(g) / tf.cast(scale, g.dtype) for g in grads]
-
-        grads = tf.vectorized_map(one, inputs)
-        with tf.control_dependencies(grads):
-            for v, value in zip(state, saved):
-                v.assign(value)
-        return [tf.identity(g) for g in grads]
-
-    return step
-
-
-# --- Per-example gradient norms (gradkit.per_example_norms)
-
-_TF_OPS = Ops(tf.einsum, tf.reshape, tf.cast, tf.equal,
-              lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
-
-
-def per_example_squared_norms(model, variables, objective: Objective, batch: Batch,
-                              training: bool) -> dict:
-    """{variable index: (n,) squared norm} for the variables of plain Dense/Embedding layers.
-
-    As the Keras 3 TensorFlow adapter: a tape on watched zero perturbations of the
-    pre-activations inside `tf.vectorized_map`; the model's state is written back after.
-    """
-    inputs = _inputs(batch)
-    signature = map_structure(_relaxed_spec, inputs)
-    key = ("norms", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature))
-    per_model = _PER_EXAMPLE.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = _build_norms(model, variables, objective, training, signature)
-    step = per_model[key]
-    return {} if step is None else step(inputs, tf.constant(_loss_scale(model), tf.float32))
-
-
-def _build_norms(model, variables, objective, training, signature):
-    planned = plan(model, variables, tf_keras.layers.Dense, tf_keras.layers.Embedding)
-    if not planned:
-        return None
-    taps, model_ref, state = NormTaps(planned), weakref.ref(model), _state_variables(model)
-    if objective.kind == "loss":
-        objective = Objective("loss", _resolve_loss(objective.spec))
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        saved = [tf.identity(v) for v in state]
-
-        def one(example):
-            x, y, sw = (map_structure(lambda a: a[None], example.get(name))
-                        for name in ("x", "y", "sample_weight"))
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
                 perturbations, perturb = watched_perturbations(tape, len(planned))
                 taps.start(perturb)
                 with taps.installed():
                     y_pred = model(x, training=training)
                 loss = _objective_value(model, objective, x, y, sw, y_pred)
-                scaled = tf.cast(loss, tf.float32) * scale
-            return unscaled_deltas(tape, scaled, perturbations, scale), taps.inputs
+                target = tf.cast(loss, tf.float32)
+                target = target * scale if scaled else target
+            deltas, grads = tape.gradient(target, (perturbations, direct),
+                                          unconnected_gradients="zero")
+            unscale = (lambda g: g / tf.cast(scale, g.dtype)) if scaled else (lambda g: g)
+            return ([[unscale(d) for d in calls] for calls in deltas],
+                    [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs)
 
-        deltas, layer_inputs = tf.vectorized_map(one, inputs)
-        norms = squared_norms(planned, layer_inputs, deltas, _TF_OPS)
-        with tf.control_dependencies(list(norms.values())):
+        deltas, grads, layer_inputs = tf.vectorized_map(one, inputs)
+        arrays = factor_arrays(planned, layer_inputs, deltas, _TF_OPS)
+        outputs = [t for pair in arrays for t in pair] + list(grads)
+        with tf.control_dependencies(outputs):
             for v, value in zip(state, saved):
                 v.assign(value)
-        return {j: tf.identity(n) for j, n in norms.items()}
+        return [tuple(tf.identity(t) for t in pair) for pair in arrays], [
+            tf.identity(g) for g in grads]
 
     return step
 

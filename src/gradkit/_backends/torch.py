@@ -13,7 +13,7 @@ import keras
 import torch
 
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._norm_taps import NormTaps, squared_norms
+from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -105,81 +105,59 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
         o.detach().cpu().numpy() if return_activations else None for o in outputs]
 
 
-# --- Per-example gradients (gradkit.per_example_gradients)
+# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
 
 
-def per_example_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    """[tensor (n, *variable.shape) per variable]: `torch.func.vmap` of `torch.func.grad`."""
+def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
+    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor.
+
+    `torch.func.vmap` of `torch.func.grad` of each example's objective over `stateless_call`,
+    with respect to zero perturbations at the factored layers' pre-activations (shapes from
+    one forward pass on the first example) and to the other selected variables.
+    """
     k3.check_built(model)
-    objective = k3.prepare_objective(objective)
-    selected = k3.selected_indices(model, variables)
-    scale = k3.loss_scale(model)
+    objective, planned = k3.prepare_objective(objective), k3.factor_plan(model, variables)
+    selected = k3.selected_indices(model, [variables[j] for j in rest(planned, len(variables))])
+    taps, scale = LayerTaps(planned), k3.loss_scale(model)
     data = [map_structure(_to_tensor, v) for v in (batch.x, batch.y, batch.sample_weight)]
     trainable, non_trainable, metrics = (
         [v.detach() for v in values] for values in k3.variable_values(model))
-    chosen = set(selected)
-    others = [v for i, v in enumerate(trainable) if i not in chosen]
+    others = [v for i, v in enumerate(trainable) if i not in set(selected)]
 
-    def scaled_example_objective(chosen_values, x, y, sample_weight):
-        values = k3.merge_trainable(selected, chosen_values, others)
-        loss = k3.example_objective(model, objective, training, values, non_trainable,
-                                    metrics, x, y, sample_weight)
-        return loss.float() * scale
-
-    in_dims = (None,) + tuple(None if d is None else 0 for d in data)
-    per_example = torch.func.vmap(torch.func.grad(scaled_example_objective), in_dims=in_dims,
-                                  randomness="same")
-    with torch.enable_grad():
-        grads = per_example([trainable[i] for i in selected], *data)
-    return [(g / scale).detach().cpu() for g in grads]
-
-
-# --- Per-example gradient norms (gradkit.per_example_norms)
-
-
-def per_example_squared_norms(model, variables, objective: Objective, batch: Batch,
-                              training: bool) -> dict:
-    """{variable index: (n,) squared norm} for the variables of plain Dense/Embedding layers.
-
-    Pre-activation gradients come from `torch.func.vmap` of `torch.func.grad` with respect to
-    zero perturbations, whose shapes one forward pass on the first example finds.
-    """
-    k3.check_built(model)
-    planned = k3.norm_plan(model, variables)
-    if not planned:
-        return {}
-    objective, taps = k3.prepare_objective(objective), NormTaps(planned)
-    values = [[v.detach() for v in part] for part in k3.variable_values(model)]
-    data = [map_structure(_to_tensor, v) for v in (batch.x, batch.y, batch.sample_weight)]
-    scale = k3.loss_scale(model)
-
-    def forward(x, y, sample_weight, perturb):
+    def forward(perturb, chosen, x, y, sample_weight):
         taps.start(perturb)
         with taps.installed():
-            loss = k3.example_objective(model, objective, training, *values, x, y,
-                                        sample_weight)
-        return loss.float(), taps.inputs
+            loss = k3.example_objective(model, objective, training,
+                                        k3.merge_trainable(selected, chosen, others),
+                                        non_trainable, metrics, x, y, sample_weight)
+        return loss.float() * scale, taps.inputs
 
+    def example(eps, chosen, x, y, sample_weight):
+        return forward(lambda layer, call, z: z + eps[layer][call], chosen, x, y, sample_weight)
+
+    chosen = [trainable[i] for i in selected]
+    in_dims = (0, None) + tuple(None if d is None else 0 for d in data)
+    per_example = torch.func.vmap(torch.func.grad(example, argnums=(0, 1), has_aux=True),
+                                  in_dims=in_dims, randomness="same")
+    with torch.enable_grad(), kept_rng():
+        zeros = _zero_perturbations(forward, planned, chosen, data, batch.size)
+        (deltas, grads), inputs = per_example(zeros, chosen, *data)
+    unscale = (lambda g: g.detach()) if scale == 1.0 else (lambda g: (g / scale).detach())
+    arrays = factor_arrays(planned, [[a.detach() for a in calls] for calls in inputs],
+                           [[unscale(d) for d in calls] for calls in deltas], k3.factor_ops())
+    return assemble(len(variables), planned,
+                    [(a.cpu(), d.cpu()) for a, d in arrays], [unscale(g).cpu() for g in grads])
+
+
+def _zero_perturbations(forward, planned, chosen, data, size: int) -> list:
+    """Zeros shaped like each factored pre-activation, found by a pass on the first example."""
     seen: list[list] = [[] for _ in planned]
-    with torch.no_grad():
-        forward(*[map_structure(lambda a: a[0], d) for d in data],
-                lambda layer, call, z: seen[layer].append(z) or z)
-    zeros = [[torch.zeros((batch.size, *z.shape), dtype=z.dtype, device=z.device)
-              for z in calls] for calls in seen]
-
-    def scaled(eps, x, y, sample_weight):
-        loss, inputs = forward(x, y, sample_weight,
-                               lambda layer, call, z: z + eps[layer][call])
-        return loss * scale, inputs
-
-    in_dims = (0,) + tuple(None if d is None else 0 for d in data)
-    with torch.enable_grad():
-        deltas, inputs = torch.func.vmap(torch.func.grad(scaled, has_aux=True),
-                                         in_dims=in_dims, randomness="same")(zeros, *data)
-    deltas = [[(d / scale).detach() for d in calls] for calls in deltas]
-    inputs = [[a.detach() for a in calls] for calls in inputs]
-    return {j: s.cpu() for j, s in
-            squared_norms(planned, inputs, deltas, k3.norm_ops()).items()}
+    if planned:
+        with torch.no_grad():
+            forward(lambda layer, call, z: seen[layer].append(z) or z, chosen,
+                    *[map_structure(lambda a: a[0], d) for d in data])
+    return [[torch.zeros((size, *z.shape), dtype=z.dtype, device=z.device) for z in calls]
+            for calls in seen]
 
 
 # --- Streaming accumulation (gradkit.accumulate)
