@@ -18,7 +18,8 @@ def flavour_of(model: object) -> str:
     modules = [getattr(cls, "__module__", "") or "" for cls in type(model).__mro__]
     if any(m.startswith("keras.src.models") for m in modules):
         return _keras3_backend()
-    if any(m.startswith(("tf_keras.", "keras.src.engine", "keras.engine")) for m in modules):
+    if any(m.startswith(("tf_keras.", "keras.src.engine", "keras.engine"))
+           and m.endswith(".engine.training") for m in modules):  # Model, not just a Layer
         return "tf_keras"
     raise UnsupportedModelError(
         "gradkit differentiates Keras models (keras.Model, keras.Sequential or a subclass, "

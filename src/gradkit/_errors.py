@@ -18,6 +18,9 @@ without knowing gradkit::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class GradkitError(Exception):
     """Base class of every error gradkit raises on purpose."""
@@ -70,3 +73,25 @@ def _short_repr(value: object, limit: int = 120) -> str:
         return f"<{type(value).__name__} shape={tuple(shape)} dtype={dtype}>"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def original_errors() -> Iterator[None]:
+    """Re-raise a gradkit error that a framework wrapped on its way out.
+
+    A gradkit check that fails while `tf.function` traces (e.g. ``target=5`` on a model with
+    two classes) comes out as autograph's ``StagingError``, with the gradkit error as its
+    context; the caller should see the gradkit error itself.
+    """
+    try:
+        yield
+    except GradkitError:
+        raise
+    except Exception as exc:
+        inner, seen = exc.__context__ or exc.__cause__, set()
+        while inner is not None and id(inner) not in seen:
+            if isinstance(inner, GradkitError):
+                raise inner from None
+            seen.add(id(inner))
+            inner = inner.__context__ or inner.__cause__
+        raise

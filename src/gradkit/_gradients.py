@@ -14,6 +14,8 @@ from gradkit._errors import (
     InvalidArgumentError,
     NonFiniteGradientWarning,
     UnconnectedGradientError,
+    UnsupportedModelError,
+    original_errors,
     received,
 )
 from gradkit._objective import Objective, resolve_objective
@@ -59,14 +61,16 @@ def gradients(
     flavour, variables, objective, batch = _prepare(
         model, x, y, loss, target, sample_weight, layers, training, unconnected
     )
-    _, grads = _backends.load(flavour).compute_gradients(
-        model, variables, objective, batch, bool(training)
-    )
+    with original_errors():
+        _, grads = _backends.load(flavour).compute_gradients(
+            model, variables, objective, batch, bool(training)
+        )
     return finish(variables, grads, unconnected, batch)
 
 
 def _prepare(model, x, y, loss, target, sample_weight, layers, training, unconnected):
     flavour = flavour_of(model)
+    check_built(model)
     if unconnected not in UNCONNECTED_MODES:
         raise InvalidArgumentError(
             f"unconnected= must be one of {UNCONNECTED_MODES}. " + received(unconnected=unconnected)
@@ -79,6 +83,16 @@ def _prepare(model, x, y, loss, target, sample_weight, layers, training, unconne
     variables = select_variables(model, layers)
     batch = prepare_batch(model, x, y, sample_weight, _floatx(flavour))
     return flavour, variables, objective, batch
+
+
+def check_built(model: Any) -> None:
+    """Raise if the model has no weights yet (a Sequential without Input, never called)."""
+    if not getattr(model, "built", True):
+        raise UnsupportedModelError(
+            f"Model {model.name!r} has not been built, so it has no weights to differentiate. "
+            "Build it first: call it once on a batch (model(x[:1])) or call model.build(...). "
+            + received(built=False)
+        )
 
 
 def _floatx(flavour: str) -> str:

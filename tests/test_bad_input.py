@@ -1,0 +1,142 @@
+"""Every user error raises the right gradkit error, saying what to do, ending in Received:."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import gradkit as gk
+
+X = np.ones((4, 3), "float32")
+Y = np.zeros((4, 2), "float32")
+
+
+def _model(keras, compiled=True):
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs))
+    if compiled:
+        model.compile(loss="mse")
+    return model
+
+
+def _two_inputs(keras):
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    joined = keras.layers.Concatenate(name="cat")([a, b])
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1, name="dense")(joined))
+    model.compile(loss="mse")
+    return model
+
+
+def _raises(error, pattern, call, *args, **kwargs):
+    with pytest.raises(error) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert re.search(pattern, message, re.S), message
+    assert re.search(r"Received: \w+=.+$", message), message
+    return info.value
+
+
+def test_uncompiled_model_without_loss_or_target(keras):
+    _raises(gk.InvalidArgumentError, r"not compiled.*loss='mse'.*target=k",
+            gk.gradients, _model(keras, compiled=False), X, Y)
+
+
+def test_loss_and_target_together(keras):
+    _raises(gk.InvalidArgumentError, r"Pass only one", gk.gradients, _model(keras), X,
+            loss="mse", target=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"loss": "mse"}])
+def test_y_missing_for_a_loss(keras, kwargs):
+    _raises(gk.InvalidArgumentError, r"y is required", gk.gradients, _model(keras), X,
+            **kwargs)
+
+
+def test_y_given_with_target(keras):
+    _raises(gk.InvalidArgumentError, r"y is not used with target=", gk.gradients,
+            _model(keras), X, Y, target=1)
+
+
+@pytest.mark.parametrize("target", [5, -3, 1.5, "dense", True])
+def test_bad_target(keras, target):
+    _raises(gk.InvalidArgumentError, r"target", gk.gradients, _model(keras), X, target=target)
+
+
+def test_int_target_on_multi_output_model(keras):
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, [keras.layers.Dense(2, name="a")(inputs),
+                                 keras.layers.Dense(2, name="b")(inputs)])
+    _raises(gk.InvalidArgumentError, r"several outputs.*callable", gk.gradients, model, X,
+            target=0)
+
+
+@pytest.mark.parametrize("loss", ["no_such_loss", 3])
+def test_bad_loss(keras, loss):
+    _raises(gk.InvalidArgumentError, r"loss", gk.gradients, _model(keras), X, Y, loss=loss)
+
+
+@pytest.mark.parametrize("what", ["y", "sample_weight", "inputs"])
+def test_mismatched_batch_sizes(keras, what):
+    model = _two_inputs(keras) if what == "inputs" else _model(keras)
+    x = {"a": X, "b": np.ones((3, 2), "float32")} if what == "inputs" else X
+    y = Y[:3] if what == "y" else np.zeros((4, 1), "float32")
+    sw = np.ones(5) if what == "sample_weight" else None
+    _raises(gk.DataShapeError, r"share one batch size", gk.gradients, model, x, y,
+            sample_weight=sw)
+
+
+def test_wrong_input_shape(keras):
+    error = _raises(gk.DataShapeError, r"has shape \(4, 5\).*expects \(None, 3\)",
+                    gk.gradients, _model(keras), np.ones((4, 5)), Y)
+    assert isinstance(error, ValueError)
+
+
+def test_wrong_input_rank(keras):
+    _raises(gk.DataShapeError, r"expects \(None, 3\)", gk.gradients, _model(keras),
+            np.ones((4, 3, 1)), Y)
+
+
+def test_dict_x_with_missing_key(keras):
+    _raises(gk.DataShapeError, r"lacks the model input\(s\) \['b'\]", gk.gradients,
+            _two_inputs(keras), {"a": X}, np.zeros((4, 1)))
+
+
+def test_wrong_number_of_inputs(keras):
+    _raises(gk.DataShapeError, r"takes 2 input\(s\).*holds 1", gk.gradients,
+            _two_inputs(keras), [X], np.zeros((4, 1)))
+
+
+def test_scalar_and_missing_x(keras):
+    _raises(gk.DataShapeError, r"leading batch axis", gk.gradients, _model(keras),
+            np.float32(1.0), Y)
+    _raises(gk.InvalidArgumentError, r"x is required", gk.gradients, _model(keras), None, Y)
+
+
+@pytest.mark.parametrize("thing", ["model.keras", None, "layer", "function"])
+def test_not_a_keras_model(keras, thing):
+    obj = {"layer": keras.layers.Dense(2), "function": lambda x: x}.get(thing, thing)
+    error = _raises(gk.UnsupportedModelError, r"not one.*Pass the Keras model itself",
+                    gk.gradients, obj, X, Y)
+    assert isinstance(error, TypeError)
+
+
+def test_unbuilt_sequential(keras):
+    model = keras.Sequential([keras.layers.Dense(2)])
+    model.compile(loss="mse")
+    _raises(gk.UnsupportedModelError, r"not been built.*model\(x\[:1\]\)", gk.gradients,
+            model, X, Y)
+
+
+@pytest.mark.parametrize("kwargs", [{"training": "yes"}, {"unconnected": "ignore"}])
+def test_bad_options(keras, kwargs):
+    _raises(gk.InvalidArgumentError, r"must be", gk.gradients, _model(keras), X, Y, **kwargs)
+
+
+def test_multi_output_loss_with_wrong_y_count(keras):
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, [keras.layers.Dense(2, name="a")(inputs),
+                                 keras.layers.Dense(2, name="b")(inputs)])
+    _raises(gk.InvalidArgumentError, r"2 outputs but y holds 1", gk.gradients, model, X, [Y],
+            loss="mse")
