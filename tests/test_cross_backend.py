@@ -1,0 +1,54 @@
+"""The same model, weights and batch give the same gradients on every flavour.
+
+One subprocess per flavour (Keras fixes its backend at import) runs
+tests/_cross_backend_worker.py, which writes its gradients with gradkit.save; the files are
+then compared here. Run on the tensorflow flavour only: the test covers all four itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gradkit as gk
+
+FLAVOURS = ("tensorflow", "jax", "torch", "tf_keras")
+RUNS = ("compiled_training", "compiled_inference", "target")
+WORKER = Path(__file__).with_name("_cross_backend_worker.py")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cross_backend")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0",
+               CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    env.pop("KERAS_BACKEND", None)
+    procs = {f: subprocess.Popen([sys.executable, str(WORKER), f, str(out)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for f in FLAVOURS}
+    for flavour, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{flavour} worker failed:\n{output[-3000:]}"
+    return out
+
+
+@pytest.mark.flavours("tensorflow")
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("flavour", FLAVOURS[1:])
+def test_same_gradients_as_tensorflow(written, run, flavour):
+    reference = gk.load(written / f"tensorflow-{run}.npz")
+    other = gk.load(written / f"{flavour}-{run}.npz")
+    assert list(other) == list(reference)
+    assert len(reference) == 7
+    for key, expected in reference.items():
+        got = other[key]
+        assert got.dtype == expected.dtype == np.float32, key
+        assert got.shape == expected.shape, key
+        assert np.linalg.norm(expected) > 1e-3, key  # a real gradient, not a zero vector
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error < 1e-5, f"{key}: relative error {error:.2e} on {flavour}"
