@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradkit._backends import _layer_factors
+from gradkit._backends import _buckets, _layer_factors
 from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
@@ -84,12 +84,19 @@ def objective_value(
     x: Any,
     y: Any,
     sample_weight: Any,
+    valid_rows: Any = None,
 ) -> Any:
-    """The unscaled scalar objective at the given variable values; no state is changed."""
+    """The unscaled scalar objective at the given variable values; no state is changed.
+
+    `valid_rows` (a boolean vector over the batch) marks the real rows of a batch padded
+    to a compiled size: the others get weight 0 (see gradkit._backends._buckets).
+    """
     kwargs = {"training": training} if model._call_has_training_arg else {}
     y_pred, _, losses = model.stateless_call(
         trainable_values, non_trainable_values, x, return_losses=True, **kwargs
     )
+    if valid_rows is not None:
+        sample_weight = _buckets.exclude_padding(objective, y_pred, sample_weight, valid_rows)
     if objective.kind == "target":
         return target_score(objective.spec, y_pred, sample_weight)
     if objective.kind == "loss":

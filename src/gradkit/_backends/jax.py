@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradkit._backends import _buckets
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends._taps import OutputTaps
@@ -25,10 +26,11 @@ _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 class _Entry:
-    def __init__(self, fn, selected):
+    def __init__(self, fn, selected, buckets=None):
         self.fn = fn
         self.selected = selected
         self.connected: list[bool] | None = None
+        self.buckets: _buckets.Buckets | None = buckets  # None: one program per batch size
 
 
 def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
@@ -36,46 +38,66 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training))
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = _build(model, variables, objective, training)
+        per_model[key] = _build(model, variables, objective, training, buckets=True)
     entry = per_model[key]
-    trainable, non_trainable, metrics = k3.variable_values(model)
-    chosen = set(entry.selected)
-    args = (
-        [trainable[i] for i in entry.selected],
-        [v for i, v in enumerate(trainable) if i not in chosen],
-        non_trainable, metrics, batch.x, batch.y, batch.sample_weight,
-        np.float32(k3.loss_scale(model)),
-    )
-    if entry.connected is None:
-        entry.connected = _connected(entry.fn, args)
-    (_, loss), grads = entry.fn(*args)
-    loss, grads = jax.device_get((loss, grads))
+    try:
+        outputs = _run(model, entry, batch)
+    except _buckets.PaddingNotExact:  # found while tracing: one program per shape from now
+        entry.buckets = None
+        outputs = _run(model, entry, batch)
+    (_, loss), grads = jax.device_get(outputs)
     return float(loss), [g if ok else None for g, ok in zip(grads, entry.connected)]
 
 
-def _build(model, variables, objective, training):
+def _run(model, entry: _Entry, batch: Batch):
+    """entry.fn on `batch`, padded to an already compiled size where that is exact."""
+    extra = ()
+    if entry.buckets is not None and _buckets.paddable(batch):
+        batch, valid_rows = _buckets.pad(batch, entry.buckets.size_for(batch.size))
+        extra = (valid_rows,)
+    args = (*_arguments(model, entry, batch), *extra)
+    if entry.connected is None:
+        entry.connected = _connected(entry.fn, args)  # traces fn: the call reuses the trace
+        args = (*_arguments(model, entry, batch), *extra)  # which may build loss metrics
+    return entry.fn(*args)
+
+
+def _arguments(model, entry: _Entry, batch: Batch) -> tuple:
+    scale = k3.loss_scale(model)
+    return (*_split_values(model, entry.selected), batch.x, batch.y, batch.sample_weight,
+            None if scale == 1.0 else np.float32(scale))
+
+
+def _build(model, variables, objective, training, buckets=False):
+    """An entry whose jitted fn(chosen, others, non_trainable, metrics, x, y, sample_weight,
+    scale, valid_rows=None) gives ((scaled loss, loss), unscaled gradients of `chosen`).
+
+    ``scale=None`` means 1 (no multiplication, no division); ``valid_rows`` marks the real
+    rows of a padded batch. With `buckets`, batches are padded where that is exact.
+    """
     model_ref = weakref.ref(model)
     objective = k3.prepare_objective(objective)
     selected = k3.selected_indices(model, variables)
 
-    def scaled_objective(chosen, others, non_trainable, metrics, x, y, sample_weight, scale):
-        rest = iter(others)
-        by_position = dict(zip(selected, chosen))
-        count = len(selected) + len(others)
-        trainable = [by_position[i] if i in by_position else next(rest) for i in range(count)]
+    def scaled_objective(chosen, others, non_trainable, metrics, x, y, sample_weight, scale,
+                         valid_rows):
         loss = k3.objective_value(
-            model_ref(), objective, training, trainable, non_trainable, metrics,
-            x, y, sample_weight,
-        )
-        loss = loss.astype("float32")
-        return loss * scale, loss
+            model_ref(), objective, training, k3.merge_trainable(selected, chosen, others),
+            non_trainable, metrics, x, y, sample_weight, valid_rows=valid_rows,
+        ).astype("float32")
+        return (loss if scale is None else loss * scale), loss
 
-    def value_and_unscaled_grads(*args):
-        (scaled, loss), grads = jax.value_and_grad(scaled_objective, has_aux=True)(*args)
-        scale = args[-1]
-        return (scaled, loss), [g / scale.astype(g.dtype) for g in grads]
+    def value_and_unscaled_grads(chosen, others, non_trainable, metrics, x, y, sample_weight,
+                                 scale, valid_rows=None):
+        (scaled, loss), grads = jax.value_and_grad(scaled_objective, has_aux=True)(
+            chosen, others, non_trainable, metrics, x, y, sample_weight, scale, valid_rows)
+        if scale is not None:
+            grads = [g / scale.astype(g.dtype) for g in grads]
+        return (scaled, loss), grads
 
-    return _Entry(jax.jit(value_and_unscaled_grads), selected)
+    exact = buckets and _buckets.padding_is_exact(model, objective, training)
+    return _Entry(jax.jit(value_and_unscaled_grads), selected,
+                  _buckets.Buckets() if exact else None)
 
 
 def _connected(fn, args) -> list[bool]:
@@ -84,8 +106,7 @@ def _connected(fn, args) -> list[bool]:
     A forward dependency walk over the traced program; a nested call (pjit, custom_jvp) is
     treated as depending on all of its inputs, so the answer errs towards "connected".
     """
-    closed = jax.make_jaxpr(lambda *a: fn.__wrapped__(*a)[0][1])(*args)
-    jaxpr = closed.jaxpr
+    jaxpr = fn.trace(*args).jaxpr.jaxpr  # a later fn(*args) reuses this trace
     n = len(args[0])
     deps: dict[Any, int] = {var: 1 << i for i, var in enumerate(jaxpr.invars[:n])}
     for eqn in jaxpr.eqns:
@@ -96,7 +117,7 @@ def _connected(fn, args) -> list[bool]:
         if mask:
             for var in eqn.outvars:
                 deps[var] = mask
-    out = jaxpr.outvars[0]
+    out = jaxpr.outvars[1]  # fn returns ((scaled loss, loss), ...)
     mask = 0 if hasattr(out, "val") else deps.get(out, 0)
     return [bool(mask >> i & 1) for i in range(n)]
 
