@@ -34,10 +34,18 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
         loss = k3.objective_value(
             model, objective, training, trainable, non_trainable, metrics, x, y, sample_weight
         )
-        grads = torch.autograd.grad(loss.float() * scale, watched, allow_unused=True)
+        grads = torch.autograd.grad(_scaled(loss, scale), watched, allow_unused=True)
     return float(loss.detach()), [
-        None if g is None else (g / scale).detach().cpu().numpy() for g in grads
+        None if g is None else _unscaled(g, scale).detach().cpu().numpy() for g in grads
     ]
+
+
+def _scaled(loss, scale: float):
+    return loss.float() if scale == 1.0 else loss.float() * scale
+
+
+def _unscaled(grad, scale: float):
+    return grad if scale == 1.0 else grad / scale  # skipped at 1: x / 1.0 == x exactly
 
 
 def kept_rng():
