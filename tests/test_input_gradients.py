@@ -152,7 +152,7 @@ def test_training_true_changes_no_state(keras):
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
     x = RNG.normal(size=(6, 4)).astype("float32")
     y = RNG.normal(size=(6, 2)).astype("float32")
-    model.fit(x, y, epochs=1, verbose=0)  # optimizer and metric state exist
+    model.fit(x, y, epochs=1, verbose=0)  # optimizer and metric state exist (tf-keras: lazily)
     before = state_snapshot(model)
 
     grads = gk.input_gradients(model, x, y, training=True)
