@@ -205,3 +205,27 @@ def test_target_ignores_regularizers_and_compiled_loss(keras):
     expected = np.zeros((3, 2))
     expected[:, 0] = x.sum(0)
     np.testing.assert_allclose(grads["dense/kernel"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_recompiling_with_another_loss_is_seen(keras):
+    # A cached trace must not keep differentiating the loss of an earlier compile().
+    model, w = _linear(keras)
+    x, y = _data()
+    model.compile(loss="mse")
+    first = gk.gradients(model, x, y)
+    model.compile(loss="mae")
+    second = gk.gradients(model, x, y)
+    np.testing.assert_allclose(first["dense/kernel"], _mse_reference(x, y, w), rtol=1e-5,
+                               atol=1e-6)
+    mae = x.T @ np.sign(x @ w - y) / (len(x) * y.shape[1])
+    np.testing.assert_allclose(second["dense/kernel"], mae, rtol=1e-5, atol=1e-6)
+
+
+def test_new_callables_each_call_are_each_honoured(keras):
+    model, _ = _linear(keras)
+    x, _ = _data()
+    for k in range(2):
+        grads = gk.gradients(model, x, target=lambda out: out[:, k])  # noqa: B023
+        expected = np.zeros((3, 2))
+        expected[:, k] = x.sum(0)
+        np.testing.assert_allclose(grads["dense/kernel"], expected, rtol=1e-5, atol=1e-6)

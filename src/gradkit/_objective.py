@@ -28,11 +28,39 @@ class Objective:
 
     kind: str  # "compiled" | "loss" | "target"
     spec: Any = None  # the loss name/object/callable, or the target index/callable
+    compiled_with: Any = None  # "compiled": the model's compiled-loss object at resolve time
 
     def cache_key(self) -> tuple:
-        """A hashable key that identifies this objective for compiled-function caches."""
+        """A hashable key that identifies this objective for compiled-function caches.
+
+        Objects are keyed by identity and held by the key, so a cached trace is never reused
+        for another callable that happens to get a freed one's id, nor after `compile()`
+        replaced the loss a trace baked in.
+        """
         simple = isinstance(self.spec, (str, int)) or self.spec is None
-        return (self.kind, self.spec if simple else id(self.spec))
+        return (self.kind, self.spec if simple else _Same(self.spec), _Same(self.compiled_with))
+
+
+class _Same:
+    """Hashes and compares by identity; keeps the object alive while a cache key exists."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+def compiled_loss_object(model: Any) -> Any:
+    """What `compile()` replaces when it changes the loss: Keras 3's CompileLoss, tf-keras'
+    LossesContainer (None if uncompiled)."""
+    found = getattr(model, "_compile_loss", None)
+    return found if found is not None else getattr(model, "compiled_loss", None)
 
 
 def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
@@ -63,7 +91,7 @@ def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
         )
     if _has_compiled_loss(model):
         _require_y(y, "the compiled loss")
-    return Objective("compiled")
+    return Objective("compiled", compiled_with=compiled_loss_object(model))
 
 
 def _target_objective(target: Any, y: Any) -> Objective:
