@@ -19,18 +19,32 @@ from collections.abc import Callable, Sequence
 FLAVOURS = ("tensorflow", "jax", "torch", "tf_keras")
 
 
-def flavour_env(flavour: str) -> dict[str, str]:
-    """The environment of a subprocess that runs one Keras flavour."""
+def flavour_env(flavour: str, threads: int = 0) -> dict[str, str]:
+    """The environment of a subprocess that runs one Keras flavour (`threads` > 0: that many
+    compute threads in every framework, for a machine shared with other work)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0",
                PYTHONUNBUFFERED="1")
     if flavour != "tf_keras":
         env["KERAS_BACKEND"] = flavour
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
+                             f"intra_op_parallelism_threads={threads}")
     return env
 
 
-def setup_flavour(flavour: str):
+def setup_flavour(flavour: str, threads: int = 0):
     """Set the environment for `flavour` and import its Keras (call before any framework)."""
-    os.environ.update(flavour_env(flavour))
+    os.environ.update(flavour_env(flavour, threads))
+    if threads and flavour in ("tensorflow", "tf_keras"):
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if threads and flavour == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
     if flavour == "tf_keras":
         import tf_keras
 
@@ -42,14 +56,15 @@ def setup_flavour(flavour: str):
     return keras
 
 
-def run_worker(script: str, flavour: str, args: Sequence[str]) -> dict:
+def run_worker(script: str, flavour: str, args: Sequence[str], threads: int = 0) -> dict:
     """Run `script --worker FLAVOUR args...` in a fresh process; return its JSON result.
 
     The worker prints one line starting with ``RESULT `` followed by JSON.
     """
     proc = subprocess.run(
         [sys.executable, script, "--worker", flavour, *args],
-        env=flavour_env(flavour), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=flavour_env(flavour, threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -65,16 +80,24 @@ def emit(result: dict) -> None:
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 5,
                 inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation.
+    """Median seconds per call of each function, timed in alternation (see `samples`)."""
+    return {name: median(values)
+            for name, values in samples(fns, repeats, warmup, inner).items()}
 
-    Each round runs every function `inner` times in turn (the order rotating by round), so
-    drift and load from other processes are shared between them.
+
+def samples(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 5,
+            inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per round, the functions timed in turn.
+
+    Each round runs every function `inner` times (the order rotating by round), so drift
+    and load from other processes are shared between them; summarize with `median` or
+    `paired_ratio`.
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
@@ -82,8 +105,18 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
-            samples[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median over rounds of numerator/denominator measured in the same round: robust
+    to load that changes between rounds (a shared machine)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def timed(fn: Callable[[], object]) -> float:

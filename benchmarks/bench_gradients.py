@@ -1,7 +1,7 @@
 """Steady-state time of `gradkit.gradients` against a hand-written compiled baseline.
 
     python benchmarks/bench_gradients.py [--flavours tensorflow,jax,torch,tf_keras]
-                                         [--repeats 200] [--batch 256]
+                                         [--repeats 200] [--batch 256] [--threads N]
 
 Model: a 784-512-512-10 MLP (relu, softmax) compiled with sparse categorical cross-entropy,
 one batch of `--batch` examples. Each flavour runs in its own process. Baselines, written the
@@ -11,11 +11,12 @@ way a user would by hand (both sides return every gradient as NumPy):
 - jax: `jax.jit(jax.value_and_grad(...))` over `model.stateless_call` and the loss;
 - torch: `torch.autograd.grad` over `model(x)` and the loss (eager, as Keras' torch trainer).
 
-gradkit and the baseline run alternately (warm-up first, then the median of `--repeats`
-rounds). Then gradkit is called once at each of 10 other batch sizes, and the traces
-(tensorflow, tf_keras: tracings of gradkit's cached tf.function) or XLA compilations (jax:
-every backend compilation in the process) those calls cause are counted; torch runs eagerly
-and never compiles.
+gradkit and the baseline run alternately (warm-up first, then `--repeats` rounds); the
+table gives the median times, and the ratio is the median over rounds of gradkit/baseline
+timed in the same round (robust to load that changes between rounds). Then gradkit is
+called once at each of 10 other batch sizes, and the traces (tensorflow, tf_keras: tracings
+of gradkit's cached tf.function) or XLA compilations (jax: every backend compilation in the
+process) those calls cause are counted; torch runs eagerly and never compiles.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     FLAVOURS,
     emit,
-    interleaved,
     markdown_table,
+    median,
+    paired_ratio,
     run_worker,
+    samples,
     setup_flavour,
     timed,
 )
@@ -44,26 +47,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--flavours", default=",".join(FLAVOURS))
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="compute threads per framework (default: the framework's own)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        emit(worker(args.worker, args.batch, args.repeats))
+        emit(worker(args.worker, args.batch, args.repeats, args.threads))
         return 0
     rows, failed = [], False
     for flavour in [f for f in args.flavours.split(",") if f]:
         r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats)])
+                       ["--batch", str(args.batch), "--repeats", str(args.repeats),
+                        "--threads", str(args.threads)], args.threads)
         if "error" in r:
             print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
             failed = True
             continue
         rows.append([flavour, f"{r['baseline_ms']:.2f}", f"{r['gradkit_ms']:.2f}",
-                     f"{r['gradkit_ms'] / r['baseline_ms']:.3f}", r["retraces"]])
+                     f"{r['ratio']:.3f}", r["retraces"]])
         print(f"{flavour}: max relative difference to the baseline {r['max_rel_diff']:.1e}; "
               f"first call at a new batch size: baseline {r['new_shape_ms']:.0f} ms",
               file=sys.stderr)
-    print(f"MLP 784-512-512-10, batch {args.batch}, median of {args.repeats} interleaved runs; "
-          f"retraces over batch sizes {list(OTHER_SIZES)}\n")
+    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    print(f"MLP 784-512-512-10, batch {args.batch}, median of {args.repeats} interleaved runs, "
+          f"{threads}; retraces over batch sizes {list(OTHER_SIZES)}\n")
     print(markdown_table(
         ["flavour", "baseline ms", "gradkit ms", "ratio", "retraces over 10 batch sizes"], rows))
     return 1 if failed else 0
@@ -81,8 +88,8 @@ def build_model(keras):
     return model
 
 
-def worker(flavour: str, batch: int, repeats: int) -> dict:
-    keras = setup_flavour(flavour)
+def worker(flavour: str, batch: int, repeats: int, threads: int) -> dict:
+    keras = setup_flavour(flavour, threads)
     import numpy as np
 
     import gradkit
@@ -102,13 +109,15 @@ def worker(flavour: str, batch: int, repeats: int) -> dict:
     expected, got = baseline(xb, yb), ours()
     diff = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-30))
                for a, b in zip(expected, got))
-    times = interleaved({"baseline": lambda: baseline(xb, yb), "gradkit": ours}, repeats)
+    times = samples({"baseline": lambda: baseline(xb, yb), "gradkit": ours}, repeats)
+    ratio = paired_ratio(times["gradkit"], times["baseline"])
     before = counter(model)
     for n in OTHER_SIZES:
         gradkit.gradients(model, x[:n], y[:n])
     retraces = "n/a (eager)" if before is None else counter(model) - before
     new_shape = timed(lambda: baseline(x[:batch + 1], y[:batch + 1]))
-    return {"baseline_ms": times["baseline"] * 1e3, "gradkit_ms": times["gradkit"] * 1e3,
+    return {"baseline_ms": median(times["baseline"]) * 1e3,
+            "gradkit_ms": median(times["gradkit"]) * 1e3, "ratio": ratio,
             "retraces": retraces, "max_rel_diff": diff, "new_shape_ms": new_shape * 1e3}
 
 
