@@ -73,3 +73,26 @@ def test_torch_global_rng_is_not_advanced(keras):
     gk.gradients(model, x, y, training=True)
     assert torch.equal(before, torch.get_rng_state())
 
+
+
+def test_gradients_before_and_after_the_first_fit(keras):
+    # fit builds the optimizer and compiled metrics after gradkit traced its function; the
+    # cached function must keep working and keep leaving every new variable alone.
+    model = keras.Sequential(name="late", layers=[
+        keras.Input((4,)), keras.layers.Dense(3, name="d"), keras.layers.BatchNormalization(
+            name="bn")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
+    x = RNG.normal(size=(8, 4)).astype("float32")
+    y = RNG.normal(size=(8, 3)).astype("float32")
+    early = gk.gradients(model, x, y, training=True)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    before = state_snapshot(model)
+    late = gk.gradients(model, x, y, training=True)
+    assert_same_state(before, state_snapshot(model))
+    assert list(late) == list(early)
+    assert not np.allclose(late[list(late)[0]], early[list(early)[0]])  # weights moved
+    fresh = keras.models.clone_model(model)
+    fresh.set_weights(model.get_weights())
+    fresh.compile(loss="mse")
+    for a, b in zip(late.values(), gk.gradients(fresh, x, y, training=True).values()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
