@@ -159,6 +159,28 @@ def test_one_device_equals_gradients(keras, flavour):
         np.testing.assert_allclose(got / n, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.flavours("tensorflow", "tf_keras", "jax")
+def test_new_batch_sizes_and_calls_reuse_the_compiled_step(keras, flavour):
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    if flavour == "jax":
+        from gradkit._backends import jax_distributed as backend
+
+        strategy, model = "data_parallel", _model(keras)
+    else:
+        import tensorflow as tf
+
+        from gradkit._backends import tensorflow_distributed as backend
+
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+        with strategy.scope():
+            model = _model(keras)
+    for sizes in [(2, 3), (4, 1), (5,), (1, 1, 3)]:
+        _run(model, strategy, x, x[:, :2], sizes)
+    (entry,) = backend._CACHE[model].values()  # one step for all calls
+    if flavour != "jax":  # the batch axis is relaxed after the second shape: no more traces
+        assert entry.fn.experimental_get_tracing_count() <= 2
+
+
 @pytest.mark.flavours("tensorflow", "tf_keras")
 def test_model_outside_the_strategy_scope_is_refused(keras):
     import tensorflow as tf

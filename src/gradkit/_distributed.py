@@ -6,8 +6,8 @@
 - TensorFlow (Keras 3 on TF, and tf-keras): a ``tf.distribute.MirroredStrategy``,
   ``MultiWorkerMirroredStrategy`` or ``OneDeviceStrategy`` whose ``scope()`` the model was
   built in. Each batch is split over the local replicas, each replica sums the weighted
-  gradients of its shard, and one ``strategy.reduce`` (SUM) after the last batch all-reduces
-  them. Keras' division of a mean loss by the replica count is undone exactly.
+  gradients of its shard, and one batched all-reduce (SUM) after the last batch adds
+  them up. Keras' division of a mean loss by the replica count is undone exactly.
 - JAX: ``"data_parallel"`` (every device, ``jax.devices()``), a
   ``keras.distribution.DataParallel`` or a ``jax.sharding.Mesh``. The batch axis is sharded
   over the devices (``NamedSharding``), the weights replicated, and the one jitted gradient
@@ -17,12 +17,17 @@
 
 Multi-worker / multi-process: each worker passes its OWN share of the data (e.g.
 ``dataset.shard(num_workers, index)``); the result, identical on every worker, covers the
-union of all shares. Workers may hold different numbers of batches and examples.
+union of all shares. TensorFlow workers may hold different numbers of batches and
+examples; JAX processes must yield the same number of batches (a process that runs out
+first makes every process raise), whose sizes may differ.
 
 Exactness: the objective must be a mean over examples (reduction ``"sum_over_batch_size"``,
 the default, or ``"mean"``) or a ``target=`` score, so that a batch's gradient splits over
-shards; other reductions raise. Layers that use batch statistics with ``training=True``
-(BatchNorm) see each replica's shard (TensorFlow) or each sharded part (JAX), as in ``fit``.
+shards; other reductions raise. The result equals the single-device one up to float
+rounding. One exception, as in ``fit``: layers that use batch statistics under
+``training=True`` (BatchNorm) see each replica's shard on TensorFlow; on JAX they see the
+whole batch when its size is a multiple of the device count, else its divisible part and
+the few remaining examples separately.
 """
 
 from __future__ import annotations

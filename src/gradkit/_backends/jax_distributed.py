@@ -50,13 +50,15 @@ def accumulate(model, variables, objective: Objective, batches, training: bool, 
     )
     scale = _replicate(np.float32(k3.loss_scale(model)), replicated)
     acc = _replicate([np.zeros(v.shape, v.dtype) for v in weights[0]], replicated)
-    total = 0
+    total, on_cpu = 0, mesh.devices.flat[0].platform == "cpu"
     for inputs, size in _global_parts(_steps(batches), mesh, sharded, replicated):
         args = weights + (inputs["x"], inputs.get("y"), inputs.get("sample_weight"), scale)
         if entry.connected is None:
             entry.connected = single._connected(entry.fn, args)
         weight = np.float32(1.0 if objective.kind == "target" else size)
         acc = step(acc, _replicate(weight, replicated), *args)
+        if on_cpu:  # XLA:CPU runs every device's program on one shared thread pool; two
+            jax.block_until_ready(acc)  # steps in flight can starve an all-reduce for ever
         total += size
     grads = [np.asarray(a.addressable_data(0)) for a in acc]
     connected = entry.connected or [True] * len(grads)
@@ -82,7 +84,7 @@ def resolve_mesh(strategy: Any) -> tuple[Mesh, tuple[str, ...]]:
 
 
 def _cached(model, variables, objective, training, mesh):
-    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training), id(mesh))
+    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training), mesh)
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
         entry = single._build(model, variables, objective, training)
@@ -92,9 +94,8 @@ def _cached(model, variables, objective, training, mesh):
             _, grads = entry.fn(*args)
             return [a + weight.astype(a.dtype) * g.astype(a.dtype) for a, g in zip(acc, grads)]
 
-        per_model[key] = (entry, jax.jit(step, out_shardings=replicated), mesh)
-    entry, step, _ = per_model[key]
-    return entry, step
+        per_model[key] = (entry, jax.jit(step, out_shardings=replicated))
+    return per_model[key]
 
 
 def _replicate(tree: Any, sharding: NamedSharding) -> Any:
