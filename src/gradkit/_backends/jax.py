@@ -1,7 +1,9 @@
 """Keras 3 on JAX: `jax.value_and_grad` over `stateless_call`, inside a cached `jax.jit`.
 
 XLA compiles one program per input shape; a compiled program is reused for every later call
-with the same shapes. Variable values are read fresh on every call (`fit` donates buffers).
+with the same shapes. `compute_gradients` pads a batch to an already compiled batch size
+where that is provably exact (gradkit._backends._buckets), so varying batch sizes do not
+compile again. Variable values are read fresh on every call (`fit` donates buffers).
 Which variables are connected to the objective is read off the traced program once, since
 `jax.grad` returns zeros, not None, for a variable the objective does not use.
 """
