@@ -303,3 +303,25 @@ def test_subclassed_model_not_built_is_a_clear_error(keras):
     model.compile(loss="mse")
     with pytest.raises(gk.UnsupportedModelError, match=r"not been built.*Received: "):
         gk.gradients(model, np.ones((2, 2)), np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_loss_argument_on_two_outputs_sums_per_output_losses(keras, as_dict):
+    n = 6
+    x = RNG.normal(size=(n, 3)).astype("float32")
+    y1 = RNG.normal(size=(n, 2)).astype("float32")
+    y2 = RNG.normal(size=(n, 1)).astype("float32")
+    inputs = keras.Input((3,), name="x")
+    o1 = keras.layers.Dense(2, use_bias=False, name="o1")(inputs)
+    o2 = keras.layers.Dense(1, use_bias=False, name="o2")(inputs)
+    model = keras.Model(inputs, {"o1": o1, "o2": o2} if as_dict else [o1, o2])
+    w1, w2 = RNG.normal(size=(3, 2)), RNG.normal(size=(3, 1))
+    model.get_layer("o1").set_weights([w1])
+    model.get_layer("o2").set_weights([w2])
+
+    grads = gk.gradients(model, x, {"o1": y1, "o2": y2} if as_dict else [y1, y2], loss="mse")
+
+    np.testing.assert_allclose(grads["o1/kernel"], 2 / (n * 2) * x.T @ (x @ w1 - y1),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["o2/kernel"], 2 / n * x.T @ (x @ w2 - y2),
+                               rtol=1e-5, atol=1e-6)

@@ -229,3 +229,13 @@ def test_new_callables_each_call_are_each_honoured(keras):
         expected = np.zeros((3, 2))
         expected[:, k] = x.sum(0)
         np.testing.assert_allclose(grads["dense/kernel"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_one_compiled_loss_for_two_outputs_matches_fit(keras):
+    inputs = keras.Input((3,), name="x")
+    o1 = keras.layers.Dense(2, name="o1")(inputs)
+    o2 = keras.layers.Dense(2, name="o2")(inputs)
+    model = keras.Model(inputs, [o1, o2])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR), loss="mse")
+    x, y1 = _data()
+    fit_step_matches(model, x, [y1, RNG.normal(size=(6, 2)).astype("float32")])
