@@ -62,6 +62,18 @@ def test_sequential_split_at_each_layer(keras, n):
         np.testing.assert_allclose(grads[name], expected, rtol=1e-5, atol=1e-7)
 
 
+def test_glob_selects_every_called_layer(keras):
+    model, _, _ = _linear_residual(keras)  # its InputLayer "x" is never called: skipped
+    x = RNG.normal(size=(2, 3)).astype("float32")
+
+    every = gk.activation_gradients(model, x, layers="*", target=0)
+    named = gk.activation_gradients(model, x, layers=["d1", "branch", "add", "head"], target=0)
+
+    assert sorted(every) == sorted(named)
+    for key in named:
+        np.testing.assert_array_equal(every[key], named[key])
+
+
 def test_target_rows_are_each_examples_own_score(keras):
     model = _sequential(keras)
     x = RNG.normal(size=(4, 3)).astype("float32")

@@ -48,7 +48,8 @@ def activation_gradients(
     A layer whose output does not affect the objective raises (``unconnected="raise"``),
     or gets zeros (``"zero"``) or ``None`` (``"none"``). A layer called more than once in
     one forward pass (a shared layer), one that is not called, or one whose output is not
-    a single floating-point tensor, is a clear error.
+    a single floating-point tensor, is a clear error. Globs skip InputLayers (they are never
+    called; ``input_gradients`` gives the gradient at the inputs).
     """
     if layers is None:
         raise InvalidArgumentError(
@@ -63,7 +64,7 @@ def activation_gradients(
     flavour, _, objective, batch = _prepare(
         model, x, y, loss, target, None, None, training, unconnected
     )
-    chosen = resolve_layers(model, layers)
+    chosen = _resolve(model, layers)
     keys = layer_keys(model, chosen)
     _, grads, outputs = _backends.load(flavour).compute_activation_gradients(
         model, chosen, keys, objective, batch, bool(training),
@@ -74,6 +75,17 @@ def activation_gradients(
     if not return_activations:
         return result
     return result, {key: _as_float(out) for key, out in zip(keys, outputs)}
+
+
+def _resolve(model: Any, layers: Any) -> list[Any]:
+    """The selected layers; an InputLayer (never called) only if named, not by a glob."""
+    chosen = resolve_layers(model, layers)
+    specs = list(layers) if isinstance(layers, (list, tuple, set)) else [layers]
+    named = [s for s in specs if not (isinstance(s, str) and any(c in s for c in "*?["))]
+    explicit = {id(layer) for layer in resolve_layers(model, named)} if named else set()
+    kept = [layer for layer in chosen
+            if id(layer) in explicit or type(layer).__name__ != "InputLayer"]
+    return kept or chosen  # only InputLayers: let the adapter explain
 
 
 def layer_keys(model: Any, layers: list[Any]) -> list[str]:
