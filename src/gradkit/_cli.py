@@ -31,6 +31,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gradkit._cli_grads import add_grads_command
+
     parser = _Parser(prog="gradkit", description="Concrete NumPy gradients of Keras models.")
     parser.add_argument("--version", action="version", version=f"gradkit {_version()}")
     common = argparse.ArgumentParser(add_help=False)
@@ -40,25 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                      metavar="{grads,demo}")
-    grads = commands.add_parser(
-        "grads", parents=[common], help="gradients of a saved model on a batch of data",
-        description="Gradients of a saved Keras model's loss with respect to its trainable "
-                    "weights, on one batch. The loss is the compiled loss as fit() "
-                    "differentiates it (reduction as compiled: by default the mean over the "
-                    "batch, plus regularization losses), unscaled, in float32.")
-    grads.add_argument("model", metavar="MODEL", help="a .keras file (loaded with safe_mode)")
-    grads.add_argument("data", metavar="DATA",
-                       help="a .npz with x and y (or x_<input>/y_<output> per input/output), "
-                            "optionally sample_weight")
-    grads.add_argument("-o", "--output", metavar="OUT.npz", required=True,
-                       help="where to write the gradients (atomically; .npz)")
-    grads.add_argument("--layers", metavar="PATTERN", nargs="+", action="extend",
-                       help="only these layers' weights: names, nested paths or globs")
-    grads.add_argument("--loss", metavar="NAME",
-                       help="a Keras loss name instead of the compiled loss, e.g. mse")
-    grads.add_argument("--training", action="store_true",
-                       help="training mode (dropout on, batch statistics); no state is kept")
-    grads.set_defaults(run=_run_grads)
+    add_grads_command(commands, common)
+    _add_demo_command(commands, common)
+    return parser
+
+
+def _add_demo_command(commands: Any, common: argparse.ArgumentParser) -> None:
     demo = commands.add_parser(
         "demo", parents=[common], help="train a small CNN on built-in data; show its gradients",
         description="Train a small convolutional classifier on synthetic images generated in "
@@ -67,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write the gradients (default: ./gradkit-demo.npz, never "
                            "replacing a file that is not a gradkit demo output)")
     demo.set_defaults(run=_run_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,12 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _report_warnings(caught, args.debug)
     return code
-
-
-def _run_grads(args: argparse.Namespace) -> int:
-    from gradkit._cli_grads import run_grads
-
-    return run_grads(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -25,6 +25,29 @@ import numpy as np
 from gradkit._errors import DataShapeError, GradkitError, GradkitFileError, received
 
 
+def add_grads_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``grads`` sub-command to the parser's `commands`."""
+    grads = commands.add_parser(
+        "grads", parents=[common], help="gradients of a saved model on a batch of data",
+        description="Gradients of a saved Keras model's loss with respect to its trainable "
+                    "weights, on one batch. The loss is the compiled loss as fit() "
+                    "differentiates it (reduction as compiled: by default the mean over the "
+                    "batch, plus regularization losses), unscaled, in float32.")
+    grads.add_argument("model", metavar="MODEL", help="a .keras file (loaded with safe_mode)")
+    grads.add_argument("data", metavar="DATA",
+                       help="a .npz with x and y (or x_<input>/y_<output> per input/output), "
+                            "optionally sample_weight")
+    grads.add_argument("-o", "--output", metavar="OUT.npz", required=True,
+                       help="where to write the gradients (atomically; .npz)")
+    grads.add_argument("--layers", metavar="PATTERN", nargs="+", action="extend",
+                       help="only these layers' weights: names, nested paths or globs")
+    grads.add_argument("--loss", metavar="NAME",
+                       help="a Keras loss name instead of the compiled loss, e.g. mse")
+    grads.add_argument("--training", action="store_true",
+                       help="training mode (dropout on, batch statistics); no state is kept")
+    grads.set_defaults(run=run_grads)
+
+
 def run_grads(args: argparse.Namespace) -> int:
     from gradkit._cli import checked_output, import_keras
     from gradkit._io import save
