@@ -196,15 +196,19 @@ class _Accumulator:
         grads = self._gradients(batch)
         if self.connected is None:
             self.connected = [g is not None for g in grads]
-        flags = [torch.isfinite(g).all() if g is not None else torch.tensor(True) for g in grads]
+        # (g * 0).sum() is NaN exactly when g holds a NaN or Inf, and is many times faster
+        # on CPU than isfinite(g).all().
+        flags = [torch.isfinite((g * 0).sum()) if g is not None else torch.tensor(True)
+                 for g in grads]
         finite = torch.stack([f.to(self._sums[0].device) for f in flags])
         keep = finite.all() if self._skip else None
         with torch.no_grad():
             for total, g in zip(self._sums, grads):
                 if g is None:
                     continue
-                update = g.to(total.dtype) * (weight / self._scale)
-                total.add_(torch.where(keep, update, 0.0) if self._skip else update)
+                g = g.to(total.dtype)
+                total.add_(torch.where(keep, g, 0.0) if self._skip else g,
+                           alpha=weight / self._scale)
         return finite
 
     def _gradients(self, batch: Batch) -> tuple:
