@@ -163,3 +163,51 @@ def test_nonfinite_rows_are_reported(keras):
         rows = gk.per_example_gradients(model, x, y)
     for value in rows.values():  # only example 2's row is affected
         assert np.isfinite(value[0]).all() and not np.isfinite(value[2]).all()
+
+
+def test_mixed_precision_rows_are_unscaled(keras, flavour):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(6, activation="tanh", name="hidden"),
+            keras.layers.LayerNormalization(name="norm"),
+            keras.layers.Dense(3, name="out"),
+            keras.layers.Activation("linear", dtype="float32"),
+        ])
+    finally:  # tf-keras: None restores "follow floatx" (an explicit float32 would pin it)
+        keras.mixed_precision.set_global_policy(None if flavour == "tf_keras" else "float32")
+    # A modest scale: 2**15 overflows float16 through LayerNormalization on the first step.
+    optimizer = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(),
+                                                         initial_scale=64.0)
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(3).normal(size=(N, 4)).astype("float32")
+    y = np.random.default_rng(4).normal(size=(N, 3)).astype("float32")
+    rows = gk.per_example_gradients(model, x, y)
+    assert all(v.dtype == np.float32 for v in rows.values())
+    assert_same_sets(rows, loop_reference(model, x, y), rtol=2e-2, atol=2e-3)
+    norms = np.sqrt(sum((v.reshape(N, -1).astype("float64") ** 2).sum(1) for v in rows.values()))
+    np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-4)
+
+
+def test_float64_model_gives_float64_rows(keras, flavour):
+    if flavour == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
+    set_floatx("float64")
+    try:
+        model, x, y = text(keras)
+        rows = gk.per_example_gradients(model, x, y)
+        norms = gk.per_example_norms(model, x, y)
+        reference = loop_reference(model, x, y)
+    finally:
+        set_floatx("float32")
+        if flavour == "jax":
+            jax.config.update("jax_enable_x64", False)
+    assert all(v.dtype == np.float64 for v in rows.values()) and norms.dtype == np.float64
+    # Keras on torch rounds part of a float64 forward pass at float32 precision (in the loop
+    # of gradients() as well), so the rows agree to float32 precision there.
+    tolerance = 1e-6 if flavour == "torch" else 1e-10
+    assert_same_sets(rows, reference, rtol=tolerance, atol=tolerance * 1e-2)

@@ -149,13 +149,19 @@ def _shadow(layer: Any, name: str, value: Any, patched: list) -> None:
 
 
 def factor_arrays(planned: list[Planned], inputs: list[list], deltas: list[list],
-                  ops: Ops) -> list[tuple]:
+                  ops: Ops, scale: Any = None) -> list[tuple]:
     """[(inputs (n, T, in) or ids (n, T), deltas (n, T, out)) per planned layer], all calls
-    joined along T, from batched per-example recordings shaped (n, 1, ..., features)."""
+    joined along T, from batched per-example recordings shaped (n, 1, ..., features).
+
+    Factors are float32 (float64 for float64 layers); the deltas are divided by the loss
+    `scale` after that cast, so float16 gradients are unscaled without underflow.
+    """
     arrays = []
     for (_, kind, _), a_calls, d_calls in zip(planned, inputs, deltas):
         dtype = "float64" if "float64" in str(d_calls[0].dtype) else "float32"
         d = ops.concat([_positions(x, ops, dtype) for x in d_calls])
+        if scale is not None:
+            d = d / ops.cast(scale, dtype)
         if kind == "embedding":
             a = ops.concat([_positions(x, ops, None, keep_last=False) for x in a_calls])
         else:

@@ -313,8 +313,7 @@ def _build_parts(model, variables, objective, training):
                                in_axes=(0, None, None, None, None, 0, 0, 0, None))
         (deltas, grads), inputs = per_example(zeros, chosen, others, non_trainable, metrics,
                                               x, y, sw, scale)
-        deltas = [[d / scale.astype(d.dtype) for d in calls] for calls in deltas]
-        arrays = factor_arrays(planned, inputs, deltas, k3.factor_ops())
+        arrays = factor_arrays(planned, inputs, deltas, k3.factor_ops(), scale)
         return arrays, [g / scale.astype(g.dtype) for g in grads]
 
     return planned, selected, jax.jit(parts)

@@ -267,11 +267,12 @@ def _build_parts(model, variables, objective, training, signature, planned, scal
             deltas, grads = tape.gradient(target, (perturbations, watched),
                                           unconnected_gradients="zero")
             unscale = (lambda g: g / tf.cast(scale, g.dtype)) if scaled else (lambda g: g)
-            return ([[unscale(d) for d in calls] for calls in deltas],
-                    [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs)
+            return deltas, [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs
 
         deltas, grads, layer_inputs = tf.vectorized_map(one, inputs)
-        return factor_arrays(planned, layer_inputs, deltas, k3.factor_ops()), grads
+        arrays = factor_arrays(planned, layer_inputs, deltas, k3.factor_ops(),
+                               scale if scaled else None)
+        return arrays, grads
 
     return step
 

@@ -309,11 +309,10 @@ def _build_parts(model, variables, objective, training, signature, planned, scal
             deltas, grads = tape.gradient(target, (perturbations, direct),
                                           unconnected_gradients="zero")
             unscale = (lambda g: g / tf.cast(scale, g.dtype)) if scaled else (lambda g: g)
-            return ([[unscale(d) for d in calls] for calls in deltas],
-                    [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs)
+            return deltas, [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs
 
         deltas, grads, layer_inputs = tf.vectorized_map(one, inputs)
-        arrays = factor_arrays(planned, layer_inputs, deltas, _TF_OPS)
+        arrays = factor_arrays(planned, layer_inputs, deltas, _TF_OPS, scale if scaled else None)
         outputs = [t for pair in arrays for t in pair] + list(grads)
         with tf.control_dependencies(outputs):
             for v, value in zip(state, saved):

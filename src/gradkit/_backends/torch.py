@@ -152,7 +152,8 @@ def per_example_parts(model, variables, objective: Objective, batch: Batch, trai
         (deltas, grads), inputs = per_example(zeros, chosen, *data)
     unscale = (lambda g: g.detach()) if scale == 1.0 else (lambda g: (g / scale).detach())
     arrays = factor_arrays(planned, [[a.detach() for a in calls] for calls in inputs],
-                           [[unscale(d) for d in calls] for calls in deltas], k3.factor_ops())
+                           [[d.detach() for d in calls] for calls in deltas], k3.factor_ops(),
+                           None if scale == 1.0 else scale)
     return assemble(len(variables), planned,
                     [(a.cpu(), d.cpu()) for a, d in arrays], [unscale(g).cpu() for g in grads])
 
