@@ -231,3 +231,29 @@ def test_demo_never_replaces_a_foreign_file(tmp_path):
     assert proc.returncode == 1
     assert len(proc.stderr.splitlines()) == 1 and "-o" in proc.stderr
     assert foreign.read_text() == "my notes"
+
+
+def test_nan_data_is_reported_as_one_warning_line(mlp, tmp_path, monkeypatch, capsys):
+    from gradkit._cli import main
+
+    _, x, y = mlp
+    x = x.copy()
+    x[0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["grads", "model.keras", "nan.npz", "-o", "g.npz"]) == 0
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("gradkit: warning: Non-finite gradient") and "1 NaN/Inf" in err
+    assert np.isnan(gradkit.load(tmp_path / "g.npz")["out/kernel"]).any()
+
+
+def test_debug_adds_the_traceback_before_the_error_line(tmp_path, monkeypatch, capsys):
+    from gradkit._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["grads", "missing.keras", "data.npz", "-o", "o", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback")
+    assert err.splitlines()[-1].startswith("gradkit: error: No model file")
