@@ -121,8 +121,11 @@ def _is_demo_output(path: Path) -> bool:
     import zipfile
 
     try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = set(getattr(data, "files", []))
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return False
+    if not hasattr(data, "files"):  # a .npy array, not an .npz archive
+        return False
+    with data:
+        keys = list(data.files)
     return bool(keys) and all(k.startswith(MODEL_NAME + "/") for k in keys)
