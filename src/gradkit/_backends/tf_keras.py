@@ -40,13 +40,10 @@ _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    if not tf.executing_eagerly():
-        raise UnsupportedModelError(
-            "gradkit runs tf-keras models in eager mode, but eager execution is disabled "
-            "(tf.compat.v1.disable_eager_execution() was called). Remove that call; gradkit "
-            "compiles its own tf.function, so graph mode is not needed for speed. "
-            + received(executing_eagerly=False)
-        )
+    if not tf.executing_eagerly():  # tf.compat.v1.disable_eager_execution() was called
+        from gradkit._backends import tf_keras_graph
+
+        return tf_keras_graph.compute_gradients(model, variables, objective, batch, training)
     if not model.built or not model.variables:
         raise UnsupportedModelError(
             f"Model {model.name!r} has not been built, so it has no weights to differentiate. "
