@@ -399,11 +399,20 @@ def test_cross_backend_agreement(keras, tmp_path):
             "gradkit.save(sys.argv[1], t._cross_backend_result(conftest.keras_module))")
     reference = _cross_backend_result(keras)
     assert len(reference) == 7
-    for flavour in ("jax", "torch", "tf_keras"):
-        path = tmp_path / f"{flavour}.npz"
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=300,
-                       cwd=Path(__file__).parent, env=dict(os.environ, GRADKIT_FLAVOUR=flavour))
-        grads = gk.load(path)
+    others = ("jax", "torch", "tf_keras")
+    runs = {flavour: subprocess.Popen(  # concurrently: most of each run is start-up
+        [sys.executable, "-c", code, str(tmp_path / f"{flavour}.npz")],
+        cwd=Path(__file__).parent, env=dict(os.environ, GRADKIT_FLAVOUR=flavour))
+        for flavour in others}
+    try:
+        codes = {flavour: run.wait(timeout=300) for flavour, run in runs.items()}
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+    assert codes == {flavour: 0 for flavour in others}
+    for flavour in others:
+        grads = gk.load(tmp_path / f"{flavour}.npz")
         assert list(grads) == list(reference), flavour
         for key, value in reference.items():
             np.testing.assert_allclose(grads[key], value, rtol=1e-4, atol=1e-6,
