@@ -7,6 +7,7 @@ cause recompilation. Unselected variables are detached so backward stops at the 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
@@ -148,7 +149,9 @@ def per_example_parts(model, variables, objective: Objective, batch: Batch, trai
     per_example = torch.func.vmap(torch.func.grad(example, argnums=(0, 1), has_aux=True),
                                   in_dims=in_dims, randomness="same")
     with torch.enable_grad(), kept_rng():
-        zeros = _zero_perturbations(forward, planned, chosen, data, batch.size)
+        zeros = _zero_perturbations(model, (tuple(id(v) for v in variables),
+                                            objective.cache_key(), bool(training)),
+                                    forward, planned, chosen, data, batch.size)
         (deltas, grads), inputs = per_example(zeros, chosen, *data)
     unscale = (lambda g: g.detach()) if scale == 1.0 else (lambda g: (g / scale).detach())
     arrays = factor_arrays(planned, [[a.detach() for a in calls] for calls in inputs],
@@ -158,15 +161,23 @@ def per_example_parts(model, variables, objective: Objective, batch: Batch, trai
                     [(a.cpu(), d.cpu()) for a, d in arrays], [unscale(g).cpu() for g in grads])
 
 
-def _zero_perturbations(forward, planned, chosen, data, size: int) -> list:
-    """Zeros shaped like each factored pre-activation, found by a pass on the first example."""
-    seen: list[list] = [[] for _ in planned]
-    if planned:
-        with torch.no_grad():
-            forward(lambda layer, call, z: seen[layer].append(z) or z, chosen,
-                    *[map_structure(lambda a: a[0], d) for d in data])
-    return [[torch.zeros((size, *z.shape), dtype=z.dtype, device=z.device) for z in calls]
-            for calls in seen]
+_PERTURBATION_SPECS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _zero_perturbations(model, key, forward, planned, chosen, data, size: int) -> list:
+    """Zeros shaped like each factored pre-activation, found by a pass on the first example
+    (once per model, selection, objective and example shape)."""
+    key = (*key, tuple((tuple(a.shape[1:]), str(a.dtype)) for a in leaves(data[0])))
+    specs = _PERTURBATION_SPECS.setdefault(model, {})
+    if key not in specs:
+        seen: list[list] = [[] for _ in planned]
+        if planned:
+            with torch.no_grad():
+                forward(lambda layer, call, z: seen[layer].append(z) or z, chosen,
+                        *[map_structure(lambda a: a[0], d) for d in data])
+        specs[key] = [[(z.shape, z.dtype, z.device) for z in calls] for calls in seen]
+    return [[torch.zeros((size, *shape), dtype=dtype, device=device)
+             for shape, dtype, device in calls] for calls in specs[key]]
 
 
 # --- Streaming accumulation (gradkit.accumulate)
