@@ -65,11 +65,13 @@ def per_example_gradients(
     SUM over rows equals ``gradients()``. Loss scaling is undone; float32 (float64 for
     float64 variables); keys and order as ``gradients()``.
 
-    Vectorized with the backend's own vectorizer inside its compiled function. The batch
-    runs in chunks of ``chunk_size`` examples (default: as many as fit
-    ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak memory is the B-row result plus one
-    chunk. If the vectorizer cannot handle a layer, a Python loop over examples is used
-    instead, and a warning is logged on the ``"gradkit"`` logger (slower, same values).
+    Vectorized with the backend's own vectorizer inside its compiled function; plain Dense
+    and Embedding layers come back as (layer input, output gradient) factors whose rows are
+    written once, straight into the result. The batch runs in chunks of ``chunk_size``
+    examples (default: as many as fit ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak
+    memory is the B-row result plus at most one chunk. If the vectorizer cannot handle a
+    layer, a Python loop over examples is used instead, and a warning is logged on the
+    ``"gradkit"`` logger (slower, same values).
 
     Layers that couple examples (BatchNormalization with ``training=True``) raise
     InvalidArgumentError naming the layer. A selected variable that does not affect the
@@ -88,7 +90,6 @@ def per_example_gradients(
         key: np.empty((batch.size, *tuple(v.shape)), _result_dtype(v))
         for key, v in zip(keys, variables)
     }
-
     bad: set[str] = set()
 
     def store(start: int, stop: int, parts: list) -> None:
