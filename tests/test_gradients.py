@@ -325,3 +325,17 @@ def test_loss_argument_on_two_outputs_sums_per_output_losses(keras, as_dict):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grads["o2/kernel"], 2 / n * x.T @ (x @ w2 - y2),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_labels_closed_form(keras):
+    # Integer labels with sparse_categorical_crossentropy: the same X^T (P - Y) / N.
+    n, n_in, n_classes = 7, 4, 3
+    x = RNG.normal(size=(n, n_in)).astype("float32")
+    labels = RNG.integers(0, n_classes, size=n)
+    model = _dense_model(keras, n_in, n_classes, bias=True, activation="softmax")
+    model.compile(loss="sparse_categorical_crossentropy")
+    w, b = model.get_layer("dense").get_weights()
+    grads = gk.gradients(model, x, labels)
+    p = _softmax(x.astype("float64") @ w + b)
+    y = np.eye(n_classes)[labels]
+    np.testing.assert_allclose(grads["dense/kernel"], x.T @ (p - y) / n, rtol=1e-4, atol=1e-6)

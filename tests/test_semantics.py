@@ -239,3 +239,18 @@ def test_one_compiled_loss_for_two_outputs_matches_fit(keras):
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR), loss="mse")
     x, y1 = _data()
     fit_step_matches(model, x, [y1, RNG.normal(size=(6, 2)).astype("float32")])
+
+
+def test_compiled_without_loss_differentiates_add_loss_alone(keras, flavour):
+    # compile(loss=None) with an add_loss model: fit minimizes c * sum(out^2); no y needed.
+    c = 0.05
+    inputs = keras.Input((3,), name="x")
+    dense = keras.layers.Dense(2, use_bias=False, name="dense")(inputs)
+    model = keras.Model(inputs, _penalty_layer(keras, _ops(keras, flavour), c)(dense))
+    w = RNG.normal(size=(3, 2)).astype("float32")
+    model.get_layer("dense").set_weights([w])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR))
+    x, _ = _data()
+    grads = fit_step_matches(model, x)
+    np.testing.assert_allclose(grads["dense/kernel"], 2 * c * x.T @ (x @ w), rtol=1e-5,
+                               atol=1e-6)

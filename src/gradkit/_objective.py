@@ -125,7 +125,13 @@ def _is_compiled(model: Any) -> bool:
 
 
 def _has_compiled_loss(model: Any) -> bool:
-    return getattr(model, "loss", None) is not None
+    """Was a loss on the outputs compiled? (tf-keras stores "no loss" as an empty dict.)"""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, dict):
+        return any(v is not None for v in loss.values())
+    if isinstance(loss, (list, tuple)):
+        return any(v is not None for v in loss)
+    return loss is not None
 
 
 def data_loss(loss: Any, y: Any, y_pred: Any, sample_weight: Any) -> Any:
