@@ -339,3 +339,25 @@ def test_sparse_labels_closed_form(keras):
     p = _softmax(x.astype("float64") @ w + b)
     y = np.eye(n_classes)[labels]
     np.testing.assert_allclose(grads["dense/kernel"], x.T @ (p - y) / n, rtol=1e-4, atol=1e-6)
+
+
+def test_keys_stay_unique_when_names_repeat(keras):
+    # Two nested models may each hold a layer named "d"; tf-keras names both variables
+    # "d/kernel". Every variable still gets its own key, in model order, none dropped.
+    def branch(name):
+        return keras.Sequential(name=name, layers=[keras.Input((3,)),
+                                                   keras.layers.Dense(2, name="d")])
+
+    inputs = keras.Input((3,), name="x")
+    outputs = keras.layers.Add(name="add")([branch("left")(inputs), branch("right")(inputs)])
+    model = keras.Model(inputs, outputs)
+    model.compile(loss="mse")
+    x = RNG.normal(size=(4, 3)).astype("float32")
+    grads = gk.gradients(model, x, np.zeros((4, 2), "float32"))
+    assert len(grads) == len(model.trainable_variables) == 4
+    assert len(set(grads)) == 4
+    # mse against zeros: both branches see the residual out = left(x) + right(x).
+    out = model.predict(x, verbose=0)
+    for key, variable in zip(grads, model.trainable_variables):
+        expected = 2 / (4 * 2) * (x.T @ out if len(variable.shape) == 2 else out.sum(0))
+        np.testing.assert_allclose(grads[key], expected, rtol=1e-4, atol=1e-6, err_msg=key)
