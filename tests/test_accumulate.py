@@ -195,6 +195,22 @@ def test_nonfinite_raise_names_batch_and_variables(keras):
         gk.accumulate(_model(keras), batches)
 
 
+def test_nonfinite_raise_stops_the_pass_early(keras):
+    x = X.copy()
+    x[5, 0] = np.inf
+    pulled = []
+
+    def batches():  # 40 batches of 2 (the data cycles): the Inf is in batch 2
+        for b in range(40):
+            pulled.append(b)
+            i = 2 * b % 22
+            yield x[i:i + 2], Y[i:i + 2]
+
+    with pytest.raises(gk.NonFiniteGradientError, match="Batch 2 "):
+        gk.accumulate(_model(keras), batches())
+    assert len(pulled) < 40
+
+
 def test_nonfinite_skip_leaves_the_batch_out_and_reports_once(keras):
     model = _model(keras)
     batches, _ = _with_nan_batch()
@@ -236,6 +252,19 @@ def test_unconnected_variable_raises(keras):
     model.compile(loss="mse")
     with pytest.raises(gk.UnconnectedGradientError, match="2 selected variable.*do not affect"):
         gk.accumulate(model, (X, Y), batch_size=8)
+
+
+def test_data_that_does_not_fit_fails_before_any_work(keras):
+    pulled = []
+
+    def batches():
+        for i in range(3):
+            pulled.append(i)
+            yield X[:4, :3], Y[:4]
+
+    with pytest.raises(gk.DataShapeError, match=r"Batch 0 .*expects \(None, 4\)"):
+        gk.accumulate(_model(keras), batches())
+    assert pulled == [0]
 
 
 def test_argument_errors(keras):

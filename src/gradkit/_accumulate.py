@@ -7,12 +7,15 @@ all N examples is ``L = Σ_b (n_b / N) L_b`` (regularizers included, since Σ n_
 
 The adapter keeps the running sum ``Σ_b n_b ∇L_b`` on the device inside its compiled
 function, and it is copied to the host once, at the end. Non-finite batches are found from a
-per-variable flag each batch returns, read one batch late so the device is never waited on.
+per-variable flag each batch returns. Where the backend runs asynchronously (JAX, or an
+accelerator) the flags are read in groups (the adapter's ``flag_lag``), so the host waits for
+the device once per group and at most ``2 * flag_lag`` batches are in flight.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -135,19 +138,26 @@ def _sum_batches(flavour, model, variables, objective, stream, training, on_nonf
                                        on_nonfinite == "skip")
     faults = _Faults(on_nonfinite, unique_keys(variables))
     weighted = objective.kind != "target"
-    pending = None  # (index, batch, finite flags) of the batch before, checked one late
+    pending: deque = deque()  # (index, batch, finite flags) not checked yet
+    lag = acc.flag_lag
     bar = Progress(stream.total, progress, description="gradkit.accumulate")
     with acc.running(), bar:
         for index, batch in stream:
-            flags = acc.add(batch, float(batch.size) if weighted else 1.0)
-            if pending is None:
+            pending.append((index, batch, acc.add(batch, float(batch.size) if weighted else 1.0)))
+            if bar.batches == 0:
                 _check_connected(variables, acc.connected)
-            else:
-                faults.check(*pending[:2], acc.finite(pending[2]))
-            pending = (index, batch, flags)
+            if len(pending) > 2 * lag:
+                _check_oldest(acc, faults, pending, max(lag, 1))
             bar.update(batch.size)
-        faults.check(*pending[:2], acc.finite(pending[2]))
+        _check_oldest(acc, faults, pending, len(pending))
     return acc.total(), bar.examples, faults
+
+
+def _check_oldest(acc, faults, pending: deque, count: int) -> None:
+    """Read the flags of the `count` oldest pending batches at once and report faults."""
+    entries = [pending.popleft() for _ in range(count)]
+    for (index, batch, _), finite in zip(entries, acc.finite([e[2] for e in entries])):
+        faults.check(index, batch, finite)
 
 
 def _check_connected(variables: list, connected: list[bool]) -> None:

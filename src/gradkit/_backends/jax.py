@@ -357,17 +357,20 @@ def _build_adder(grads_of, skip_nonfinite: bool):
 
 class _Accumulator:
     def __init__(self, model, variables, entry: _Entry, adder) -> None:
-        self._model, self._entry, self._adder = weakref.ref(model), entry, adder
+        self._entry, self._adder = entry, adder
         self._scale = np.float32(k3.loss_scale(model))  # constant: the model is not trained
         self._sums = [jax.numpy.zeros(tuple(v.shape), _sum_dtype(v)) for v in variables]
+        trainable = list(model.trainable_variables)
+        chosen = set(entry.selected)
+        # The variable objects, split once; their values are read afresh for every batch.
+        self._groups = ([trainable[i] for i in entry.selected],
+                        [v for i, v in enumerate(trainable) if i not in chosen],
+                        list(model.non_trainable_variables), list(model.metrics_variables))
         self.connected: list[bool] | None = None
 
     def add(self, batch: Batch, weight: float):
-        trainable, non_trainable, metrics = k3.variable_values(self._model())
-        chosen = set(self._entry.selected)
-        args = ([trainable[i] for i in self._entry.selected],
-                [v for i, v in enumerate(trainable) if i not in chosen],
-                non_trainable, metrics, batch.x, batch.y, batch.sample_weight, self._scale)
+        args = (*([v.value for v in group] for group in self._groups),
+                batch.x, batch.y, batch.sample_weight, self._scale)
         if self._entry.connected is None:
             self._entry.connected = _connected(self._entry.fn, args)
         self.connected = self._entry.connected
@@ -380,8 +383,12 @@ class _Accumulator:
 
         return nullcontext()
 
-    def finite(self, flags) -> np.ndarray:
-        return np.asarray(jax.device_get(flags), dtype=bool)
+    #: Batches whose flags may be outstanding: dispatch is asynchronous, so flags are read
+    #: in groups, waiting on the device once per group rather than once per batch.
+    flag_lag = 8
+
+    def finite(self, flags: list) -> list[np.ndarray]:
+        return [np.asarray(f, dtype=bool) for f in jax.device_get(flags)]
 
     def total(self) -> list[np.ndarray]:
         return [np.asarray(s) for s in jax.device_get(self._sums)]

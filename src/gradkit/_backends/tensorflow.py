@@ -355,8 +355,14 @@ class TFAccumulator:
 
         return nullcontext()
 
-    def finite(self, flags):
-        return flags.numpy()  # a NumPy bool array, one flag per variable
+    @property
+    def flag_lag(self) -> int:
+        """Batches whose flags may be outstanding: none on CPU (eager TF is synchronous
+        there), a group on an accelerator, so the host waits once per group."""
+        return 0 if self._sums[0].device.endswith("CPU:0") else 8
+
+    def finite(self, flags: list) -> list:
+        return [f.numpy() for f in flags]  # NumPy bool arrays, one flag per variable
 
     def total(self) -> list:
         return [s.numpy() for s in self._sums]
