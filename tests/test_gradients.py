@@ -238,6 +238,8 @@ def float64(keras, flavour):
 
         jax.config.update("jax_enable_x64", True)
     set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
+    if flavour == "tf_keras":  # an explicit global policy would override floatx
+        keras.mixed_precision.set_global_policy(None)
     set_floatx("float64")
     try:
         yield

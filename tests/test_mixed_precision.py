@@ -18,13 +18,15 @@ LR = 0.5
 
 
 @pytest.fixture
-def policy(keras):
-    """Set a global dtype policy for one test and always restore float32."""
+def policy(keras, flavour):
+    """Set a global dtype policy for one test and always restore the default."""
     def set_policy(name):
         keras.mixed_precision.set_global_policy(name)
 
     yield set_policy
-    keras.mixed_precision.set_global_policy("float32")
+    # tf-keras: None is the default (follow floatx); an explicit "float32" would outlive
+    # the test and override a later set_floatx. Keras 3's clear_session resets it anyway.
+    keras.mixed_precision.set_global_policy(None if flavour == "tf_keras" else "float32")
 
 
 def _mlp(keras):
