@@ -166,6 +166,20 @@ def test_torch_global_rng_is_restored(keras):
     assert torch.equal(before, torch.get_rng_state())
 
 
+@pytest.mark.flavours("torch")
+def test_torch_finite_flag_is_exact():
+    import torch
+
+    from gradkit._backends.torch import _all_finite
+
+    g = torch.zeros(100, 10)
+    g[3, 4] = g[5, 6] = 3e38  # a finite g whose float32 sum overflows
+    assert bool(_all_finite(g))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        g[7, 1] = bad
+        assert not bool(_all_finite(g))
+
+
 def test_keyboard_interrupt_leaves_the_model_untouched(keras):
     model = _model(keras)
     before = _snapshot(model)
