@@ -9,8 +9,9 @@ cross-entropy; data: random MNIST-shaped NumPy arrays (`--examples` rows), batch
 Speed (one fresh process per flavour): after a warm-up of both on a few batches (compiling
 every batch shape), `model.fit(x, y, epochs=1, shuffle=False)` (which also applies the
 updates) and `gk.accumulate(model, (x, y), batch_size=...)` each pass once over the same
-arrays, alternately (which goes first alternating too), `--rounds` times; the best pass of each gives examples/s (the machine is
-shared, so the best pass is the least disturbed one). Ratio = accumulate / fit (target >= 1).
+arrays, alternately (which goes first alternating too), `--rounds` times; the best pass of
+each gives examples/s (the machine is shared, so the best pass is the least disturbed one).
+Ratio = accumulate / fit (target >= 1).
 
 Memory (two more fresh processes per flavour): `accumulate` over a generator of random
 batches (no dataset held in memory) of N = `--examples` // 10 and of 10 N examples; peak RSS

@@ -59,21 +59,26 @@ def accumulate(
     dataset as one batch: batch b's gradient is weighted by n_b / N, whatever the batch sizes,
     sample weights count as Keras counts them (weighted sum over the example count), and
     ``model.losses`` (regularizers) are included once. The loss must be mean-reduced
-    ("sum_over_batch_size", the default; other reductions raise). With ``target=`` it is
-    the SUM over every example of the target score. Loss scaling is undone; float32
-    (float64 for float64 variables); keys and order as ``gradients()``.
+    ("sum_over_batch_size", the default; other reductions raise), and its per-example size
+    the same in every batch (padded sequences of varying length are weighted by example
+    count, not by element count). With ``target=`` it is the SUM over every example of the
+    target score. Loss scaling is undone; float32 (float64 for float64 variables); keys and
+    order as ``gradients()``.
 
     `data`: a batched ``tf.data.Dataset``, a ``keras.utils.PyDataset``, a torch
     ``DataLoader``, any iterable or generator of ``(x, y)`` / ``(x, y, sample_weight)``
     batches (``x`` alone for ``target=``), or a tuple of arrays ``(x, y[, sample_weight])``
     cut into batches of ``batch_size`` (default 32). The first batch is checked against the
-    model before any work. Memory does not grow with the number of batches.
+    model before any work. Memory does not grow with the number of batches (at most a few
+    batches are in flight).
 
     ``on_nonfinite``: a batch whose gradient holds NaN/Inf raises NonFiniteGradientError
     naming its index and variables (``"raise"``), is left out of the mean and reported once
     at the end (``"skip"``), or is kept with a NonFiniteGradientWarning (``"warn"``).
     ``progress=True`` shows a bar (batches, examples/s) when stderr is a terminal.
-    ``strategy=``: see ``gradkit._distributed`` (tf.distribute, or JAX data parallelism).
+    ``strategy=``: a ``tf.distribute`` strategy the model was built under (TensorFlow,
+    tf-keras), or ``"data_parallel"`` / ``keras.distribution.DataParallel`` / a
+    ``jax.sharding.Mesh`` (JAX); the result equals the single-device one. Not on torch.
     ``training`` as in ``gradients()``; no model state changes, even when interrupted.
     """
     flavour = flavour_of(model)

@@ -37,8 +37,9 @@ from gradkit._sources import BatchStream
 class Summary:
     """Scalar statistics of one variable, one layer, or all selected variables together.
 
-    ``norm_of_mean`` = |ḡ|; ``mean_example_norm`` = mean_i |g_i|; ``trace_variance`` = tr(Σ̂)
-    (unbiased); ``snr`` = |ḡ|² / tr(Σ̂); ``noise_scale`` = B_simple = tr(Σ̂) / |G|²_unbiased.
+    ``norm_of_mean`` = |ḡ|; ``mean_example_norm`` = mean_i |g_i|;
+    ``trace_variance`` = tr(Σ̂) (unbiased); ``snr`` = |ḡ|² / tr(Σ̂);
+    ``noise_scale`` = B_simple = tr(Σ̂) / |G|²_unbiased.
     """
 
     norm_of_mean: float
