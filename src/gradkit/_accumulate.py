@@ -30,14 +30,12 @@ from gradkit._errors import (
     received,
 )
 from gradkit._gradients import _floatx, finish
-from gradkit._objective import Objective, resolve_objective
+from gradkit._objective import check_mean_reduction, resolve_objective
 from gradkit._progress import Progress
 from gradkit._select import select_variables, unique_keys
 from gradkit._sources import BatchStream
 
 ON_NONFINITE = ("raise", "skip", "warn")
-MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
-
 
 def accumulate(
     model: Any,
@@ -85,7 +83,7 @@ def accumulate(
     _check_options(training, on_nonfinite, progress)
     stream = BatchStream(model, data, batch_size, flavour, _floatx(flavour))
     objective = resolve_objective(model, loss, target, stream.first[1].y)
-    check_mean_reduction(model, objective)
+    check_mean_reduction(model, objective, "accumulate()")
     variables = select_variables(model, layers)
     if strategy is not None:
         sums, count, faults = _distributed(model, variables, objective, stream, training,
@@ -116,23 +114,6 @@ def _check_options(training: Any, on_nonfinite: Any, progress: Any) -> None:
             raise InvalidArgumentError(
                 f"{name}= must be True or False. " + received(**{name: value})
             )
-
-
-def check_mean_reduction(model: Any, objective: Objective) -> None:
-    """Raise unless every loss of `objective` averages over the batch (see module docstring)."""
-    if objective.kind == "target":
-        return
-    specs = leaves(model.loss if objective.kind == "compiled" else objective.spec)
-    for spec in specs:
-        reduction = getattr(spec, "reduction", None)
-        if reduction is None or str(reduction).lower() in MEAN_REDUCTIONS:
-            continue
-        raise InvalidArgumentError(
-            f"The loss {getattr(spec, 'name', spec)!r} uses reduction={reduction!r}, but "
-            "accumulate() weights each batch's loss by its example count, which gives the "
-            "dataset loss only for a loss that averages over the batch. Use "
-            "reduction='sum_over_batch_size' (the Keras default). " + received(reduction=reduction)
-        )
 
 
 def _sum_batches(flavour, model, variables, objective, stream, training, on_nonfinite,
@@ -239,7 +220,7 @@ class _Faults:
 
     def all_skipped(self) -> NonFiniteGradientError:
         return NonFiniteGradientError(
-            f"Every batch of the data gave a NaN/Inf gradient, so on_nonfinite='skip' left "
+            "Every batch of the data gave a NaN/Inf gradient, so on_nonfinite='skip' left "
             "nothing to average. Check the data and the loss. "
             + received(skipped_batches=[index for index, _, _ in self.hits])
         )

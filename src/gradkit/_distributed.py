@@ -40,9 +40,7 @@ from gradkit import _backends
 from gradkit._data import Batch
 from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._objective import Objective
-
-MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
+from gradkit._objective import Objective, check_mean_reduction
 
 
 def accumulate_distributed(
@@ -71,33 +69,8 @@ def accumulate_distributed(
             "process per device and add up the unnormalized sums with "
             "torch.distributed.all_reduce. " + received(strategy=strategy)
         )
-    check_reductions(model, objective)
+    check_mean_reduction(model, objective, "strategy=")
     module = "jax_distributed" if flavour == "jax" else "tensorflow_distributed"
     return _backends.load(module).accumulate(
         model, variables, objective, batches, bool(training), strategy
     )
-
-
-def check_reductions(model: Any, objective: Objective) -> None:
-    """Raise unless every loss of `objective` is a mean over examples (splits over shards)."""
-    if objective.kind == "target":
-        return
-    specs = _loss_leaves(model.loss if objective.kind == "compiled" else objective.spec)
-    for spec in specs:
-        reduction = getattr(spec, "reduction", None)
-        if reduction is None or str(reduction).lower() in MEAN_REDUCTIONS:
-            continue
-        raise InvalidArgumentError(
-            f"strategy= needs losses that average over the examples, but the loss "
-            f"{getattr(spec, 'name', spec)!r} uses reduction={reduction!r}, whose batch "
-            "value does not split over replicas. Use reduction='sum_over_batch_size' (the "
-            "default), or strategy=None. " + received(reduction=reduction)
-        )
-
-
-def _loss_leaves(spec: Any) -> list:
-    if isinstance(spec, dict):
-        return [leaf for value in spec.values() for leaf in _loss_leaves(value)]
-    if isinstance(spec, (list, tuple)):
-        return [leaf for value in spec for leaf in _loss_leaves(value)]
-    return [] if spec is None else [spec]

@@ -169,3 +169,29 @@ def target_scores(target: Any, y_pred: Any) -> Any:
             + received(target=target)
         )
     return y_pred[:, target]
+
+
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "auto")
+
+
+def check_mean_reduction(model: Any, objective: Objective, needed_by: str) -> None:
+    """Raise unless every loss of `objective` averages over the batch.
+
+    Weighting batch b's loss by its example count n_b (accumulation, or a batch split over
+    replicas) gives the dataset loss only for losses that average over the batch.
+    """
+    if objective.kind == "target":
+        return
+    from gradkit._data import leaves
+
+    specs = leaves(model.loss if objective.kind == "compiled" else objective.spec)
+    for spec in specs:
+        reduction = getattr(spec, "reduction", None)
+        if reduction is None or str(reduction).lower() in MEAN_REDUCTIONS:
+            continue
+        raise InvalidArgumentError(
+            f"The loss {getattr(spec, 'name', spec)!r} uses reduction={reduction!r}, but "
+            f"{needed_by} weights each batch's loss by its example count, which gives the "
+            "dataset loss only for a loss that averages over the batch. Use "
+            "reduction='sum_over_batch_size' (the Keras default). " + received(reduction=reduction)
+        )
