@@ -299,21 +299,26 @@ def gradient_accumulator(model, variables, objective: Objective, training: bool,
                          skip_nonfinite: bool):
     """A running sum Σ_b w_b ∇L_b kept on the device (see gradkit._accumulate)."""
     k3.check_built(model)
+    return accumulator_over(model, variables, objective, training, skip_nonfinite,
+                            k3.loss_scale(model), _CACHE, _build, _ACCUMULATE)
 
-    scale = k3.loss_scale(model)
 
-    def step_for(signature):  # the step gradients() uses, shared through its cache
+def accumulator_over(model, variables, objective, training, skip_nonfinite, scale,
+                     step_cache, build, adder_cache):
+    """A TFAccumulator over the cached gradient step that gradients() uses (`build`)."""
+
+    def step_for(signature):
         key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
                _signature_key(signature), scale != 1.0)
-        per_model = _CACHE.setdefault(model, {})
+        per_model = step_cache.setdefault(model, {})
         if key not in per_model:
-            per_model[key] = _build(model, variables, objective, training, signature,
-                                    scaled=scale != 1.0)
+            per_model[key] = build(model, variables, objective, training, signature,
+                                   scaled=scale != 1.0)
         return per_model[key]
 
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
            bool(skip_nonfinite))
-    adders = _ACCUMULATE.setdefault(model, {}).setdefault(key, {})
+    adders = adder_cache.setdefault(model, {}).setdefault(key, {})
     return TFAccumulator(variables, step_for, scale, skip_nonfinite, adders)
 
 

@@ -27,6 +27,7 @@ from gradkit._backends.tensorflow import (
     _relaxed_spec,
     _scale_tensor,
     _signature_key,
+    accumulator_over,
     tapped_gradients,
     watched_perturbations,
     watched_taps,
@@ -327,10 +328,8 @@ _ACCUMULATE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary(
 
 def gradient_accumulator(model, variables, objective: Objective, training: bool,
                          skip_nonfinite: bool):
-    """A running sum Σ_b w_b ∇L_b kept on the device: tensorflow.TFAccumulator over the
-    state-restoring tf-keras step (see gradkit._accumulate)."""
-    from gradkit._backends.tensorflow import TFAccumulator
-
+    """A running sum Σ_b w_b ∇L_b kept on the device, over the state-restoring tf-keras
+    step (see gradkit._accumulate)."""
     if not tf.executing_eagerly() or not model.built or not model.variables:
         raise UnsupportedModelError(
             "gradkit needs a built tf-keras model and eager execution (no "
@@ -338,19 +337,5 @@ def gradient_accumulator(model, variables, objective: Objective, training: bool,
             "(model(x[:1])) and remove that call. "
             + received(built=model.built, executing_eagerly=tf.executing_eagerly())
         )
-
-    scale = _loss_scale(model)
-
-    def step_for(signature):  # the step gradients() uses, shared through its cache
-        key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-               _signature_key(signature), scale != 1.0)
-        per_model = _CACHE.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = _build(model, variables, objective, training, signature,
-                                    scaled=scale != 1.0)
-        return per_model[key]
-
-    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           bool(skip_nonfinite))
-    adders = _ACCUMULATE.setdefault(model, {}).setdefault(key, {})
-    return TFAccumulator(variables, step_for, scale, skip_nonfinite, adders)
+    return accumulator_over(model, variables, objective, training, skip_nonfinite,
+                            _loss_scale(model), _CACHE, _build, _ACCUMULATE)
