@@ -60,6 +60,25 @@ def _fresh_session():
     yield
 
 
+@pytest.fixture
+def float64(keras, flavour):
+    """floatx float64 for one test (and JAX's x64 mode, without which JAX has no float64)."""
+    if flavour == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
+    if flavour == "tf_keras":  # an explicit global policy would override floatx
+        keras.mixed_precision.set_global_policy(None)
+    set_floatx("float64")
+    try:
+        yield
+    finally:
+        set_floatx("float32")
+        if flavour == "jax":
+            jax.config.update("jax_enable_x64", False)
+
+
 def to_numpy(value) -> np.ndarray:
     """A variable's or tensor's value as NumPy, on any flavour."""
     if FLAVOUR == "tf_keras":

@@ -230,25 +230,6 @@ def test_embedding_integer_inputs(keras):
     np.testing.assert_allclose(grads["emb/embeddings"], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def float64(keras, flavour):
-    """floatx float64 for one test (and JAX's x64 mode, without which JAX has no float64)."""
-    if flavour == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
-    if flavour == "tf_keras":  # an explicit global policy would override floatx
-        keras.mixed_precision.set_global_policy(None)
-    set_floatx("float64")
-    try:
-        yield
-    finally:
-        set_floatx("float32")
-        if flavour == "jax":
-            jax.config.update("jax_enable_x64", False)
-
-
 def test_float64_model_gives_float64_gradients(keras, flavour, float64):
     n = 5
     x = RNG.normal(size=(n, 3))

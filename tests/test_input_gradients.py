@@ -161,23 +161,6 @@ def test_training_true_changes_no_state(keras):
     assert_same_state(before, state_snapshot(model))
 
 
-@pytest.fixture
-def float64(keras, flavour):
-    """floatx float64 for one test (and JAX's x64 mode, without which JAX has no float64)."""
-    if flavour == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
-    set_floatx("float64")
-    try:
-        yield
-    finally:
-        set_floatx("float32")
-        if flavour == "jax":
-            jax.config.update("jax_enable_x64", False)
-
-
 def test_float64_inputs_give_float64_gradients(keras, flavour, float64):
     model, w = _two_inputs(keras)
     a, b = RNG.normal(size=(2, 3)), RNG.normal(size=(2, 2))

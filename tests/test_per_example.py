@@ -190,22 +190,11 @@ def test_mixed_precision_rows_are_unscaled(keras, flavour):
     np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-4)
 
 
-def test_float64_model_gives_float64_rows(keras, flavour):
-    if flavour == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    set_floatx = keras.backend.set_floatx if flavour == "tf_keras" else keras.config.set_floatx
-    set_floatx("float64")
-    try:
-        model, x, y = text(keras)
-        rows = gk.per_example_gradients(model, x, y)
-        norms = gk.per_example_norms(model, x, y)
-        reference = loop_reference(model, x, y)
-    finally:
-        set_floatx("float32")
-        if flavour == "jax":
-            jax.config.update("jax_enable_x64", False)
+def test_float64_model_gives_float64_rows(keras, flavour, float64):
+    model, x, y = text(keras)
+    rows = gk.per_example_gradients(model, x, y)
+    norms = gk.per_example_norms(model, x, y)
+    reference = loop_reference(model, x, y)
     assert all(v.dtype == np.float64 for v in rows.values()) and norms.dtype == np.float64
     # Keras on torch rounds part of a float64 forward pass at float32 precision (in the loop
     # of gradients() as well), so the rows agree to float32 precision there.
