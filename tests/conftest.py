@@ -86,6 +86,25 @@ def to_numpy(value) -> np.ndarray:
     return np.array(keras_module.ops.convert_to_numpy(value))
 
 
+def trained_stateful_model(keras):
+    """Dense-BatchNorm-Dropout-Dense with Adam and a metric, after one fit step, so that every
+    piece of state (moving statistics, seed state, optimizer slots, metrics; on tf-keras
+    the lazily built loss metrics too) holds a non-initial value. Returns (model, x, y)."""
+    rng = np.random.default_rng(3)
+    model = keras.Sequential(name="stateful", layers=[
+        keras.Input((4,)),
+        keras.layers.Dense(6, name="d1"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dropout(0.5, name="drop"),
+        keras.layers.Dense(3, name="d2"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
+    x = rng.normal(size=(8, 4)).astype("float32") * 2 + 1
+    y = rng.normal(size=(8, 3)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    return model, x, y
+
+
 def state_snapshot(model) -> list[np.ndarray]:
     """Copies of every model variable (weights, BatchNorm statistics, seeds) and metric."""
     values = [to_numpy(v) for v in model.variables]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gradkit as gk
-from conftest import assert_same_state, state_snapshot, to_numpy
+from conftest import assert_same_state, state_snapshot, to_numpy, trained_stateful_model
 
 RNG = np.random.default_rng(4)
 
@@ -269,23 +269,13 @@ def test_grad_cam_conv_feature_maps(keras):
 
 
 def test_training_true_changes_no_state_and_restores_the_layers(keras):
-    model = keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(5, name="d1"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.Dropout(0.5, name="drop"),
-        keras.layers.Dense(2, name="d2"),
-    ])
-    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
-    x = RNG.normal(size=(6, 4)).astype("float32")
-    y = RNG.normal(size=(6, 2)).astype("float32")
-    model.fit(x, y, epochs=1, verbose=0)  # optimizer and metric state exist (tf-keras: lazily)
+    model, x, y = trained_stateful_model(keras)
     before = state_snapshot(model)
     calls = {name: vars(model.get_layer(name)).get("call") for name in ("d1", "bn", "drop")}
 
     grads = gk.activation_gradients(model, x, y, layers=["d1", "bn", "drop"], training=True)
 
-    assert [g.shape for g in grads.values()] == [(6, 5)] * 3
+    assert [g.shape for g in grads.values()] == [(len(x), 6)] * 3  # Dense(6) width
     assert_same_state(before, state_snapshot(model))
     for name, call in calls.items():
         assert vars(model.get_layer(name)).get("call") is call

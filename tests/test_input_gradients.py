@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gradkit as gk
-from conftest import assert_same_state, state_snapshot
+from conftest import assert_same_state, state_snapshot, trained_stateful_model
 
 RNG = np.random.default_rng(3)
 
@@ -142,17 +142,7 @@ def test_input_the_objective_ignores_gets_zeros(keras):
 
 
 def test_training_true_changes_no_state(keras):
-    model = keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(5, name="d1"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.Dropout(0.5, name="drop"),
-        keras.layers.Dense(2, name="d2"),
-    ])
-    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
-    x = RNG.normal(size=(6, 4)).astype("float32")
-    y = RNG.normal(size=(6, 2)).astype("float32")
-    model.fit(x, y, epochs=1, verbose=0)  # optimizer and metric state exist (tf-keras: lazily)
+    model, x, y = trained_stateful_model(keras)
     before = state_snapshot(model)
 
     grads = gk.input_gradients(model, x, y, training=True)

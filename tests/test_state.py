@@ -7,30 +7,13 @@ import numpy as np
 import pytest
 
 import gradkit as gk
-from conftest import assert_same_state, state_snapshot, to_numpy
+from conftest import assert_same_state, state_snapshot, to_numpy, trained_stateful_model
 
 RNG = np.random.default_rng(3)
 
 
-def _trained_model(keras):
-    """BatchNorm (moving statistics), Dropout (seed state), Adam (slots), a metric; one fit
-    step so that every piece of state holds a non-initial value."""
-    model = keras.Sequential(name="stateful", layers=[
-        keras.Input((4,)),
-        keras.layers.Dense(6, name="d1"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.Dropout(0.5, name="drop"),
-        keras.layers.Dense(3, name="d2"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
-    x = RNG.normal(size=(8, 4)).astype("float32") * 2 + 1
-    y = RNG.normal(size=(8, 3)).astype("float32")
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    return model, x, y
-
-
 def test_no_state_changes(keras):
-    model, x, y = _trained_model(keras)
+    model, x, y = trained_stateful_model(keras)
     before = state_snapshot(model)
     moving_mean = to_numpy(model.get_layer("bn").moving_mean)
     assert not np.all(moving_mean == 0)  # fit changed it: the snapshot holds real state
@@ -49,7 +32,7 @@ def test_training_true_really_trains_mode(keras, flavour):
     # seed state stays put, so two training calls see the same dropout mask and agree
     # exactly. (tf-keras draws unseeded dropout from TF's per-op random kernels, which no
     # one can rewind: its masks differ from call to call, as model(x, training=True) does.)
-    model, x, y = _trained_model(keras)
+    model, x, y = trained_stateful_model(keras)
     first = gk.gradients(model, x, y, training=True)
     second = gk.gradients(model, x, y, training=True)
     infer = gk.gradients(model, x, y, training=False)
@@ -66,7 +49,7 @@ def test_torch_global_rng_is_not_advanced(keras):
     # a gradkit call must leave that stream where it was.
     import torch
 
-    model, x, y = _trained_model(keras)
+    model, x, y = trained_stateful_model(keras)
     before = torch.get_rng_state()
     gk.gradients(model, x, y, training=True)
     assert torch.equal(before, torch.get_rng_state())
