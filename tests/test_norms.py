@@ -48,7 +48,7 @@ def test_dense_and_embedding_come_back_factored(keras, flavour):
     from gradkit._objective import Objective
     from gradkit._select import unique_keys
 
-    adapter = _backends.load(flavour)
+    adapter = _backends.load(f"{flavour}_per_example")
     for builder, fast in ((mlp, ["out/kernel", "out/bias"]),
                           (text, ["embed/embeddings", "out/kernel", "out/bias"]),
                           (sequence, ["shared/kernel", "shared/bias", "out/kernel", "out/bias"])):

@@ -75,9 +75,9 @@ def per_example_norms(
             part, parts[j] = parts[j], None
             squared[j][start:stop] = squared_rows(part, stop - start)
 
-    compute = vectorized_or_loop(adapter, model, variables, objective, bool(training))
+    compute, pad = vectorized_or_loop(flavour, model, variables, objective, bool(training))
     chunk = resolve_chunk_size(None, variables, batch.size)
-    for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
+    for_each_chunk(compute, batch, chunk, store, pad)
     return _combine(variables, squared, bool(by_layer), batch)
 
 

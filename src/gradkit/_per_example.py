@@ -10,7 +10,8 @@ Each adapter vectorizes the single-example gradient with its framework's own vec
 inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map`` in
 ``tf.function``, ``torch.func.vmap``). Plain Dense and Embedding layers come back as small
 factors (layer input, pre-activation gradient; see ``_backends._layer_factors``) whose
-product is written once, straight into the preallocated NumPy result; other variables come
+product is written once, straight into the preallocated NumPy result (in parallel blocks,
+``gradkit._rows``); other variables come
 back as arrays and are copied in. The batch is processed in chunks, so peak memory is the
 result plus one chunk.
 """
@@ -24,7 +25,6 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit import _backends
-from gradkit._backends._layer_factors import Factor
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import (
     GradkitError,
@@ -33,6 +33,7 @@ from gradkit._errors import (
     received,
 )
 from gradkit._gradients import _prepare, _result_dtype, report_nonfinite
+from gradkit._rows import write_rows
 from gradkit._select import unique_keys, walk_layers
 
 #: Bytes of per-example result one chunk may hold when chunk_size=None (256 MiB).
@@ -98,8 +99,8 @@ def per_example_gradients(
             if not write_rows(part, result[key][start:stop]):
                 bad.add(key)
 
-    compute = vectorized_or_loop(adapter, model, variables, objective, bool(training))
-    for_each_chunk(compute, batch, chunk, store, getattr(adapter, "PAD_CHUNKS", False))
+    compute, pad = vectorized_or_loop(flavour, model, variables, objective, bool(training))
+    for_each_chunk(compute, batch, chunk, store, pad)
     warn_nonfinite(result, bad, batch)
     return result
 
@@ -186,11 +187,15 @@ def for_each_chunk(compute: Callable, batch: Batch, chunk: int, store: Callable,
         store(start, stop, list(compute(part)))
 
 
-def vectorized_or_loop(adapter, model, variables, objective, training) -> Callable:
-    """The adapter's vectorized per-example gradient, or a loop when it cannot vectorize."""
+def vectorized_or_loop(flavour: str, model, variables, objective, training
+                       ) -> tuple[Callable[[Batch], list], bool]:
+    """(compute, pad): the flavour's vectorized per-example gradient (its adapter module
+    ``<flavour>_per_example``), or a loop when it cannot vectorize; `pad`: whether short
+    chunks should be padded (the adapter compiles per shape)."""
+    adapter, vectorizer = _backends.load(flavour), _backends.load(f"{flavour}_per_example")
 
     def vectorized(part: Batch) -> list:
-        return adapter.per_example_parts(model, variables, objective, part, training)
+        return vectorizer.per_example_parts(model, variables, objective, part, training)
 
     fallback: list[str] = []
 
@@ -206,12 +211,12 @@ def vectorized_or_loop(adapter, model, variables, objective, training) -> Callab
             logger.warning(
                 "gradkit: the %s vectorizer cannot handle model %r (%s); per-example "
                 "gradients are computed with a Python loop over examples instead (same "
-                "values, slower).", adapter.__name__.rsplit(".", 1)[-1], model.name, fallback[0],
+                "values, slower).", flavour, model.name, fallback[0],
             )
             return rows
         return loop_over_examples(adapter, model, variables, objective, part, training)
 
-    return compute
+    return compute, getattr(vectorizer, "PAD_CHUNKS", False)
 
 
 def loop_over_examples(adapter, model, variables, objective, part: Batch, training) -> list:
@@ -222,44 +227,6 @@ def loop_over_examples(adapter, model, variables, objective, part: Batch, traini
         for i in range(part.size)
     ]
     return [np.stack([row[j] for row in rows]) for j in range(len(variables))]
-
-
-def write_rows(part: Any, out: np.ndarray) -> bool:
-    """Write one variable's per-example gradients (an array or a `Factor`) into `out`.
-
-    Returns whether the rows are finite, from the small factors when a bound allows it.
-    """
-    n = out.shape[0]
-    if not isinstance(part, Factor):
-        out[...] = np.asarray(part)[:n].reshape(out.shape)
-        return _finite(out)
-    deltas = np.asarray(part.deltas)[:n]
-    inputs = None if part.role == "bias" else np.asarray(part.inputs)[:n]
-    if part.role == "bias":
-        np.sum(deltas, axis=1, out=out)
-    elif part.role == "embeddings":  # δ_t added into row id_t
-        out[...] = 0
-        np.add.at(out, (np.arange(n)[:, None], inputs.astype(np.intp)), deltas)
-    elif inputs.shape[1] == 1:  # a_i δ_iᵀ, written once, straight into the result
-        np.einsum("bi,bo->bio", inputs[:, 0], deltas[:, 0], out=out)
-    else:
-        np.matmul(inputs.transpose(0, 2, 1), deltas, out=out)
-    return _factor_finite(part.role, inputs, deltas, out.dtype) or _finite(out)
-
-
-def _factor_finite(role: str, inputs: Any, deltas: np.ndarray, dtype: np.dtype) -> bool:
-    """True if finite factors bound every entry of the product below the dtype's maximum."""
-    if not _finite(deltas) or (role == "kernel" and not _finite(inputs)):
-        return False
-    bound = float(np.abs(deltas).max(initial=0.0)) * deltas.shape[1]
-    if role == "kernel":
-        bound *= float(np.abs(inputs).max(initial=0.0))
-    return bound < 0.5 * float(np.finfo(dtype).max)
-
-
-def _finite(array: np.ndarray) -> bool:
-    """No NaN/Inf (min/max propagate NaN: no boolean copy of the array)."""
-    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
 
 
 def warn_nonfinite(result: dict[str, np.ndarray], bad: set, batch: Batch) -> None:

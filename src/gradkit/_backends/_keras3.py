@@ -91,12 +91,28 @@ def objective_value(
     `valid_rows` (a boolean vector over the batch) marks the real rows of a batch padded
     to a compiled size: the others get weight 0 (see gradkit._backends._buckets).
     """
+    y_pred, losses = forward(model, training, trainable_values, non_trainable_values, x)
+    if valid_rows is not None:
+        sample_weight = _buckets.exclude_padding(objective, y_pred, sample_weight, valid_rows)
+    return objective_of_predictions(model, objective, training, trainable_values,
+                                    non_trainable_values, metrics_values, x, y, y_pred,
+                                    sample_weight, losses)
+
+
+def forward(model: Any, training: bool, trainable_values: list, non_trainable_values: list,
+            x: Any) -> tuple[Any, list]:
+    """(predictions, forward-pass losses: add_loss, activity and weight regularizers)."""
     kwargs = {"training": training} if model._call_has_training_arg else {}
     y_pred, _, losses = model.stateless_call(
         trainable_values, non_trainable_values, x, return_losses=True, **kwargs
     )
-    if valid_rows is not None:
-        sample_weight = _buckets.exclude_padding(objective, y_pred, sample_weight, valid_rows)
+    return y_pred, list(losses)
+
+
+def objective_of_predictions(model, objective, training, trainable_values,
+                             non_trainable_values, metrics_values, x, y, y_pred,
+                             sample_weight, losses):
+    """The objective from a forward pass's predictions and losses (see `forward`)."""
     if objective.kind == "target":
         return target_score(objective.spec, y_pred, sample_weight)
     if objective.kind == "loss":

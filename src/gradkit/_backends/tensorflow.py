@@ -14,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -207,87 +206,6 @@ def tapped_gradients(tape: tf.GradientTape, scaled, perturbations: list, scale) 
     tapped = [p for p in perturbations if p is not None]
     grads = iter(_unscaled(tape.gradient(scaled, tapped), scale))
     return [None if p is None else next(grads) for p in perturbations]
-
-
-# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
-
-_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor.
-
-    One cached `tf.function`: `tf.vectorized_map` over a per-example GradientTape watching
-    zero perturbations at the factored layers' pre-activations and the other selected
-    variables.
-    """
-    k3.check_built(model)
-    inputs = _inputs(batch)
-    signature = map_structure(_relaxed_spec, inputs)
-    scale = k3.loss_scale(model)
-    key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature), scale != 1.0)
-    per_model = _PER_EXAMPLE.setdefault(model, {})
-    if key not in per_model:
-        planned = k3.factor_plan(model, variables)
-        per_model[key] = planned, _build_parts(model, variables, objective, training,
-                                               signature, planned, scaled=scale != 1.0)
-    planned, step = per_model[key]
-    arrays, grads = step(inputs, _scale_tensor(scale))
-    return assemble(len(variables), planned, arrays, grads)
-
-
-def _build_parts(model, variables, objective, training, signature, planned, scaled):
-    """step(inputs, scale) -> (factor arrays, other gradients); `scaled=False` skips the
-    loss scale (1.0), which would otherwise cost a copy of every per-example gradient."""
-    model_ref, objective = weakref.ref(model), k3.prepare_objective(objective)
-    selected = k3.selected_indices(model, [variables[j] for j in rest(planned, len(variables))])
-    taps = LayerTaps(planned)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        values, non_trainable, metrics = k3.variable_values(model)
-
-        def one(example):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                trainable = list(values)
-                for i in selected:
-                    trainable[i] = tf.identity(trainable[i])
-                watched = [trainable[i] for i in selected]
-                tape.watch(watched)
-                perturbations, perturb = watched_perturbations(tape, len(planned))
-                taps.start(perturb)
-                with taps.installed():
-                    loss = k3.example_objective(
-                        model, objective, training, trainable, non_trainable, metrics,
-                        example["x"], example.get("y"), example.get("sample_weight"))
-                target = tf.cast(loss, tf.float32)
-                target = target * scale if scaled else target
-            deltas, grads = tape.gradient(target, (perturbations, watched),
-                                          unconnected_gradients="zero")
-            unscale = (lambda g: g / tf.cast(scale, g.dtype)) if scaled else (lambda g: g)
-            return deltas, [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs
-
-        deltas, grads, layer_inputs = tf.vectorized_map(one, inputs)
-        arrays = factor_arrays(planned, layer_inputs, deltas, k3.factor_ops(),
-                               scale if scaled else None)
-        return arrays, grads
-
-    return step
-
-
-def watched_perturbations(tape: tf.GradientTape, count: int) -> tuple[list, Any]:
-    """([[perturbation per call] per layer], perturb): zero perturbations the tape watches."""
-    perturbations: list[list] = [[] for _ in range(count)]
-
-    def perturb(layer: int, call: int, z: Any) -> Any:
-        zero = tf.zeros_like(z)
-        tape.watch(zero)
-        perturbations[layer].append(zero)
-        return z + zero
-
-    return perturbations, perturb
 
 
 # --- Streaming accumulation (gradkit.accumulate); also used by tf_keras.py

@@ -14,14 +14,6 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends._layer_factors import (
-    LayerTaps,
-    Ops,
-    assemble,
-    factor_arrays,
-    plan,
-    rest,
-)
 from gradkit._backends.tensorflow import (
     _inputs,
     _relaxed_spec,
@@ -29,7 +21,6 @@ from gradkit._backends.tensorflow import (
     _signature_key,
     accumulator_over,
     tapped_gradients,
-    watched_perturbations,
     watched_taps,
 )
 from gradkit._backends._taps import OutputTaps
@@ -249,74 +240,6 @@ def _build_tapped_step(model, taps, objective, training, signature, template):
             for v, value in zip(state, saved):
                 v.assign(value)
         return loss, grads, outputs
-
-    return step
-
-
-# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
-
-_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_TF_OPS = Ops(tf.reshape, tf.cast,
-              lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
-
-
-def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor.
-
-    As the Keras 3 TensorFlow adapter (`tf.vectorized_map` over a per-example tape in a
-    cached `tf.function`); the model's state is written back afterwards. The front door has
-    run `compute_gradients` on this model first (its eager and built checks).
-    """
-    inputs = _inputs(batch)
-    signature = map_structure(_relaxed_spec, inputs)
-    scale = _loss_scale(model)
-    key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature), scale != 1.0)
-    per_model = _PER_EXAMPLE.setdefault(model, {})
-    if key not in per_model:
-        planned = plan(model, variables, tf_keras.layers.Dense, tf_keras.layers.Embedding)
-        per_model[key] = planned, _build_parts(model, variables, objective, training,
-                                               signature, planned, scaled=scale != 1.0)
-    planned, step = per_model[key]
-    arrays, grads = step(inputs, _scale_tensor(scale))
-    return assemble(len(variables), planned, arrays, grads)
-
-
-def _build_parts(model, variables, objective, training, signature, planned, scaled):
-    model_ref, taps, state = weakref.ref(model), LayerTaps(planned), _state_variables(model)
-    direct = [variables[j] for j in rest(planned, len(variables))]
-    if objective.kind == "loss":
-        objective = Objective("loss", _resolve_loss(objective.spec))
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        saved = [tf.identity(v) for v in state]
-
-        def one(example):
-            x, y, sw = (map_structure(lambda a: a[None], example.get(name))
-                        for name in ("x", "y", "sample_weight"))
-            with tf.GradientTape() as tape:
-                perturbations, perturb = watched_perturbations(tape, len(planned))
-                taps.start(perturb)
-                with taps.installed():
-                    y_pred = model(x, training=training)
-                loss = _objective_value(model, objective, x, y, sw, y_pred)
-                target = tf.cast(loss, tf.float32)
-                target = target * scale if scaled else target
-            deltas, grads = tape.gradient(target, (perturbations, direct),
-                                          unconnected_gradients="zero")
-            unscale = (lambda g: g / tf.cast(scale, g.dtype)) if scaled else (lambda g: g)
-            return deltas, [unscale(tf.convert_to_tensor(g)) for g in grads], taps.inputs
-
-        deltas, grads, layer_inputs = tf.vectorized_map(one, inputs)
-        arrays = factor_arrays(planned, layer_inputs, deltas, _TF_OPS, scale if scaled else None)
-        outputs = [t for pair in arrays for t in pair] + list(grads)
-        with tf.control_dependencies(outputs):
-            for v, value in zip(state, saved):
-                v.assign(value)
-        return [tuple(tf.identity(t) for t in pair) for pair in arrays], [
-            tf.identity(g) for g in grads]
 
     return step
 

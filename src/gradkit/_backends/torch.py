@@ -7,14 +7,12 @@ cause recompilation. Unselected variables are detached so backward stops at the 
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import keras
 import torch
 
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
@@ -112,72 +110,6 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
         grads = _unscaled_grads(loss, perturbations, k3.loss_scale(model))
     return float(loss.detach()), grads, [
         o.detach().cpu().numpy() if return_activations else None for o in outputs]
-
-
-# --- Per-example gradients (gradkit.per_example_gradients, gradkit.per_example_norms)
-
-
-def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor.
-
-    `torch.func.vmap` of `torch.func.grad` of each example's objective over `stateless_call`,
-    with respect to zero perturbations at the factored layers' pre-activations (shapes from
-    one forward pass on the first example) and to the other selected variables.
-    """
-    k3.check_built(model)
-    objective, planned = k3.prepare_objective(objective), k3.factor_plan(model, variables)
-    selected = k3.selected_indices(model, [variables[j] for j in rest(planned, len(variables))])
-    taps, scale = LayerTaps(planned), k3.loss_scale(model)
-    data = [map_structure(_to_tensor, v) for v in (batch.x, batch.y, batch.sample_weight)]
-    trainable, non_trainable, metrics = (
-        [v.detach() for v in values] for values in k3.variable_values(model))
-    others = [v for i, v in enumerate(trainable) if i not in set(selected)]
-
-    def forward(perturb, chosen, x, y, sample_weight):
-        taps.start(perturb)
-        with taps.installed():
-            loss = k3.example_objective(model, objective, training,
-                                        k3.merge_trainable(selected, chosen, others),
-                                        non_trainable, metrics, x, y, sample_weight)
-        return loss.float() * scale, taps.inputs
-
-    def example(eps, chosen, x, y, sample_weight):
-        return forward(lambda layer, call, z: z + eps[layer][call], chosen, x, y, sample_weight)
-
-    chosen = [trainable[i] for i in selected]
-    in_dims = (0, None) + tuple(None if d is None else 0 for d in data)
-    per_example = torch.func.vmap(torch.func.grad(example, argnums=(0, 1), has_aux=True),
-                                  in_dims=in_dims, randomness="same")
-    with torch.enable_grad(), kept_rng():
-        zeros = _zero_perturbations(model, (tuple(id(v) for v in variables),
-                                            objective.cache_key(), bool(training)),
-                                    forward, planned, chosen, data, batch.size)
-        (deltas, grads), inputs = per_example(zeros, chosen, *data)
-    unscale = (lambda g: g.detach()) if scale == 1.0 else (lambda g: (g / scale).detach())
-    arrays = factor_arrays(planned, [[a.detach() for a in calls] for calls in inputs],
-                           [[d.detach() for d in calls] for calls in deltas], k3.factor_ops(),
-                           None if scale == 1.0 else scale)
-    return assemble(len(variables), planned,
-                    [(a.cpu(), d.cpu()) for a, d in arrays], [unscale(g).cpu() for g in grads])
-
-
-_PERTURBATION_SPECS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-def _zero_perturbations(model, key, forward, planned, chosen, data, size: int) -> list:
-    """Zeros shaped like each factored pre-activation, found by a pass on the first example
-    (once per model, selection, objective and example shape)."""
-    key = (*key, tuple((tuple(a.shape[1:]), str(a.dtype)) for a in leaves(data[0])))
-    specs = _PERTURBATION_SPECS.setdefault(model, {})
-    if key not in specs:
-        seen: list[list] = [[] for _ in planned]
-        if planned:
-            with torch.no_grad():
-                forward(lambda layer, call, z: seen[layer].append(z) or z, chosen,
-                        *[map_structure(lambda a: a[0], d) for d in data])
-        specs[key] = [[(z.shape, z.dtype, z.device) for z in calls] for calls in seen]
-    return [[torch.zeros((size, *shape), dtype=dtype, device=device)
-             for shape, dtype, device in calls] for calls in specs[key]]
 
 
 # --- Streaming accumulation (gradkit.accumulate)

@@ -1,0 +1,109 @@
+"""Per-example gradients of models that take each adapter's special routes, against the loop.
+
+On torch, inference through Keras' own Dense/Embedding layers takes the batched route (one
+forward and one backward pass over the whole batch); everything else takes the vectorized
+one (`torch.func.vmap`). Models whose examples must run alone (a layer mixing the batch, an
+activity loss that Keras divides by the batch size) must still give each example's own
+gradient, on every flavour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _per_example_models import N, sequence, text
+from test_per_example import assert_same_sets, loop_reference
+
+import gradkit as gk
+
+RNG = np.random.default_rng(7)
+
+
+def plain_mlp(keras, **dense_options):
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(6, activation="tanh", name="hidden", **dense_options),
+        keras.layers.Dense(3, name="out"),
+    ])
+    model.compile(loss="mse")
+    return model, RNG.normal(size=(N, 4)).astype("float32"), RNG.normal(size=(N, 3)).astype(
+        "float32")
+
+
+def batch_mixing(keras, flavour):
+    """A Lambda layer adding half the batch mean: on a batch of one that is 1.5 x the input."""
+    if flavour == "tf_keras":
+        import tensorflow as tf
+
+        mean = tf.reduce_mean
+    else:
+        mean = keras.ops.mean
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(6, activation="tanh", name="hidden"),
+        keras.layers.Lambda(lambda t: t + 0.5 * mean(t, axis=0, keepdims=True), name="mix"),
+        keras.layers.Dense(3, name="out"),
+    ])
+    model.compile(loss="mse")
+    return model, RNG.normal(size=(N, 4)).astype("float32"), RNG.normal(size=(N, 3)).astype(
+        "float32")
+
+
+def test_examples_that_must_run_alone_match_the_loop(keras, flavour):
+    for model, x, y in (plain_mlp(keras, activity_regularizer=keras.regularizers.L2(0.3)),
+                        batch_mixing(keras, flavour)):
+        rows = gk.per_example_gradients(model, x, y)
+        assert_same_sets(rows, loop_reference(model, x, y))
+        norms = np.sqrt(sum((v.reshape(N, -1).astype("float64") ** 2).sum(1)
+                            for v in rows.values()))
+        np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5)
+
+
+def test_dense_only_models_with_weights_targets_and_shared_layers_match_the_loop(keras):
+    model, ids, labels = text(keras)
+    weights = np.array([0.5, 2.0, 0.0, 1.0, 3.0], "float32")
+    assert_same_sets(gk.per_example_gradients(model, ids, labels, sample_weight=weights),
+                     loop_reference(model, ids, labels, sample_weight=weights))
+    model, x, _ = plain_mlp(keras)
+    assert_same_sets(gk.per_example_gradients(model, x, target=1),
+                     loop_reference(model, x, target=1))
+    model, x, y = sequence(keras)
+    assert_same_sets(gk.per_example_gradients(model, x, y), loop_reference(model, x, y))
+
+
+@pytest.mark.flavours("tensorflow", "jax", "torch")  # tf-keras has no such reduction
+def test_a_loss_whose_weights_do_not_add_up_over_examples(keras):
+    """"mean_with_sample_weight" divides by the weights' sum: on a batch of one the weight
+    cancels, so row i is example i's unweighted loss gradient (unless its weight is 0)."""
+    model, x, y = plain_mlp(keras)
+    model.compile(loss=keras.losses.MeanSquaredError(reduction="mean_with_sample_weight"))
+    weights = np.array([0.5, 2.0, 1.0, 1.0, 3.0], "float32")
+    rows = gk.per_example_gradients(model, x, y, sample_weight=weights)
+    assert_same_sets(rows, loop_reference(model, x, y, sample_weight=weights))
+    assert_same_sets(rows, loop_reference(model, x, y))
+
+
+@pytest.mark.flavours("torch")
+def test_torch_routes(keras, flavour, monkeypatch):
+    """Plain inference models never reach the vmap route; the others never the batched one."""
+    from gradkit._backends import torch_per_example as routes
+
+    vectorized, batched = routes._vectorized, routes._batched
+
+    def refuse(name):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"the {name} route was taken")
+        return refused
+
+    model, x, y = plain_mlp(keras)
+    expected = loop_reference(model, x, y)
+    monkeypatch.setattr(routes, "_vectorized", refuse("vectorized"))
+    assert_same_sets(gk.per_example_gradients(model, x, y), expected)
+    monkeypatch.setattr(routes, "_vectorized", vectorized)
+    monkeypatch.setattr(routes, "_batched", refuse("batched"))
+    assert_same_sets(gk.per_example_gradients(model, x, y, training=True), expected)
+    for other, x, y in (plain_mlp(keras, activity_regularizer=keras.regularizers.L2(0.3)),
+                        batch_mixing(keras, flavour)):
+        assert not routes.rows_independent(other, False)
+        gk.per_example_gradients(other, x, y)
+    monkeypatch.setattr(routes, "_batched", batched)

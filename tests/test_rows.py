@@ -1,0 +1,71 @@
+"""gradkit._rows: per-example rows written from factors in parallel blocks, against a loop.
+
+Framework-free: the factors are NumPy arrays. The result starts as NaN, so a row that no
+block writes (or writes twice into the wrong place) shows up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradkit import _rows
+from gradkit._backends._layer_factors import Factor
+
+RNG = np.random.default_rng(11)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def mode(request, monkeypatch):
+    if request.param == "parallel":  # every write goes through the pool, in blocks
+        monkeypatch.setattr(_rows, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(_rows, "_workers", lambda: 3)
+    return request.param
+
+
+def nan_rows(*shape):
+    return np.full(shape, np.nan, np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 7, 13])
+def test_kernel_rows_are_outer_products(mode, n):
+    a = RNG.normal(size=(n, 1, 5)).astype("float32")
+    d = RNG.normal(size=(n, 1, 4)).astype("float32")
+    out = nan_rows(n, 5, 4)
+    assert _rows.write_rows(Factor("kernel", a, d), out)
+    for i in range(n):
+        np.testing.assert_allclose(out[i], np.outer(a[i, 0], d[i, 0]), rtol=1e-6)
+
+
+def test_sequence_kernel_rows_sum_over_positions(mode):
+    a = RNG.normal(size=(9, 3, 5)).astype("float32")
+    d = RNG.normal(size=(9, 3, 4)).astype("float32")
+    out = nan_rows(9, 5, 4)
+    _rows.write_rows(Factor("kernel", a, d), out)
+    for i in range(9):
+        expected = sum(np.outer(a[i, t], d[i, t]) for t in range(3))
+        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_arrays_are_copied_and_checked(mode):
+    rows = RNG.normal(size=(11, 6, 2)).astype("float32")
+    out = nan_rows(11, 6, 2)
+    assert _rows.write_rows(rows, out)
+    np.testing.assert_array_equal(out, rows)
+    rows[4, 1, 0] = np.inf
+    assert not _rows.write_rows(rows, nan_rows(11, 6, 2))
+
+
+def test_an_error_in_a_block_reaches_the_caller(mode):
+    def write(rows):
+        if rows.start > 0 or mode == "serial":
+            raise ValueError("block failed")
+
+    with pytest.raises(ValueError, match="block failed"):
+        _rows.in_blocks(10, 10**9, write)
+
+
+def test_blocks_cover_every_row_once():
+    seen = []
+    _rows.in_blocks(50, 10**9, lambda rows: seen.extend(range(50)[rows]))
+    assert sorted(seen) == list(range(50))
