@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -89,17 +90,19 @@ def samples(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 5,
             inner: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each function, one sample per round, the functions timed in turn.
 
-    Each round runs every function `inner` times (the order rotating by round), so drift
-    and load from other processes are shared between them; summarize with `median` or
-    `paired_ratio`.
+    Each round runs every function `inner` times, in a new random order (seeded), so drift,
+    load from other processes and the after-effects of the previous call (a large free, cold
+    caches) are shared between them; summarize with `median` or `paired_ratio`.
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        order = list(names)
+        shuffle(order)
         for name in order:
             fn = fns[name]
             start = time.perf_counter()
