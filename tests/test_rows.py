@@ -69,3 +69,17 @@ def test_blocks_cover_every_row_once():
     seen = []
     _rows.in_blocks(50, 10**9, lambda rows: seen.extend(range(50)[rows]))
     assert sorted(seen) == list(range(50))
+
+
+@pytest.mark.flavours("torch")
+@pytest.mark.parametrize("positions", [1, 3])
+def test_torch_writes_the_same_kernel_rows(keras, positions):
+    from gradkit._backends.torch_per_example import kernel_rows
+
+    a = RNG.normal(size=(6, positions, 5)).astype("float32")
+    d = RNG.normal(size=(6, positions, 4)).astype("float32")
+    expected, out = nan_rows(6, 5, 4), nan_rows(9, 5, 4)
+    _rows.kernel_rows(a, d, expected)
+    assert _rows.write_rows(Factor("kernel", a, d), out[2:8], kernel_rows)  # a view
+    np.testing.assert_allclose(out[2:8], expected, rtol=1e-5, atol=1e-6)
+    assert np.isnan(out[:2]).all() and np.isnan(out[8:]).all()

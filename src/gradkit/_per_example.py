@@ -93,10 +93,12 @@ def per_example_gradients(
     }
     bad: set[str] = set()
 
+    product = getattr(_backends.load(f"{flavour}_per_example"), "kernel_rows", None)
+
     def store(start: int, stop: int, parts: list) -> None:
         for j, key in enumerate(keys):
             part, parts[j] = parts[j], None  # drop the backend's buffer once copied
-            if not write_rows(part, result[key][start:stop]):
+            if not write_rows(part, result[key][start:stop], product):
                 bad.add(key)
 
     compute, pad = vectorized_or_loop(flavour, model, variables, objective, bool(training))

@@ -26,10 +26,13 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers
 _pool_lock = threading.Lock()
 
 
-def write_rows(part: Any, out: np.ndarray) -> bool:
+def write_rows(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """Write one variable's per-example gradients (an array or a `Factor`) into `out`.
 
-    Returns whether the rows are finite, from the small factors when a bound allows it.
+    `product(inputs, deltas, out)`, when given, writes the kernel rows ``Σ_t a_t δ_tᵀ``
+    instead of NumPy (an adapter whose framework keeps its own threads busy-waiting on every
+    core, as torch's OpenMP does, writes them with those threads). Returns whether the rows
+    are finite, from the small factors when a bound allows it.
     """
     n = out.shape[0]
     if not isinstance(part, Factor):
@@ -43,27 +46,51 @@ def write_rows(part: Any, out: np.ndarray) -> bool:
     elif part.role == "embeddings":  # δ_t added into row id_t
         out[...] = 0
         np.add.at(out, (np.arange(n)[:, None], inputs.astype(np.intp)), deltas)
-    elif inputs.shape[1] == 1:  # a_i δ_iᵀ, written once, straight into the result
-        a, d = inputs[:, 0], deltas[:, 0]
-        in_blocks(n, out.nbytes, lambda s: np.einsum("bi,bo->bio", a[s], d[s], out=out[s]))
-    else:  # Σ_t a_t δ_tᵀ
-        a = inputs.transpose(0, 2, 1)
-        in_blocks(n, out.nbytes, lambda s: np.matmul(a[s], deltas[s], out=out[s]))
+    else:
+        (product or kernel_rows)(inputs, deltas, out)
     return _factor_finite(part.role, inputs, deltas, out.dtype) or _finite(out)
+
+
+def kernel_rows(inputs: np.ndarray, deltas: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = Σ_t a_it δ_itᵀ`` for inputs (n, T, in) and deltas (n, T, out), in blocks."""
+    if inputs.shape[1] == 1:  # a_i δ_iᵀ, written once, straight into the result
+        a, d = inputs[:, 0], deltas[:, 0]
+        in_blocks(len(out), out.nbytes,
+                  lambda s: np.einsum("bi,bo->bio", a[s], d[s], out=out[s]))
+    else:
+        a = inputs.transpose(0, 2, 1)
+        in_blocks(len(out), out.nbytes, lambda s: np.matmul(a[s], deltas[s], out=out[s]))
 
 
 def in_blocks(n: int, nbytes: int, write: Callable[[slice], Any]) -> None:
     """Call ``write(rows)`` over blocks of ``range(n)`` covering it once, in parallel when the
-    write is large and the process may use more than one core; return when all are done."""
+    write is large and the process may use more than one core; return when all are done.
+
+    The calling thread works too, and every thread takes the next block when it is free, so
+    a core that the framework's own threads still hold slows the write down least.
+    """
     workers = _workers()
     if workers == 1 or nbytes < PARALLEL_MIN_BYTES or n < 2:
         write(slice(0, n))
         return
     step = -(-n // min(n, workers * _BLOCKS_PER_WORKER))
-    futures = [_executor(workers).submit(write, slice(start, min(start + step, n)))
-               for start in range(0, n, step)]
-    for future in futures:
-        future.result()  # re-raises a block's error here
+    blocks = iter([slice(start, min(start + step, n)) for start in range(0, n, step)])
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                rows = next(blocks, None)
+            if rows is None:
+                return
+            write(rows)
+
+    helpers = [_executor(workers - 1).submit(drain) for _ in range(workers - 1)]
+    try:
+        drain()
+    finally:
+        for helper in helpers:
+            helper.result()  # waits for every block; re-raises a helper's error
 
 
 def _workers() -> int:

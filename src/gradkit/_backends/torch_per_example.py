@@ -18,6 +18,7 @@ import weakref
 from typing import Any
 
 import keras
+import numpy as np
 import torch
 
 from gradkit._backends import _keras3 as k3
@@ -52,6 +53,17 @@ def per_example_parts(model, variables, objective: Objective, batch: Batch, trai
         if parts is not None:
             return parts
     return _vectorized(model, variables, planned, objective, data, batch.size, training)
+
+
+def kernel_rows(inputs: Any, deltas: Any, out: np.ndarray) -> None:
+    """``out[i] = Σ_t a_it δ_itᵀ`` (see `gradkit._rows.write_rows`), written by torch's own
+    threads straight into the NumPy result: torch's OpenMP threads busy-wait after each
+    operation, so NumPy threads of gradkit's would share the cores with them."""
+    a, d, target = torch.as_tensor(inputs), torch.as_tensor(deltas), torch.from_numpy(out)
+    if a.shape[1] == 1:
+        torch.mul(a[:, 0, :, None], d[:, 0, None, :], out=target)
+    else:
+        torch.matmul(a.transpose(1, 2), d, out=target)
 
 
 def rows_independent(model: Any, training: bool) -> bool:
