@@ -119,7 +119,7 @@ def _check_options(training: Any, on_nonfinite: Any, progress: Any) -> None:
 def _sum_batches(flavour, model, variables, objective, stream, training, on_nonfinite,
                  progress):
     """(Σ_b w_b ∇L_b per variable, examples seen, faults): the single-device loop."""
-    adapter = _backends.load(flavour)
+    adapter = _backends.load(f"{flavour}_accumulate")
     acc = adapter.gradient_accumulator(model, variables, objective, training,
                                        on_nonfinite == "skip")
     faults = _Faults(on_nonfinite, unique_keys(variables))

@@ -1,9 +1,14 @@
 """Backend adapters: the only modules that import a framework.
 
-Each flavour module exposes the same function::
+Each flavour (tensorflow, jax, torch, tf_keras) has a family of modules, loaded by name:
 
-    compute_gradients(model, variables, objective, batch, training)
-        -> (loss: float, grads: list[np.ndarray | None])
+- ``<flavour>``: ``compute_gradients(model, variables, objective, batch, training) ->
+  (loss, [np.ndarray | None])`` and the input and activation gradients;
+- ``<flavour>_per_example``: ``per_example_parts(...)`` (a `Factor` or an array of rows per
+  variable), optionally ``PAD_CHUNKS`` and ``kernel_rows``;
+- ``<flavour>_accumulate``: ``gradient_accumulator(...)`` for gradkit.accumulate;
+- ``tensorflow_distributed`` (also for tf_keras) and ``jax_distributed``: ``accumulate(...)``
+  under a tf.distribute strategy or a JAX mesh.
 
 `variables` are the selected trainable variables in model order; a None gradient means the
 variable has no path to the loss. The value is the true, unscaled gradient of the objective

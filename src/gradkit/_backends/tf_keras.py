@@ -19,7 +19,6 @@ from gradkit._backends.tensorflow import (
     _relaxed_spec,
     _scale_tensor,
     _signature_key,
-    accumulator_over,
     tapped_gradients,
     watched_taps,
 )
@@ -242,23 +241,3 @@ def _build_tapped_step(model, taps, objective, training, signature, template):
         return loss, grads, outputs
 
     return step
-
-
-# --- Streaming accumulation (gradkit.accumulate)
-
-_ACCUMULATE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-def gradient_accumulator(model, variables, objective: Objective, training: bool,
-                         skip_nonfinite: bool):
-    """A running sum Σ_b w_b ∇L_b kept on the device, over the state-restoring tf-keras
-    step (see gradkit._accumulate)."""
-    if not tf.executing_eagerly() or not model.built or not model.variables:
-        raise UnsupportedModelError(
-            "gradkit needs a built tf-keras model and eager execution (no "
-            "tf.compat.v1.disable_eager_execution()). Call the model once on a batch "
-            "(model(x[:1])) and remove that call. "
-            + received(built=model.built, executing_eagerly=tf.executing_eagerly())
-        )
-    return accumulator_over(model, variables, objective, training, skip_nonfinite,
-                            _loss_scale(model), _CACHE, _build, _ACCUMULATE)
