@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit import _backends
+from gradkit._backends import _cache
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import (
     GradkitError,
@@ -39,7 +40,7 @@ from gradkit._select import unique_keys, walk_layers
 #: Bytes of per-example result one chunk may hold when chunk_size=None (256 MiB).
 CHUNK_BUDGET_BYTES = 256 * 2**20
 _COUPLING_LAYERS = ("BatchNormalization", "SyncBatchNormalization")
-_CONNECTED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CONNECTED: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 logger = logging.getLogger("gradkit")
 
 
@@ -127,7 +128,7 @@ def check_independent(model: Any, training: bool) -> None:
 def check_connected(adapter, model, variables, objective, batch: Batch, training) -> None:
     """Raise if a selected variable has no path to the objective (checked once per setup)."""
     key = (tuple(id(v) for v in variables), objective.cache_key(), training)
-    per_model = _CONNECTED.setdefault(model, {})
+    per_model = _cache.per_model(_CONNECTED, model)
     if key not in per_model:
         _, grads = adapter.compute_gradients(
             model, variables, objective, slice_batch(batch, 0, 1), training

@@ -17,12 +17,13 @@ import jax
 import numpy as np
 
 from gradkit._backends import _buckets
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 class _Entry:
@@ -36,7 +37,7 @@ class _Entry:
 def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
     k3.check_built(model)
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training))
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         per_model[key] = _build(model, variables, objective, training, buckets=True)
     entry = per_model[key]
@@ -132,7 +133,7 @@ def _connected(fn, args) -> list[bool]:
 
 # --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
 
-_AUX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_AUX_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
@@ -140,7 +141,7 @@ def compute_input_gradients(model, objective: Objective, batch: Batch, training:
     k3.check_built(model)
     template = map_structure(lambda _: 0, batch.x)
     key = ("inputs", repr(template), objective.cache_key(), bool(training))
-    per_model = _AUX_CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_AUX_CACHE, model)
     if key not in per_model:
         per_model[key] = _build_input_fn(model, objective, training, template)
     loss, grads = per_model[key](leaves(batch.x), *k3.variable_values(model), batch.y,
@@ -187,7 +188,7 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
     template = map_structure(lambda _: 0, batch.x)
     key = ("activations", tuple(id(layer) for layer in layers), repr(template),
            objective.cache_key(), bool(training))
-    per_model = _AUX_CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_AUX_CACHE, model)
     if key not in per_model:
         per_model[key] = _build_activation_entry(model, layers, keys, objective, training,
                                                  template)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends.jax import _CACHE, _build, _connected, _Entry
 from gradkit._data import Batch
@@ -27,7 +28,7 @@ def gradient_accumulator(model, variables, objective: Objective, training: bool,
     k3.check_built(model)
     key = ("accumulate", tuple(id(v) for v in variables), objective.cache_key(),
            bool(training), bool(skip_nonfinite))
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         entry = _build(model, variables, objective, training)
         per_model[key] = (entry, _build_adder(entry.fn.__wrapped__, bool(skip_nonfinite)))

@@ -23,13 +23,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends import jax as single
 from gradkit._data import leaves, map_structure
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import Objective
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def accumulate(model, variables, objective: Objective, batches, training: bool, strategy):
@@ -85,7 +86,7 @@ def resolve_mesh(strategy: Any) -> tuple[Mesh, tuple[str, ...]]:
 
 def _cached(model, variables, objective, training, mesh):
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training), mesh)
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         entry = single._build(model, variables, objective, training)
         replicated = NamedSharding(mesh, PartitionSpec())

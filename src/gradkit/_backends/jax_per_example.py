@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends.jax import split_values
@@ -22,7 +23,7 @@ from gradkit._objective import Objective
 
 #: The front door pads a short last chunk to the chunk size: XLA compiles per shape.
 PAD_CHUNKS = True
-_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
@@ -34,7 +35,7 @@ def per_example_parts(model, variables, objective: Objective, batch: Batch, trai
     """
     k3.check_built(model)
     key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training))
-    per_model = _PER_EXAMPLE.setdefault(model, {})
+    per_model = _cache.per_model(_PER_EXAMPLE, model)
     if key not in per_model:
         per_model[key] = _build_parts(model, variables, objective, training)
     planned, selected, fn = per_model[key]

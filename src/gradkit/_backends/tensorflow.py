@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
@@ -28,7 +29,7 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     scale = k3.loss_scale(model)
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
            _signature_key(signature), scale != 1.0)
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         per_model[key] = _build(model, variables, objective, training, signature,
                                 scaled=scale != 1.0)
@@ -102,7 +103,7 @@ def _build(model, variables, objective, training, signature, scaled=True):
 
 # --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
 
-_AUX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_AUX_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
@@ -113,7 +114,7 @@ def compute_input_gradients(model, objective: Objective, batch: Batch, training:
     signature = map_structure(_relaxed_spec, inputs)
     key = ("inputs", repr(template), objective.cache_key(), bool(training),
            _signature_key(signature))
-    per_model = _AUX_CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_AUX_CACHE, model)
     if key not in per_model:
         per_model[key] = _build_input_step(model, objective, training, signature, template)
     loss, grads = per_model[key](inputs, tf.constant(k3.loss_scale(model), tf.float32))
@@ -158,7 +159,7 @@ def compute_activation_gradients(model, layers, keys, objective: Objective, batc
     signature = map_structure(_relaxed_spec, inputs)
     key = ("activations", tuple(id(layer) for layer in layers), repr(template),
            objective.cache_key(), bool(training), _signature_key(signature))
-    per_model = _AUX_CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_AUX_CACHE, model)
     if key not in per_model:
         taps = OutputTaps(layers, keys)
         per_model[key] = (taps, _build_activation_step(

@@ -13,6 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends.tensorflow import (
     _CACHE,
@@ -24,7 +25,7 @@ from gradkit._backends.tensorflow import (
 from gradkit._data import Batch, map_structure
 from gradkit._objective import Objective
 
-_ACCUMULATE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_ACCUMULATE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def gradient_accumulator(model, variables, objective: Objective, training: bool,
@@ -42,7 +43,7 @@ def accumulator_over(model, variables, objective, training, skip_nonfinite, scal
     def step_for(signature):
         key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
                _signature_key(signature), scale != 1.0)
-        per_model = step_cache.setdefault(model, {})
+        per_model = _cache.per_model(step_cache, model)
         if key not in per_model:
             per_model[key] = build(model, variables, objective, training, signature,
                                    scaled=scale != 1.0)
@@ -50,7 +51,10 @@ def accumulator_over(model, variables, objective, training, skip_nonfinite, scal
 
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
            bool(skip_nonfinite))
-    adders = adder_cache.setdefault(model, {}).setdefault(key, {})
+    by_key = _cache.per_model(adder_cache, model)
+    if key not in by_key:
+        by_key[key] = {}  # adding functions per input signature
+    adders = by_key[key]
     return TFAccumulator(variables, step_for, scale, skip_nonfinite, adders)
 
 

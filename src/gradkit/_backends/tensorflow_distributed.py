@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradkit._backends import _cache
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import Objective, data_loss
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 _SUPPORTED = (
     tf.distribute.MirroredStrategy,
     tf.distribute.MultiWorkerMirroredStrategy,
@@ -141,7 +142,7 @@ class _Step:
 def _cached_step(model, variables, objective, training, strategy, keras3) -> _Step:
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
            id(strategy))
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         per_model[key] = _build(model, variables, objective, training, strategy, keras3)
     return per_model[key]

@@ -13,13 +13,14 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends.tensorflow import _inputs, _relaxed_spec, _scale_tensor, _signature_key
 from gradkit._data import Batch, map_structure
 from gradkit._objective import Objective
 
-_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
@@ -38,7 +39,7 @@ def cached_parts(model, variables, objective: Objective, batch: Batch, training:
     signature = map_structure(_relaxed_spec, inputs)
     key = ("parts", tuple(id(v) for v in variables), objective.cache_key(), bool(training),
            _signature_key(signature), scale != 1.0)
-    per_model = _PER_EXAMPLE.setdefault(model, {})
+    per_model = _cache.per_model(_PER_EXAMPLE, model)
     if key not in per_model:
         planned = plan(model, variables)
         per_model[key] = planned, build(model, variables, objective, training, signature,

@@ -14,6 +14,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
+from gradkit._backends import _cache
 from gradkit._backends.tensorflow import (
     _inputs,
     _relaxed_spec,
@@ -27,7 +28,7 @@ from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
@@ -46,7 +47,7 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     scale = _loss_scale(model)
     key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
            _signature_key(signature), scale != 1.0)
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         per_model[key] = _build(model, variables, objective, training, signature,
                                 scaled=scale != 1.0)
@@ -150,7 +151,7 @@ def _build(model, variables, objective, training, signature, scaled=True):
 
 # --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
 
-_AUX_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_AUX_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def _check_ready(model: Any) -> None:
@@ -169,7 +170,7 @@ def _check_ready(model: Any) -> None:
 
 
 def _cached_step(model, key, build):
-    per_model = _AUX_CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_AUX_CACHE, model)
     if key not in per_model:
         per_model[key] = build()
     return per_model[key]

@@ -7,11 +7,12 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from gradkit._backends import _cache
 from gradkit._backends.tensorflow_accumulate import accumulator_over
 from gradkit._backends.tf_keras import _CACHE, _build, _check_ready, _loss_scale
 from gradkit._objective import Objective
 
-_ACCUMULATE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_ACCUMULATE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 def gradient_accumulator(model, variables, objective: Objective, training: bool,

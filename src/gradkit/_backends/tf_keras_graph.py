@@ -19,11 +19,12 @@ import numpy as np
 import tensorflow as tf
 from tf_keras.src import backend  # get_graph/get_session/learning phase (not in tf_keras.backend)
 
+from gradkit._backends import _cache
 from gradkit._data import Batch, leaves
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 class _Graph:
@@ -44,7 +45,7 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
     xs, ys = _input_arrays(model, batch.x), _output_arrays(model, batch.y)
     key = (tuple(id(v) for v in variables), objective.cache_key(),
            tuple(_spec(a) for a in ys), batch.sample_weight is not None)
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _cache.per_model(_CACHE, model)
     if key not in per_model:
         with backend.get_graph().as_default():
             per_model[key] = _build(model, variables, objective, ys, batch.sample_weight)

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import torch
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._layer_factors import LayerTaps, Ops, assemble, factor_arrays, rest
 from gradkit._backends.torch import _to_tensor, kept_rng
@@ -28,7 +29,8 @@ from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import Objective
 from gradkit._select import walk_layers
 
-_PERTURBATION_SPECS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_PERTURBATION_SPECS: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = (
+    weakref.WeakKeyDictionary())
 _USER_CODE = ("Lambda", "TorchModuleWrapper")
 
 
@@ -159,7 +161,7 @@ def _zero_perturbations(model, key, forward, planned, chosen, data, size: int) -
     """Zeros shaped like each factored pre-activation, found by a pass on the first example
     (once per model, selection, objective and example shape)."""
     key = (*key, tuple((tuple(a.shape[1:]), str(a.dtype)) for a in leaves(data[0])))
-    specs = _PERTURBATION_SPECS.setdefault(model, {})
+    specs = _cache.per_model(_PERTURBATION_SPECS, model)
     if key not in specs:
         seen: list[list] = [[] for _ in planned]
         if planned:
