@@ -41,7 +41,7 @@ def test_norms_equal_norms_of_per_example_gradients(keras, name):
 
 def test_dense_and_embedding_come_back_factored(keras, flavour):
     """Plain Dense/Embedding variables come back as (input, output gradient) factors, so
-    neither route materializes them; regularized and conv variables come back as arrays."""
+    neither route materializes them; regularized variables come back as arrays."""
     from gradkit import _backends
     from gradkit._backends._layer_factors import Factor
     from gradkit._data import prepare_batch

@@ -2,9 +2,11 @@
 
 Plain Dense and Embedding layers get closed forms from each example's layer input and
 pre-activation gradient (see ``gradkit._backends._layer_factors``): their cost and memory grow
-with the activations, not with B × parameters. Every other selected variable (convolutions,
-normalization, regularized or customized layers) is materialized by the adapter chunk by
-chunk, keeping only each chunk's squared norms.
+with the activations, not with B × parameters. Plain convolutions form each example's (small)
+kernel gradient from the same factors, one block of examples at a time
+(``gradkit._conv_rows``). Every other selected variable (normalization, regularized or
+customized layers) is materialized by the adapter chunk by chunk, keeping only each chunk's
+squared norms.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from gradkit import _backends
+from gradkit import _conv_rows as conv
 from gradkit._backends._layer_factors import Factor
 from gradkit._data import Batch
 from gradkit._errors import InvalidArgumentError, received
@@ -53,7 +56,8 @@ def per_example_norms(
     model order. float32 (float64 when every selected variable is float64).
 
     Dense and Embedding layers use closed forms from the layer input and the pre-activation
-    gradient, so per-example gradients are never formed for them; other layers are
+    gradient, so per-example gradients are never formed for them; Conv layers form them
+    from those factors a block of examples at a time; other layers are
     materialized chunk by chunk (256 MiB of per-example gradients per chunk). Errors as
     ``per_example_gradients``; no model state changes.
     """
@@ -86,6 +90,12 @@ def squared_rows(part: Any, n: int) -> np.ndarray:
     if not isinstance(part, Factor):
         rows = np.asarray(part)[:n].reshape(n, -1)
         return np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
+    if part.geometry is not None:  # a convolution
+        if part.role == "bias":
+            summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
+            return np.einsum("bo,bo->b", summed, summed)
+        return conv.kernel_squared_norms(np.asarray(part.inputs)[:n],
+                                         np.asarray(part.deltas)[:n], part.geometry)
     d = np.asarray(part.deltas)[:n].astype(np.float64)
     if part.role == "bias":
         summed = d.sum(axis=1)

@@ -8,11 +8,10 @@ mean-reduced compiled loss the mean over rows equals ``gradients()`` of the whol
 
 Each adapter vectorizes the single-example gradient with its framework's own vectorizer
 inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map`` in
-``tf.function``, ``torch.func.vmap``). Plain Dense and Embedding layers come back as small
-factors (layer input, pre-activation gradient; see ``_backends._layer_factors``) whose
+``tf.function``, ``torch.func.vmap``). Plain Dense, Embedding and Conv layers come back as
+small factors (layer input, pre-activation gradient; see ``_backends._layer_factors``) whose
 product is written once, straight into the preallocated NumPy result (in parallel blocks,
-``gradkit._rows``); other variables come
-back as arrays and are copied in. The batch is processed in chunks, so peak memory is the
+``gradkit._rows``); other variables come back as arrays and are copied in. The batch is processed in chunks, so peak memory is the
 result plus one chunk.
 """
 
@@ -67,8 +66,8 @@ def per_example_gradients(
     SUM over rows equals ``gradients()``. Loss scaling is undone; float32 (float64 for
     float64 variables); keys and order as ``gradients()``.
 
-    Vectorized with the backend's own vectorizer inside its compiled function; plain Dense
-    and Embedding layers come back as (layer input, output gradient) factors whose rows are
+    Vectorized with the backend's own vectorizer inside its compiled function; plain Dense,
+    Embedding and Conv layers come back as (layer input, output gradient) factors whose rows are
     written once, straight into the result. The batch runs in chunks of ``chunk_size``
     examples (default: as many as fit ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak
     memory is the B-row result plus at most one chunk. If the vectorizer cannot handle a

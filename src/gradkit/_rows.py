@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gradkit import _conv_rows as conv
 from gradkit._backends._layer_factors import Factor
 
 #: Below this many bytes a variable's rows are written by the calling thread alone.
@@ -38,6 +39,13 @@ def write_rows(part: Any, out: np.ndarray, product: Callable | None = None) -> b
     if not isinstance(part, Factor):
         rows = np.asarray(part)[:n].reshape(out.shape)
         in_blocks(n, out.nbytes, lambda s: np.copyto(out[s], rows[s]))
+        return _finite(out)
+    if part.geometry is not None:  # a convolution: small kernels, checked directly
+        if part.role == "bias":
+            np.sum(conv.bias_deltas(part.deltas, part.geometry)[:n], axis=1, out=out)
+        else:
+            conv.kernel_rows(np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n],
+                             part.geometry, out)
         return _finite(out)
     deltas = np.asarray(part.deltas)[:n]
     inputs = None if part.role == "bias" else np.asarray(part.inputs)[:n]

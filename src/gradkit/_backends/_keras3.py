@@ -201,8 +201,10 @@ def example_objective(model, objective, training, trainable, non_trainable, metr
 
 
 def factor_plan(model: Any, variables: list) -> list:
-    """The Dense/Embedding layers whose per-example gradients are factored (_layer_factors)."""
-    return _layer_factors.plan(model, variables, keras.layers.Dense, keras.layers.Embedding)
+    """The Dense/Embedding/Conv layers whose per-example gradients are factored (_layer_factors)."""
+    layers = keras.layers
+    return _layer_factors.plan(model, variables, layers.Dense, layers.Embedding,
+                               (layers.Conv1D, layers.Conv2D, layers.Conv3D))
 
 
 def factor_ops() -> _layer_factors.Ops:

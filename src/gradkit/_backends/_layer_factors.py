@@ -1,4 +1,5 @@
-"""Per-example gradients of Dense and Embedding layers as factors: layer input × output gradient.
+"""Per-example gradients of Dense, Embedding and Conv layers as factors: layer input × output
+gradient.
 
 For a Dense layer ``z = a·W + b`` (then its activation), example i's gradients are
 
@@ -9,14 +10,17 @@ input and ``δ = ∂L_i/∂z`` the gradient at the pre-activation. An Embedding 
 into row ``id_t``. A layer called more than once (shared) adds every call's positions. So the
 small per-example factors ``(a, δ)`` carry the whole gradient: the front door writes
 ``a δᵀ`` straight into its NumPy result (one write of B × P numbers) or takes the norm from
-them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``).
+them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``). A convolution is the
+same sum over its output positions, with ``a_t`` the input patch under position t: its
+factors keep their spatial shape and its geometry (``gradkit._conv_rows``).
 
 `LayerTaps` collects the factors: while installed, each planned layer's ``call`` records its
 input, and the adapter's ``perturb(layer, call, z)`` adds a zero perturbation at the
-pre-activation (inside a Dense layer's activation; at an Embedding's output). The adapter
+pre-activation (inside a Dense or Conv layer's activation; at an Embedding's output). The adapter
 differentiates each example's objective with respect to those perturbations inside its
 vectorizer. Layers not planned here (other types; regularized, LoRA, quantized or customized
-Dense/Embedding) are differentiated directly. Framework-free: adapters pass their ops.
+Dense/Embedding/Conv, grouped convolutions) are differentiated directly. Framework-free:
+adapters pass their ops.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from gradkit._conv_rows import conv_geometry
 from gradkit._select import walk_layers
 
 _MISSING = object()
-_ROLES = {"dense": ("kernel", "bias"), "embedding": ("embeddings",)}
+_ROLES = {"dense": ("kernel", "bias"), "embedding": ("embeddings",), "conv": ("kernel", "bias")}
 _REGULARIZERS = {"dense": ("kernel_regularizer", "bias_regularizer"),
-                 "embedding": ("embeddings_regularizer",)}
+                 "embedding": ("embeddings_regularizer",),
+                 "conv": ("kernel_regularizer", "bias_regularizer")}
 
 
 class Ops(NamedTuple):
@@ -43,24 +49,31 @@ class Ops(NamedTuple):
 
 class Planned(NamedTuple):
     layer: Any
-    kind: str  # "dense" | "embedding"
+    kind: str  # "dense" | "embedding" | "conv"
     roles: dict  # "kernel" / "bias" / "embeddings" -> index into the selected variables
 
 
 class Factor(NamedTuple):
     """One variable's per-example gradient in factored form (see the module docstring)."""
 
-    role: str  # "kernel" | "bias" | "embeddings"
+    role: str  # "kernel" | "bias" | "embeddings" | "conv_kernel"
     inputs: Any  # (n, T, fan_in) layer inputs, or (n, T) ids; None for a bias
     deltas: Any  # (n, T, fan_out) pre-activation gradients
+    #: a convolution's `gradkit._conv_rows.Geometry`; then inputs (n, calls, *input shape)
+    #: and deltas (n, calls, *output shape), both with the layer's channel axis
+    geometry: Any = None
 
 
-def plan(model: Any, variables: list, dense_cls: type, embedding_cls: type) -> list[Planned]:
-    """The layers whose selected variables are factored, in model order."""
+def plan(model: Any, variables: list, dense_cls: type, embedding_cls: type,
+         conv_classes: tuple = ()) -> list[Planned]:
+    """The layers whose selected variables are factored, in model order (`conv_classes`:
+    the framework's Conv1D/2D/3D)."""
     index = {id(v): j for j, v in enumerate(variables)}
     planned = []
+    classes = [("dense", dense_cls), ("embedding", embedding_cls)]
+    classes += [("conv", cls) for cls in conv_classes]
     for _, layer in walk_layers(model):
-        kind = _kind(layer, dense_cls, embedding_cls)
+        kind = _kind(layer, classes)
         if kind is None:
             continue
         roles = {}
@@ -73,16 +86,18 @@ def plan(model: Any, variables: list, dense_cls: type, embedding_cls: type) -> l
     return planned
 
 
-def _kind(layer: Any, dense_cls: type, embedding_cls: type) -> str | None:
-    """"dense"/"embedding" for a plain layer of that type (own call, no regularizer)."""
-    for kind, cls in (("dense", dense_cls), ("embedding", embedding_cls)):
+def _kind(layer: Any, classes: list) -> str | None:
+    """The kind of a plain layer of one of `classes` (own call, no regularizer), or None."""
+    for kind, cls in classes:
         if not isinstance(layer, cls) or type(layer).call is not cls.call:
             continue
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             return None
         if any(getattr(layer, name, None) is not None for name in _REGULARIZERS[kind]):
             return None  # the regularizer's gradient does not pass through z
-        if kind == "dense" and getattr(layer, "activation", None) is None:
+        if kind != "embedding" and getattr(layer, "activation", None) is None:
+            return None
+        if kind == "conv" and getattr(layer, "groups", 1) != 1:
             return None
         return kind
     return None
@@ -115,7 +130,7 @@ class LayerTaps:
             for index, (layer, kind, _) in enumerate(self.planned):
                 call, activation = layer.call, getattr(layer, "activation", None)
                 _shadow(layer, "call", self._recording(index, kind, call), patched)
-                if kind == "dense":
+                if kind != "embedding":
                     _shadow(layer, "activation", self._perturbing(index, activation), patched)
             yield self
         finally:
@@ -159,6 +174,11 @@ def factor_arrays(planned: list[Planned], inputs: list[list], deltas: list[list]
     arrays = []
     for (_, kind, _), a_calls, d_calls in zip(planned, inputs, deltas):
         dtype = "float64" if "float64" in str(d_calls[0].dtype) else "float32"
+        if kind == "conv":  # spatial shapes kept, calls along axis 1
+            d = ops.concat([ops.cast(x, dtype) for x in d_calls])
+            a = ops.concat([ops.cast(x, dtype) for x in a_calls])
+            arrays.append((a, d if scale is None else d / ops.cast(scale, dtype)))
+            continue
         d = ops.concat([_positions(x, ops, dtype) for x in d_calls])
         if scale is not None:
             d = d / ops.cast(scale, dtype)
@@ -174,8 +194,11 @@ def assemble(count: int, planned: list[Planned], arrays: list[tuple], rest_grads
     """One entry per selected variable: a `Factor`, or its directly computed (n, ...) array."""
     result: list[Any] = [None] * count
     for entry, (a, d) in zip(planned, arrays):
+        geometry = conv_geometry(entry.layer) if entry.kind == "conv" else None
         for role, j in entry.roles.items():
-            result[j] = Factor(role, None if role == "bias" else a, d)
+            if geometry is not None and role == "kernel":
+                role = "conv_kernel"
+            result[j] = Factor(role, None if role == "bias" else a, d, geometry)
     for j, grad in zip(rest(planned, count), rest_grads):
         result[j] = grad
     return result

@@ -2,7 +2,7 @@
 
 One `jax.jit` program per model, selection and objective: `jax.vmap` of `jax.grad` of each
 example's objective over `stateless_call`, with respect to zero perturbations at the factored
-Dense/Embedding pre-activations (see `_layer_factors`) and to the other selected variables.
+Dense/Embedding/Conv pre-activations (see `_layer_factors`) and to the other selected variables.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.We
 
 
 def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) array.
+    """Per selected variable: a `Factor` (plain Dense/Embedding/Conv) or an (n, *shape) array.
 
     One `jax.jit` program: `jax.vmap` of `jax.grad` of each example's objective, with respect
     to zero perturbations at the factored layers' pre-activations (their shapes found by

@@ -2,7 +2,7 @@
 
 One cached `tf.function` per model, selection, objective and input signature:
 `tf.vectorized_map` over a per-example GradientTape that watches zero perturbations at the
-factored Dense/Embedding pre-activations (see `_layer_factors`) and the other selected
+factored Dense/Embedding/Conv pre-activations (see `_layer_factors`) and the other selected
 variables. The tf-keras adapter reuses `cached_parts` and `watched_perturbations`.
 """
 
@@ -24,7 +24,7 @@ _PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.We
 
 
 def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor."""
+    """Per selected variable: a `Factor` (plain Dense/Embedding/Conv) or an (n, *shape) tensor."""
     k3.check_built(model)
     return cached_parts(model, variables, objective, batch, training, k3.loss_scale(model),
                         k3.factor_plan, _build_parts)
@@ -45,7 +45,11 @@ def cached_parts(model, variables, objective: Objective, batch: Batch, training:
         per_model[key] = planned, build(model, variables, objective, training, signature,
                                         planned, scale != 1.0)
     planned, step = per_model[key]
-    arrays, grads = step(inputs, _scale_tensor(scale))
+    try:
+        arrays, grads = step(inputs, _scale_tensor(scale))
+    except tf.errors.InvalidArgumentError as error:  # pfor's converters have gaps (grouped
+        # convolutions): the front door falls back to a loop of compute_gradients
+        raise NotImplementedError(f"tf.vectorized_map failed: {error.message}") from error
     return assemble(len(variables), planned, arrays, grads)
 
 

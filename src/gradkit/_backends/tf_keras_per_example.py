@@ -29,13 +29,15 @@ _TF_OPS = Ops(tf.reshape, tf.cast,
 
 
 def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor."""
+    """Per selected variable: a `Factor` (plain Dense/Embedding/Conv) or an (n, *shape) tensor."""
     return cached_parts(model, variables, objective, batch, training, _loss_scale(model),
                         _plan, _build_parts)
 
 
 def _plan(model, variables) -> list:
-    return plan(model, variables, tf_keras.layers.Dense, tf_keras.layers.Embedding)
+    layers = tf_keras.layers
+    return plan(model, variables, layers.Dense, layers.Embedding,
+                (layers.Conv1D, layers.Conv2D, layers.Conv3D))
 
 
 def _build_parts(model, variables, objective, training, signature, planned, scaled):

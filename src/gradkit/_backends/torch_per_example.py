@@ -3,7 +3,7 @@
 Two routes to the same rows:
 
 - batched (inference through Keras' own layers only, every selected variable in a plain
-  Dense/Embedding layer): ONE forward pass over the batch with zero perturbations at the
+  Dense/Embedding/Conv layer): ONE forward pass over the batch with zero perturbations at the
   pre-activations, and ONE backward pass of the sum of the examples' own objectives. Example
   i's objective depends on row i alone, so the gradient at row i of each perturbation is
   example i's own δ (the factor of its weight gradient; see `_layer_factors`).
@@ -46,7 +46,7 @@ _TORCH_OPS = Ops(torch.reshape, _cast,
 
 
 def per_example_parts(model, variables, objective: Objective, batch: Batch, training: bool):
-    """Per selected variable: a `Factor` (plain Dense/Embedding) or an (n, *shape) tensor."""
+    """Per selected variable: a `Factor` (plain Dense/Embedding/Conv) or an (n, *shape) tensor."""
     k3.check_built(model)
     objective, planned = k3.prepare_objective(objective), k3.factor_plan(model, variables)
     data = [map_structure(_to_tensor, v) for v in (batch.x, batch.y, batch.sample_weight)]
