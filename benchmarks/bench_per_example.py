@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
         memory_rows.append(_memory_row(flavour, r))
         print(f"{flavour}: max relative difference to the loop {r['max_rel_diff']:.1e}, "
               f"norms vs materialized {r['norm_rel_diff']:.1e}", file=sys.stderr)
-    print(f"MLP 784-512-512-10, batch {args.batch}; medians of {args.repeats} interleaved "
-          "rounds (ms)\n")
+    print(f"MLP 784-512-512-10, batch {args.batch}; medians of {args.repeats} rounds in random "
+          "order (ms)\n")
     print(markdown_table(
         ["flavour", "per-example", "write floor", "vectorized_map", "ratio", "loop", "ratio",
          "norms", "batch grad", "ratio"], time_rows))
