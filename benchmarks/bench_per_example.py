@@ -68,8 +68,8 @@ def main(argv: list[str]) -> int:
     print(markdown_table(
         ["flavour", "per-example", "write floor", "vectorized_map", "ratio", "loop", "ratio",
          "norms", "batch grad", "ratio"], time_rows))
-    print(f"\nPeak resident memory rise during one call (MiB); floor = one write of the "
-          f"B x P float32 result\n")
+    print("\nPeak resident memory rise during one call (MiB); floor = one write of the "
+          "B x P float32 result\n")
     print(markdown_table(
         ["flavour", "floor", "per-example", "/ floor", "chunk_size=16", "result + chunk",
          "norms", "norms at 4 x B"], memory_rows))

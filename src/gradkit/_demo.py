@@ -96,7 +96,7 @@ def run(out: str | None = None, stream: TextIO | None = None) -> Path:
           file=stream)
     grads = gradients(model, x[512:576], y[512:576])
     print("\ngradients of the compiled loss (sparse categorical cross-entropy, mean over a "
-          f"batch of 64 held-out images), training=False:\n", file=stream)
+          "batch of 64 held-out images), training=False:\n", file=stream)
     print(summary(grads), file=stream)
     written = save(path, grads)
     print(f"\nwrote {len(grads)} gradient arrays to {written.resolve()}  "
