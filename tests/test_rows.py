@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradkit import _rows
+from gradkit import _parallel, _rows
 from gradkit._backends._layer_factors import Factor
 
 RNG = np.random.default_rng(11)
@@ -18,8 +18,8 @@ RNG = np.random.default_rng(11)
 @pytest.fixture(params=["serial", "parallel"])
 def mode(request, monkeypatch):
     if request.param == "parallel":  # every write goes through the pool, in blocks
-        monkeypatch.setattr(_rows, "PARALLEL_MIN_BYTES", 0)
-        monkeypatch.setattr(_rows, "_workers", lambda: 3)
+        monkeypatch.setattr(_parallel, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(_parallel, "_workers", lambda: 3)
     return request.param
 
 
@@ -62,12 +62,12 @@ def test_an_error_in_a_block_reaches_the_caller(mode):
             raise ValueError("block failed")
 
     with pytest.raises(ValueError, match="block failed"):
-        _rows.in_blocks(10, 10**9, write)
+        _parallel.in_blocks(10, 10**9, write)
 
 
 def test_blocks_cover_every_row_once():
     seen = []
-    _rows.in_blocks(50, 10**9, lambda rows: seen.extend(range(50)[rows]))
+    _parallel.in_blocks(50, 10**9, lambda rows: seen.extend(range(50)[rows]))
     assert sorted(seen) == list(range(50))
 
 
@@ -83,3 +83,25 @@ def test_torch_writes_the_same_kernel_rows(keras, positions):
     assert _rows.write_rows(Factor("kernel", a, d), out[2:8], kernel_rows)  # a view
     np.testing.assert_allclose(out[2:8], expected, rtol=1e-5, atol=1e-6)
     assert np.isnan(out[:2]).all() and np.isnan(out[8:]).all()
+
+
+def test_nested_blocks_run_serially_instead_of_waiting_on_the_pool():
+    """A block that itself works in blocks (conv norms) must not wait for pool threads that
+    are all busy with the outer blocks. In a subprocess: a deadlock fails on the timeout."""
+    import subprocess
+    import sys
+
+    code = """
+from gradkit import _parallel
+_parallel.PARALLEL_MIN_BYTES, _parallel._workers = 0, lambda: 2
+seen = []
+def outer(rows):
+    _parallel.in_blocks(3, 10**9, lambda inner: seen.extend(
+        (i, j) for i in range(8)[rows] for j in range(3)[inner]))
+_parallel.in_blocks(8, 10**9, outer)
+assert sorted(seen) == [(i, j) for i in range(8) for j in range(3)], seen
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -14,10 +14,12 @@ after ("same", as TensorFlow, XLA and Keras' torch backend), or all before ("cau
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from gradkit._parallel import in_blocks
 
 #: Bytes of input patches one block of examples may copy.
 PATCH_BLOCK_BYTES = 8 * 2**20
@@ -52,37 +54,42 @@ def bias_deltas(deltas: Any, geometry: Geometry) -> np.ndarray:
 def kernel_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarray) -> None:
     """Write ``out[i] = g_W[i]`` (shape ``(n, *kernel_size, in_channels, filters)``) from
     inputs (n, calls, *input shape) and deltas (n, calls, *output shape)."""
+    def store(rows: slice, grads: np.ndarray) -> None:
+        out[rows] = grads.reshape(out[rows].shape)
+
+    _in_blocks(inputs, deltas, geometry, store)
+
+
+def kernel_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.ndarray:
+    """||g_W[i]||² per example, forming one block of examples' kernel gradients at a time."""
+    squared = np.empty(len(inputs), np.float64)
+
+    def store(rows: slice, grads: np.ndarray) -> None:
+        flat = grads.reshape(len(grads), -1)
+        squared[rows] = np.einsum("bk,bk->b", flat, flat, dtype=np.float64)
+
+    _in_blocks(inputs, deltas, geometry, store)
+    return squared
+
+
+def _in_blocks(inputs: Any, deltas: Any, geometry: Geometry, store: Callable) -> None:
+    """``store(rows, g_W[rows])`` (flattened to (n, kernel positions x channels, filters))
+    for blocks of examples, in parallel: im2col of the block, then a batched matmul."""
     a = _channels_last(np.asarray(inputs), geometry)
     d = _channels_last(np.asarray(deltas), geometry)
     windows = _patches(a, d.shape[2:-1], geometry)  # (n, calls, *positions, C, *kernel)
     rank = len(geometry.kernel_size)
     order = (0, 1, *range(2, 2 + rank), *range(3 + rank, 3 + 2 * rank), 2 + rank)
+    width = int(np.prod(geometry.kernel_size)) * a.shape[-1]
+
+    def block(rows: slice) -> None:
+        patches = windows[rows].transpose(order)  # kernel axes before channels, as the kernel
+        n = len(patches)
+        patches = np.ascontiguousarray(patches).reshape(n, -1, width)
+        store(rows, np.matmul(patches.transpose(0, 2, 1), d[rows].reshape(n, -1, d.shape[-1])))
+
     per_example = max(1, int(np.prod(windows.shape[1:])) * a.itemsize)
-    step = max(1, PATCH_BLOCK_BYTES // per_example)
-    for start in range(0, len(a), step):
-        rows = slice(start, start + step)
-        block = windows[rows].transpose(order)  # kernel axes before channels, as the kernel
-        n = len(block)
-        patches = np.ascontiguousarray(block).reshape(n, -1, int(np.prod(out.shape[1:-1])))
-        grads = np.matmul(patches.transpose(0, 2, 1), d[rows].reshape(n, -1, d.shape[-1]))
-        out[rows] = grads.reshape(out[rows].shape)
-
-
-def kernel_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.ndarray:
-    """||g_W[i]||² per example, forming one block of examples' kernel gradients at a time."""
-    a = _channels_last(np.asarray(inputs), geometry)
-    d = _channels_last(np.asarray(deltas), geometry)
-    kernel_shape = (*geometry.kernel_size, a.shape[-1], d.shape[-1])
-    squared = np.empty(len(a), np.float64)
-    step = max(1, PATCH_BLOCK_BYTES // (8 * int(np.prod(kernel_shape))))
-    for start in range(0, len(a), step):
-        rows = slice(start, min(start + step, len(a)))
-        block = np.empty((rows.stop - start, *kernel_shape), np.float64)
-        kernel_rows(a[rows].astype(np.float64), d[rows].astype(np.float64),
-                    geometry._replace(channels_first=False), block)
-        flat = block.reshape(len(block), -1)
-        squared[rows] = np.einsum("bk,bk->b", flat, flat)
-    return squared
+    in_blocks(len(a), per_example * len(a), block, PATCH_BLOCK_BYTES // per_example)
 
 
 def _channels_last(x: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -2,30 +2,21 @@
 
 A per-example result is B × P numbers in new memory: its cost is the write itself (page
 faults and memory bandwidth), which one thread cannot saturate. So the rows of each variable
-are written in blocks by a small pool of threads (NumPy releases the GIL inside einsum and
-copies). A `Factor` (layer input, pre-activation gradient; see
+are written in blocks on every core (``gradkit._parallel``; NumPy releases the GIL inside
+einsum, matmul and copies). A `Factor` (layer input, pre-activation gradient; see
 ``gradkit._backends._layer_factors``) is multiplied out straight into the result: ``a δᵀ``
 written once, never formed elsewhere first.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
 
 from gradkit import _conv_rows as conv
 from gradkit._backends._layer_factors import Factor
-
-#: Below this many bytes a variable's rows are written by the calling thread alone.
-PARALLEL_MIN_BYTES = 4 * 2**20
-_BLOCKS_PER_WORKER = 4  # smaller blocks even out the page-fault cost between threads
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
-_pool_lock = threading.Lock()
-
+from gradkit._parallel import in_blocks
 
 def write_rows(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """Write one variable's per-example gradients (an array or a `Factor`) into `out`.
@@ -68,56 +59,6 @@ def kernel_rows(inputs: np.ndarray, deltas: np.ndarray, out: np.ndarray) -> None
     else:
         a = inputs.transpose(0, 2, 1)
         in_blocks(len(out), out.nbytes, lambda s: np.matmul(a[s], deltas[s], out=out[s]))
-
-
-def in_blocks(n: int, nbytes: int, write: Callable[[slice], Any]) -> None:
-    """Call ``write(rows)`` over blocks of ``range(n)`` covering it once, in parallel when the
-    write is large and the process may use more than one core; return when all are done.
-
-    The calling thread works too, and every thread takes the next block when it is free, so
-    a core that the framework's own threads still hold slows the write down least.
-    """
-    workers = _workers()
-    if workers == 1 or nbytes < PARALLEL_MIN_BYTES or n < 2:
-        write(slice(0, n))
-        return
-    step = -(-n // min(n, workers * _BLOCKS_PER_WORKER))
-    blocks = iter([slice(start, min(start + step, n)) for start in range(0, n, step)])
-    lock = threading.Lock()
-
-    def drain() -> None:
-        while True:
-            with lock:
-                rows = next(blocks, None)
-            if rows is None:
-                return
-            write(rows)
-
-    helpers = [_executor(workers - 1).submit(drain) for _ in range(workers - 1)]
-    try:
-        drain()
-    finally:
-        for helper in helpers:
-            helper.result()  # waits for every block; re-raises a helper's error
-
-
-def _workers() -> int:
-    """The cores this process may run on (its CPU affinity), at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """The shared pool; a new one in a forked child (the parent's threads are not there)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[:2] != (os.getpid(), workers):
-            _pool = (os.getpid(), workers,
-                     ThreadPoolExecutor(workers, thread_name_prefix="gradkit-rows"))
-        return _pool[2]
 
 
 def _factor_finite(role: str, inputs: Any, deltas: np.ndarray, dtype: np.dtype) -> bool:
