@@ -29,10 +29,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from gradkit._backends._taps import restore, shadow
 from gradkit._conv_rows import conv_geometry
 from gradkit._select import walk_layers
 
-_MISSING = object()
 _ROLES = {"dense": ("kernel", "bias"), "embedding": ("embeddings",), "conv": ("kernel", "bias")}
 _REGULARIZERS = {"dense": ("kernel_regularizer", "bias_regularizer"),
                  "embedding": ("embeddings_regularizer",),
@@ -129,16 +129,12 @@ class LayerTaps:
         try:
             for index, (layer, kind, _) in enumerate(self.planned):
                 call, activation = layer.call, getattr(layer, "activation", None)
-                _shadow(layer, "call", self._recording(index, kind, call), patched)
+                shadow(layer, "call", self._recording(index, kind, call), patched)
                 if kind != "embedding":
-                    _shadow(layer, "activation", self._perturbing(index, activation), patched)
+                    shadow(layer, "activation", self._perturbing(index, activation), patched)
             yield self
         finally:
-            for layer, name, previous in reversed(patched):
-                if previous is _MISSING:
-                    object.__delattr__(layer, name)
-                else:
-                    object.__setattr__(layer, name, previous)
+            restore(patched)
 
     def _recording(self, index: int, kind: str, call: Callable) -> Callable:
         def recording(*args: Any, **kwargs: Any) -> Any:
@@ -155,12 +151,6 @@ class LayerTaps:
             return activation(self.perturb(index, len(self.inputs[index]) - 1, z))
 
         return perturbing
-
-
-def _shadow(layer: Any, name: str, value: Any, patched: list) -> None:
-    """Set an instance attribute, remembering what to put back (or that there was none)."""
-    patched.append((layer, name, vars(layer).get(name, _MISSING)))
-    object.__setattr__(layer, name, value)
 
 
 def factor_arrays(planned: list[Planned], inputs: list[list], deltas: list[list],

@@ -21,6 +21,22 @@ from gradkit._errors import InvalidArgumentError, received
 _MISSING = object()
 
 
+def shadow(layer: Any, name: str, value: Any, saved: list) -> None:
+    """Set an instance attribute, remembering in `saved` what to put back (or that there
+    was none: then `restore` deletes it, and the class attribute shows through again)."""
+    saved.append((layer, name, vars(layer).get(name, _MISSING)))
+    object.__setattr__(layer, name, value)
+
+
+def restore(saved: list) -> None:
+    """Undo the `shadow` calls recorded in `saved`, last first."""
+    for layer, name, previous in reversed(saved):
+        if previous is _MISSING:
+            object.__delattr__(layer, name)
+        else:
+            object.__setattr__(layer, name, previous)
+
+
 class OutputTaps:
     """Taps on the outputs of `layers` (reported under `keys`, in the same order)."""
 
@@ -55,15 +71,10 @@ class OutputTaps:
         try:
             for index, layer in enumerate(self.layers):
                 name = _call_attribute(layer)
-                saved.append((layer, name, vars(layer).get(name, _MISSING)))
-                object.__setattr__(layer, name, self._wrap(index, getattr(layer, name)))
+                shadow(layer, name, self._wrap(index, getattr(layer, name)), saved)
             yield self
         finally:
-            for layer, name, previous in reversed(saved):
-                if previous is _MISSING:
-                    object.__delattr__(layer, name)
-                else:
-                    object.__setattr__(layer, name, previous)
+            restore(saved)
 
     def _wrap(self, index: int, call: Callable) -> Callable:
         @functools.wraps(call)
