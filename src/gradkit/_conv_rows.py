@@ -57,7 +57,7 @@ def kernel_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarray) -
     def store(rows: slice, grads: np.ndarray) -> None:
         out[rows] = grads.reshape(out[rows].shape)
 
-    _in_blocks(inputs, deltas, geometry, store)
+    _blockwise(inputs, deltas, geometry, store)
 
 
 def kernel_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.ndarray:
@@ -68,11 +68,11 @@ def kernel_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.nda
         flat = grads.reshape(len(grads), -1)
         squared[rows] = np.einsum("bk,bk->b", flat, flat, dtype=np.float64)
 
-    _in_blocks(inputs, deltas, geometry, store)
+    _blockwise(inputs, deltas, geometry, store)
     return squared
 
 
-def _in_blocks(inputs: Any, deltas: Any, geometry: Geometry, store: Callable) -> None:
+def _blockwise(inputs: Any, deltas: Any, geometry: Geometry, store: Callable) -> None:
     """``store(rows, g_W[rows])`` (flattened to (n, kernel positions x channels, filters))
     for blocks of examples, in parallel: im2col of the block, then a batched matmul."""
     a = _channels_last(np.asarray(inputs), geometry)

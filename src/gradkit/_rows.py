@@ -18,6 +18,7 @@ from gradkit import _conv_rows as conv
 from gradkit._backends._layer_factors import Factor
 from gradkit._parallel import in_blocks
 
+
 def write_rows(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """Write one variable's per-example gradients (an array or a `Factor`) into `out`.
 
