@@ -19,7 +19,8 @@ from gradkit._errors import (
     UnknownLayerError as UnknownLayerError,
     UnsupportedModelError as UnsupportedModelError,
 )
-from gradkit._gradients import gradients as gradients
+from gradkit._gradients import gradients as gradients, loss_and_gradients as loss_and_gradients
+from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
 from gradkit._norms import per_example_norms as per_example_norms
@@ -44,8 +45,10 @@ __all__ = [
     "activation_gradients",
     "gradient_stats",
     "gradients",
+    "hvp",
     "input_gradients",
     "load",
+    "loss_and_gradients",
     "per_example_gradients",
     "per_example_norms",
     "save",

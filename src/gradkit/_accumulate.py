@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from gradkit import _backends
 from gradkit._data import Batch, leaves
 from gradkit._detect import flavour_of
 from gradkit._errors import (
@@ -29,10 +28,9 @@ from gradkit._errors import (
     NonFiniteGradientWarning,
     received,
 )
-from gradkit._gradients import _floatx, finish
-from gradkit._objective import check_mean_reduction, resolve_objective
+from gradkit._objective import check_mean_reduction
 from gradkit._progress import Progress
-from gradkit._select import select_variables, unique_keys
+from gradkit._request import Request, check_connected, finish, floatx, prepare
 from gradkit._sources import BatchStream
 
 ON_NONFINITE = ("raise", "skip", "warn")
@@ -79,59 +77,62 @@ def accumulate(
     ``jax.sharding.Mesh`` (JAX); the result equals the single-device one. Not on torch.
     ``training`` as in ``gradients()``; no model state changes, even when interrupted.
     """
-    flavour = flavour_of(model)
-    _check_options(training, on_nonfinite, progress)
-    stream = BatchStream(model, data, batch_size, flavour, _floatx(flavour))
-    objective = resolve_objective(model, loss, target, stream.first[1].y)
-    check_mean_reduction(model, objective, "accumulate()")
-    variables = select_variables(model, layers)
+    _check_options(on_nonfinite, progress)
+    request, stream = prepare_dataset(model, data, loss=loss, target=target, layers=layers,
+                                      training=training, batch_size=batch_size)
+    check_mean_reduction(model, request.objective, "accumulate()")
     if strategy is not None:
-        sums, count, faults = _distributed(model, variables, objective, stream, training,
-                                           strategy, on_nonfinite)
+        sums, count, faults = _distributed(request, stream, strategy, on_nonfinite)
     else:
-        sums, count, faults = _sum_batches(flavour, model, variables, objective, stream,
-                                           bool(training), on_nonfinite, progress)
+        sums, count, faults = _sum_batches(request, stream, on_nonfinite, progress)
     kept = count - faults.skipped_examples
     if kept == 0:
         raise faults.all_skipped()
-    divisor = 1.0 if objective.kind == "target" else float(kept)
+    divisor = 1.0 if request.objective.kind == "target" else float(kept)
     grads = [None if s is None else np.asarray(s) / np.asarray(divisor, s.dtype) for s in sums]
     with warnings.catch_warnings():
         if faults.hits:  # already reported, batch by batch
             warnings.simplefilter("ignore", NonFiniteGradientWarning)
-        result = finish(variables, grads, "raise")
+        result = finish(request, grads)
     faults.report()
     return result
 
 
-def _check_options(training: Any, on_nonfinite: Any, progress: Any) -> None:
+def prepare_dataset(model: Any, data: Any, *, loss: Any = None, target: Any = None,
+                    layers: Any = None, training: bool = False,
+                    batch_size: int | None = None) -> tuple[Request, BatchStream]:
+    """(Request without a batch, the checked BatchStream) of a dataset-wide call."""
+    flavour = flavour_of(model)
+    stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
+    request = prepare(model, y=stream.first[1].y, loss=loss, target=target, layers=layers,
+                      training=training, data=False)
+    return request, stream
+
+
+def _check_options(on_nonfinite: Any, progress: Any) -> None:
     if on_nonfinite not in ON_NONFINITE:
         raise InvalidArgumentError(
             f"on_nonfinite= must be one of {ON_NONFINITE}. " + received(on_nonfinite=on_nonfinite)
         )
-    for name, value in (("training", training), ("progress", progress)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise InvalidArgumentError(
-                f"{name}= must be True or False. " + received(**{name: value})
-            )
+    if not isinstance(progress, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            "progress= must be True or False. " + received(progress=progress)
+        )
 
 
-def _sum_batches(flavour, model, variables, objective, stream, training, on_nonfinite,
-                 progress):
+def _sum_batches(request: Request, stream, on_nonfinite, progress):
     """(Σ_b w_b ∇L_b per variable, examples seen, faults): the single-device loop."""
-    adapter = _backends.load(f"{flavour}_accumulate")
-    acc = adapter.gradient_accumulator(model, variables, objective, training,
-                                       on_nonfinite == "skip")
-    faults = _Faults(on_nonfinite, unique_keys(variables))
-    weighted = objective.kind != "target"
+    acc = request.adapter.accumulator(request, on_nonfinite == "skip")
+    faults = _Faults(on_nonfinite, request.keys)
+    weighted = request.objective.kind != "target"
     pending: deque = deque()  # (index, batch, finite flags) not checked yet
     lag = acc.flag_lag
     bar = Progress(stream.total, progress, description="gradkit.accumulate")
     with acc.running(), bar:
         for index, batch in stream:
             pending.append((index, batch, acc.add(batch, float(batch.size) if weighted else 1.0)))
-            if bar.batches == 0:
-                _check_connected(variables, acc.connected)
+            if bar.batches == 0:  # raise now, not after the whole pass
+                check_connected(request.keys, acc.connected)
             if len(pending) > 2 * lag:
                 _check_oldest(acc, faults, pending, max(lag, 1))
             bar.update(batch.size)
@@ -146,12 +147,7 @@ def _check_oldest(acc, faults, pending: deque, count: int) -> None:
         faults.check(index, batch, finite)
 
 
-def _check_connected(variables: list, connected: list[bool]) -> None:
-    if not all(connected):  # raise now, not after the whole pass
-        finish(variables, [np.zeros(1) if ok else None for ok in connected], "raise")
-
-
-def _distributed(model, variables, objective, stream, training, strategy, on_nonfinite):
+def _distributed(request: Request, stream, strategy, on_nonfinite):
     if on_nonfinite != "raise":
         raise InvalidArgumentError(
             "on_nonfinite='skip' and 'warn' act on single batches, which strategy= sums "
@@ -168,9 +164,8 @@ def _distributed(model, variables, objective, stream, training, strategy, on_non
             + received(strategy=strategy)
         ) from None
     batches = (batch for _, batch in stream)
-    sums, count = accumulate_distributed(model, variables, objective, batches, training,
-                                         strategy)
-    faults = _Faults("raise", unique_keys(variables))
+    sums, count = accumulate_distributed(request, batches, strategy)
+    faults = _Faults("raise", request.keys)
     finite = np.array([s is None or bool(np.all(np.isfinite(s))) for s in sums])
     faults.check(None, None, finite)
     return sums, count, faults

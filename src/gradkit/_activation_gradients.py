@@ -7,9 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from gradkit import _backends
-from gradkit._errors import InvalidArgumentError, UnconnectedGradientError, received
-from gradkit._gradients import _prepare, report_nonfinite
+from gradkit._errors import (
+    InvalidArgumentError,
+    UnconnectedGradientError,
+    original_errors,
+    received,
+)
+from gradkit._request import prepare, report_nonfinite
 from gradkit._select import resolve_layers, walk_layers
 
 
@@ -61,17 +65,15 @@ def activation_gradients(
             "return_activations= must be True or False. "
             + received(return_activations=return_activations)
         )
-    flavour, _, objective, batch = _prepare(
-        model, x, y, loss, target, None, None, training, unconnected
-    )
+    request = prepare(model, x, y, loss=loss, target=target, training=training,
+                      unconnected=unconnected)
     chosen = _resolve(model, layers)
     keys = layer_keys(model, chosen)
-    _, grads, outputs = _backends.load(flavour).compute_activation_gradients(
-        model, chosen, keys, objective, batch, bool(training),
-        bool(return_activations) or unconnected == "zero",
-    )
+    with original_errors():
+        _, grads, outputs = request.adapter.activation_gradients(
+            request, chosen, keys, bool(return_activations) or unconnected == "zero")
     result = _apply_unconnected(keys, grads, outputs, unconnected)
-    report_nonfinite(result, batch)
+    report_nonfinite(result, request.batch)
     if not return_activations:
         return result
     return result, {key: _as_float(out) for key, out in zip(keys, outputs)}

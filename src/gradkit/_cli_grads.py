@@ -210,18 +210,15 @@ def _check_loss_available(model: Any, loss: str | None, y: Any) -> None:
 
 
 def _loss_and_gradients(model: Any, x: Any, y: Any, sample_weight: Any, args) -> tuple:
-    """(loss value, gradient dict, batch size): gradkit.gradients, keeping the loss value."""
-    from gradkit import _backends
+    """(loss value, gradient dict, batch size) from gradkit.loss_and_gradients."""
+    from gradkit import loss_and_gradients
     from gradkit._cli import describe
-    from gradkit._gradients import _prepare, finish
+    from gradkit._data import leaves
 
-    flavour, variables, objective, batch = _prepare(
-        model, x, y, args.loss, None, sample_weight, args.layers, args.training, "raise"
-    )
     try:
-        loss, raw = _backends.load(flavour).compute_gradients(
-            model, variables, objective, batch, bool(args.training)
-        )
+        loss, grads = loss_and_gradients(model, x, y, loss=args.loss,
+                                         sample_weight=sample_weight, layers=args.layers,
+                                         training=args.training)
     except (ValueError, TypeError, RuntimeError, _tf_op_error()) as exc:
         if isinstance(exc, GradkitError):
             raise
@@ -230,7 +227,7 @@ def _loss_and_gradients(model: Any, x: Any, y: Any, sample_weight: Any, args) ->
             "(and sample_weight) fit the model's outputs and the loss. "
             + received(x=_shapes(x), y=_shapes(y))
         ) from None
-    return loss, finish(variables, raw, "raise", batch), batch.size
+    return loss, grads, len(leaves(x)[0])
 
 
 def _tf_op_error() -> type:

@@ -36,41 +36,30 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from gradkit import _backends
 from gradkit._data import Batch
-from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._objective import Objective, check_mean_reduction
+from gradkit._objective import check_mean_reduction
+from gradkit._request import Request
 
 
-def accumulate_distributed(
-    model: Any,
-    variables: list,
-    objective: Objective,
-    batches: Iterable[Batch],
-    training: bool,
-    strategy: Any,
-) -> tuple[list[np.ndarray | None], int]:
+def accumulate_distributed(request: Request, batches: Iterable[Batch],
+                           strategy: Any) -> tuple[list[np.ndarray | None], int]:
     """Sum over all batches of every worker of ``n_b * gradient(batch b's objective)``, and N.
 
     With a mean-reduced objective (compiled loss or ``loss=``; sample weights, loss weights
     and ``model.losses`` included) dividing the sum by N gives the exact gradient of the
     mean loss over the dataset. With ``target=`` the first element is the plain sum of the
     batch gradients, i.e. of the scores over every example (no n_b factor). Gradients are
-    unscaled (mixed-precision loss scale undone), one array per variable in `variables`
-    order, None for a variable not connected to the objective. N is the total example
-    count over every worker. No model state changes.
+    unscaled (mixed-precision loss scale undone), one array per selected variable, None for
+    a variable not connected to the objective. N is the total example count over every
+    worker. No model state changes.
     """
-    flavour = flavour_of(model)
-    if flavour == "torch":
+    if request.flavour == "torch":
         raise InvalidArgumentError(
             "strategy= is supported on the TensorFlow, tf-keras and JAX flavours; Keras 3 "
             "on torch has no distribution engine to run it. Use strategy=None, or run one "
             "process per device and add up the unnormalized sums with "
             "torch.distributed.all_reduce. " + received(strategy=strategy)
         )
-    check_mean_reduction(model, objective, "strategy=")
-    module = "jax_distributed" if flavour == "jax" else "tensorflow_distributed"
-    return _backends.load(module).accumulate(
-        model, variables, objective, batches, bool(training), strategy
-    )
+    check_mean_reduction(request.model, request.objective, "strategy=")
+    return request.adapter.distributed_sum(request, batches, strategy)

@@ -6,10 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from gradkit import _backends
 from gradkit._data import leaves, map_structure
-from gradkit._errors import InvalidArgumentError, received
-from gradkit._gradients import _prepare, report_nonfinite
+from gradkit._errors import InvalidArgumentError, original_errors, received
+from gradkit._request import prepare, report_nonfinite
 from gradkit._select import walk_layers
 
 
@@ -43,13 +42,12 @@ def input_gradients(
     included). Integer inputs (token ids) have no gradient: use
     ``activation_gradients(model, x, layers="<embedding layer>")`` instead.
     """
-    flavour, _, objective, batch = _prepare(
-        model, x, y, loss, target, sample_weight, None, training, "raise"
-    )
+    request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
+                      training=training)
+    batch = request.batch
     _check_float_inputs(model, batch.x)
-    _, grads = _backends.load(flavour).compute_input_gradients(
-        model, objective, batch, bool(training)
-    )
+    with original_errors():
+        _, grads = request.adapter.input_gradients(request)
     arrays = [_as_result(g, leaf) for g, leaf in zip(grads, leaves(batch.x))]
     report_nonfinite(dict(zip(_input_names(batch.x), arrays)), batch)
     feed = iter(arrays)

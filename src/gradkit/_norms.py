@@ -15,19 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from gradkit import _backends
 from gradkit import _conv_rows as conv
 from gradkit._backends._layer_factors import Factor
 from gradkit._data import Batch
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._gradients import _prepare, report_nonfinite
 from gradkit._per_example import (
-    check_connected,
     check_independent,
     for_each_chunk,
     resolve_chunk_size,
     vectorized_or_loop,
 )
+from gradkit._request import prepare, report_nonfinite
 from gradkit._select import unique_keys
 
 _ALL = "all selected variables"
@@ -66,12 +64,10 @@ def per_example_norms(
             "by_layer= must be True (one norm per layer) or False (one norm over all selected "
             "variables). " + received(by_layer=by_layer)
         )
-    flavour, variables, objective, batch = _prepare(
-        model, x, y, loss, target, sample_weight, layers, training, "raise"
-    )
-    check_independent(model, bool(training))
-    adapter = _backends.load(flavour)
-    check_connected(adapter, model, variables, objective, batch, bool(training))
+    request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
+                      layers=layers, training=training)
+    check_independent(model, request.training)
+    variables, batch = request.variables, request.batch
     squared = [np.zeros(batch.size, np.float64) for _ in variables]
 
     def store(start: int, stop: int, parts: list) -> None:
@@ -79,9 +75,8 @@ def per_example_norms(
             part, parts[j] = parts[j], None
             squared[j][start:stop] = squared_rows(part, stop - start)
 
-    compute, pad = vectorized_or_loop(flavour, model, variables, objective, bool(training))
     chunk = resolve_chunk_size(None, variables, batch.size)
-    for_each_chunk(compute, batch, chunk, store, pad)
+    for_each_chunk(vectorized_or_loop(request), request, chunk, store)
     return _combine(variables, squared, bool(by_layer), batch)
 
 

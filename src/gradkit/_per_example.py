@@ -18,28 +18,25 @@ result plus one chunk.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any, Callable
 
 import numpy as np
 
-from gradkit import _backends
-from gradkit._backends import _cache
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import (
     GradkitError,
     InvalidArgumentError,
     UnconnectedGradientError,
+    original_errors,
     received,
 )
-from gradkit._gradients import _prepare, _result_dtype, report_nonfinite
-from gradkit._rows import write_rows
-from gradkit._select import unique_keys, walk_layers
+from gradkit._factors import write_rows
+from gradkit._request import Request, prepare, report_nonfinite, result_dtype
+from gradkit._select import walk_layers
 
 #: Bytes of per-example result one chunk may hold when chunk_size=None (256 MiB).
 CHUNK_BUDGET_BYTES = 256 * 2**20
 _COUPLING_LAYERS = ("BatchNormalization", "SyncBatchNormalization")
-_CONNECTED: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 logger = logging.getLogger("gradkit")
 
 
@@ -79,30 +76,23 @@ def per_example_gradients(
     objective raises UnconnectedGradientError; select other ``layers=``. No model state
     changes (weights, moving statistics, seed generators, metrics).
     """
-    flavour, variables, objective, batch = _prepare(
-        model, x, y, loss, target, sample_weight, layers, training, "raise"
-    )
-    check_independent(model, bool(training))
+    request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
+                      layers=layers, training=training)
+    check_independent(model, request.training)
+    variables, batch, keys = request.variables, request.batch, request.keys
     chunk = resolve_chunk_size(chunk_size, variables, batch.size)
-    adapter = _backends.load(flavour)
-    check_connected(adapter, model, variables, objective, batch, bool(training))
-    keys = unique_keys(variables)
-    result = {
-        key: np.empty((batch.size, *tuple(v.shape)), _result_dtype(v))
-        for key, v in zip(keys, variables)
-    }
+    result = {key: np.empty((batch.size, *tuple(v.shape)), result_dtype(v))
+              for key, v in zip(keys, variables)}
     bad: set[str] = set()
-
-    product = getattr(_backends.load(f"{flavour}_per_example"), "kernel_rows", None)
+    adapter = request.adapter
 
     def store(start: int, stop: int, parts: list) -> None:
         for j, key in enumerate(keys):
             part, parts[j] = parts[j], None  # drop the backend's buffer once copied
-            if not write_rows(part, result[key][start:stop], product):
+            if not write_rows(part, result[key][start:stop], adapter.kernel_rows):
                 bad.add(key)
 
-    compute, pad = vectorized_or_loop(flavour, model, variables, objective, bool(training))
-    for_each_chunk(compute, batch, chunk, store, pad)
+    for_each_chunk(vectorized_or_loop(request), request, chunk, store)
     warn_nonfinite(result, bad, batch)
     return result
 
@@ -124,16 +114,9 @@ def check_independent(model: Any, training: bool) -> None:
             )
 
 
-def check_connected(adapter, model, variables, objective, batch: Batch, training) -> None:
-    """Raise if a selected variable has no path to the objective (checked once per setup)."""
-    key = (tuple(id(v) for v in variables), objective.cache_key(), training)
-    per_model = _cache.per_model(_CONNECTED, model)
-    if key not in per_model:
-        _, grads = adapter.compute_gradients(
-            model, variables, objective, slice_batch(batch, 0, 1), training
-        )
-        per_model[key] = [g is not None for g in grads]
-    missing = [k for k, ok in zip(unique_keys(variables), per_model[key]) if not ok]
+def check_connected(request: Request, parts: list) -> None:
+    """Raise if a selected variable has no path to the objective (its part is None)."""
+    missing = [k for k, part in zip(request.keys, parts) if part is None]
     if missing:
         raise UnconnectedGradientError(
             f"{len(missing)} selected variable(s) do not affect the loss, so their "
@@ -146,7 +129,7 @@ def resolve_chunk_size(chunk_size: Any, variables: list, size: int) -> int:
     """The number of examples per chunk: `chunk_size`, or what fits the memory budget."""
     if chunk_size is None:
         per_example = sum(
-            int(np.prod(v.shape)) * _result_dtype(v).itemsize for v in variables
+            int(np.prod(v.shape)) * result_dtype(v).itemsize for v in variables
         )
         return max(1, min(size, CHUNK_BUDGET_BYTES // max(per_example, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
@@ -174,61 +157,54 @@ def slice_batch(batch: Batch, start: int, stop: int, pad_to: int | None = None) 
     )
 
 
-def for_each_chunk(compute: Callable, batch: Batch, chunk: int, store: Callable,
-                   pad: bool = False) -> None:
-    """Run `compute` on each chunk and hand its rows to ``store(start, stop, grads)``.
+def for_each_chunk(compute: Callable, request: Request, chunk: int, store: Callable) -> None:
+    """Run `compute` on each chunk and hand its parts to ``store(start, stop, parts)``.
 
-    With `pad` (adapters that compile per shape), a short last chunk is padded to the chunk
-    size when every array is NumPy, so no new program is compiled for it.
+    Where the adapter compiles per shape (``pad_chunks``), a short last chunk is padded to the
+    chunk size when every array is NumPy, so no new program is compiled for it.
     """
+    batch = request.batch
     arrays = leaves(batch.x) + leaves(batch.y) + leaves(batch.sample_weight)
-    pad = pad and batch.size > chunk and all(isinstance(a, np.ndarray) for a in arrays)
+    pad = request.adapter.pad_chunks and batch.size > chunk and all(
+        isinstance(a, np.ndarray) for a in arrays)
     for start in range(0, batch.size, chunk):
         stop = min(start + chunk, batch.size)
-        part = slice_batch(batch, start, stop, chunk if pad else None)
-        store(start, stop, list(compute(part)))
+        parts = list(compute(request.replace(
+            batch=slice_batch(batch, start, stop, chunk if pad else None))))
+        check_connected(request, parts)
+        store(start, stop, parts)
 
 
-def vectorized_or_loop(flavour: str, model, variables, objective, training
-                       ) -> tuple[Callable[[Batch], list], bool]:
-    """(compute, pad): the flavour's vectorized per-example gradient (its adapter module
-    ``<flavour>_per_example``), or a loop when it cannot vectorize; `pad`: whether short
-    chunks should be padded (the adapter compiles per shape)."""
-    adapter, vectorizer = _backends.load(flavour), _backends.load(f"{flavour}_per_example")
-
-    def vectorized(part: Batch) -> list:
-        return vectorizer.per_example_parts(model, variables, objective, part, training)
-
+def vectorized_or_loop(request: Request) -> Callable[[Request], list]:
+    """compute(request of one chunk) -> parts: the adapter's vectorized per-example parts,
+    or a loop over examples when it cannot vectorize (logged once, with the reason)."""
     fallback: list[str] = []
 
-    def compute(part: Batch) -> list:
+    def compute(part: Request) -> list:
         if not fallback:
             try:
-                return vectorized(part)
+                with original_errors():
+                    return part.adapter.per_example_parts(part)
             except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
                 if isinstance(error, GradkitError):
                     raise
                 fallback.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-            rows = loop_over_examples(adapter, model, variables, objective, part, training)
             logger.warning(
                 "gradkit: the %s vectorizer cannot handle model %r (%s); per-example "
                 "gradients are computed with a Python loop over examples instead (same "
-                "values, slower).", flavour, model.name, fallback[0],
+                "values, slower).", part.flavour, part.model.name, fallback[0],
             )
-            return rows
-        return loop_over_examples(adapter, model, variables, objective, part, training)
+        return loop_over_examples(part)
 
-    return compute, getattr(vectorizer, "PAD_CHUNKS", False)
+    return compute
 
 
-def loop_over_examples(adapter, model, variables, objective, part: Batch, training) -> list:
-    """The documented fallback: one gradient call per example, stacked."""
-    rows = [
-        adapter.compute_gradients(model, variables, objective, slice_batch(part, i, i + 1),
-                                  training)[1]
-        for i in range(part.size)
-    ]
-    return [np.stack([row[j] for row in rows]) for j in range(len(variables))]
+def loop_over_examples(part: Request) -> list:
+    """The documented fallback: one gradient call per example, stacked (None: unconnected)."""
+    rows = [part.adapter.gradients(part.replace(batch=slice_batch(part.batch, i, i + 1)))[1]
+            for i in range(part.batch.size)]
+    return [None if rows[0][j] is None else np.stack([row[j] for row in rows])
+            for j in range(len(part.variables))]
 
 
 def warn_nonfinite(result: dict[str, np.ndarray], bad: set, batch: Batch) -> None:

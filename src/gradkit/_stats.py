@@ -26,10 +26,10 @@ import numpy as np
 
 from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._gradients import _floatx
 from gradkit._objective import resolve_objective
 from gradkit._per_example import per_example_gradients
 from gradkit._progress import Progress
+from gradkit._request import floatx
 from gradkit._sources import BatchStream
 
 
@@ -214,7 +214,7 @@ def gradient_stats(
     two examples. No model state changes.
     """
     flavour = flavour_of(model)
-    stream = BatchStream(model, data, batch_size, flavour, _floatx(flavour))
+    stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
     resolve_objective(model, loss, None, stream.first[1].y)  # fail before any work
     moments = MomentAccumulator()
     with Progress(stream.total, progress, description="gradkit.gradient_stats") as bar:

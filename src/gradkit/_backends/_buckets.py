@@ -30,7 +30,7 @@ import keras
 import numpy as np
 from keras.src.backend import get_keras_mask, set_keras_mask
 
-from gradkit._data import Batch, leaves, map_structure
+from gradkit._data import leaves, map_structure
 from gradkit._objective import Objective
 
 REUSE = 8  # padded calls at one batch size before that size gets its own program
@@ -127,27 +127,28 @@ def _rows_independent(model: Any) -> bool:
     )
 
 
-def paddable(batch: Batch) -> bool:
+def paddable(data: dict) -> bool:
     """Padding happens on the host: only for NumPy data with at least one example."""
-    arrays = leaves(batch.x) + leaves(batch.y) + leaves(batch.sample_weight)
-    return batch.size > 0 and all(isinstance(a, np.ndarray) for a in arrays)
+    arrays = leaves(list(data.values()))
+    return len(arrays[0]) > 0 and all(isinstance(a, np.ndarray) for a in arrays)
 
 
-def pad(batch: Batch, size: int) -> tuple[Batch, np.ndarray]:
-    """`batch` grown to `size` rows (copies of its first example; sample weight 0) and the
-    boolean vector of its real rows."""
-    extra = size - batch.size
+def pad(data: dict, size: int) -> dict:
+    """The batch `data` grown to `size` rows (copies of its first example; sample weight 0),
+    with ``valid_rows``, the boolean vector of its real rows."""
+    n = len(leaves(data["x"])[0])
+    extra = size - n
 
     def grow(a: np.ndarray) -> np.ndarray:
         return np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) if extra else a
 
-    sample_weight = batch.sample_weight
-    if sample_weight is not None and extra:
-        zeros = np.zeros((extra, *sample_weight.shape[1:]), sample_weight.dtype)
-        sample_weight = np.concatenate([sample_weight, zeros])
-    padded = Batch(map_structure(grow, batch.x), map_structure(grow, batch.y), sample_weight,
-                   size)
-    return padded, np.arange(size) < batch.size
+    padded = {key: map_structure(grow, value) for key, value in data.items()}
+    if "sample_weight" in data and extra:
+        weights = data["sample_weight"]
+        zeros = np.zeros((extra, *weights.shape[1:]), weights.dtype)
+        padded["sample_weight"] = np.concatenate([weights, zeros])
+    padded["valid_rows"] = np.arange(size) < n
+    return padded
 
 
 def exclude_padding(objective: Objective, y_pred: Any, sample_weight: Any,

@@ -1,19 +1,22 @@
-"""Per-model caches of compiled functions, bounded by recency of use.
+"""The one cache of compiled functions: per model (weakly keyed), bounded by recency of use.
 
-A cache key holds its objective (a loss callable is keyed by identity), so a caller passing a
-new lambda on every call would otherwise grow a model's cache, and the traces it keeps, without
-limit. `per_model(store, model)` gives the model's `BoundedCache` from `store`, a
-`weakref.WeakKeyDictionary` (entries die with the model); an evicted entry is rebuilt on its
-next use.
+`cached(model, key, build)` returns the entry for `key`, building it on first use. A key holds
+its objective (a loss callable is keyed by identity), so a caller passing a new lambda on every
+call would otherwise grow a model's cache, and the traces it keeps, without limit: beyond
+MAX_ENTRIES_PER_MODEL the least recently used entry is dropped, and rebuilt on its next use.
+Entries die with their model.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
-#: Entries kept per model and cache; beyond it the least recently used one is dropped.
+#: Entries kept per model; beyond it the least recently used one is dropped.
 MAX_ENTRIES_PER_MODEL = 64
+
+_STORE: "weakref.WeakKeyDictionary[Any, BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 class BoundedCache:
@@ -45,9 +48,17 @@ class BoundedCache:
         return self._entries.values()
 
 
-def per_model(store: Any, model: Any) -> BoundedCache:
-    """The cache of `model` in `store` (a WeakKeyDictionary), created on first use."""
-    cache = store.get(model)
+def for_model(model: Any) -> BoundedCache:
+    """The cache of `model`, created on first use."""
+    cache = _STORE.get(model)
     if cache is None:
-        cache = store[model] = BoundedCache()
+        cache = _STORE[model] = BoundedCache()
     return cache
+
+
+def cached(model: Any, key: Any, build: Callable[[], Any]) -> Any:
+    """The entry of `model` under `key`, made by ``build()`` if absent (or evicted)."""
+    cache = for_model(model)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]

@@ -14,8 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradkit._backends import _buckets, _layer_factors
-from gradkit._data import map_structure
+from gradkit._backends import _buckets
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
 
@@ -118,7 +117,7 @@ def objective_of_predictions(model, objective, training, trainable_values,
     if objective.kind == "loss":
         total = data_loss(objective.spec, y, y_pred, sample_weight)
         for extra in losses:
-            total = total + _aggregate(extra)
+            total = total + aggregate(extra)
         return total
     return _compiled_loss(
         model, losses, trainable_values, non_trainable_values, metrics_values,
@@ -141,7 +140,7 @@ def _compiled_loss(model, losses, trainable_values, non_trainable_values, metric
     return loss
 
 
-def _aggregate(loss: Any) -> Any:
+def aggregate(loss: Any) -> Any:
     if not keras.backend.is_float_dtype(loss.dtype):
         loss = keras.ops.cast(loss, floatx())
     return keras.ops.sum(loss)
@@ -174,42 +173,3 @@ def selected_indices(model: Any, variables: list) -> list[int]:
     """Positions of `variables` in model.trainable_variables."""
     position = {id(v): i for i, v in enumerate(model.trainable_variables)}
     return [position[id(v)] for v in variables]
-
-
-# --- Per-example objectives (gradkit.per_example_gradients, gradkit.per_example_norms)
-
-
-def merge_trainable(selected: list[int], chosen: list, others: list) -> list:
-    """All trainable values in model order, from the selected ones and the rest."""
-    rest = iter(others)
-    by_position = dict(zip(selected, chosen))
-    count = len(selected) + len(others)
-    return [by_position[i] if i in by_position else next(rest) for i in range(count)]
-
-
-def example_objective(model, objective, training, trainable, non_trainable, metrics,
-                      x, y, sample_weight):
-    """`objective_value` on the batch of one made from one example (arrays without batch axis).
-
-    Called inside a vectorizer (vmap), once per example: the objective of that example alone.
-    """
-    def one(tree: Any) -> Any:
-        return map_structure(lambda a: keras.ops.expand_dims(a, 0), tree)
-
-    return objective_value(model, objective, training, trainable, non_trainable, metrics,
-                           one(x), one(y), one(sample_weight))
-
-
-def factor_plan(model: Any, variables: list) -> list:
-    """The Dense/Embedding/Conv layers whose per-example gradients are factored (_layer_factors)."""
-    layers = keras.layers
-    return _layer_factors.plan(model, variables, layers.Dense, layers.Embedding,
-                               (layers.Conv1D, layers.Conv2D, layers.Conv3D))
-
-
-def factor_ops() -> _layer_factors.Ops:
-    """keras.ops for `_layer_factors.factor_arrays`, on whichever backend runs them."""
-    ops = keras.ops
-    return _layer_factors.Ops(ops.reshape, ops.cast,
-                              lambda parts: parts[0] if len(parts) == 1 else
-                              ops.concatenate(parts, axis=1))

@@ -15,7 +15,6 @@ global batch, and every process gets the same result.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import jax
@@ -25,45 +24,46 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
-from gradkit._backends import jax as single
 from gradkit._data import leaves, map_structure
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._objective import Objective
-
-_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
-def accumulate(model, variables, objective: Objective, batches, training: bool, strategy):
+def distributed_sum(engine, request, batches, strategy):
     """(sum over global batches of n_b * gradient of batch b's objective, N)."""
     mesh, axes = resolve_mesh(strategy)
-    k3.check_built(model)
-    entry, step = _cached(model, variables, objective, training, mesh)
+    model = request.model
+    connected, step = _cache.cached(model, ("mesh", request.cache_key(), mesh),
+                                    lambda: _build(engine, request, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(axes))
     values = k3.variable_values(model)
     _check_same_weights(values[0])
-    trainable, non_trainable, metrics = _replicate(values, replicated)
-    chosen = set(entry.selected)
-    weights = (
-        [trainable[i] for i in entry.selected],
-        [v for i, v in enumerate(trainable) if i not in chosen],
-        non_trainable, metrics,
-    )
+    values = _replicate(values, replicated)
     scale = _replicate(np.float32(k3.loss_scale(model)), replicated)
-    acc = _replicate([np.zeros(v.shape, v.dtype) for v in weights[0]], replicated)
+    acc = _replicate([np.zeros(v.shape, v.dtype) for v in request.variables], replicated)
     total, on_cpu = 0, mesh.devices.flat[0].platform == "cpu"
     for inputs, size in _global_parts(_steps(batches), mesh, sharded, replicated):
-        args = weights + (inputs["x"], inputs.get("y"), inputs.get("sample_weight"), scale)
-        if entry.connected is None:
-            entry.connected = single._connected(entry.fn, args)
-        weight = np.float32(1.0 if objective.kind == "target" else size)
-        acc = step(acc, _replicate(weight, replicated), *args)
+        weight = np.float32(1.0 if request.objective.kind == "target" else size)
+        acc = step(acc, _replicate(weight, replicated), values, inputs, scale)
         if on_cpu:  # XLA:CPU runs every device's program on one shared thread pool; two
             jax.block_until_ready(acc)  # steps in flight can starve an all-reduce for ever
         total += size
     grads = [np.asarray(a.addressable_data(0)) for a in acc]
-    connected = entry.connected or [True] * len(grads)
-    return [g if ok else None for g, ok in zip(grads, connected)], total
+    found = connected or [True] * len(grads)
+    return [g if ok else None for g, ok in zip(grads, found)], total
+
+
+def _build(engine, request, mesh):
+    """(connectivity found while tracing, the jitted step adding weight * gradient)."""
+    gradient, connected = engine.gradient_fn(request, True), []
+
+    def step(acc, weight, values, data, scale):
+        _, grads = gradient(values, data, scale)
+        connected[:] = [g is not None for g in grads]
+        return [a if g is None else a + weight.astype(a.dtype) * g.astype(a.dtype)
+                for a, g in zip(acc, grads)]
+
+    return connected, jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def resolve_mesh(strategy: Any) -> tuple[Mesh, tuple[str, ...]]:
@@ -82,21 +82,6 @@ def resolve_mesh(strategy: Any) -> tuple[Mesh, tuple[str, ...]]:
         "batch is sharded over all its axes). Model-parallel layouts are not supported. "
         + received(strategy=strategy)
     )
-
-
-def _cached(model, variables, objective, training, mesh):
-    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training), mesh)
-    per_model = _cache.per_model(_CACHE, model)
-    if key not in per_model:
-        entry = single._build(model, variables, objective, training)
-        replicated = NamedSharding(mesh, PartitionSpec())
-
-        def step(acc, weight, *args):
-            _, grads = entry.fn(*args)
-            return [a + weight.astype(a.dtype) * g.astype(a.dtype) for a, g in zip(acc, grads)]
-
-        per_model[key] = (entry, jax.jit(step, out_shardings=replicated))
-    return per_model[key]
 
 
 def _replicate(tree: Any, sharding: NamedSharding) -> Any:

@@ -1,62 +1,149 @@
-"""Keras 3 on TensorFlow: a GradientTape inside a cached `tf.function`.
+"""TensorFlow primitives: GradientTape, `tf.function` with an open batch axis, pfor.
 
-The function is traced once per model, variable selection, objective and input signature,
-with the batch axis left open (None), so a new batch size does not retrace.
+Used by the Keras 3 engine on the TensorFlow backend (`adapter()`) and by the tf-keras
+adapter; this module never imports Keras. A compiled function is traced once per input
+signature with the batch axis left open (None), so a new batch size does not retrace.
 """
 
 from __future__ import annotations
 
-import functools
+import itertools
 import weakref
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 
-from gradkit._backends import _cache
-from gradkit._backends import _keras3 as k3
-from gradkit._backends._taps import OutputTaps
-from gradkit._data import Batch, leaves, map_structure
-from gradkit._objective import Objective
-
-_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
+from gradkit._data import map_structure
+from gradkit._factors import Ops
 
 
-def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    k3.check_built(model)
-    inputs = _inputs(batch)
-    signature = map_structure(_relaxed_spec, inputs)
-    scale = k3.loss_scale(model)
-    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature), scale != 1.0)
-    per_model = _cache.per_model(_CACHE, model)
-    if key not in per_model:
-        per_model[key] = _build(model, variables, objective, training, signature,
-                                scaled=scale != 1.0)
-    loss, grads = per_model[key](inputs, _scale_tensor(scale))
-    return float(loss), [None if g is None else g.numpy() for g in grads]
+_ENTRIES = itertools.count()
 
 
-def _scale_tensor(scale: float) -> tf.Tensor:
-    """The loss scale as a float32 scalar tensor (the usual 1.0 made only once)."""
-    return _one() if scale == 1.0 else tf.constant(scale, tf.float32)
+def adapter():
+    """The Keras 3 engine over these primitives."""
+    from gradkit._backends._engine import Engine
+
+    return Engine(TensorFlowPrimitives())
 
 
-@functools.cache
-def _one() -> tf.Tensor:
-    return tf.constant(1.0, tf.float32)
+def keras3_values(model: Any) -> tuple[list, list, list]:
+    """(trainable, non-trainable, metrics) values of a Keras 3 model, read in the graph."""
+    return ([v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.metrics_variables])
 
 
-def _inputs(batch: Batch) -> dict:
-    inputs = {"x": batch.x}
-    if batch.y is not None:
-        inputs["y"] = batch.y
-    if batch.sample_weight is not None:
-        inputs["sample_weight"] = batch.sample_weight
-    return inputs
+class TensorFlowPrimitives:
+    """The engine's verbs (gradkit._backends._engine.Primitives) in TensorFlow."""
+
+    ops = Ops(tf.reshape, tf.cast,
+              lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
+    #: pfor's converters have gaps (grouped convolutions): the caller falls back to a loop
+    vectorize_errors = (tf.errors.InvalidArgumentError,)
+
+    def __init__(self, values: Callable[[Any], Any] = keras3_values) -> None:
+        self.values = values
+
+    def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
+        model_ref, read, traced = weakref.ref(model), self.values, {}
+
+        def with_values(*args):
+            return fn(read(model_ref()), *args)
+
+        # TensorFlow warns about "retracing" per code object (compared by value): a name of
+        # its own for each compiled entry, which is traced once per signature
+        with_values.__code__ = with_values.__code__.replace(
+            co_name=f"gradkit_{fn.__name__}_{next(_ENTRIES)}")
+
+        def run(data, scale, *extra):
+            signature = [map_structure(relaxed_spec, data), tf.TensorSpec([], tf.float32),
+                         *(map_structure(exact_spec, e) for e in extra)]
+            key = repr(signature)
+            if key not in traced:
+                traced[key] = tf.function(with_values, input_signature=signature)
+            return traced[key](data, scale, *extra)
+
+        return run
+
+    def grad(self, f: Callable, *, taps: bool = False, shape_key: Any = None) -> Callable:
+        def g(*args):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                args = [[watchable(a) for a in arg] for arg in args]
+                for arg in args:
+                    tape.watch(arg)
+                zeros: list = []
+
+                def perturb(z):
+                    zero = tf.zeros_like(z)
+                    tape.watch(zero)
+                    zeros.append(zero)
+                    return z + zero
+
+                value, aux = f(perturb, *args)
+            arg_grads, tap_grads = tape.gradient(value, (args, zeros))
+            return aux, [dense(grads) for grads in arg_grads], dense(tap_grads)
+
+        return g
+
+    def hvp(self, f: Callable) -> Callable:
+        """Reverse over reverse: the gradient of ⟨∇f, tangents⟩."""
+        def h(primals, tangents):
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                primals = [watchable(p) for p in primals]
+                outer.watch(primals)
+                with tf.GradientTape(watch_accessed_variables=False) as inner:
+                    inner.watch(primals)
+                    value, aux = f(None, primals)
+                grads = dense(inner.gradient(value, primals))
+                pairs = [(g, tf.cast(t, g.dtype)) for g, t in zip(grads, tangents)
+                         if g is not None]
+                inner_product = tf.add_n([tf.reduce_sum(g * t) for g, t in pairs]) \
+                    if pairs else tf.constant(0.0)
+            products = dense(outer.gradient(inner_product, primals))
+            return aux, [None if g is None else (tf.zeros_like(p) if hv is None else hv)
+                         for g, hv, p in zip(grads, products, primals)]
+
+        return h
+
+    def vectorize(self, fn: Callable) -> Callable:
+        return lambda data: tf.vectorized_map(fn, data)
+
+    # array verbs for gradkit._backends._accumulator
+    zeros, stack, where, all = staticmethod(tf.zeros), staticmethod(tf.stack), \
+        staticmethod(tf.where), staticmethod(tf.reduce_all)
+
+    def all_finite(self, g):
+        return tf.reduce_all(tf.math.is_finite(g))
+
+    def to_numpy(self, x) -> np.ndarray:
+        return x.numpy()
+
+    def asynchronous(self, tensor) -> bool:
+        return not tensor.device.endswith("CPU:0")  # eager TF is synchronous on CPU
+
+    def guard(self):
+        return nullcontext()
+
+    def distributed_sum(self, adapter, request, batches, strategy):
+        from gradkit._backends import tf_distribute
+
+        return tf_distribute.distributed_sum(adapter, request, batches, strategy)
 
 
-def _relaxed_spec(value: Any) -> tf.TensorSpec:
+def watchable(value):
+    """A tensor of its own to watch (a variable is watched as itself)."""
+    return value if isinstance(value, tf.Variable) else tf.identity(value)
+
+
+def dense(grads: list) -> list:
+    """Gradients as dense tensors (an Embedding's come as IndexedSlices); None kept."""
+    return [None if g is None else tf.convert_to_tensor(g) for g in grads]
+
+
+def relaxed_spec(value: Any) -> tf.TensorSpec:
     """The spec of `value` with the batch axis open; NumPy arrays are not copied to read it."""
     if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
         shape, dtype = value.shape, tf.as_dtype(value.dtype)
@@ -66,144 +153,6 @@ def _relaxed_spec(value: Any) -> tf.TensorSpec:
     return tf.TensorSpec([None, *shape[1:]] if len(shape) else [], dtype)
 
 
-def _signature_key(signature: Any) -> str:
-    return repr(signature)
-
-
-def _build(model, variables, objective, training, signature, scaled=True):
-    """The cached step(inputs, scale) -> (loss, grads); `scaled=False` ignores `scale` (1.0),
-    sparing a division per gradient (x / 1.0 == x, so the result is the same)."""
-    model_ref = weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-    selected = k3.selected_indices(model, variables)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            trainable = [tf.identity(v.value) for v in model.trainable_variables]
-            watched = [trainable[i] for i in selected]
-            tape.watch(watched)
-            _, non_trainable, metrics = k3.variable_values(model)
-            loss = k3.objective_value(
-                model, objective, training, trainable, non_trainable, metrics,
-                inputs["x"], inputs.get("y"), inputs.get("sample_weight"),
-            )
-            target = tf.cast(loss, tf.float32)
-            if scaled:
-                target = target * scale
-        grads = tape.gradient(target, watched)
-        if not scaled:
-            return loss, [None if g is None else tf.convert_to_tensor(g) for g in grads]
-        return loss, [None if g is None else tf.convert_to_tensor(g) / tf.cast(scale, g.dtype)
-                      for g in grads]
-
-    return step
-
-
-# --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
-
-_AUX_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
-
-
-def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
-    """(loss, [gradient or None per leaf of batch.x]) of the objective w.r.t. the inputs."""
-    k3.check_built(model)
-    template = map_structure(lambda _: 0, batch.x)
-    inputs = dict(_inputs(batch), x=leaves(batch.x))
-    signature = map_structure(_relaxed_spec, inputs)
-    key = ("inputs", repr(template), objective.cache_key(), bool(training),
-           _signature_key(signature))
-    per_model = _cache.per_model(_AUX_CACHE, model)
-    if key not in per_model:
-        per_model[key] = _build_input_step(model, objective, training, signature, template)
-    loss, grads = per_model[key](inputs, tf.constant(k3.loss_scale(model), tf.float32))
-    return float(loss), [None if g is None else g.numpy() for g in grads]
-
-
-def _build_input_step(model, objective, training, signature, template):
-    model_ref = weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        flat = list(inputs["x"])
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(flat)
-            loss = _forward_objective(model_ref(), objective, training, inputs, flat, template)
-            scaled = tf.cast(loss, tf.float32) * scale
-        return loss, _unscaled(tape.gradient(scaled, flat), scale)
-
-    return step
-
-
-def _forward_objective(model, objective, training, inputs, flat, template):
-    feed = iter(flat)
-    x = map_structure(lambda _: next(feed), template)
-    trainable, non_trainable, metrics = k3.variable_values(model)
-    return k3.objective_value(model, objective, training, trainable, non_trainable, metrics,
-                              x, inputs.get("y"), inputs.get("sample_weight"))
-
-
-def _unscaled(grads, scale):
-    return [None if g is None else tf.convert_to_tensor(g) / tf.cast(scale, g.dtype)
-            for g in grads]
-
-
-def compute_activation_gradients(model, layers, keys, objective: Objective, batch: Batch,
-                                 training: bool, return_activations: bool):
-    """(loss, [gradient or None], [activation or None]) for the outputs of `layers`."""
-    k3.check_built(model)
-    template = map_structure(lambda _: 0, batch.x)
-    inputs = dict(_inputs(batch), x=leaves(batch.x))
-    signature = map_structure(_relaxed_spec, inputs)
-    key = ("activations", tuple(id(layer) for layer in layers), repr(template),
-           objective.cache_key(), bool(training), _signature_key(signature))
-    per_model = _cache.per_model(_AUX_CACHE, model)
-    if key not in per_model:
-        taps = OutputTaps(layers, keys)
-        per_model[key] = (taps, _build_activation_step(
-            model, taps, objective, training, signature, template))
-    taps, step = per_model[key]
-    with taps.installed():
-        loss, grads, outputs = step(inputs, tf.constant(k3.loss_scale(model), tf.float32))
-    taps.check()  # what the trace recorded: a shared, unused or non-float layer
-    return float(loss), [None if g is None else g.numpy() for g in grads], [
-        None if o is None or not return_activations else o.numpy() for o in outputs]
-
-
-def _build_activation_step(model, taps, objective, training, signature, template):
-    model_ref = weakref.ref(model)
-    objective = k3.prepare_objective(objective)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            perturbations, outputs = watched_taps(taps, tape)
-            loss = _forward_objective(model_ref(), objective, training, inputs,
-                                      list(inputs["x"]), template)
-            scaled = tf.cast(loss, tf.float32) * scale
-        return loss, tapped_gradients(tape, scaled, perturbations, scale), outputs
-
-    return step
-
-
-def watched_taps(taps: OutputTaps, tape: tf.GradientTape) -> tuple[list, list]:
-    """Start `taps` so each output gets a watched zero perturbation; (perturbations, outputs)."""
-    perturbations, outputs = [None] * len(taps.layers), [None] * len(taps.layers)
-
-    def tap(index, output):
-        perturbation = tf.zeros_like(output)
-        tape.watch(perturbation)
-        perturbations[index], outputs[index] = perturbation, output
-        return output + perturbation
-
-    taps.start(tap)
-    return perturbations, outputs
-
-
-def tapped_gradients(tape: tf.GradientTape, scaled, perturbations: list, scale) -> list:
-    """Unscaled gradients w.r.t. the perturbations; None where a layer was not tapped."""
-    tapped = [p for p in perturbations if p is not None]
-    grads = iter(_unscaled(tape.gradient(scaled, tapped), scale))
-    return [None if p is None else next(grads) for p in perturbations]
+def exact_spec(value: Any) -> tf.TensorSpec:
+    tensor = value if isinstance(value, (tf.Tensor, tf.Variable)) else tf.convert_to_tensor(value)
+    return tf.TensorSpec(tensor.shape, tensor.dtype)

@@ -1,67 +1,282 @@
-"""tf-keras (Keras 2), eager mode: a GradientTape inside a cached `tf.function`.
+"""tf-keras (Keras 2): its own adapter over the TensorFlow primitives; never imports Keras 3.
 
-tf-keras layers assign their state during the call (BatchNorm moving statistics, loss
-metrics), so the function reads that state first and writes the same values back after the
-gradient: the model leaves the call bitwise as it entered. The batch axis of the input
-signature is open (None), so a new batch size does not retrace.
+tf-keras has no `stateless_call`: its layers read their variables and assign their state during
+the call (BatchNorm moving statistics, loss metrics). So every compiled function here is wrapped
+once (`TfKerasPrimitives.compile`) to read that state first and write the same values back
+after: the model leaves each call bitwise as it entered. Gradients are taken with respect to
+the variables themselves. Graph mode (after `disable_eager_execution()`) runs the gradient in
+the Keras session (`tf_keras_graph`).
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from gradkit._backends import _cache
-from gradkit._backends.tensorflow import (
-    _inputs,
-    _relaxed_spec,
-    _scale_tensor,
-    _signature_key,
-    tapped_gradients,
-    watched_taps,
-)
+from gradkit._backends._accumulator import Accumulator
 from gradkit._backends._taps import OutputTaps
+from gradkit._backends.tensorflow import TensorFlowPrimitives
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
+from gradkit._factors import LayerTaps, assemble, factor_arrays, plan, rest
 from gradkit._objective import Objective, data_loss, target_scores
 
-_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
+
+def adapter():
+    return TfKerasAdapter()
 
 
-def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    if not tf.executing_eagerly():  # tf.compat.v1.disable_eager_execution() was called
-        from gradkit._backends import tf_keras_graph
+class TfKerasPrimitives(TensorFlowPrimitives):
+    """TensorFlow's primitives, each compiled function restoring the model's state."""
 
-        return tf_keras_graph.compute_gradients(model, variables, objective, batch, training)
+    def __init__(self) -> None:
+        super().__init__(values=lambda model: ())
+
+    def compile(self, fn, model, *, donate: tuple = (), pad: Any = None):
+        state = state_variables(model)
+
+        def restoring(values, *args):
+            saved = [tf.identity(v) for v in state]
+            outputs = fn(values, *args)
+            done = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
+            with tf.control_dependencies(done):
+                for v, value in zip(state, saved):
+                    v.assign(value)
+            return tf.nest.map_structure(
+                lambda t: tf.identity(t) if isinstance(t, tf.Tensor) else t, outputs)
+
+        restoring.__name__ = fn.__name__
+        return super().compile(restoring, model)
+
+
+class TfKerasAdapter:
+    """gradkit._backends.Adapter for tf-keras models."""
+
+    pad_chunks = False
+    kernel_rows = None
+
+    def __init__(self) -> None:
+        self.p = TfKerasPrimitives()
+
+    @staticmethod
+    def data_of(batch: Batch) -> dict:
+        data = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
+        return {k: v for k, v in data.items() if v is not None}
+
+    @staticmethod
+    def scale_of(model) -> np.float32:
+        optimizer = getattr(model, "optimizer", None)
+        scale = getattr(optimizer, "loss_scale", None) if optimizer is not None else None
+        return np.float32(1.0 if scale is None else float(scale))
+
+    def compiled(self, request, name: str, build, *extra_key):
+        check_ready(request.model)
+        scaled = self.scale_of(request.model) != 1.0
+        key = (name, request.cache_key(), scaled, *extra_key)
+        return _cache.cached(request.model, key, lambda: build(scaled))
+
+    # --- operations
+
+    def gradients(self, request):
+        if not tf.executing_eagerly():  # tf.compat.v1.disable_eager_execution() was called
+            from gradkit._backends import tf_keras_graph
+
+            return tf_keras_graph.compute_gradients(request)
+        run = self.compiled(request, "gradients", lambda s: self.p.compile(
+            self.gradient_fn(request, s), request.model))
+        loss, grads = run(self.data_of(request.batch), self.scale_of(request.model))
+        return float(loss), [None if g is None else g.numpy() for g in grads]
+
+    def gradient_fn(self, request, scaled: bool):
+        f, variables = self._objective(request, scaled), list(request.variables)
+
+        def fn(values, data, scale):
+            loss, (grads,), _ = self.p.grad(lambda perturb, _: f(data, scale))(variables)
+            return loss, _unscaled(grads, scale, scaled)
+
+        return fn
+
+    def hvp(self, request, vectors: list):
+        if not tf.executing_eagerly():
+            raise _needs_eager()
+
+        def build(scaled):
+            f, variables = self._objective(request, scaled), list(request.variables)
+
+            def fn(values, data, scale, tangents):
+                loss, products = self.p.hvp(lambda _, __: f(data, scale))(variables, tangents)
+                return loss, _unscaled(products, scale, scaled)
+
+            return self.p.compile(fn, request.model)
+
+        run = self.compiled(request, "hvp", build)
+        loss, products = run(self.data_of(request.batch), self.scale_of(request.model),
+                             list(vectors))
+        return float(loss), [None if h is None else h.numpy() for h in products]
+
+    def _objective(self, request, scaled: bool):
+        """f(data, scale, x=None) -> (scaled value, loss) on the model's own variables."""
+        model_ref, training = weakref.ref(request.model), request.training
+        objective = prepare_objective(request.objective)
+
+        def f(data, scale, x=None):
+            x = data["x"] if x is None else x
+            y, sw = data.get("y"), data.get("sample_weight")
+            model = model_ref()
+            loss = objective_value(model, objective, x, y, sw, model(x, training=training))
+            value = tf.cast(loss, tf.float32)
+            return (value * scale if scaled else value), loss
+
+        return f
+
+    def input_gradients(self, request):
+        loss, grads, _ = self._tapped(request, None)
+        return loss, grads
+
+    def activation_gradients(self, request, layers, keys, return_activations: bool):
+        loss, grads, outputs = self._tapped(request, OutputTaps(layers, keys))
+        return loss, grads, [None if o is None or not return_activations else o
+                             for o in outputs]
+
+    def _tapped(self, request, taps):
+        template = map_structure(lambda _: 0, request.batch.x)
+        key = ("taps", None if taps is None else tuple(id(la) for la in taps.layers),
+               repr(template))
+
+        def build(scaled):
+            f = self._objective(request, True)
+
+            def fn(values, data, scale):
+                def g(perturb, flat):
+                    feed = iter(flat)
+                    outputs, order = [None] * (len(taps.layers) if taps else 0), []
+                    if taps is not None:
+                        taps.start(lambda i, out: order.append(i) or outputs.__setitem__(
+                            i, out) or perturb(out))
+                    value, loss = f(data, scale, map_structure(lambda _: next(feed), template))
+                    return value, (loss, outputs, order)
+
+                (loss, outputs, order), (flat_grads,), tap_grads = self.p.grad(g)(
+                    list(data["x"]))
+                grads = flat_grads if taps is None else [None] * len(taps.layers)
+                for i, grad in zip(order, tap_grads):
+                    grads[i] = grad
+                return loss, _unscaled(grads, scale, True), outputs
+
+            return taps, self.p.compile(fn, request.model)
+
+        taps, run = self.compiled(request, "tapped", build, key)
+        data = dict(self.data_of(request.batch), x=leaves(request.batch.x))
+        if taps is None:
+            loss, grads, outputs = run(data, self.scale_of(request.model))
+        else:
+            with taps.installed():
+                loss, grads, outputs = run(data, self.scale_of(request.model))
+            taps.check()
+        return float(loss), [None if g is None else g.numpy() for g in grads], [
+            None if o is None else o.numpy() for o in outputs]
+
+    def per_example_parts(self, request):
+        planned = plan(request.model, request.variables, tf_keras.layers)
+        connected: list = []
+        _, run = self.compiled(request, "per_example", lambda s: (connected, self.p.compile(
+            self._per_example_fn(request, planned, s, connected), request.model)))
+        try:
+            arrays, grads = run(self.data_of(request.batch), self.scale_of(request.model))
+        except self.p.vectorize_errors as error:
+            raise NotImplementedError(f"vectorizing failed: {error}") from error
+        parts = assemble(len(request.variables), planned, arrays, grads)
+        return [part if ok else None for part, ok in zip(parts, connected)]
+
+    def _per_example_fn(self, request, planned, scaled: bool, connected: list):
+        count = len(request.variables)
+        direct = [request.variables[j] for j in rest(planned, count)]
+        f, taps = self._objective(request, scaled), LayerTaps(planned)
+
+        def fn(values, data, scale):
+            def one(example):
+                seen: list = []
+
+                def g(perturb, _):
+                    taps.start(lambda layer, call, z: seen.append((layer, z)) or perturb(z))
+                    with taps.installed():
+                        value, _ = f(map_structure(lambda a: a[None], example), scale)
+                    return value, taps.inputs
+
+                inputs, (grads,), deltas = self.p.grad(g)(direct)
+                by_layer: list[list] = [[] for _ in planned]
+                reached = [False] * len(planned)
+                for (layer, z), delta in zip(seen, deltas):
+                    reached[layer] = reached[layer] or delta is not None
+                    by_layer[layer].append(tf.zeros_like(z) if delta is None else delta)
+                found = [True] * count
+                for entry, ok in zip(planned, reached):
+                    for j in entry.roles.values():
+                        found[j] = ok
+                for j, grad in zip(rest(planned, count), grads):
+                    found[j] = grad is not None
+                connected[:] = found
+                return by_layer, [tf.zeros_like(v) if g is None else g
+                                  for g, v in zip(grads, direct)], inputs
+
+            deltas, grads, inputs = self.p.vectorize(one)(data)
+            arrays = factor_arrays(planned, inputs, deltas, self.p.ops, scale if scaled else None)
+            return arrays, _unscaled(grads, scale, scaled)
+
+        return fn
+
+    def accumulator(self, request, skip_nonfinite: bool):
+        return Accumulator(self, request, bool(skip_nonfinite))
+
+    def distributed_sum(self, request, batches, strategy):
+        from gradkit._backends import tf_distribute
+
+        return tf_distribute.distributed_sum(self, request, batches, strategy)
+
+    def replica_gradient(self, request):
+        """fn(values, data, scale, replicas) -> gradients of the replica's scaled objective:
+        tf-keras divides neither the compiled loss nor loss= by the replica count itself."""
+        objective = request.objective
+        if objective.kind == "loss":
+            loss = copy.copy(resolve_loss(objective.spec))
+            loss._allow_sum_over_batch_size = True  # reduced per replica; rescaled after
+            request = request.replace(objective=Objective("loss", loss))
+        gradient = self.gradient_fn(request, True)
+        return lambda values, data, scale, replicas: gradient(values, data, scale)[1]
+
+
+def _unscaled(grads: list, scale, scaled: bool) -> list:
+    if not scaled:
+        return list(grads)
+    return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+
+
+def check_ready(model: Any) -> None:
+    if not tf.executing_eagerly():
+        raise _needs_eager()
     if not model.built or not model.variables:
         raise UnsupportedModelError(
-            f"Model {model.name!r} has not been built, so it has no weights to differentiate. "
+            f"Model {model.name!r} has not been built, so it cannot be differentiated yet. "
             "Call it once on a batch (model(x[:1])) or call model.build(...) first. "
             + received(built=model.built)
         )
-    inputs = _inputs(batch)
-    signature = map_structure(_relaxed_spec, inputs)
-    scale = _loss_scale(model)
-    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           _signature_key(signature), scale != 1.0)
-    per_model = _cache.per_model(_CACHE, model)
-    if key not in per_model:
-        per_model[key] = _build(model, variables, objective, training, signature,
-                                scaled=scale != 1.0)
-    loss, grads = per_model[key](inputs, _scale_tensor(scale))
-    return float(loss), [None if g is None else g.numpy() for g in grads]
 
 
-def _loss_scale(model: Any) -> float:
-    optimizer = getattr(model, "optimizer", None)
-    scale = getattr(optimizer, "loss_scale", None) if optimizer is not None else None
-    return 1.0 if scale is None else float(scale)
+def _needs_eager() -> UnsupportedModelError:
+    return UnsupportedModelError(
+        "gradkit runs this on tf-keras models in eager mode, but eager execution is disabled "
+        "(tf.compat.v1.disable_eager_execution() was called); in graph mode only "
+        "gradkit.gradients is available. Remove that call. " + received(executing_eagerly=False)
+    )
 
 
-def _resolve_loss(spec: Any) -> Any:
+def resolve_loss(spec: Any) -> Any:
     if isinstance(spec, tf_keras.losses.Loss):
         return spec
     if isinstance(spec, str):
@@ -80,7 +295,13 @@ def _resolve_loss(spec: Any) -> Any:
     return LossFunctionWrapper(spec, reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
 
 
-def _state_variables(model: Any) -> list:
+def prepare_objective(objective: Objective) -> Objective:
+    if objective.kind == "loss":
+        return Objective("loss", resolve_loss(objective.spec))
+    return objective
+
+
+def state_variables(model: Any) -> list:
     """Everything a forward pass or a loss may assign: non-trainable and metric variables."""
     seen, state = set(), []
     candidates = list(model.non_trainable_variables)
@@ -101,7 +322,8 @@ def _state_variables(model: Any) -> list:
     return state
 
 
-def _objective_value(model, objective, x, y, sample_weight, y_pred):
+def objective_value(model, objective, x, y, sample_weight, y_pred):
+    """The unscaled objective of tf-keras (see gradkit._objective) from the predictions."""
     if objective.kind == "compiled":
         return model.compute_loss(x, y, y_pred, sample_weight)
     if objective.kind == "target":
@@ -116,129 +338,3 @@ def _objective_value(model, objective, x, y, sample_weight, y_pred):
     if model.losses:
         total = total + tf.add_n([tf.cast(l, total.dtype) for l in model.losses])
     return total
-
-
-def _build(model, variables, objective, training, signature, scaled=True):
-    """The cached step(inputs, scale) -> (loss, grads); `scaled=False` ignores `scale` (1.0),
-    sparing a division per gradient (x / 1.0 == x, so the result is the same)."""
-    model_ref = weakref.ref(model)
-    if objective.kind == "loss":
-        objective = Objective("loss", _resolve_loss(objective.spec))
-    state = _state_variables(model)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        saved = [tf.identity(v) for v in state]
-        x, y, sw = inputs["x"], inputs.get("y"), inputs.get("sample_weight")
-        with tf.GradientTape() as tape:
-            y_pred = model(x, training=training)
-            loss = _objective_value(model, objective, x, y, sw, y_pred)
-            target = tf.cast(loss, tf.float32)
-            if scaled:
-                target = target * scale
-        grads = [None if g is None else tf.convert_to_tensor(g)
-                 for g in tape.gradient(target, variables)]
-        if scaled:
-            grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
-        with tf.control_dependencies([g for g in grads if g is not None] + [loss]):
-            for v, value in zip(state, saved):
-                v.assign(value)
-        return loss, grads
-
-    return step
-
-
-# --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
-
-_AUX_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
-
-
-def _check_ready(model: Any) -> None:
-    if not tf.executing_eagerly():
-        raise UnsupportedModelError(
-            "gradkit runs tf-keras models in eager mode, but eager execution is disabled "
-            "(tf.compat.v1.disable_eager_execution() was called). Remove that call. "
-            + received(executing_eagerly=False)
-        )
-    if not model.built or not model.variables:
-        raise UnsupportedModelError(
-            f"Model {model.name!r} has not been built, so it cannot be differentiated yet. "
-            "Call it once on a batch (model(x[:1])) or call model.build(...) first. "
-            + received(built=model.built)
-        )
-
-
-def _cached_step(model, key, build):
-    per_model = _cache.per_model(_AUX_CACHE, model)
-    if key not in per_model:
-        per_model[key] = build()
-    return per_model[key]
-
-
-def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
-    """(loss, [gradient or None per leaf of batch.x]) of the objective w.r.t. the inputs."""
-    _check_ready(model)
-    template = map_structure(lambda _: 0, batch.x)
-    inputs = dict(_inputs(batch), x=leaves(batch.x))
-    signature = map_structure(_relaxed_spec, inputs)
-    key = ("inputs", repr(template), objective.cache_key(), bool(training),
-           _signature_key(signature))
-    step = _cached_step(model, key, lambda: _build_tapped_step(
-        model, None, objective, training, signature, template))
-    loss, grads, _ = step(inputs, tf.constant(_loss_scale(model), tf.float32))
-    return float(loss), [None if g is None else g.numpy() for g in grads]
-
-
-def compute_activation_gradients(model, layers, keys, objective: Objective, batch: Batch,
-                                 training: bool, return_activations: bool):
-    """(loss, [gradient or None], [activation or None]) for the outputs of `layers`."""
-    _check_ready(model)
-    template = map_structure(lambda _: 0, batch.x)
-    inputs = dict(_inputs(batch), x=leaves(batch.x))
-    signature = map_structure(_relaxed_spec, inputs)
-    key = ("activations", tuple(id(layer) for layer in layers), repr(template),
-           objective.cache_key(), bool(training), _signature_key(signature))
-    taps, step = _cached_step(model, key, lambda: _tapped_entry(
-        model, OutputTaps(layers, keys), objective, training, signature, template))
-    with taps.installed():
-        loss, grads, outputs = step(inputs, tf.constant(_loss_scale(model), tf.float32))
-    taps.check()  # what the trace recorded: a shared, unused or non-float layer
-    return float(loss), [None if g is None else g.numpy() for g in grads], [
-        None if o is None or not return_activations else o.numpy() for o in outputs]
-
-
-def _tapped_entry(model, taps, objective, training, signature, template):
-    return taps, _build_tapped_step(model, taps, objective, training, signature, template)
-
-
-def _build_tapped_step(model, taps, objective, training, signature, template):
-    """Gradients w.r.t. the inputs (taps=None) or the tapped layer outputs; state restored."""
-    model_ref = weakref.ref(model)
-    if objective.kind == "loss":
-        objective = Objective("loss", _resolve_loss(objective.spec))
-    state = _state_variables(model)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32)])
-    def step(inputs, scale):
-        model = model_ref()
-        saved = [tf.identity(v) for v in state]
-        feed = iter(inputs["x"])
-        x = map_structure(lambda _: next(feed), template)
-        y, sw = inputs.get("y"), inputs.get("sample_weight")
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            if taps is None:
-                sources, outputs = list(inputs["x"]), []
-                tape.watch(sources)
-            else:
-                sources, outputs = watched_taps(taps, tape)
-            loss = _objective_value(model, objective, x, y, sw, model(x, training=training))
-            scaled = tf.cast(loss, tf.float32) * scale
-        grads = tapped_gradients(tape, scaled, sources, scale)
-        done = [t for t in grads + outputs if t is not None] + [loss]
-        with tf.control_dependencies(done):
-            for v, value in zip(state, saved):
-                v.assign(value)
-        return loss, grads, outputs
-
-    return step

@@ -12,7 +12,6 @@ gradient of the unscaled loss.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import numpy as np
@@ -20,11 +19,8 @@ import tensorflow as tf
 from tf_keras.src import backend  # get_graph/get_session/learning phase (not in tf_keras.backend)
 
 from gradkit._backends import _cache
-from gradkit._data import Batch, leaves
+from gradkit._data import leaves
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
-from gradkit._objective import Objective
-
-_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 
 
 class _Graph:
@@ -34,7 +30,10 @@ class _Graph:
         self.ys, self.sample_weight, self.loss, self.grads = ys, sample_weight, loss, grads
 
 
-def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
+def compute_gradients(request) -> tuple[float, list]:
+    """(loss, [gradient or None per selected variable]) of a prepared request."""
+    model, variables, objective = request.model, request.variables, request.objective
+    batch, training = request.batch, request.training
     inputs = list(getattr(model, "inputs", None) or [])
     if not inputs:
         raise UnsupportedModelError(
@@ -43,13 +42,14 @@ def compute_gradients(model, variables, objective: Objective, batch: Batch, trai
             "tf_keras.Input(...) or run in eager mode. " + received(inputs=None)
         )
     xs, ys = _input_arrays(model, batch.x), _output_arrays(model, batch.y)
-    key = (tuple(id(v) for v in variables), objective.cache_key(),
-           tuple(_spec(a) for a in ys), batch.sample_weight is not None)
-    per_model = _cache.per_model(_CACHE, model)
-    if key not in per_model:
+    key = ("graph", request.cache_key(), tuple(_spec(a) for a in ys),
+           batch.sample_weight is not None)
+
+    def build():
         with backend.get_graph().as_default():
-            per_model[key] = _build(model, variables, objective, ys, batch.sample_weight)
-    graph = per_model[key]
+            return _build(model, variables, objective, ys, batch.sample_weight)
+
+    graph = _cache.cached(model, key, build)
     feed = dict(zip(inputs, xs))
     feed.update(zip(graph.ys, ys))
     if graph.sample_weight is not None:
@@ -93,12 +93,11 @@ def _build(model, variables, objective, ys, sample_weight) -> _Graph:
     if objective.kind == "compiled":
         loss = _compiled_loss(model, y_phs, sw_ph)
     else:
-        from gradkit._backends.tf_keras import _objective_value, _resolve_loss
+        from gradkit._backends.tf_keras import objective_value, prepare_objective
 
-        if objective.kind == "loss":
-            objective = Objective("loss", _resolve_loss(objective.spec))
         y = y_phs[0] if len(y_phs) == 1 else (y_phs or None)
-        loss = _objective_value(model, objective, model.inputs, y, sw_ph, y_pred)
+        loss = objective_value(model, prepare_objective(objective), model.inputs, y, sw_ph,
+                               y_pred)
     grads = tf.gradients(loss, variables)
     return _Graph(y_phs, sw_ph, loss, grads)
 

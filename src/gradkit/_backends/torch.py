@@ -1,50 +1,181 @@
-"""Keras 3 on PyTorch: autograd over `stateless_call` (never `functional_call`, which
-silently returns zeros for Keras variables).
+"""PyTorch primitives for the Keras 3 engine: autograd, `torch.func` inside `torch.func.vmap`.
 
 Eager, as Keras' own torch trainer runs by default: nothing is traced, so batch sizes never
-cause recompilation. Unselected variables are detached so backward stops at the selection.
+cause recompilation. Every value is detached from the model's parameters, so autograd sees
+only what an operation differentiates. Outside a vectorizer, `grad` is plain autograd, whose
+None says "not connected"; inside `torch.func.vmap` it is `torch.func.grad`, which cannot
+say so (it returns zeros), and the zero perturbations of taps are shaped by one recording
+pass per shape. Never `functional_call`, which silently returns zeros for Keras variables.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import keras
+import numpy as np
 import torch
 
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._taps import OutputTaps
-from gradkit._data import Batch, leaves, map_structure
-from gradkit._objective import Objective
+from gradkit._backends._cache import BoundedCache
+from gradkit._data import map_structure
+from gradkit._factors import Ops
 
 
-def compute_gradients(model, variables, objective: Objective, batch: Batch, training: bool):
-    k3.check_built(model)
-    objective = k3.prepare_objective(objective)
-    selected = k3.selected_indices(model, variables)
-    x, y, sample_weight = (map_structure(_to_tensor, v)
-                           for v in (batch.x, batch.y, batch.sample_weight))
-    scale = k3.loss_scale(model)
-    trainable, non_trainable, metrics = k3.variable_values(model)
-    chosen = set(selected)
-    trainable = [v if i in chosen else v.detach() for i, v in enumerate(trainable)]
-    watched = [trainable[i] for i in selected]
-    with torch.enable_grad(), kept_rng():
-        loss = k3.objective_value(
-            model, objective, training, trainable, non_trainable, metrics, x, y, sample_weight
-        )
-        grads = torch.autograd.grad(_scaled(loss, scale), watched, allow_unused=True)
-    return float(loss.detach()), [
-        None if g is None else _unscaled(g, scale).detach().cpu().numpy() for g in grads
-    ]
+def adapter():
+    from gradkit._backends._engine import Engine
+
+    return Engine(TorchPrimitives())
 
 
-def _scaled(loss, scale: float):
-    return loss.float() if scale == 1.0 else loss.float() * scale
+def _cast(x: Any, dtype: Any) -> torch.Tensor:
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
 
 
-def _unscaled(grad, scale: float):
-    return grad if scale == 1.0 else grad / scale  # skipped at 1: x / 1.0 == x exactly
+class TorchPrimitives:
+    """The engine's verbs (gradkit._backends._engine.Primitives) in PyTorch."""
+
+    #: Plain torch calls (keras.ops adds a conversion check to each).
+    ops = Ops(torch.reshape, _cast,
+              lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    vectorize_errors = ()
+
+    def __init__(self) -> None:
+        self._vectorizing = False
+        self._tap_shapes = BoundedCache()
+
+    def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
+        model_ref = weakref.ref(model)
+
+        def run(data, scale, *extra):
+            values = tuple([v.detach() for v in group]
+                           for group in k3.variable_values(model_ref()))
+            data, extra = map_structure(to_tensor, data), map_structure(to_tensor, extra)
+            with torch.enable_grad(), kept_rng():
+                return fn(values, data, float(scale), *extra)
+
+        return run
+
+    def grad(self, f: Callable, *, taps: bool = False, shape_key: Any = None) -> Callable:
+        return self._functional_grad(f, taps, shape_key) if self._vectorizing \
+            else _autograd_grad(f)
+
+    def _functional_grad(self, f, taps: bool, shape_key: Any) -> Callable:
+        def g(*args):
+            zeros = []
+            if taps:
+                if shape_key not in self._tap_shapes:
+                    seen: list = []
+                    with torch.no_grad():
+                        f(lambda z: seen.append((z.shape, z.dtype, z.device)) or z, *args)
+                    self._tap_shapes[shape_key] = seen
+                zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in self._tap_shapes[shape_key]]
+
+            def h(zeros, *args):
+                feed = iter(zeros)
+                return f(lambda z: z + next(feed), *args)
+
+            grads, aux = torch.func.grad(h, argnums=tuple(range(len(args) + 1)),
+                                         has_aux=True)(zeros, *args)
+            return aux, [list(grad) for grad in grads[1:]], list(grads[0])
+
+        return g
+
+    def hvp(self, f: Callable) -> Callable:
+        """Double backward: the gradient of ⟨∇f, tangents⟩."""
+        def h(primals, tangents):
+            primals = [p.detach().requires_grad_(True) for p in primals]
+            value, aux = f(None, primals)
+            if not value.requires_grad:
+                return aux, [None] * len(primals)
+            grads = torch.autograd.grad(value, primals, create_graph=True, allow_unused=True)
+            pairs = [(g, t.to(g.dtype), p) for g, t, p in zip(grads, tangents, primals)
+                     if g is not None and g.requires_grad]
+            found = dict.fromkeys(range(len(primals)))
+            if pairs:
+                products = torch.autograd.grad([g for g, _, _ in pairs], primals,
+                                               grad_outputs=[t for _, t, _ in pairs],
+                                               allow_unused=True)
+                found = dict(enumerate(products))
+            return aux, [None if g is None else (torch.zeros_like(p) if found[i] is None
+                                                 else found[i].detach())
+                         for i, (g, p) in enumerate(zip(grads, primals))]
+
+        return h
+
+    def vectorize(self, fn: Callable) -> Callable:
+        vmapped = torch.func.vmap(fn, randomness="same")
+
+        def run(data):
+            self._vectorizing = True
+            try:
+                return vmapped(data)
+            finally:
+                self._vectorizing = False
+
+        return run
+
+    # array verbs for gradkit._backends._accumulator
+    stack, where, all = staticmethod(torch.stack), staticmethod(torch.where), \
+        staticmethod(torch.all)
+
+    def zeros(self, shape: tuple, dtype: str):
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=keras.ops.zeros(()).device)
+
+    def all_finite(self, g):
+        """On CPU a plain sum (NaN/Inf propagate) decides in one fast pass; isfinite().all(),
+        many times slower there, only confirms a non-finite sum (a huge finite g can give
+        one). Elsewhere (g * 0).sum(): exact and host-free."""
+        if g.device.type != "cpu":
+            return torch.isfinite((g * 0).sum())
+        return torch.tensor(bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all()))
+
+    def to_numpy(self, x) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def asynchronous(self, tensor) -> bool:
+        return tensor.device.type != "cpu"
+
+    def guard(self):
+        return kept_rng()
+
+    def kernel_rows(self, inputs: Any, deltas: Any, out: np.ndarray) -> None:
+        """``out[i] = Σ_t a_it δ_itᵀ`` written by torch's own threads straight into the NumPy
+        result: torch's OpenMP threads busy-wait after each operation, so NumPy threads of
+        gradkit's would share the cores with them."""
+        a, d, target = torch.as_tensor(inputs), torch.as_tensor(deltas), torch.from_numpy(out)
+        if a.shape[1] == 1:
+            torch.mul(a[:, 0, :, None], d[:, 0, None, :], out=target)
+        else:
+            torch.matmul(a.transpose(1, 2), d, out=target)
+
+    def batched_factors(self, engine, request, planned):
+        from gradkit._backends.torch_batched import batched_factors
+
+        return batched_factors(request, planned)
+
+
+def _autograd_grad(f: Callable) -> Callable:
+    def g(*args):
+        args = [[a.detach().requires_grad_(True) for a in arg] for arg in args]
+        zeros: list = []
+
+        def perturb(z):
+            zero = torch.zeros_like(z, requires_grad=True)
+            zeros.append(zero)
+            return z + zero
+
+        value, aux = f(perturb, *args)
+        sources = [a for arg in args for a in arg] + zeros
+        grads = torch.autograd.grad(value, sources, allow_unused=True) \
+            if value.requires_grad else [None] * len(sources)
+        grads = iter(grads)
+        arg_grads = [[next(grads) for _ in arg] for arg in args]
+        return aux, arg_grads, list(grads)
+
+    return g
 
 
 def kept_rng():
@@ -54,59 +185,5 @@ def kept_rng():
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
 
 
-def _to_tensor(value: Any) -> Any:
+def to_tensor(value: Any) -> Any:
     return value if isinstance(value, torch.Tensor) else keras.ops.convert_to_tensor(value)
-
-
-# --- Input and activation gradients (gradkit.input_gradients, gradkit.activation_gradients)
-
-
-def _detached_forward(model, objective, batch: Batch, training: bool, x: Any) -> Any:
-    """The objective at the current weights (detached: no weight gradients) for inputs x."""
-    y, sample_weight = (map_structure(_to_tensor, v) for v in (batch.y, batch.sample_weight))
-    trainable, non_trainable, metrics = k3.variable_values(model)
-    return k3.objective_value(model, objective, training, [v.detach() for v in trainable],
-                              non_trainable, metrics, x, y, sample_weight)
-
-
-def _unscaled_grads(loss, sources: list, scale: float) -> list:
-    if not loss.requires_grad:  # nothing selected reaches the objective
-        return [None] * len(sources)
-    grads = torch.autograd.grad(loss.float() * scale, sources, allow_unused=True)
-    return [None if g is None else (g / scale).detach().cpu().numpy() for g in grads]
-
-
-def compute_input_gradients(model, objective: Objective, batch: Batch, training: bool):
-    """(loss, [gradient or None per leaf of batch.x]) of the objective w.r.t. the inputs."""
-    k3.check_built(model)
-    objective = k3.prepare_objective(objective)
-    flat = [_to_tensor(leaf).detach().clone().requires_grad_(True) for leaf in leaves(batch.x)]
-    feed = iter(flat)
-    x = map_structure(lambda _: next(feed), batch.x)
-    with torch.enable_grad():
-        loss = _detached_forward(model, objective, batch, training, x)
-        grads = _unscaled_grads(loss, flat, k3.loss_scale(model))
-    return float(loss.detach()), grads
-
-
-def compute_activation_gradients(model, layers, keys, objective: Objective, batch: Batch,
-                                 training: bool, return_activations: bool):
-    """(loss, [gradient or None], [activation or None]) for the outputs of `layers`."""
-    k3.check_built(model)
-    objective = k3.prepare_objective(objective)
-    taps = OutputTaps(layers, keys)
-    perturbations, outputs = [None] * len(layers), [None] * len(layers)
-
-    def tap(index, output):
-        perturbations[index] = torch.zeros_like(output, requires_grad=True)
-        outputs[index] = output
-        return output + perturbations[index]
-
-    with taps.installed(), torch.enable_grad():
-        taps.start(tap)
-        loss = _detached_forward(model, objective, batch, training,
-                                 map_structure(_to_tensor, batch.x))
-        taps.check()  # a shared, unused or non-float layer
-        grads = _unscaled_grads(loss, perturbations, k3.loss_scale(model))
-    return float(loss.detach()), grads, [
-        o.detach().cpu().numpy() if return_activations else None for o in outputs]

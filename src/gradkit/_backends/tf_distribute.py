@@ -1,6 +1,7 @@
 """tf.distribute: each replica sums the gradients of its shard; one all-reduce at the end.
 
-Used by Keras 3 on TensorFlow and by tf-keras. Each batch is split over the worker's local
+Used by Keras 3 on TensorFlow and by tf-keras alike: each adapter supplies its replica gradient
+(``adapter.replica_gradient(request)``) and its values reader (``adapter.p.values``). Each batch is split over the worker's local
 replicas with `strategy.experimental_distribute_values_from_function` (contiguous slices,
 sizes differing by at most one, an empty slice when a batch has fewer examples than
 replicas); `strategy.run` adds each replica's weighted gradient into that replica's own
@@ -21,7 +22,6 @@ differentiation, so float16 gradients are never larger than in `fit`.
 
 from __future__ import annotations
 
-import copy
 import weakref
 from typing import Any
 
@@ -30,11 +30,8 @@ import tensorflow as tf
 
 from gradkit._backends import _cache
 from gradkit._data import Batch, leaves, map_structure
-from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._objective import Objective, data_loss
 
-_CACHE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()
 _SUPPORTED = (
     tf.distribute.MirroredStrategy,
     tf.distribute.MultiWorkerMirroredStrategy,
@@ -42,12 +39,13 @@ _SUPPORTED = (
 )
 
 
-def accumulate(model, variables, objective: Objective, batches, training: bool, strategy):
+def distributed_sum(adapter, request, batches, strategy):
     """(sum over batches of n_b * gradient of batch b's objective, N), all replicas reduced."""
+    model, variables = request.model, request.variables
     check_strategy(model, strategy)
-    keras3 = flavour_of(model) != "tf_keras"
-    step = _cached_step(model, variables, objective, training, strategy, keras3)
-    scale = tf.constant(_scale(model, keras3), tf.float32)
+    step = _cache.cached(model, ("tf.distribute", request.cache_key(), id(strategy)),
+                         lambda: _build(adapter, request, strategy))
+    scale = tf.constant(adapter.scale_of(model), tf.float32)
     acc = None
     for batch in batches:
         if acc is None:
@@ -106,16 +104,6 @@ def _zeros(variables: list) -> list:
     ]
 
 
-def _scale(model: Any, keras3: bool) -> float:
-    if keras3:
-        from gradkit._backends import _keras3
-
-        return float(_keras3.loss_scale(model))
-    from gradkit._backends import tf_keras as tfk
-
-    return tfk._loss_scale(model)
-
-
 def _distribute(strategy: Any, batch: Batch) -> Any:
     """The batch as per-replica values: contiguous slices, one per local replica."""
     devices = strategy.extended.worker_devices
@@ -139,26 +127,16 @@ class _Step:
         self.connected: list[bool] = []
 
 
-def _cached_step(model, variables, objective, training, strategy, keras3) -> _Step:
-    key = (tuple(id(v) for v in variables), objective.cache_key(), bool(training),
-           id(strategy))
-    per_model = _cache.per_model(_CACHE, model)
-    if key not in per_model:
-        per_model[key] = _build(model, variables, objective, training, strategy, keras3)
-    return per_model[key]
-
-
-def _build(model, variables, objective, training, strategy, keras3) -> _Step:
-    model_ref = weakref.ref(model)
-    objective = _prepare(objective, keras3)
-    gradient = _keras3_gradient if keras3 else _tf_keras_gradient
+def _build(adapter, request, strategy) -> _Step:
+    model_ref, objective = weakref.ref(request.model), request.objective
+    gradient, read = adapter.replica_gradient(request), adapter.p.values
     built = _Step()
 
     def replica_step(inputs, acc, scale):
         n = tf.shape(leaves(inputs["x"])[0])[0]
         count = tf.cast(n, tf.float32)
         replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
-        grads = gradient(model_ref(), variables, objective, training, inputs, scale, replicas)
+        grads = gradient(read(model_ref()), inputs, scale, replicas)
         built.connected = [g is not None for g in grads]
         weight = _weight(objective, replicas, count) / scale
         grads = [tf.zeros_like(a) if g is None else _weighted(g, weight, n)
@@ -175,7 +153,7 @@ def _build(model, variables, objective, training, strategy, keras3) -> _Step:
     return built
 
 
-def _weight(objective: Objective, replicas: float, count: Any) -> Any:
+def _weight(objective: Any, replicas: float, count: Any) -> Any:
     """The factor that turns this replica's gradient into its share of n_b * gradient.
 
     Applied after differentiation, so float16 gradients are no larger than in `fit`.
@@ -191,64 +169,3 @@ def _weighted(grad: Any, weight: Any, n: Any) -> Any:
     """Weight (and unscale) a gradient; an empty shard adds zeros, never an empty mean's NaN."""
     grad = tf.convert_to_tensor(grad)
     return tf.where(n > 0, grad * tf.cast(weight, grad.dtype), tf.zeros_like(grad))
-
-
-def _prepare(objective: Objective, keras3: bool) -> Objective:
-    if objective.kind != "loss":
-        return objective
-    if keras3:
-        from gradkit._backends import _keras3
-
-        return _keras3.prepare_objective(objective)
-    from gradkit._backends import tf_keras as tfk
-
-    loss = copy.copy(tfk._resolve_loss(objective.spec))
-    loss._allow_sum_over_batch_size = True  # reduced per replica; rescaled below
-    return Objective("loss", loss)
-
-
-def _keras3_gradient(model, variables, objective, training, inputs, scale, replicas):
-    """Replica-local gradient of Keras' replica objective times the loss scale.
-
-    For loss= Keras divides the data loss by R but not the regularizers: the data loss is
-    multiplied back by R here, so the objective is on the global scale like tf-keras'.
-    """
-    from gradkit._backends import _keras3 as k3
-
-    selected = k3.selected_indices(model, variables)
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        trainable = [tf.identity(v.value) for v in model.trainable_variables]
-        watched = [trainable[i] for i in selected]
-        tape.watch(watched)
-        _, non_trainable, metrics = k3.variable_values(model)
-        x, y, sw = inputs["x"], inputs.get("y"), inputs.get("sample_weight")
-        if objective.kind == "loss":  # the data loss is divided by R, its regularizers not
-            kwargs = {"training": training} if model._call_has_training_arg else {}
-            y_pred, _, extra = model.stateless_call(
-                trainable, non_trainable, x, return_losses=True, **kwargs)
-            value = tf.cast(data_loss(objective.spec, y, y_pred, sw), tf.float32) * replicas
-            for loss in extra:
-                value = value + tf.cast(k3._aggregate(loss), tf.float32)
-        else:
-            value = tf.cast(k3.objective_value(model, objective, training, trainable,
-                                               non_trainable, metrics, x, y, sw), tf.float32)
-        scaled = value * scale
-    return tape.gradient(scaled, watched)
-
-
-def _tf_keras_gradient(model, variables, objective, training, inputs, scale, replicas):
-    """tf-keras: the adapter's recipe per replica, state read first and written back."""
-    from gradkit._backends import tf_keras as tfk
-
-    state = tfk._state_variables(model)
-    saved = [tf.identity(v) for v in state]
-    x, y, sw = inputs["x"], inputs.get("y"), inputs.get("sample_weight")
-    with tf.GradientTape() as tape:
-        y_pred = model(x, training=training)
-        value = tf.cast(tfk._objective_value(model, objective, x, y, sw, y_pred), tf.float32)
-        scaled = value * scale
-    grads = tape.gradient(scaled, variables)
-    with tf.control_dependencies([g for g in grads if g is not None]):
-        restores = [v.assign(s) for v, s in zip(state, saved)]
-    with tf.control_dependencies(restores):
-        return [None if g is None else tf.identity(tf.convert_to_tensor(g)) for g in grads]
