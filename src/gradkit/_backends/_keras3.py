@@ -14,7 +14,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradkit._backends import _buckets, _layer_factors
+from gradkit import _factors
+from gradkit._backends import _buckets
 from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._objective import Objective, data_loss, target_scores
@@ -201,15 +202,13 @@ def example_objective(model, objective, training, trainable, non_trainable, metr
 
 
 def factor_plan(model: Any, variables: list) -> list:
-    """The Dense/Embedding/Conv layers whose per-example gradients are factored (_layer_factors)."""
-    layers = keras.layers
-    return _layer_factors.plan(model, variables, layers.Dense, layers.Embedding,
-                               (layers.Conv1D, layers.Conv2D, layers.Conv3D))
+    """The Dense/Embedding/Conv layers whose per-example gradients are factored (_factors)."""
+    return _factors.plan(model, variables, keras.layers)
 
 
-def factor_ops() -> _layer_factors.Ops:
-    """keras.ops for `_layer_factors.factor_arrays`, on whichever backend runs them."""
+def factor_ops() -> _factors.Ops:
+    """keras.ops for `_factors.factor_arrays`, on whichever backend runs them."""
     ops = keras.ops
-    return _layer_factors.Ops(ops.reshape, ops.cast,
-                              lambda parts: parts[0] if len(parts) == 1 else
-                              ops.concatenate(parts, axis=1))
+    return _factors.Ops(ops.reshape, ops.cast,
+                        lambda parts: parts[0] if len(parts) == 1 else
+                        ops.concatenate(parts, axis=1))

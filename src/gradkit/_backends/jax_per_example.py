@@ -16,9 +16,9 @@ import numpy as np
 
 from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends.jax import split_values
 from gradkit._data import Batch, map_structure
+from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._objective import Objective
 
 #: The front door pads a short last chunk to the chunk size: XLA compiles per shape.

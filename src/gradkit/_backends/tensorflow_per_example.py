@@ -15,9 +15,9 @@ import tensorflow as tf
 
 from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._layer_factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._backends.tensorflow import _inputs, _relaxed_spec, _scale_tensor, _signature_key
 from gradkit._data import Batch, map_structure
+from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._objective import Objective
 
 _PER_EXAMPLE: "weakref.WeakKeyDictionary[Any, _cache.BoundedCache]" = weakref.WeakKeyDictionary()

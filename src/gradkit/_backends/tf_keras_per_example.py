@@ -13,7 +13,6 @@ import weakref
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends._layer_factors import LayerTaps, Ops, factor_arrays, plan, rest
 from gradkit._backends.tensorflow_per_example import cached_parts, unscaled, watched_perturbations
 from gradkit._backends.tf_keras import (
     _loss_scale,
@@ -22,6 +21,7 @@ from gradkit._backends.tf_keras import (
     _state_variables,
 )
 from gradkit._data import Batch, map_structure
+from gradkit._factors import LayerTaps, Ops, factor_arrays, plan, rest
 from gradkit._objective import Objective
 
 _TF_OPS = Ops(tf.reshape, tf.cast,
@@ -35,9 +35,7 @@ def per_example_parts(model, variables, objective: Objective, batch: Batch, trai
 
 
 def _plan(model, variables) -> list:
-    layers = tf_keras.layers
-    return plan(model, variables, layers.Dense, layers.Embedding,
-                (layers.Conv1D, layers.Conv2D, layers.Conv3D))
+    return plan(model, variables, tf_keras.layers)
 
 
 def _build_parts(model, variables, objective, training, signature, planned, scaled):

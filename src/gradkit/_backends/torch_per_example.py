@@ -23,9 +23,9 @@ import torch
 
 from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._layer_factors import LayerTaps, Ops, assemble, factor_arrays, rest
 from gradkit._backends.torch import _to_tensor, kept_rng
 from gradkit._data import Batch, leaves, map_structure
+from gradkit._factors import LayerTaps, Ops, assemble, factor_arrays, rest
 from gradkit._objective import Objective
 from gradkit._select import walk_layers
 
