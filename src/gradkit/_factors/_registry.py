@@ -29,6 +29,8 @@ class Role(NamedTuple):
 
 
 class Kind(NamedTuple):
+    """A layer kind with a closed form: what it covers and how its factors are taken."""
+
     name: str  # Planned.kind
     classes: Callable[[Any], tuple]  # layers module -> the classes of this kind
     roles: dict  # layer attribute ("kernel", "bias", "embeddings") -> Role
