@@ -1,4 +1,4 @@
-"""Convolutions in factored form (gradkit._conv_rows) against a loop of gradients().
+"""Convolutions in factored form (gradkit._factors._conv) against a loop of gradients().
 
 Each model's conv kernels must come back from the adapter as (input, output gradient) factors,
 and the rows built from them must equal gradients() on single examples, for every padding,
@@ -61,7 +61,7 @@ def cases(keras, flavour):
 
 def test_conv_rows_and_norms_match_the_loop(keras, flavour):
     from gradkit import _backends
-    from gradkit._backends._layer_factors import Factor
+    from gradkit._factors import Factor
     from gradkit._data import prepare_batch
     from gradkit._objective import Objective
 
@@ -94,11 +94,11 @@ def test_grouped_and_regularized_convolutions_are_differentiated_directly(keras,
 @pytest.mark.parametrize("padding", ["valid", "same", "causal"])
 def test_kernel_rows_against_a_direct_sum(padding, one_example_per_block, monkeypatch):
     """Framework-free: g_W[k, c, o] = Σ_t a_pad[t*s + k*dil, c] δ[t, o], summed by hand."""
-    from gradkit import _conv_rows
-    from gradkit._conv_rows import Geometry, kernel_rows
+    from gradkit._factors import _conv
+    from gradkit._factors._conv import Geometry, kernel_rows
 
     if one_example_per_block:
-        monkeypatch.setattr(_conv_rows, "PATCH_BLOCK_BYTES", 1)
+        monkeypatch.setattr(_conv, "PATCH_BLOCK_BYTES", 1)
 
     stride, dilation, k = (2, 1, 3) if padding != "causal" else (1, 2, 3)
     a = RNG.normal(size=(3, 1, 9, 2))

@@ -43,7 +43,7 @@ def test_dense_and_embedding_come_back_factored(keras, flavour):
     """Plain Dense/Embedding variables come back as (input, output gradient) factors, so
     neither route materializes them; regularized variables come back as arrays."""
     from gradkit import _backends
-    from gradkit._backends._layer_factors import Factor
+    from gradkit._factors import Factor
     from gradkit._data import prepare_batch
     from gradkit._objective import Objective
     from gradkit._select import unique_keys

@@ -1,4 +1,4 @@
-"""gradkit._rows: per-example rows written from factors in parallel blocks, against a loop.
+"""gradkit._factors.write_rows: rows written from factors in parallel blocks, against a loop.
 
 Framework-free: the factors are NumPy arrays. The result starts as NaN, so a row that no
 block writes (or writes twice into the wrong place) shows up.
@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradkit import _parallel, _rows
-from gradkit._backends._layer_factors import Factor
+from gradkit import _parallel
+from gradkit._factors import Factor, write_rows
+from gradkit._factors._rows import kernel_rows
 
 RNG = np.random.default_rng(11)
 
@@ -32,7 +33,7 @@ def test_kernel_rows_are_outer_products(mode, n):
     a = RNG.normal(size=(n, 1, 5)).astype("float32")
     d = RNG.normal(size=(n, 1, 4)).astype("float32")
     out = nan_rows(n, 5, 4)
-    assert _rows.write_rows(Factor("kernel", a, d), out)
+    assert write_rows(Factor("kernel", a, d), out)
     for i in range(n):
         np.testing.assert_allclose(out[i], np.outer(a[i, 0], d[i, 0]), rtol=1e-6)
 
@@ -41,7 +42,7 @@ def test_sequence_kernel_rows_sum_over_positions(mode):
     a = RNG.normal(size=(9, 3, 5)).astype("float32")
     d = RNG.normal(size=(9, 3, 4)).astype("float32")
     out = nan_rows(9, 5, 4)
-    _rows.write_rows(Factor("kernel", a, d), out)
+    write_rows(Factor("kernel", a, d), out)
     for i in range(9):
         expected = sum(np.outer(a[i, t], d[i, t]) for t in range(3))
         np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
@@ -50,10 +51,10 @@ def test_sequence_kernel_rows_sum_over_positions(mode):
 def test_arrays_are_copied_and_checked(mode):
     rows = RNG.normal(size=(11, 6, 2)).astype("float32")
     out = nan_rows(11, 6, 2)
-    assert _rows.write_rows(rows, out)
+    assert write_rows(rows, out)
     np.testing.assert_array_equal(out, rows)
     rows[4, 1, 0] = np.inf
-    assert not _rows.write_rows(rows, nan_rows(11, 6, 2))
+    assert not write_rows(rows, nan_rows(11, 6, 2))
 
 
 def test_an_error_in_a_block_reaches_the_caller(mode):
@@ -74,13 +75,13 @@ def test_blocks_cover_every_row_once():
 @pytest.mark.flavours("torch")
 @pytest.mark.parametrize("positions", [1, 3])
 def test_torch_writes_the_same_kernel_rows(keras, positions):
-    from gradkit._backends.torch_per_example import kernel_rows
+    from gradkit._backends.torch_per_example import kernel_rows as torch_kernel_rows
 
     a = RNG.normal(size=(6, positions, 5)).astype("float32")
     d = RNG.normal(size=(6, positions, 4)).astype("float32")
     expected, out = nan_rows(6, 5, 4), nan_rows(9, 5, 4)
-    _rows.kernel_rows(a, d, expected)
-    assert _rows.write_rows(Factor("kernel", a, d), out[2:8], kernel_rows)  # a view
+    kernel_rows(a, d, expected)
+    assert write_rows(Factor("kernel", a, d), out[2:8], torch_kernel_rows)  # a view
     np.testing.assert_allclose(out[2:8], expected, rtol=1e-5, atol=1e-6)
     assert np.isnan(out[:2]).all() and np.isnan(out[8:]).all()
 

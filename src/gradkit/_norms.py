@@ -1,12 +1,11 @@
 """Per-example gradient norms, without materializing per-example gradients where possible.
 
 Plain Dense and Embedding layers get closed forms from each example's layer input and
-pre-activation gradient (see ``gradkit._backends._layer_factors``): their cost and memory grow
-with the activations, not with B × parameters. Plain convolutions form each example's (small)
-kernel gradient from the same factors, one block of examples at a time
-(``gradkit._conv_rows``). Every other selected variable (normalization, regularized or
-customized layers) is materialized by the adapter chunk by chunk, keeping only each chunk's
-squared norms.
+pre-activation gradient (``gradkit._factors``: each kind's squared norm in its registry entry):
+their cost and memory grow with the activations, not with B × parameters. Plain convolutions
+form each example's (small) kernel gradient from the same factors, one block of examples at a
+time. Every other selected variable (normalization, regularized or customized layers) is
+materialized by the adapter chunk by chunk, keeping only each chunk's squared norms.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from gradkit import _conv_rows as conv
-from gradkit._backends._layer_factors import Factor
 from gradkit._data import Batch
 from gradkit._errors import InvalidArgumentError, received
+from gradkit._factors import squared_rows
 from gradkit._per_example import (
     check_independent,
     for_each_chunk,
@@ -78,39 +76,6 @@ def per_example_norms(
     chunk = resolve_chunk_size(None, variables, batch.size)
     for_each_chunk(vectorized_or_loop(request), request, chunk, store)
     return _combine(variables, squared, bool(by_layer), batch)
-
-
-def squared_rows(part: Any, n: int) -> np.ndarray:
-    """Squared L2 norm of each of the first `n` rows (an array, or a `Factor`: closed forms)."""
-    if not isinstance(part, Factor):
-        rows = np.asarray(part)[:n].reshape(n, -1)
-        return np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
-    if part.geometry is not None:  # a convolution
-        if part.role == "bias":
-            summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
-            return np.einsum("bo,bo->b", summed, summed)
-        return conv.kernel_squared_norms(np.asarray(part.inputs)[:n],
-                                         np.asarray(part.deltas)[:n], part.geometry)
-    d = np.asarray(part.deltas)[:n].astype(np.float64)
-    if part.role == "bias":
-        summed = d.sum(axis=1)
-        return np.einsum("bo,bo->b", summed, summed)
-    if part.role == "embeddings":  # Σ_{t,s} [id_t = id_s] (δ_t·δ_s)
-        ids = np.asarray(part.inputs)[:n]
-        same = (ids[:, :, None] == ids[:, None, :]).astype(np.float64)
-        return np.einsum("bts,bts->b", same, _gram(d))
-    a = np.asarray(part.inputs)[:n].astype(np.float64)
-    positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
-    if positions == 1:  # ||a||² ||δ||²
-        return np.einsum("bti,bti->b", a, a) * np.einsum("bto,bto->b", d, d)
-    if positions * positions <= fan_in * fan_out:  # Σ_{t,s} (a_t·a_s)(δ_t·δ_s)
-        return np.einsum("bts,bts->b", _gram(a), _gram(d))
-    grads = np.matmul(a.transpose(0, 2, 1), d)  # fewer numbers than the Gram matrices
-    return np.einsum("bio,bio->b", grads, grads)
-
-
-def _gram(x: np.ndarray) -> np.ndarray:
-    return np.matmul(x, x.transpose(0, 2, 1))
 
 
 def _combine(variables: list, squared: list, by_layer: bool, batch: Batch) -> Any:

@@ -9,10 +9,10 @@ mean-reduced compiled loss the mean over rows equals ``gradients()`` of the whol
 Each adapter vectorizes the single-example gradient with its framework's own vectorizer
 inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map`` in
 ``tf.function``, ``torch.func.vmap``). Plain Dense, Embedding and Conv layers come back as
-small factors (layer input, pre-activation gradient; see ``_backends._layer_factors``) whose
-product is written once, straight into the preallocated NumPy result (in parallel blocks,
-``gradkit._rows``); other variables come back as arrays and are copied in. The batch is processed in chunks, so peak memory is the
-result plus one chunk.
+small factors (layer input, pre-activation gradient; see ``gradkit._factors``) whose
+product is written once, straight into the preallocated NumPy result (in parallel blocks, by
+each kind's rows writer); other variables come back as arrays and are copied in. The batch is
+processed in chunks, so peak memory is the result plus one chunk.
 """
 
 from __future__ import annotations

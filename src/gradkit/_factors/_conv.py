@@ -1,4 +1,4 @@
-"""Per-example kernel gradients of convolutions from their factors (NumPy, framework-free).
+"""Convolution factors: geometry, per-example kernel gradients and their norms (NumPy).
 
 Example i's kernel gradient is the Dense factor sum over the output positions t,
 

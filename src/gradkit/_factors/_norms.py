@@ -1,0 +1,69 @@
+"""Squared L2 norms of per-example gradients from their factors: one closed form per role.
+
+Every function is ``(factor, n) -> (n,) float64`` over the first `n` examples, and equals the
+squared norm of the rows the role's writer (``gradkit._factors._rows``) writes, without forming
+them where a closed form is cheaper:
+
+    ||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)        ||g_b||² = ||Σ_t δ_t||²
+    ||g_E||² = Σ_{t,s} [id_t = id_s] (δ_t·δ_s)
+
+A convolution forms each example's (small) kernel gradient, a block of examples at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradkit._factors import _conv as conv
+
+
+def array_squared(rows: Any, n: int) -> np.ndarray:
+    """Squared norms of materialized (n, ...) rows."""
+    rows = np.asarray(rows)[:n].reshape(n, -1)
+    return np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
+
+
+def dense_kernel(part: Any, n: int) -> np.ndarray:
+    """``||Σ_t a_t δ_tᵀ||²``, by whichever of three forms touches the fewest numbers."""
+    d = np.asarray(part.deltas)[:n].astype(np.float64)
+    a = np.asarray(part.inputs)[:n].astype(np.float64)
+    positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
+    if positions == 1:  # ||a||² ||δ||²
+        return np.einsum("bti,bti->b", a, a) * np.einsum("bto,bto->b", d, d)
+    if positions * positions <= fan_in * fan_out:  # Σ_{t,s} (a_t·a_s)(δ_t·δ_s)
+        return np.einsum("bts,bts->b", gram(a), gram(d))
+    grads = np.matmul(a.transpose(0, 2, 1), d)  # fewer numbers than the Gram matrices
+    return np.einsum("bio,bio->b", grads, grads)
+
+
+def bias(part: Any, n: int) -> np.ndarray:
+    """``||Σ_t δ_t||²`` (a Dense bias)."""
+    summed = np.asarray(part.deltas)[:n].astype(np.float64).sum(axis=1)
+    return np.einsum("bo,bo->b", summed, summed)
+
+
+def embeddings(part: Any, n: int) -> np.ndarray:
+    """``Σ_{t,s} [id_t = id_s] (δ_t·δ_s)``: positions with the same id add into one row."""
+    d = np.asarray(part.deltas)[:n].astype(np.float64)
+    ids = np.asarray(part.inputs)[:n]
+    same = (ids[:, :, None] == ids[:, None, :]).astype(np.float64)
+    return np.einsum("bts,bts->b", same, gram(d))
+
+
+def conv_kernel(part: Any, n: int) -> np.ndarray:
+    """A convolution's kernel gradients formed a block of examples at a time, then squared."""
+    return conv.kernel_squared_norms(np.asarray(part.inputs)[:n],
+                                     np.asarray(part.deltas)[:n], part.geometry)
+
+
+def conv_bias(part: Any, n: int) -> np.ndarray:
+    """``||Σ_t δ_t||²`` over every call and output position of a convolution."""
+    summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
+    return np.einsum("bo,bo->b", summed, summed)
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """``x xᵀ`` per example: (n, T, k) -> (n, T, T)."""
+    return np.matmul(x, x.transpose(0, 2, 1))

@@ -1,0 +1,148 @@
+"""The layer kinds with factored per-example gradients: one `Kind` entry each.
+
+A kind says which classes of a layers module (``keras.layers`` or ``tf_keras.layers``) it
+covers, when such a layer is plain enough to factor, how its factors are laid out and where its
+δ is taken, and, per variable (`Role`), its regularizer and its rows writer and squared norm.
+`plan` finds the kinds in a model; `write_rows` and `squared_rows` dispatch on `Factor.role`,
+which names one role of one kind. A new kind is one more entry in `KINDS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from gradkit._factors import _arrays, _norms, _rows
+from gradkit._factors._conv import conv_geometry
+from gradkit._select import walk_layers
+
+
+class Role(NamedTuple):
+    """One variable of a layer kind, found at the layer attribute its `Kind.roles` key names."""
+
+    factor: str  # Factor.role: unique over all kinds
+    regularizer: str  # the layer attribute of its regularizer (a regularized layer is not factored)
+    uses_inputs: bool  # whether its Factor carries the layer inputs (a bias needs only δ)
+    rows: Callable  # (factor, out, product) -> whether the rows are finite
+    squared: Callable  # (factor, n) -> (n,) float64 squared norms
+
+
+class Kind(NamedTuple):
+    """A layer kind with a closed form: what it covers and how its factors are taken."""
+
+    name: str  # Planned.kind
+    classes: Callable[[Any], tuple]  # layers module -> the classes of this kind
+    roles: dict  # layer attribute ("kernel", "bias", "embeddings") -> Role
+    plain: Callable[[Any], bool]  # further conditions on a layer of these classes
+    arrays: Callable  # (input calls, delta calls, ops, dtype, scale) -> (a, d); see _arrays
+    at_output: bool  # δ taken at the layer's output (else inside its activation, at z)
+    geometry: Callable | None = None  # layer -> what its Factors carry as `geometry`
+
+
+class Planned(NamedTuple):
+    layer: Any
+    kind: str  # a `Kind.name`: "dense" | "embedding" | "conv"
+    roles: dict  # "kernel" / "bias" / "embeddings" -> index into the selected variables
+
+
+class Factor(NamedTuple):
+    """One variable's per-example gradient in factored form (see ``gradkit._factors``)."""
+
+    role: str  # a `Role.factor`: "kernel" | "bias" | "embeddings" | "conv_kernel" | "conv_bias"
+    inputs: Any  # (n, T, fan_in) layer inputs, or (n, T) ids; None for a bias
+    deltas: Any  # (n, T, fan_out) pre-activation gradients
+    #: a convolution's `gradkit._factors._conv.Geometry`; then inputs (n, calls, *input shape)
+    #: and deltas (n, calls, *output shape), both with the layer's channel axis
+    geometry: Any = None
+
+
+def _activated(layer: Any) -> bool:
+    return getattr(layer, "activation", None) is not None
+
+
+DENSE = Kind(
+    "dense", lambda layers: (layers.Dense,),
+    {"kernel": Role("kernel", "kernel_regularizer", True, _rows.dense_kernel,
+                    _norms.dense_kernel),
+     "bias": Role("bias", "bias_regularizer", False, _rows.bias, _norms.bias)},
+    _activated, _arrays.features, at_output=False)
+
+EMBEDDING = Kind(
+    "embedding", lambda layers: (layers.Embedding,),
+    {"embeddings": Role("embeddings", "embeddings_regularizer", True, _rows.embeddings,
+                        _norms.embeddings)},
+    lambda layer: True, _arrays.ids, at_output=True)
+
+CONV = Kind(
+    "conv", lambda layers: (layers.Conv1D, layers.Conv2D, layers.Conv3D),
+    {"kernel": Role("conv_kernel", "kernel_regularizer", True, _rows.conv_kernel,
+                    _norms.conv_kernel),
+     "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias)},
+    lambda layer: _activated(layer) and getattr(layer, "groups", 1) == 1,  # not grouped
+    _arrays.spatial, at_output=False, geometry=conv_geometry)
+
+#: Every kind, by name, in the order a layer's class is matched against them.
+KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV)}
+#: Every role of every kind, by `Factor.role`.
+ROLES = {role.factor: role for kind in KINDS.values() for role in kind.roles.values()}
+
+
+def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
+    """The layers whose selected variables are factored, in model order (`layers_module`:
+    ``keras.layers`` or ``tf_keras.layers``)."""
+    index = {id(v): j for j, v in enumerate(variables)}
+    classes = [(kind, cls) for kind in KINDS.values() for cls in kind.classes(layers_module)]
+    planned = []
+    for _, layer in walk_layers(model):
+        kind = _kind(layer, classes)
+        if kind is None:
+            continue
+        roles = {}
+        for attribute in kind.roles:
+            variable = getattr(layer, attribute, None)
+            if variable is not None and id(variable) in index:
+                roles[attribute] = index[id(variable)]
+        if roles:
+            planned.append(Planned(layer, kind.name, roles))
+    return planned
+
+
+def _kind(layer: Any, classes: list) -> Kind | None:
+    """The kind of a plain layer of one of `classes` (own call, no regularizer), or None."""
+    for kind, cls in classes:
+        if not isinstance(layer, cls) or type(layer).call is not cls.call:
+            continue
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return None
+        if any(getattr(layer, role.regularizer, None) is not None
+               for role in kind.roles.values()):
+            return None  # the regularizer's gradient does not pass through z
+        return kind if kind.plain(layer) else None
+    return None
+
+
+def rest(planned: list[Planned], count: int) -> list[int]:
+    """Indices of the selected variables that are not factored (differentiated directly)."""
+    covered = {j for entry in planned for j in entry.roles.values()}
+    return [j for j in range(count) if j not in covered]
+
+
+def write_rows(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """Write one variable's per-example gradients (an array or a `Factor`) into `out`.
+
+    `product(inputs, deltas, out)`, when given, writes the Dense kernel rows
+    ``Σ_t a_t δ_tᵀ`` instead of NumPy (an adapter whose framework keeps its own threads
+    busy-waiting on every core, as torch's OpenMP does, writes them with those threads).
+    Returns whether the rows are finite, from the small factors when a bound allows it.
+    """
+    if not isinstance(part, Factor):
+        return _rows.copy_rows(part, out)
+    return ROLES[part.role].rows(part, out, product)
+
+
+def squared_rows(part: Any, n: int) -> np.ndarray:
+    """Squared L2 norm of each of the first `n` rows (an array, or a `Factor`: closed forms)."""
+    if not isinstance(part, Factor):
+        return _norms.array_squared(part, n)
+    return ROLES[part.role].squared(part, n)

@@ -1,0 +1,93 @@
+"""Writing per-example gradient rows into the NumPy result, on every core: one writer per role.
+
+A per-example result is B × P numbers in new memory: its cost is the write itself (page
+faults and memory bandwidth), which one thread cannot saturate. So the rows of each variable
+are written in blocks on every core (``gradkit._parallel``; NumPy releases the GIL inside
+einsum, matmul and copies). A `Factor` (layer input, pre-activation gradient) is multiplied
+out straight into the result: ``a δᵀ`` written once, never formed elsewhere first.
+
+Every writer is ``(factor, out, product) -> finite`` and writes the first ``len(out)`` rows;
+``gradkit._factors._registry`` says which writer serves which role.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from gradkit._factors import _conv as conv
+from gradkit._parallel import in_blocks
+
+
+def copy_rows(rows: Any, out: np.ndarray) -> bool:
+    """Copy a variable's materialized (n, ...) rows into `out`; whether they are finite."""
+    n = out.shape[0]
+    rows = np.asarray(rows)[:n].reshape(out.shape)
+    in_blocks(n, out.nbytes, lambda s: np.copyto(out[s], rows[s]))
+    return finite(out)
+
+
+def dense_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """``out[i] = Σ_t a_it δ_itᵀ``, by `product(inputs, deltas, out)` when given."""
+    n = out.shape[0]
+    inputs, deltas = np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n]
+    (product or kernel_rows)(inputs, deltas, out)
+    return bounded(deltas, out.dtype, inputs) or finite(out)
+
+
+def bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """``out[i] = Σ_t δ_it`` (a Dense bias)."""
+    deltas = np.asarray(part.deltas)[:out.shape[0]]
+    np.sum(deltas, axis=1, out=out)
+    return bounded(deltas, out.dtype) or finite(out)
+
+
+def embeddings(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """``δ_it`` added into row ``id_it`` of ``out[i]`` (zero elsewhere)."""
+    n = out.shape[0]
+    ids, deltas = np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n]
+    out[...] = 0
+    np.add.at(out, (np.arange(n)[:, None], ids.astype(np.intp)), deltas)
+    return bounded(deltas, out.dtype) or finite(out)
+
+
+def conv_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """A convolution's kernel rows (im2col, ``gradkit._factors._conv``); small, checked directly."""
+    n = out.shape[0]
+    conv.kernel_rows(np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n],
+                     part.geometry, out)
+    return finite(out)
+
+
+def conv_bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """``out[i] = Σ_t δ_it`` over every call and output position of a convolution."""
+    np.sum(conv.bias_deltas(part.deltas, part.geometry)[:out.shape[0]], axis=1, out=out)
+    return finite(out)
+
+
+def kernel_rows(inputs: np.ndarray, deltas: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = Σ_t a_it δ_itᵀ`` for inputs (n, T, in) and deltas (n, T, out), in blocks."""
+    if inputs.shape[1] == 1:  # a_i δ_iᵀ, written once, straight into the result
+        a, d = inputs[:, 0], deltas[:, 0]
+        in_blocks(len(out), out.nbytes,
+                  lambda s: np.einsum("bi,bo->bio", a[s], d[s], out=out[s]))
+    else:
+        a = inputs.transpose(0, 2, 1)
+        in_blocks(len(out), out.nbytes, lambda s: np.matmul(a[s], deltas[s], out=out[s]))
+
+
+def bounded(deltas: np.ndarray, dtype: np.dtype, inputs: Any = None) -> bool:
+    """True if finite factors bound every entry of the product below the dtype's maximum
+    (`inputs` None: the rows sum the deltas alone)."""
+    if not finite(deltas) or (inputs is not None and not finite(inputs)):
+        return False
+    bound = float(np.abs(deltas).max(initial=0.0)) * deltas.shape[1]
+    if inputs is not None:
+        bound *= float(np.abs(inputs).max(initial=0.0))
+    return bound < 0.5 * float(np.finfo(dtype).max)
+
+
+def finite(array: np.ndarray) -> bool:
+    """No NaN/Inf (min/max propagate NaN: no boolean copy of the array)."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))

@@ -1,0 +1,141 @@
+"""The layer-kind registry (gradkit._factors): complete, and each role's rows writer and
+squared norm agree with each other and with rows summed by hand in NumPy.
+
+Framework-free: small random factors, one case (or more) per `Factor.role`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from gradkit._factors import KINDS, Factor, Geometry, squared_rows, write_rows
+from gradkit._factors._registry import ROLES
+
+RNG = np.random.default_rng(17)
+N = 4
+
+
+def normal(*shape):
+    return RNG.normal(size=shape).astype("float32")
+
+
+def dense_kernel(positions, fan_in=3, fan_out=2):
+    a, d = normal(N, positions, fan_in), normal(N, positions, fan_out)
+    return Factor("kernel", a, d), np.einsum("nti,nto->nio", a, d, dtype=np.float64)
+
+
+def dense_bias(positions=3):
+    d = normal(N, positions, 5)
+    return Factor("bias", None, d), d.sum(axis=1, dtype=np.float64)
+
+
+def embeddings(vocab=6, positions=7):
+    ids, d = RNG.integers(0, vocab, size=(N, positions)), normal(N, positions, 3)
+    expected = np.zeros((N, vocab, 3))
+    for i, t in itertools.product(range(N), range(positions)):
+        expected[i, ids[i, t]] += d[i, t]  # repeated ids add up
+    return Factor("embeddings", ids, d), expected
+
+
+#: (kernel_size, strides, dilation, padding, channels_first, input spatial shape)
+CONVS = {
+    "1d same stride 2": ((3,), (2,), (1,), "same", False, (9,)),
+    "1d causal dilated": ((3,), (1,), (2,), "causal", False, (8,)),
+    "2d valid dilated": ((2, 3), (1, 2), (2, 1), "valid", False, (7, 8)),
+    "2d same channels_first": ((3, 2), (2, 1), (1, 1), "same", True, (5, 6)),
+    "3d valid": ((2, 2, 2), (1, 1, 1), (1, 1, 1), "valid", False, (3, 4, 3)),
+}
+
+
+def conv_case(name, calls=2, channels=2, filters=3):
+    """Random conv factors (`calls` calls of a shared layer) and the padding before each axis."""
+    kernel, strides, dilation, padding, first, size = CONVS[name]
+    spans = [(k - 1) * r + 1 for k, r in zip(kernel, dilation)]
+    if padding == "valid":
+        out = [(n - span) // s + 1 for n, span, s in zip(size, spans, strides)]
+    else:
+        out = [-(-n // s) for n, s in zip(size, strides)]
+    totals = [max(0, (o - 1) * s + span - n) for o, s, span, n in zip(out, strides, spans, size)]
+    before = {"valid": [0] * len(size), "causal": [span - 1 for span in spans],
+              "same": [total // 2 for total in totals]}[padding]
+    a, d = normal(N, calls, *size, channels), normal(N, calls, *out, filters)
+    geometry = Geometry(kernel, strides, dilation, padding, first)
+    if first:  # the factors hold the layer's own layout
+        return geometry, np.moveaxis(a, -1, 2), np.moveaxis(d, -1, 2), a, d, before
+    return geometry, a, d, a, d, before
+
+
+def conv_kernel(name):
+    """g_W[q, c, o] = Σ_calls Σ_p a[p*s + q*dil - before, c] δ[p, o], summed by hand."""
+    geometry, a, d, a_last, d_last, before = conv_case(name)
+    expected = np.zeros((N, *geometry.kernel_size, a_last.shape[-1], d_last.shape[-1]))
+    for call, p in itertools.product(range(a_last.shape[1]), np.ndindex(*d_last.shape[2:-1])):
+        for q in np.ndindex(*geometry.kernel_size):
+            at = [pi * s + qi * r - b for pi, qi, s, r, b in
+                  zip(p, q, geometry.strides, geometry.dilation, before)]
+            if all(0 <= x < n for x, n in zip(at, a_last.shape[2:-1])):
+                expected[(slice(None), *q)] += np.einsum(
+                    "nc,no->nco", a_last[(slice(None), call, *at)], d_last[(slice(None), call, *p)])
+    return Factor("conv_kernel", a, d, geometry), expected
+
+
+def conv_bias(name):
+    geometry, _, d, _, d_last, _ = conv_case(name)
+    summed = d_last.reshape(N, -1, d_last.shape[-1]).sum(axis=1, dtype=np.float64)
+    return Factor("conv_bias", None, d, geometry), summed
+
+
+#: Per Factor.role, its cases: name -> () -> (factor, rows summed by hand).
+CASES = {
+    "kernel": {"one position": lambda: dense_kernel(1), "Gram form": lambda: dense_kernel(3),
+               "product form": lambda: dense_kernel(8, 2, 2)},
+    "bias": {"positions": dense_bias},
+    "embeddings": {"repeated ids": embeddings},
+    "conv_kernel": {name: lambda name=name: conv_kernel(name) for name in CONVS},
+    "conv_bias": {name: lambda name=name: conv_bias(name) for name in CONVS},
+}
+
+
+def test_every_kind_has_a_writer_and_a_squared_norm_per_role():
+    roles = [role for kind in KINDS.values() for role in kind.roles.values()]
+    assert len({role.factor for role in roles}) == len(roles)  # a Factor.role names one rule
+    assert set(ROLES) == {role.factor for role in roles} == set(CASES)  # and has cases here
+    for name, kind in KINDS.items():
+        assert kind.name == name and kind.roles, name
+        for attribute, role in kind.roles.items():
+            assert callable(role.rows) and callable(role.squared), (name, attribute)
+            assert role.regularizer.startswith(attribute), (name, attribute)
+
+
+def test_every_kind_finds_its_classes(keras):
+    layers = keras.layers
+    for name, kind in KINDS.items():
+        classes = kind.classes(layers)
+        assert classes and all(isinstance(cls, type) for cls in classes), name
+
+
+@pytest.mark.parametrize("role, case", [(role, case) for role in CASES for case in CASES[role]])
+def test_rows_and_squared_norms_agree_with_numpy(role, case):
+    factor, expected = CASES[role][case]()
+    out = np.full(expected.shape, np.nan, np.float32)
+    assert write_rows(factor, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    squared = squared_rows(factor, N)
+    assert squared.shape == (N,) and squared.dtype == np.float64
+    written = np.einsum("bp,bp->b", out.reshape(N, -1), out.reshape(N, -1), dtype=np.float64)
+    np.testing.assert_allclose(squared, written, rtol=1e-5)
+    np.testing.assert_allclose(squared, (expected.reshape(N, -1) ** 2).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("role", sorted(CASES))
+def test_only_the_first_n_rows_are_written_and_normed(role):
+    factor, expected = next(iter(CASES[role].values()))()
+    out = np.full(expected.shape, np.nan, np.float32)
+    write_rows(factor, out[:2])
+    np.testing.assert_allclose(out[:2], expected[:2], rtol=1e-5, atol=1e-5)
+    assert np.isnan(out[2:]).all()
+    np.testing.assert_allclose(squared_rows(factor, 2),
+                               (expected[:2].reshape(2, -1) ** 2).sum(axis=1), rtol=1e-5)
