@@ -198,8 +198,7 @@ def main():
     import gradkit as gk
     from gradkit._data import prepare_batch
     from gradkit._distributed import accumulate_distributed
-    from gradkit._objective import resolve_objective
-    from gradkit._select import select_variables
+    from gradkit._request import prepare
 
     x, y, w = data()
     reference = build(keras)
@@ -208,11 +207,10 @@ def main():
     before = snapshot(model)
     for name, options, strat in runs(keras, strategy):
         labels = None if "target" in options else y
-        objective = resolve_objective(model, options.get("loss"), options.get("target"), labels)
+        request = prepare(model, y=labels, data=False, **options)
         batches = (prepare_batch(model, x[a:b], None if labels is None else labels[a:b],
                                  w[a:b], "float32") for a, b in bounds)
-        variables = select_variables(model, None)
-        grads, n = accumulate_distributed(model, variables, objective, batches, False, strat)
+        grads, n = accumulate_distributed(request, batches, strat)
         ref = gk.gradients(reference, x, labels, sample_weight=w, **options)
         out[f"{name}/n"] = np.array(n)
         out[f"{name}/divisor"] = np.array(1 if "target" in options else n)
@@ -223,18 +221,18 @@ def main():
     if MODE in ("tf_mirrored", "tf_keras_mirrored"):
         out.update(mixed_precision(keras, strategy, x, y, w))
     # training=True (dropout on): the state must still come back untouched.
-    objective = resolve_objective(model, None, None, y)
-    accumulate_distributed(model, select_variables(model, None), objective,
-                           [prepare_batch(model, x, y, None, "float32")], True, strategy)
+    request = prepare(model, y=y, data=False)
+    accumulate_distributed(request.replace(training=True),
+                           [prepare_batch(model, x, y, None, "float32")], strategy)
     after = snapshot(model)
     out["state_same"] = np.array(all(np.array_equal(a, b) for a, b in zip(before, after)))
     out["shards"] = np.array(json.dumps(spy))
     if MODE == "jax_multiprocess":  # process 1 runs out of batches first: both must raise
         mine = [(0, 4), (4, 8)] if RANK == 0 else [(8, 12)]
         try:
-            accumulate_distributed(model, select_variables(model, None), objective,
-                                   [prepare_batch(model, x[a:b], y[a:b], None, "float32")
-                                    for a, b in mine], False, strategy)
+            accumulate_distributed(request, [prepare_batch(model, x[a:b], y[a:b], None,
+                                                           "float32") for a, b in mine],
+                                   strategy)
         except gk.InvalidArgumentError as error:
             out["mismatch_error"] = np.array(str(error))
     np.savez(OUT, **out)

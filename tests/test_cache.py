@@ -7,24 +7,16 @@ lambda per call against closed forms, with an evicted entry rebuilt when its los
 
 from __future__ import annotations
 
-import importlib
+import gc
 import weakref
 
 import numpy as np
 import pytest
 
 import gradkit as gk
-from gradkit import _per_example
 from gradkit._backends import _cache
 
 RNG = np.random.default_rng(0)
-# The adapter module whose cache gk.gradients / gk.per_example_gradients fill, per flavour
-# (torch's gradients run eagerly through autograd: no compiled cache to bound).
-_GRADIENT_CACHE = {"tensorflow": "tensorflow", "jax": "jax", "tf_keras": "tf_keras"}
-_PER_EXAMPLE_CACHE = {"tensorflow": ("tensorflow_per_example", "_PER_EXAMPLE"),
-                      "jax": ("jax_per_example", "_PER_EXAMPLE"),
-                      "torch": ("torch_per_example", "_PERTURBATION_SPECS"),
-                      "tf_keras": ("tensorflow_per_example", "_PER_EXAMPLE")}
 
 
 class _Key:  # a weak-referenceable stand-in for a model
@@ -60,15 +52,17 @@ def test_lru_a_hit_makes_an_entry_recent(bound_3):
         cache[0]
 
 
-def test_per_model_gives_one_cache_per_model_that_dies_with_it():
-    store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def test_for_model_gives_one_cache_per_model_that_dies_with_it():
     a, b = _Key(), _Key()
-    cache = _cache.per_model(store, a)
+    cache = _cache.for_model(a)
     cache["k"] = 1
-    assert _cache.per_model(store, a) is cache and "k" in _cache.per_model(store, a)
-    assert "k" not in _cache.per_model(store, b)
-    del a
-    assert len(store) == 1  # only b's
+    assert _cache.for_model(a) is cache and "k" in _cache.for_model(a)
+    assert "k" not in _cache.for_model(b)
+    assert _cache.cached(a, "k", lambda: 2) == 1 and _cache.cached(b, "k", lambda: 2) == 2
+    alive = weakref.ref(cache)
+    del a, cache
+    gc.collect()
+    assert alive() is None  # the entries died with their model
 
 
 def _linear(keras):
@@ -93,13 +87,12 @@ def _scaled_mse_losses(keras, count):
     return [lambda t, p, s=float(i + 1): s * mse(t, p) for i in range(count)]
 
 
-@pytest.mark.flavours("tensorflow", "jax", "tf_keras")
 def test_new_loss_per_call_keeps_the_gradient_cache_bounded(keras, flavour, bound_3,
                                                             monkeypatch):
-    backend = importlib.import_module(f"gradkit._backends.{_GRADIENT_CACHE[flavour]}")
     builds = []
-    build = backend._build
-    monkeypatch.setattr(backend, "_build", lambda *a, **k: builds.append(1) or build(*a, **k))
+    cached = _cache.cached
+    monkeypatch.setattr(_cache, "cached", lambda model, key, build: cached(
+        model, key, lambda: builds.append(1) or build()))
     model, x, y, expected, _ = _linear(keras)
     named = gk.gradients(model, x, y, loss="mse")["dense/kernel"]
     np.testing.assert_allclose(named, expected, rtol=1e-5, atol=1e-6)
@@ -108,24 +101,21 @@ def test_new_loss_per_call_keeps_the_gradient_cache_bounded(keras, flavour, boun
     for i, loss in enumerate(losses):
         got = gk.gradients(model, x, y, loss=loss)["dense/kernel"]
         np.testing.assert_allclose(got, (i + 1) * named, rtol=1e-5, atol=1e-6)
-        sizes.append(len(backend._CACHE[model]))
+        sizes.append(len(_cache.for_model(model)))
     assert sizes == [2] + [3] * 7  # "mse" and the first loss, then the three most recent
     assert len(builds) == 1 + 8
     gk.gradients(model, x, y, loss=losses[-1])  # still cached: no rebuild
     assert len(builds) == 9
     got = gk.gradients(model, x, y, loss=losses[0])["dense/kernel"]  # evicted: rebuilt
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert len(builds) == 10 and len(backend._CACHE[model]) == 3
+    assert len(builds) == 10 and len(_cache.for_model(model)) == 3
 
 
 def test_new_loss_per_call_keeps_the_per_example_caches_bounded(keras, flavour, bound_3):
-    module, name = _PER_EXAMPLE_CACHE[flavour]
     model, x, y, _, expected = _linear(keras)
     losses = _scaled_mse_losses(keras, 6)
     for i, loss in enumerate(losses + losses[:1]):  # losses[0] again at the end: evicted, rebuilt
         # training=True (no layer depends on it) takes torch's vmap route, which caches
         got = gk.per_example_gradients(model, x, y, loss=loss, training=True)["dense/kernel"]
         np.testing.assert_allclose(got, (i % 6 + 1) * expected, rtol=1e-4, atol=1e-5)
-        assert len(_per_example._CONNECTED[model]) == min(i + 1, 3)
-        store = getattr(importlib.import_module(f"gradkit._backends.{module}"), name)
-        assert len(store[model]) == min(i + 1, 3)
+        assert len(_cache.for_model(model)) == min(i + 1, 3)

@@ -60,19 +60,15 @@ def cases(keras, flavour):
 
 
 def test_conv_rows_and_norms_match_the_loop(keras, flavour):
-    from gradkit import _backends
     from gradkit._factors import Factor
-    from gradkit._data import prepare_batch
-    from gradkit._objective import Objective
+    from gradkit._request import prepare
 
-    vectorizer = _backends.load(f"{flavour}_per_example")
     for name, (model, x, y) in cases(keras, flavour).items():
         gk.gradients(model, x, y)  # builds the compiled loss on every flavour
         variables = [v for layer in model.layers if "Conv" in type(layer).__name__
                      for v in layer.trainable_weights]
-        parts = vectorizer.per_example_parts(
-            model, variables, Objective("compiled"), prepare_batch(model, x, y, None, "float32"),
-            False)
+        request = prepare(model, x, y).replace(variables=variables)
+        parts = request.adapter.per_example_parts(request)
         assert all(isinstance(p, Factor) and p.geometry is not None for p in parts), name
         rows = gk.per_example_gradients(model, x, y)
         assert_same_sets(rows, loop_reference(model, x, y), rtol=2e-5, atol=2e-6)

@@ -22,9 +22,9 @@ import pytest
 
 import gradkit as gk
 from gradkit._data import prepare_batch
+from gradkit._backends import _cache
 from gradkit._distributed import accumulate_distributed
-from gradkit._objective import resolve_objective
-from gradkit._select import select_variables
+from gradkit._request import prepare
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 TIMEOUT = 240
@@ -131,12 +131,11 @@ def _model(keras, loss="mse"):
 
 
 def _run(model, strategy, x, y, sizes=(2, 3)):
-    objective = resolve_objective(model, None, None, y)
+    request = prepare(model, y=y, data=False)
     bounds = np.cumsum((0,) + tuple(sizes))
     batches = [prepare_batch(model, x[a:b], y[a:b], None, "float32")
                for a, b in zip(bounds[:-1], bounds[1:])]
-    return accumulate_distributed(model, select_variables(model, None), objective, batches,
-                                  False, strategy)
+    return accumulate_distributed(request, batches, strategy)
 
 
 @pytest.mark.flavours("tensorflow", "tf_keras", "jax")
@@ -163,20 +162,16 @@ def test_one_device_equals_gradients(keras, flavour):
 def test_new_batch_sizes_and_calls_reuse_the_compiled_step(keras, flavour):
     x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
     if flavour == "jax":
-        from gradkit._backends import jax_distributed as backend
-
         strategy, model = "data_parallel", _model(keras)
     else:
         import tensorflow as tf
-
-        from gradkit._backends import tensorflow_distributed as backend
 
         strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
         with strategy.scope():
             model = _model(keras)
     for sizes in [(2, 3), (4, 1), (5,), (1, 1, 3)]:
         _run(model, strategy, x, x[:, :2], sizes)
-    (entry,) = backend._CACHE[model].values()  # one step for all calls
+    (entry,) = _cache.for_model(model).values()  # one step for all calls
     if flavour != "jax":  # the batch axis is relaxed after the second shape: no more traces
         assert entry.fn.experimental_get_tracing_count() <= 2
 

@@ -42,23 +42,18 @@ def test_norms_equal_norms_of_per_example_gradients(keras, name):
 def test_dense_and_embedding_come_back_factored(keras, flavour):
     """Plain Dense/Embedding variables come back as (input, output gradient) factors, so
     neither route materializes them; regularized variables come back as arrays."""
-    from gradkit import _backends
     from gradkit._factors import Factor
-    from gradkit._data import prepare_batch
-    from gradkit._objective import Objective
-    from gradkit._select import unique_keys
+    from gradkit._request import prepare
 
-    adapter = _backends.load(f"{flavour}_per_example")
     for builder, fast in ((mlp, ["out/kernel", "out/bias"]),
                           (text, ["embed/embeddings", "out/kernel", "out/bias"]),
                           (sequence, ["shared/kernel", "shared/bias", "out/kernel", "out/bias"])):
         model, x, y = builder(keras)
         gk.gradients(model, x, y)  # builds the model's compiled loss on every flavour
-        batch = prepare_batch(model, x, y, None, "float32")
-        variables = list(model.trainable_variables)
-        parts = adapter.per_example_parts(model, variables, Objective("compiled"), batch, False)
+        request = prepare(model, x, y)
+        parts = request.adapter.per_example_parts(request)
         factored = ["/".join(key.split("/")[-2:])
-                    for key, part in zip(unique_keys(variables), parts)
+                    for key, part in zip(request.keys, parts)
                     if isinstance(part, Factor)]
         assert sorted(factored) == sorted(fast), builder.__name__
 

@@ -148,7 +148,7 @@ def test_loop_fallback_when_the_vectorizer_fails(keras, flavour, monkeypatch, ca
     def failing(*args, **kwargs):
         raise NotImplementedError("no batching rule for this op")
 
-    monkeypatch.setattr(_backends.load(f"{flavour}_per_example"), "per_example_parts", failing)
+    monkeypatch.setattr(_backends.for_flavour(flavour), "per_example_parts", failing)
     with caplog.at_level(logging.WARNING, logger="gradkit"):
         rows = gk.per_example_gradients(model, x, y, chunk_size=2)
     assert_same_sets(rows, expected)

@@ -8,6 +8,7 @@ import numpy as np
 
 from gradkit._errors import DataShapeError, InvalidArgumentError, original_errors, received
 from gradkit._request import Request, check_connected, finish, prepare, result_dtype
+from gradkit._select import walk_layers
 
 
 def hvp(
@@ -39,11 +40,29 @@ def hvp(
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
                       layers=layers, training=training)
+    check_exact_second_order(request)
     tangents = checked_vector(request, vector)
     with original_errors():
         _, products = request.adapter.hvp(request, tangents)
     check_connected(request.keys, [p is not None for p in products], what="Hessian")
     return finish(request, products)
+
+
+def check_exact_second_order(request: Request) -> None:
+    """Refuse what TensorFlow would get silently wrong: its batch-moments op stops the
+    gradient at the mean inside the variance, which leaves first derivatives exact but
+    drops terms of second ones, so H through BatchNormalization in training mode is off."""
+    if request.flavour not in ("tensorflow", "tf_keras") or not request.training:
+        return
+    for path, layer in walk_layers(request.model):
+        if "BatchNormalization" in type(layer).__name__ and layer.trainable:
+            raise InvalidArgumentError(
+                f"hvp with training=True on TensorFlow would be wrong through layer {path!r} "
+                f"({type(layer).__name__}): TensorFlow's moments op stops the gradient at the "
+                "batch mean, which gives exact first but not second derivatives. Pass "
+                "training=False (moving statistics), freeze the layer (trainable=False), or "
+                "use the JAX or torch backend. " + received(training=True, layer=path)
+            )
 
 
 def checked_vector(request: Request, vector: Any) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ class BoundedCache:
     """A least-recently-used mapping: ``key in c``, ``c[key]`` (marks it used), ``c[key] = v``
     (drops the oldest entries beyond MAX_ENTRIES_PER_MODEL), ``len(c)``, ``c.values()``."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "__weakref__")
 
     def __init__(self) -> None:
         self._entries: OrderedDict = OrderedDict()

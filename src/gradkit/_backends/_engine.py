@@ -20,10 +20,11 @@ import numpy as np
 from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._accumulator import Accumulator
-from gradkit._backends._taps import OutputTaps
+from gradkit._taps import OutputTaps
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._objective import data_loss
-from gradkit._factors import LayerTaps, Ops, assemble, factor_arrays, plan, rest
+from gradkit._backends._steps import per_example_fn, tapped_fn, unscaled
+from gradkit._factors import Ops, assemble, plan, rest
 
 
 class Primitives(Protocol):
@@ -89,7 +90,7 @@ class Engine:
         def fn(values, data, scale):
             loss, (grads,), _ = self.p.grad(objective_of(values, data, scale))(
                 [values[0][i] for i in selected])
-            return loss, unscaled(grads, scale, scaled)
+            return loss, unscaled(self.p, grads, scale, scaled)
 
         return fn
 
@@ -100,7 +101,7 @@ class Engine:
             def fn(values, data, scale, tangents):
                 f = objective_of(values, data, scale)
                 loss, products = self.p.hvp(f)([values[0][i] for i in selected], tangents)
-                return loss, unscaled(products, scale, scaled)
+                return loss, unscaled(self.p, products, scale, scaled)
 
             return self.p.compile(fn, request.model)
 
@@ -163,28 +164,12 @@ class Engine:
         model_ref, training = weakref.ref(request.model), request.training
         objective = k3.prepare_objective(request.objective)
 
-        def fn(values, data, scale):
-            def f(perturb, flat):
-                feed = iter(flat)
-                x = map_structure(lambda _: next(feed), template)
-                outputs, order = ([None] * len(taps.layers), []) if taps else ([], [])
-                if taps is not None:
-                    taps.start(lambda i, out: order.append(i) or outputs.__setitem__(i, out)
-                               or perturb(out))
-                loss = k3.objective_value(model_ref(), objective, training, *values, x,
-                                          data.get("y"), data.get("sample_weight"))
-                return scaled_value(loss, scale, True), (loss, outputs, order)
+        def objective_of(values, data, scale, x):
+            loss = k3.objective_value(model_ref(), objective, training, *values, x,
+                                      data.get("y"), data.get("sample_weight"))
+            return scaled_value(loss, scale, True), loss
 
-            g = self.p.grad(f, taps=taps is not None)
-            (loss, outputs, order), (input_grads,), tap_grads = g(list(data["x"]))
-            if taps is None:
-                return loss, unscaled(input_grads, scale, True), []
-            grads = [None] * len(taps.layers)
-            for i, grad in zip(order, tap_grads):
-                grads[i] = grad
-            return loss, unscaled(grads, scale, True), outputs
-
-        return fn
+        return tapped_fn(self.p, taps, template, objective_of)
 
     # --- per-example gradients (gradkit.per_example_gradients, per_example_norms)
 
@@ -212,40 +197,11 @@ class Engine:
         count = len(request.variables)
         direct = [request.variables[j] for j in rest(planned, count)]
         objective_of, selected = self._objective(request.replace(variables=direct), scaled)
-        taps = LayerTaps(planned)
-
-        def fn(values, data, scale):
-            def one(example):
-                base = objective_of(values, one_example(example), scale)
-
-                seen: list = []  # (layer, shape, dtype) per tap, in call order
-
-                def f(perturb, chosen):
-                    seen.clear()
-                    taps.start(lambda layer, call, z: seen.append(
-                        (layer, keras.ops.shape(z), z.dtype)) or perturb(z))
-                    with taps.installed():
-                        value, _ = base(perturb, chosen)
-                    return value, taps.inputs
-
-                chosen = [values[0][i] for i in selected]
-                key = ("per_example", request.cache_key(), shapes_of(example))
-                g = self.p.grad(f, taps=True, shape_key=key)
-                inputs, (grads,), deltas = g(chosen)
-                by_layer: list[list] = [[] for _ in planned]
-                reached = [False] * len(planned)
-                for (layer, shape, dtype), delta in zip(seen, deltas):
-                    reached[layer] = reached[layer] or delta is not None
-                    by_layer[layer].append(
-                        keras.ops.zeros(shape, dtype) if delta is None else delta)
-                connected[:] = _connected(planned, reached, grads, count)
-                return by_layer, zeros_if_none(grads, chosen), inputs
-
-            deltas, grads, inputs = self.p.vectorize(one)(data)
-            arrays = factor_arrays(planned, inputs, deltas, self.p.ops, scale if scaled else None)
-            return arrays, unscaled(grads, scale, scaled)
-
-        return fn
+        return per_example_fn(
+            self.p, planned, count,
+            lambda values, example, scale: objective_of(values, one_example(example), scale),
+            lambda values: [values[0][i] for i in selected], connected, scaled,
+            request.cache_key())
 
     # --- streaming sums (gradkit.accumulate) and distribution
 
@@ -315,10 +271,6 @@ def one_example(example: dict) -> dict:
     return {k: map_structure(lambda a: keras.ops.expand_dims(a, 0), v) for k, v in example.items()}
 
 
-def shapes_of(data: dict) -> tuple:
-    return tuple((tuple(a.shape), str(a.dtype)) for a in leaves(list(data.values())))
-
-
 def scale_of(model) -> np.float32:
     return np.float32(k3.loss_scale(model))
 
@@ -326,24 +278,3 @@ def scale_of(model) -> np.float32:
 def scaled_value(loss, scale, scaled: bool):
     loss = keras.ops.cast(loss, "float32")
     return loss * scale if scaled else loss
-
-
-def unscaled(grads: list, scale, scaled: bool) -> list:
-    if not scaled:
-        return list(grads)
-    return [None if g is None else g / keras.ops.cast(scale, g.dtype) for g in grads]
-
-
-def _connected(planned: list, reached: list[bool], direct: list, count: int) -> list[bool]:
-    """Per selected variable: its factored layer's output, or itself, reaches the objective."""
-    found = [True] * count
-    for entry, ok in zip(planned, reached):
-        for j in entry.roles.values():
-            found[j] = ok
-    for j, grad in zip(rest(planned, count), direct):
-        found[j] = grad is not None
-    return found
-
-
-def zeros_if_none(grads: list, like: list) -> list:
-    return [keras.ops.zeros_like(a) if g is None else g for g, a in zip(grads, like)]

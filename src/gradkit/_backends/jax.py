@@ -40,17 +40,24 @@ class JaxPrimitives:
         model_ref = weakref.ref(model)
         exact = pad is not None and _buckets.padding_is_exact(model, *pad)
         buckets = [_buckets.Buckets()] if exact else []
+        traced = []
+
+        def call(data, scale, *extra):
+            values = k3.variable_values(model_ref())
+            if not traced:  # the first trace may create the compiled loss's metric
+                jitted.trace(values, data, scale, *extra)  # variables: read them again
+                traced.append(True)
+                values = k3.variable_values(model_ref())
+            return jitted(values, data, scale, *extra)
 
         def run(data, scale, *extra):
-            values = k3.variable_values(model_ref())
             if buckets and _buckets.paddable(data):
                 size = len(jax.tree_util.tree_leaves(data["x"])[0])
                 try:
-                    return jitted(values, _buckets.pad(data, buckets[0].size_for(size)),
-                                  scale, *extra)
+                    return call(_buckets.pad(data, buckets[0].size_for(size)), scale, *extra)
                 except _buckets.PaddingNotExact:  # found while tracing: one program per shape
                     buckets.clear()
-            return jitted(values, data, scale, *extra)
+            return call(data, scale, *extra)
 
         return run
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,12 @@ import tf_keras
 
 from gradkit._backends import _cache
 from gradkit._backends._accumulator import Accumulator
-from gradkit._backends._taps import OutputTaps
+from gradkit._backends._steps import per_example_fn, tapped_fn, unscaled
+from gradkit._taps import OutputTaps
 from gradkit._backends.tensorflow import TensorFlowPrimitives
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
-from gradkit._factors import LayerTaps, assemble, factor_arrays, plan, rest
+from gradkit._factors import assemble, plan, rest
 from gradkit._objective import Objective, data_loss, target_scores
 
 
@@ -98,7 +100,7 @@ class TfKerasAdapter:
 
         def fn(values, data, scale):
             loss, (grads,), _ = self.p.grad(lambda perturb, _: f(data, scale))(variables)
-            return loss, _unscaled(grads, scale, scaled)
+            return loss, unscaled(self.p, grads, scale, scaled)
 
         return fn
 
@@ -111,7 +113,7 @@ class TfKerasAdapter:
 
             def fn(values, data, scale, tangents):
                 loss, products = self.p.hvp(lambda _, __: f(data, scale))(variables, tangents)
-                return loss, _unscaled(products, scale, scaled)
+                return loss, unscaled(self.p, products, scale, scaled)
 
             return self.p.compile(fn, request.model)
 
@@ -146,90 +148,41 @@ class TfKerasAdapter:
 
     def _tapped(self, request, taps):
         template = map_structure(lambda _: 0, request.batch.x)
-        key = ("taps", None if taps is None else tuple(id(la) for la in taps.layers),
-               repr(template))
-
-        def build(scaled):
-            f = self._objective(request, True)
-
-            def fn(values, data, scale):
-                def g(perturb, flat):
-                    feed = iter(flat)
-                    outputs, order = [None] * (len(taps.layers) if taps else 0), []
-                    if taps is not None:
-                        taps.start(lambda i, out: order.append(i) or outputs.__setitem__(
-                            i, out) or perturb(out))
-                    value, loss = f(data, scale, map_structure(lambda _: next(feed), template))
-                    return value, (loss, outputs, order)
-
-                (loss, outputs, order), (flat_grads,), tap_grads = self.p.grad(g)(
-                    list(data["x"]))
-                grads = flat_grads if taps is None else [None] * len(taps.layers)
-                for i, grad in zip(order, tap_grads):
-                    grads[i] = grad
-                return loss, _unscaled(grads, scale, True), outputs
-
-            return taps, self.p.compile(fn, request.model)
-
-        taps, run = self.compiled(request, "tapped", build, key)
+        key = (None if taps is None else tuple(id(la) for la in taps.layers), repr(template))
+        f = self._objective(request, True)
+        taps, run = self.compiled(request, "tapped", lambda s: (taps, self.p.compile(
+            tapped_fn(self.p, taps, template, lambda v, data, scale, x: f(data, scale, x)),
+            request.model)), key)
         data = dict(self.data_of(request.batch), x=leaves(request.batch.x))
-        if taps is None:
+        with taps.installed() if taps is not None else nullcontext():
             loss, grads, outputs = run(data, self.scale_of(request.model))
-        else:
-            with taps.installed():
-                loss, grads, outputs = run(data, self.scale_of(request.model))
+        if taps is not None:
             taps.check()
         return float(loss), [None if g is None else g.numpy() for g in grads], [
             None if o is None else o.numpy() for o in outputs]
 
     def per_example_parts(self, request):
-        planned = plan(request.model, request.variables, tf_keras.layers)
-        connected: list = []
-        _, run = self.compiled(request, "per_example", lambda s: (connected, self.p.compile(
-            self._per_example_fn(request, planned, s, connected), request.model)))
+        model, count = request.model, len(request.variables)
+        planned = plan(model, request.variables, tf_keras.layers)
+        direct = [request.variables[j] for j in rest(planned, count)]
+
+        def build(scaled):
+            f, connected = self._objective(request, scaled), []
+
+            def objective_of(values, example, scale):
+                return lambda perturb, _: f(map_structure(lambda a: a[None], example), scale)
+
+            return connected, self.p.compile(per_example_fn(
+                self.p, planned, count, objective_of, lambda values: direct, connected, scaled,
+                request.cache_key()), model)
+
+        connected, run = self.compiled(request, "per_example", build)
         try:
-            arrays, grads = run(self.data_of(request.batch), self.scale_of(request.model))
+            arrays, grads = run(self.data_of(request.batch), self.scale_of(model))
         except self.p.vectorize_errors as error:
             raise NotImplementedError(f"vectorizing failed: {error}") from error
-        parts = assemble(len(request.variables), planned, arrays, grads)
+        parts = assemble(count, planned, arrays, grads)
         return [part if ok else None for part, ok in zip(parts, connected)]
-
-    def _per_example_fn(self, request, planned, scaled: bool, connected: list):
-        count = len(request.variables)
-        direct = [request.variables[j] for j in rest(planned, count)]
-        f, taps = self._objective(request, scaled), LayerTaps(planned)
-
-        def fn(values, data, scale):
-            def one(example):
-                seen: list = []
-
-                def g(perturb, _):
-                    taps.start(lambda layer, call, z: seen.append((layer, z)) or perturb(z))
-                    with taps.installed():
-                        value, _ = f(map_structure(lambda a: a[None], example), scale)
-                    return value, taps.inputs
-
-                inputs, (grads,), deltas = self.p.grad(g)(direct)
-                by_layer: list[list] = [[] for _ in planned]
-                reached = [False] * len(planned)
-                for (layer, z), delta in zip(seen, deltas):
-                    reached[layer] = reached[layer] or delta is not None
-                    by_layer[layer].append(tf.zeros_like(z) if delta is None else delta)
-                found = [True] * count
-                for entry, ok in zip(planned, reached):
-                    for j in entry.roles.values():
-                        found[j] = ok
-                for j, grad in zip(rest(planned, count), grads):
-                    found[j] = grad is not None
-                connected[:] = found
-                return by_layer, [tf.zeros_like(v) if g is None else g
-                                  for g, v in zip(grads, direct)], inputs
-
-            deltas, grads, inputs = self.p.vectorize(one)(data)
-            arrays = factor_arrays(planned, inputs, deltas, self.p.ops, scale if scaled else None)
-            return arrays, _unscaled(grads, scale, scaled)
-
-        return fn
 
     def accumulator(self, request, skip_nonfinite: bool):
         return Accumulator(self, request, bool(skip_nonfinite))
@@ -249,12 +202,6 @@ class TfKerasAdapter:
             request = request.replace(objective=Objective("loss", loss))
         gradient = self.gradient_fn(request, True)
         return lambda values, data, scale, replicas: gradient(values, data, scale)[1]
-
-
-def _unscaled(grads: list, scale, scaled: bool) -> list:
-    if not scaled:
-        return list(grads)
-    return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
 
 
 def check_ready(model: Any) -> None:

@@ -121,8 +121,9 @@ class TorchPrimitives:
     stack, where, all = staticmethod(torch.stack), staticmethod(torch.where), \
         staticmethod(torch.all)
 
-    def zeros(self, shape: tuple, dtype: str):
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device=keras.ops.zeros(()).device)
+    def zeros(self, shape: tuple, dtype: Any):
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        return torch.zeros(shape, dtype=dtype, device=keras.ops.zeros(()).device)
 
     def all_finite(self, g):
         """On CPU a plain sum (NaN/Inf propagate) decides in one fast pass; isfinite().all(),

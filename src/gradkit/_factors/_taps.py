@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from gradkit._backends._taps import restore, shadow
+from gradkit._taps import restore, shadow
 from gradkit._factors._arrays import Ops
 from gradkit._factors._registry import KINDS, Factor, Planned, rest
 
