@@ -86,9 +86,8 @@ def test_a_loss_whose_weights_do_not_add_up_over_examples(keras):
 @pytest.mark.flavours("torch")
 def test_torch_routes(keras, flavour, monkeypatch):
     """Plain inference models never reach the vmap route; the others never the batched one."""
-    from gradkit._backends import torch_per_example as routes
-
-    vectorized, batched = routes._vectorized, routes._batched
+    from gradkit._backends import torch_batched as batched
+    from gradkit._backends.torch import TorchPrimitives
 
     def refuse(name):
         def refused(*args, **kwargs):
@@ -97,13 +96,12 @@ def test_torch_routes(keras, flavour, monkeypatch):
 
     model, x, y = plain_mlp(keras)
     expected = loop_reference(model, x, y)
-    monkeypatch.setattr(routes, "_vectorized", refuse("vectorized"))
-    assert_same_sets(gk.per_example_gradients(model, x, y), expected)
-    monkeypatch.setattr(routes, "_vectorized", vectorized)
-    monkeypatch.setattr(routes, "_batched", refuse("batched"))
+    with monkeypatch.context() as patch:
+        patch.setattr(TorchPrimitives, "vectorize", refuse("vectorized"))
+        assert_same_sets(gk.per_example_gradients(model, x, y), expected)
+    monkeypatch.setattr(batched, "batched_factors", refuse("batched"))
     assert_same_sets(gk.per_example_gradients(model, x, y, training=True), expected)
     for other, x, y in (plain_mlp(keras, activity_regularizer=keras.regularizers.L2(0.3)),
                         batch_mixing(keras, flavour)):
-        assert not routes.rows_independent(other, False)
+        assert not batched.rows_independent(other, False)
         gk.per_example_gradients(other, x, y)
-    monkeypatch.setattr(routes, "_batched", batched)

@@ -75,7 +75,9 @@ def test_blocks_cover_every_row_once():
 @pytest.mark.flavours("torch")
 @pytest.mark.parametrize("positions", [1, 3])
 def test_torch_writes_the_same_kernel_rows(keras, positions):
-    from gradkit._backends.torch_per_example import kernel_rows as torch_kernel_rows
+    from gradkit._backends.torch import TorchPrimitives
+
+    torch_kernel_rows = TorchPrimitives().kernel_rows
 
     a = RNG.normal(size=(6, positions, 5)).astype("float32")
     d = RNG.normal(size=(6, positions, 4)).astype("float32")

@@ -53,7 +53,7 @@ def prepare_batch(model: Any, x: Any, y: Any, sample_weight: Any, floatx: str) -
     y = map_structure(lambda a: _as_array(a, floatx), _as_structure(y))
     if sample_weight is not None:
         sample_weight = _as_array(sample_weight, floatx)
-    size = _common_size(x, y, sample_weight)
+    size = common_size(x, y, sample_weight)
     check_inputs_fit(model, x)
     return Batch(x, y, sample_weight, size)
 
@@ -84,7 +84,7 @@ def _shape(value: Any) -> tuple:
     return tuple(None if d is None else int(d) for d in value.shape)
 
 
-def _common_size(x: Any, y: Any, sample_weight: Any) -> int:
+def common_size(x: Any, y: Any, sample_weight: Any) -> int:
     named = [("x", leaf) for leaf in leaves(x)] + [("y", leaf) for leaf in leaves(y)]
     if sample_weight is not None:
         named.append(("sample_weight", sample_weight))

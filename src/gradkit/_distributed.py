@@ -37,7 +37,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from gradkit._data import Batch
-from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import check_mean_reduction
 from gradkit._request import Request
 
@@ -54,12 +53,5 @@ def accumulate_distributed(request: Request, batches: Iterable[Batch],
     a variable not connected to the objective. N is the total example count over every
     worker. No model state changes.
     """
-    if request.flavour == "torch":
-        raise InvalidArgumentError(
-            "strategy= is supported on the TensorFlow, tf-keras and JAX flavours; Keras 3 "
-            "on torch has no distribution engine to run it. Use strategy=None, or run one "
-            "process per device and add up the unnormalized sums with "
-            "torch.distributed.all_reduce. " + received(strategy=strategy)
-        )
     check_mean_reduction(request.model, request.objective, "strategy=")
     return request.adapter.distributed_sum(request, batches, strategy)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gradkit._data import Batch, _common_size, leaves, map_structure, prepare_batch
+from gradkit._data import Batch, common_size, leaves, map_structure, prepare_batch
 from gradkit._errors import DataShapeError, InvalidArgumentError, received
 
 ACCEPTED = (
@@ -161,7 +161,7 @@ def _array_batches(data: Any, batch_size: Any) -> tuple[Iterator[Any], int]:
     x, y, sample_weight = unpack(data)
     if not leaves(x):
         raise InvalidArgumentError("x is required: the model's input arrays. " + received(x=x))
-    count = _common_size(x, y, sample_weight)
+    count = common_size(x, y, sample_weight)
     starts = range(0, count, int(batch_size))
 
     def cut(start: int) -> tuple:

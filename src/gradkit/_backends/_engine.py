@@ -55,6 +55,14 @@ class Primitives(Protocol):
 
     def all_finite(self, g: Any) -> Any: ...
 
+    def zeros(self, shape: tuple, dtype: Any) -> Any: ...
+
+    def stack(self, values: list) -> Any: ...
+
+    def where(self, condition: Any, x: Any, y: Any) -> Any: ...
+
+    def all(self, x: Any) -> Any: ...
+
     def to_numpy(self, x: Any) -> np.ndarray: ...
 
     def asynchronous(self, tensor: Any) -> bool:
@@ -62,6 +70,9 @@ class Primitives(Protocol):
 
     def guard(self) -> AbstractContextManager:
         """Around a whole pass: restores what a stateless call cannot (a global RNG)."""
+
+    def distributed_sum(self, adapter: Any, request: Any, batches: Any, strategy: Any) -> Any:
+        """(Σ_b n_b ∇L_b, N) through the framework's own distribution engine."""
 
 
 class Engine:

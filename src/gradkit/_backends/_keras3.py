@@ -15,22 +15,8 @@ import keras
 import numpy as np
 
 from gradkit._backends import _buckets
-from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
+from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import Objective, data_loss, target_scores
-
-
-def floatx() -> str:
-    return keras.config.floatx()
-
-
-def check_built(model: Any) -> None:
-    """Raise if the model has no variables yet (a subclassed model never called)."""
-    if not model.built or not model.variables:
-        raise UnsupportedModelError(
-            f"Model {model.name!r} has not been built, so it has no weights to differentiate. "
-            "Build it first: call it once on a batch (model(x[:1])) or call model.build(...). "
-            + received(built=model.built)
-        )
 
 
 def loss_scale(model: Any) -> float:

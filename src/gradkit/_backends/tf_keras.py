@@ -78,7 +78,8 @@ class TfKerasAdapter:
         return np.float32(1.0 if scale is None else float(scale))
 
     def compiled(self, request, name: str, build, *extra_key):
-        check_ready(request.model)
+        if not tf.executing_eagerly():
+            raise _needs_eager()
         scaled = self.scale_of(request.model) != 1.0
         key = (name, request.cache_key(), scaled, *extra_key)
         return _cache.cached(request.model, key, lambda: build(scaled))
@@ -105,9 +106,6 @@ class TfKerasAdapter:
         return fn
 
     def hvp(self, request, vectors: list):
-        if not tf.executing_eagerly():
-            raise _needs_eager()
-
         def build(scaled):
             f, variables = self._objective(request, scaled), list(request.variables)
 
@@ -193,26 +191,20 @@ class TfKerasAdapter:
         return tf_distribute.distributed_sum(self, request, batches, strategy)
 
     def replica_gradient(self, request):
-        """fn(values, data, scale, replicas) -> gradients of the replica's scaled objective:
+        """fn(values, data, scale, replicas) -> gradients of the replica's SCALED objective:
         tf-keras divides neither the compiled loss nor loss= by the replica count itself."""
         objective = request.objective
         if objective.kind == "loss":
             loss = copy.copy(resolve_loss(objective.spec))
             loss._allow_sum_over_batch_size = True  # reduced per replica; rescaled after
             request = request.replace(objective=Objective("loss", loss))
-        gradient = self.gradient_fn(request, True)
-        return lambda values, data, scale, replicas: gradient(values, data, scale)[1]
+        f, variables = self._objective(request, True), list(request.variables)
 
+        def gradient(values, data, scale, replicas):  # of the scaled objective: not unscaled
+            _, (grads,), _ = self.p.grad(lambda perturb, _: f(data, scale))(variables)
+            return grads
 
-def check_ready(model: Any) -> None:
-    if not tf.executing_eagerly():
-        raise _needs_eager()
-    if not model.built or not model.variables:
-        raise UnsupportedModelError(
-            f"Model {model.name!r} has not been built, so it cannot be differentiated yet. "
-            "Call it once on a batch (model(x[:1])) or call model.build(...) first. "
-            + received(built=model.built)
-        )
+        return gradient
 
 
 def _needs_eager() -> UnsupportedModelError:

@@ -20,6 +20,7 @@ import torch
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._cache import BoundedCache
 from gradkit._data import map_structure
+from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import Ops
 
 
@@ -142,6 +143,14 @@ class TorchPrimitives:
     def guard(self):
         return kept_rng()
 
+    def distributed_sum(self, adapter, request, batches, strategy):
+        raise InvalidArgumentError(
+            "strategy= is supported on the TensorFlow, tf-keras and JAX flavours; Keras 3 "
+            "on torch has no distribution engine to run it. Use strategy=None, or run one "
+            "process per device and add up the unnormalized sums with "
+            "torch.distributed.all_reduce. " + received(strategy=strategy)
+        )
+
     def kernel_rows(self, inputs: Any, deltas: Any, out: np.ndarray) -> None:
         """``out[i] = Σ_t a_it δ_itᵀ`` written by torch's own threads straight into the NumPy
         result: torch's OpenMP threads busy-wait after each operation, so NumPy threads of
@@ -153,9 +162,12 @@ class TorchPrimitives:
             torch.matmul(a.transpose(1, 2), d, out=target)
 
     def batched_factors(self, engine, request, planned):
-        from gradkit._backends.torch_batched import batched_factors
+        """torch's one-pass factor route where it applies (gradkit._backends.torch_batched)."""
+        from gradkit._backends import torch_batched
 
-        return batched_factors(request, planned)
+        if not torch_batched.rows_independent(request.model, request.training):
+            return None
+        return torch_batched.batched_factors(request, planned)
 
 
 def _autograd_grad(f: Callable) -> Callable:

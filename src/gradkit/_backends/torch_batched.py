@@ -41,12 +41,10 @@ def rows_independent(model: Any, training: bool) -> bool:
 
 
 def batched_factors(request, planned: list) -> list | None:
-    """The parts from one forward and one backward pass over the whole batch, or None when
-    the route does not apply (then the engine vectorizes): rows that are not independent, or
-    a forward-pass loss that depends on the activations (the objectives do not add up)."""
+    """The parts from one forward and one backward pass over the whole batch (rows must be
+    independent), or None if a forward-pass loss depends on the activations (then the
+    objectives do not add up, and the engine vectorizes)."""
     model = request.model
-    if not rows_independent(model, request.training):
-        return None
     objective, batch = k3.prepare_objective(request.objective), request.batch
     taps, scale = LayerTaps(planned), k3.loss_scale(model)
     perturbations: list[list] = [[] for _ in planned]
