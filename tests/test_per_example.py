@@ -200,3 +200,36 @@ def test_float64_model_gives_float64_rows(keras, flavour, float64):
     # of gradients() as well), so the rows agree to float32 precision there.
     tolerance = 1e-6 if flavour == "torch" else 1e-10
     assert_same_sets(rows, reference, rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_out_receives_the_rows_and_is_returned(keras):
+    model, x, y = mlp(keras)
+    expected = gk.per_example_gradients(model, x, y)
+    out = {key: np.full_like(value, np.nan) for key, value in expected.items()}
+    got = gk.per_example_gradients(model, x, y, out=out)
+    assert got is out
+    assert_same_sets(out, expected, rtol=0, atol=0)
+    again = gk.per_example_gradients(model, x, y, chunk_size=2, out=out)  # reused, chunked
+    assert again is out
+    assert_same_sets(out, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_out_is_refused_before_anything_is_written(keras):
+    model, x, y = mlp(keras)
+    expected = gk.per_example_gradients(model, x, y)
+    first = next(iter(expected))
+    cases = {
+        "keys": {k: v for k, v in list(expected.items())[1:]},
+        "shape": dict(expected, **{first: np.zeros((1,) + expected[first].shape[1:], "float32")}),
+        "dtype": dict(expected, **{first: expected[first].astype("float64")}),
+        "layout": dict(expected, **{first: np.asfortranarray(expected[first])}),
+        "not a dict": list(expected.values()),
+    }
+    assert expected[first].ndim == 3  # a kernel's rows: Fortran order is not C order
+    for name, out in cases.items():
+        before = dict(out) if isinstance(out, dict) else {}
+        before = {k: v.copy() for k, v in before.items()}
+        with pytest.raises(gk.InvalidArgumentError, match="out.*Received"):
+            gk.per_example_gradients(model, x, y, out=out)
+        for k in before:
+            np.testing.assert_array_equal(out[k], before[k], err_msg=name)

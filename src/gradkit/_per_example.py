@@ -51,6 +51,7 @@ def per_example_gradients(
     sample_weight: Any = None,
     chunk_size: int | None = None,
     training: bool = False,
+    out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Gradient of each example's own objective: ``{variable path: (B, *variable.shape)}``.
 
@@ -71,6 +72,11 @@ def per_example_gradients(
     layer, a Python loop over examples is used instead, and a warning is logged on the
     ``"gradkit"`` logger (slower, same values).
 
+    ``out=``: a dict with the result's keys of writeable C-contiguous arrays of the result's
+    shapes and dtypes (e.g. this function's earlier result, reused): the rows are written into
+    them and ``out`` itself is returned, so repeated calls allocate no new B × P memory (NumPy's
+    ``out=`` convention). They are checked before anything is written.
+
     Layers that couple examples (BatchNormalization with ``training=True``) raise
     InvalidArgumentError naming the layer. A selected variable that does not affect the
     objective raises UnconnectedGradientError; select other ``layers=``. No model state
@@ -81,8 +87,10 @@ def per_example_gradients(
     check_independent(model, request.training)
     variables, batch, keys = request.variables, request.batch, request.keys
     chunk = resolve_chunk_size(chunk_size, variables, batch.size)
-    result = {key: np.empty((batch.size, *tuple(v.shape)), result_dtype(v))
+    shapes = {key: ((batch.size, *tuple(v.shape)), result_dtype(v))
               for key, v in zip(keys, variables)}
+    result = checked_out(out, shapes) if out is not None else {
+        key: np.empty(shape, dtype) for key, (shape, dtype) in shapes.items()}
     bad: set[str] = set()
     adapter = request.adapter
 
@@ -95,6 +103,27 @@ def per_example_gradients(
     for_each_chunk(vectorized_or_loop(request), request, chunk, store)
     warn_nonfinite(result, bad, batch)
     return result
+
+
+def checked_out(out: Any, shapes: dict) -> dict[str, np.ndarray]:
+    """`out` if it holds exactly the result's arrays (keys, shapes, dtypes), else raise."""
+    if not isinstance(out, dict) or list(out) != list(shapes):
+        got = list(out) if isinstance(out, dict) else type(out).__name__
+        raise InvalidArgumentError(
+            "out= must be a dict with exactly the result's keys, in order (e.g. an earlier "
+            f"result of the same call): {list(shapes)[:4]}... " + received(out=got)
+        )
+    for key, (shape, dtype) in shapes.items():
+        array = out[key]
+        if not (isinstance(array, np.ndarray) and array.shape == shape and array.dtype == dtype
+                and array.flags.c_contiguous and array.flags.writeable):
+            raise InvalidArgumentError(
+                f"out[{key!r}] must be a writeable C-contiguous {dtype} array of shape {shape} "
+                "(allocate it with np.empty, or pass an earlier result). "
+                + received(key=key, shape=getattr(array, "shape", None),
+                           dtype=str(getattr(array, "dtype", type(array).__name__)))
+            )
+    return out
 
 
 def check_independent(model: Any, training: bool) -> None:
