@@ -21,10 +21,10 @@ from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._accumulator import Accumulator
 from gradkit._taps import OutputTaps
-from gradkit._data import Batch, leaves, map_structure
+from gradkit._data import Batch, map_structure
 from gradkit._objective import data_loss
-from gradkit._backends._steps import per_example_fn, tapped_fn, unscaled
-from gradkit._factors import Ops, assemble, plan, rest
+from gradkit._backends._steps import host, run_per_example, run_tapped, unscaled
+from gradkit._factors import Ops, plan, rest
 
 
 class Primitives(Protocol):
@@ -91,8 +91,7 @@ class Engine:
     def gradients(self, request):
         run = self.compiled(request, "gradients", lambda s: self.p.compile(
             self.gradient_fn(request, s), request.model, pad=(request.objective, request.training)))
-        loss, grads = run(data_of(request.batch), scale_of(request.model))
-        return float(self.p.to_numpy(loss)), [None if g is None else self.p.to_numpy(g) for g in grads]
+        return host(self.p, *run(data_of(request.batch), scale_of(request.model)))
 
     def gradient_fn(self, request, scaled: bool) -> Callable:
         """The pure ``fn(values, data, scale) -> (loss, unscaled gradients or None)``."""
@@ -117,8 +116,7 @@ class Engine:
             return self.p.compile(fn, request.model)
 
         run = self.compiled(request, "hvp", build)
-        loss, products = run(data_of(request.batch), scale_of(request.model), list(vectors))
-        return float(self.p.to_numpy(loss)), [None if h is None else self.p.to_numpy(h) for h in products]
+        return host(self.p, *run(data_of(request.batch), scale_of(request.model), list(vectors)))
 
     def _objective(self, request, scaled: bool):
         """(objective_of(values, data, scale) -> f(perturb, chosen), selected indices)."""
@@ -148,30 +146,16 @@ class Engine:
     # --- gradients with respect to the inputs and to layer outputs (taps)
 
     def input_gradients(self, request):
-        template = map_structure(lambda _: 0, request.batch.x)
-        run = self.compiled(request, "inputs", lambda s: self.p.compile(
-            self._tapped_fn(request, template, None), request.model), repr(template))
-        data = dict(data_of(request.batch), x=leaves(request.batch.x))
-        loss, grads, _ = run(data, np.float32(k3.loss_scale(request.model)))
-        return float(self.p.to_numpy(loss)), [None if g is None else self.p.to_numpy(g) for g in grads]
+        loss, grads, _ = run_tapped(self, request, None, self._tapped_objective(request))
+        return loss, grads
 
     def activation_gradients(self, request, layers, keys, return_activations: bool):
-        template = map_structure(lambda _: 0, request.batch.x)
-        taps = OutputTaps(layers, keys)
-        entry = self.compiled(request, "activations", lambda s: (taps, self.p.compile(
-            self._tapped_fn(request, template, taps), request.model)),
-            tuple(id(layer) for layer in layers), repr(template))
-        taps, run = entry
-        data = dict(data_of(request.batch), x=leaves(request.batch.x))
-        with taps.installed():
-            loss, grads, outputs = run(data, np.float32(k3.loss_scale(request.model)))
-        taps.check()  # what the pass recorded: a shared, unused or non-float layer
-        return float(self.p.to_numpy(loss)), [None if g is None else self.p.to_numpy(g) for g in grads], [
-            None if o is None or not return_activations else self.p.to_numpy(o)
-            for o in outputs]
+        loss, grads, outputs = run_tapped(self, request, OutputTaps(layers, keys),
+                                          self._tapped_objective(request))
+        return loss, grads, [o if return_activations else None for o in outputs]
 
-    def _tapped_fn(self, request, template, taps: OutputTaps | None) -> Callable:
-        """Gradients w.r.t. the input leaves (taps=None) or the tapped layer outputs."""
+    def _tapped_objective(self, request) -> Callable:
+        """objective_of(values, data, scale, x) -> (scaled value, loss) for `run_tapped`."""
         model_ref, training = weakref.ref(request.model), request.training
         objective = k3.prepare_objective(request.objective)
 
@@ -180,39 +164,28 @@ class Engine:
                                       data.get("y"), data.get("sample_weight"))
             return scaled_value(loss, scale, True), loss
 
-        return tapped_fn(self.p, taps, template, objective_of)
+        return objective_of
 
     # --- per-example gradients (gradkit.per_example_gradients, per_example_norms)
 
     def per_example_parts(self, request):
         """Per selected variable: a Factor, an (n, *shape) array, or None if unconnected."""
-        model, variables = request.model, request.variables
-        planned = plan(model, variables, keras.layers)
+        planned = plan(request.model, request.variables, keras.layers)
+        count = len(request.variables)
         batched = getattr(self.p, "batched_factors", None)
-        if batched is not None and not rest(planned, len(variables)):
+        if batched is not None and not rest(planned, count):
             parts = batched(self, request, planned)
             if parts is not None:
                 return parts
-        connected: list = []  # filled while tracing (or on every eager call)
-        run = self.compiled(request, "per_example", lambda s: (connected, self.p.compile(
-            self._per_example_fn(request, planned, s, connected), model)))
-        connected, run = run
-        try:
-            arrays, grads = run(data_of(request.batch), scale_of(model))
-        except self.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
-            raise NotImplementedError(f"vectorizing failed: {error}") from error
-        parts = assemble(len(variables), planned, arrays, grads)
-        return [part if ok else None for part, ok in zip(parts, connected)]
+        direct = request.replace(variables=[request.variables[j] for j in rest(planned, count)])
 
-    def _per_example_fn(self, request, planned, scaled: bool, connected: list) -> Callable:
-        count = len(request.variables)
-        direct = [request.variables[j] for j in rest(planned, count)]
-        objective_of, selected = self._objective(request.replace(variables=direct), scaled)
-        return per_example_fn(
-            self.p, planned, count,
-            lambda values, example, scale: objective_of(values, one_example(example), scale),
-            lambda values: [values[0][i] for i in selected], connected, scaled,
-            request.cache_key())
+        def make(scaled):
+            objective_of, selected = self._objective(direct, scaled)
+            return (lambda values, example, scale: objective_of(values, one_example(example),
+                                                                scale),
+                    lambda values: [values[0][i] for i in selected])
+
+        return run_per_example(self, request, planned, make)
 
     # --- streaming sums (gradkit.accumulate) and distribution
 

@@ -128,7 +128,7 @@ def _compiled_loss(model, losses, trainable_values, non_trainable_values, metric
 
 def aggregate(loss: Any) -> Any:
     if not keras.backend.is_float_dtype(loss.dtype):
-        loss = keras.ops.cast(loss, floatx())
+        loss = keras.ops.cast(loss, keras.config.floatx())
     return keras.ops.sum(loss)
 
 

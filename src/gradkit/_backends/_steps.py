@@ -10,9 +10,52 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from contextlib import nullcontext
+
 from gradkit._data import leaves, map_structure
-from gradkit._factors import LayerTaps, factor_arrays, rest
+from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._taps import OutputTaps
+
+
+def host(p, loss: Any, *groups: list) -> tuple:
+    """(loss as a float, each group's arrays as NumPy, None kept)."""
+    return (float(p.to_numpy(loss)),
+            *([None if a is None else p.to_numpy(a) for a in group] for group in groups))
+
+
+def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable) -> tuple:
+    """(loss, grads, outputs) of `tapped_fn`, compiled and cached, as NumPy; the taps are
+    installed around the call and checked after it."""
+    template = map_structure(lambda _: 0, request.batch.x)
+    key = (None if taps is None else tuple(id(la) for la in taps.layers), repr(template))
+    taps, run = adapter.compiled(request, "tapped", lambda s: (taps, adapter.p.compile(
+        tapped_fn(adapter.p, taps, template, objective_of), request.model)), key)
+    data = dict(adapter.data_of(request.batch), x=leaves(request.batch.x))
+    with taps.installed() if taps is not None else nullcontext():
+        loss, grads, outputs = run(data, adapter.scale_of(request.model))
+    if taps is not None:
+        taps.check()  # what the pass recorded: a shared, unused or non-float layer
+    return host(adapter.p, loss, grads, outputs)
+
+
+def run_per_example(adapter, request, planned: list, make: Callable) -> list:
+    """Per selected variable: a Factor, an (n, *shape) array, or None if unconnected, from
+    `per_example_fn` compiled and cached; ``make(scaled) -> (objective_of, chosen_of)``."""
+    count = len(request.variables)
+
+    def build(scaled):
+        (objective_of, chosen_of), connected = make(scaled), []
+        return connected, adapter.p.compile(per_example_fn(
+            adapter.p, planned, count, objective_of, chosen_of, connected, scaled,
+            request.cache_key()), request.model)
+
+    connected, run = adapter.compiled(request, "per_example", build)
+    try:
+        arrays, grads = run(adapter.data_of(request.batch), adapter.scale_of(request.model))
+    except adapter.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
+        raise NotImplementedError(f"vectorizing failed: {error}") from error
+    parts = assemble(count, planned, arrays, grads)
+    return [part if ok else None for part, ok in zip(parts, connected)]
 
 
 def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:

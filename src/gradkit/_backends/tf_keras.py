@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import weakref
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,12 @@ import tf_keras
 
 from gradkit._backends import _cache
 from gradkit._backends._accumulator import Accumulator
-from gradkit._backends._steps import per_example_fn, tapped_fn, unscaled
+from gradkit._backends._steps import host, run_per_example, run_tapped, unscaled
 from gradkit._taps import OutputTaps
 from gradkit._backends.tensorflow import TensorFlowPrimitives
-from gradkit._data import Batch, leaves, map_structure
+from gradkit._data import Batch, map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
-from gradkit._factors import assemble, plan, rest
+from gradkit._factors import plan, rest
 from gradkit._objective import Objective, data_loss, target_scores
 
 
@@ -93,8 +92,7 @@ class TfKerasAdapter:
             return tf_keras_graph.compute_gradients(request)
         run = self.compiled(request, "gradients", lambda s: self.p.compile(
             self.gradient_fn(request, s), request.model))
-        loss, grads = run(self.data_of(request.batch), self.scale_of(request.model))
-        return float(loss), [None if g is None else g.numpy() for g in grads]
+        return host(self.p, *run(self.data_of(request.batch), self.scale_of(request.model)))
 
     def gradient_fn(self, request, scaled: bool):
         f, variables = self._objective(request, scaled), list(request.variables)
@@ -116,9 +114,8 @@ class TfKerasAdapter:
             return self.p.compile(fn, request.model)
 
         run = self.compiled(request, "hvp", build)
-        loss, products = run(self.data_of(request.batch), self.scale_of(request.model),
-                             list(vectors))
-        return float(loss), [None if h is None else h.numpy() for h in products]
+        return host(self.p, *run(self.data_of(request.batch), self.scale_of(request.model),
+                                 list(vectors)))
 
     def _objective(self, request, scaled: bool):
         """f(data, scale, x=None) -> (scaled value, loss) on the model's own variables."""
@@ -136,51 +133,26 @@ class TfKerasAdapter:
         return f
 
     def input_gradients(self, request):
-        loss, grads, _ = self._tapped(request, None)
+        f = self._objective(request, True)
+        loss, grads, _ = run_tapped(self, request, None, lambda v, d, s, x: f(d, s, x))
         return loss, grads
 
     def activation_gradients(self, request, layers, keys, return_activations: bool):
-        loss, grads, outputs = self._tapped(request, OutputTaps(layers, keys))
-        return loss, grads, [None if o is None or not return_activations else o
-                             for o in outputs]
-
-    def _tapped(self, request, taps):
-        template = map_structure(lambda _: 0, request.batch.x)
-        key = (None if taps is None else tuple(id(la) for la in taps.layers), repr(template))
         f = self._objective(request, True)
-        taps, run = self.compiled(request, "tapped", lambda s: (taps, self.p.compile(
-            tapped_fn(self.p, taps, template, lambda v, data, scale, x: f(data, scale, x)),
-            request.model)), key)
-        data = dict(self.data_of(request.batch), x=leaves(request.batch.x))
-        with taps.installed() if taps is not None else nullcontext():
-            loss, grads, outputs = run(data, self.scale_of(request.model))
-        if taps is not None:
-            taps.check()
-        return float(loss), [None if g is None else g.numpy() for g in grads], [
-            None if o is None else o.numpy() for o in outputs]
+        loss, grads, outputs = run_tapped(self, request, OutputTaps(layers, keys),
+                                          lambda v, d, s, x: f(d, s, x))
+        return loss, grads, [o if return_activations else None for o in outputs]
 
     def per_example_parts(self, request):
-        model, count = request.model, len(request.variables)
-        planned = plan(model, request.variables, tf_keras.layers)
-        direct = [request.variables[j] for j in rest(planned, count)]
+        planned = plan(request.model, request.variables, tf_keras.layers)
+        direct = [request.variables[j] for j in rest(planned, len(request.variables))]
 
-        def build(scaled):
-            f, connected = self._objective(request, scaled), []
+        def make(scaled):
+            f = self._objective(request, scaled)
+            return (lambda values, example, scale: lambda perturb, _: f(
+                map_structure(lambda a: a[None], example), scale)), lambda values: direct
 
-            def objective_of(values, example, scale):
-                return lambda perturb, _: f(map_structure(lambda a: a[None], example), scale)
-
-            return connected, self.p.compile(per_example_fn(
-                self.p, planned, count, objective_of, lambda values: direct, connected, scaled,
-                request.cache_key()), model)
-
-        connected, run = self.compiled(request, "per_example", build)
-        try:
-            arrays, grads = run(self.data_of(request.batch), self.scale_of(model))
-        except self.p.vectorize_errors as error:
-            raise NotImplementedError(f"vectorizing failed: {error}") from error
-        parts = assemble(count, planned, arrays, grads)
-        return [part if ok else None for part, ok in zip(parts, connected)]
+        return run_per_example(self, request, planned, make)
 
     def accumulator(self, request, skip_nonfinite: bool):
         return Accumulator(self, request, bool(skip_nonfinite))
