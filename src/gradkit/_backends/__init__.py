@@ -20,7 +20,6 @@ import importlib
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
-_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "tf_keras": "tf_keras"}
 _ADAPTERS: dict[str, Any] = {}
 
 
@@ -82,6 +81,6 @@ class Adapter(Protocol):
 def for_flavour(flavour: str) -> Adapter:
     """The adapter of `flavour` (imports its framework on first use)."""
     if flavour not in _ADAPTERS:
-        module = importlib.import_module(f"gradkit._backends.{_MODULES[flavour]}")
+        module = importlib.import_module(f"gradkit._backends.{flavour}")
         _ADAPTERS[flavour] = module.adapter()
     return _ADAPTERS[flavour]

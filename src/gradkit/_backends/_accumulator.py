@@ -11,28 +11,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradkit._backends._steps import compiled, data_of, gradient_fn
 from gradkit._request import result_dtype
 
 
 class Accumulator:
     """gradkit._backends.Accumulator over an adapter that has ``p`` (its primitives),
-    ``compiled(request, name, build, *key)``, ``gradient_fn(request, scaled)``, ``data_of``
-    and ``scale_of`` (see the module docstring)."""
+    ``objective(request, scaled)`` and ``scale_of(model)`` (see gradkit._backends._steps)."""
 
     def __init__(self, adapter, request, skip_nonfinite: bool) -> None:
         p = self._p = adapter.p
         self._adapter, self._model = adapter, request.model
         self.connected: list[bool] | None = None
         box: list = []  # the connectivity found while tracing (or on each eager call)
-        self._box, self._run = adapter.compiled(
-            request, "accumulate", lambda scaled: (box, p.compile(
-                _adder(adapter.gradient_fn(request, scaled), p, skip_nonfinite, box),
+        self._box, self._run = compiled(
+            adapter, request, "accumulate", lambda scaled: (box, p.compile(
+                adder(gradient_fn(adapter, request, scaled), p, skip_nonfinite, box),
                 request.model, donate=(2,))), bool(skip_nonfinite))
         self._sums = [p.zeros(tuple(v.shape), result_dtype(v).name) for v in request.variables]
         self.flag_lag = 8 if p.asynchronous(self._sums[0]) else 0
 
     def add(self, batch, weight: float):
-        self._sums, finite = self._run(self._adapter.data_of(batch),
+        self._sums, finite = self._run(data_of(batch),
                                        self._adapter.scale_of(self._model), self._sums,
                                        np.float32(weight))
         self.connected = list(self._box)
@@ -48,7 +48,9 @@ class Accumulator:
         return [self._p.to_numpy(s) if ok else None for s, ok in zip(self._sums, self.connected)]
 
 
-def _adder(gradient_fn, p, skip_nonfinite: bool, box: list):
+def adder(gradient_fn, p, skip_nonfinite: bool, box: list):
+    """add(values, data, scale, sums, weight) -> (sums + weight * gradient, all-finite flag
+    per variable); the connectivity found is written into `box`."""
     cast = p.ops.cast
 
     def add(values, data, scale, sums, weight):

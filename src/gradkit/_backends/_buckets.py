@@ -80,16 +80,8 @@ def padding_is_exact(model: Any, objective: Objective, training: bool) -> bool:
     elif objective.kind == "loss":
         exact_objective = _per_example_loss(objective.spec)
     else:
-        exact_objective = all(_per_example_loss(s) for s in _flat(getattr(model, "loss", None)))
+        exact_objective = all(_per_example_loss(s) for s in leaves(getattr(model, "loss", None)))
     return exact_objective and _rows_independent(model)
-
-
-def _flat(spec: Any) -> list:
-    if isinstance(spec, dict):
-        return [s for value in spec.values() for s in _flat(value)]
-    if isinstance(spec, (list, tuple)):
-        return [s for value in spec for s in _flat(value)]
-    return [spec]
 
 
 @functools.cache

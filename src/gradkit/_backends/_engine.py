@@ -17,13 +17,10 @@ from typing import Any, Callable, Protocol
 import keras
 import numpy as np
 
-from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
-from gradkit._backends._accumulator import Accumulator
-from gradkit._taps import OutputTaps
-from gradkit._data import Batch, map_structure
+from gradkit._data import map_structure
 from gradkit._objective import data_loss
-from gradkit._backends._steps import host, run_per_example, run_tapped, unscaled
+from gradkit._backends._steps import Operations, run_gradients, run_per_example
 from gradkit._factors import Ops, plan, rest
 
 
@@ -75,51 +72,23 @@ class Primitives(Protocol):
         """(Σ_b n_b ∇L_b, N) through the framework's own distribution engine."""
 
 
-class Engine:
+class Engine(Operations):
     """The `Adapter` of a Keras 3 backend (see gradkit._backends.Adapter)."""
-
-    pad_chunks = False
 
     def __init__(self, primitives: Primitives, pad_chunks: bool = False) -> None:
         self.p = primitives
         self.pad_chunks = pad_chunks
         self.kernel_rows = getattr(primitives, "kernel_rows", None)
-        self.data_of, self.scale_of = data_of, scale_of
+        self.scale_of = scale_of
 
     # --- the batch gradient and the Hessian-vector product
 
     def gradients(self, request):
-        run = self.compiled(request, "gradients", lambda s: self.p.compile(
-            self.gradient_fn(request, s), request.model, pad=(request.objective, request.training)))
-        return host(self.p, *run(data_of(request.batch), scale_of(request.model)))
+        return run_gradients(self, request, pad=(request.objective, request.training))
 
-    def gradient_fn(self, request, scaled: bool) -> Callable:
-        """The pure ``fn(values, data, scale) -> (loss, unscaled gradients or None)``."""
-        objective_of, selected = self._objective(request, scaled)
-
-        def fn(values, data, scale):
-            loss, (grads,), _ = self.p.grad(objective_of(values, data, scale))(
-                [values[0][i] for i in selected])
-            return loss, unscaled(self.p, grads, scale, scaled)
-
-        return fn
-
-    def hvp(self, request, vectors: list):
-        def build(scaled):
-            objective_of, selected = self._objective(request, scaled)
-
-            def fn(values, data, scale, tangents):
-                f = objective_of(values, data, scale)
-                loss, products = self.p.hvp(f)([values[0][i] for i in selected], tangents)
-                return loss, unscaled(self.p, products, scale, scaled)
-
-            return self.p.compile(fn, request.model)
-
-        run = self.compiled(request, "hvp", build)
-        return host(self.p, *run(data_of(request.batch), scale_of(request.model), list(vectors)))
-
-    def _objective(self, request, scaled: bool):
-        """(objective_of(values, data, scale) -> f(perturb, chosen), selected indices)."""
+    def objective(self, request, scaled: bool):
+        """(objective_of(values, data, scale) -> f(perturb, chosen), chosen_of(values)): the
+        objective on `stateless_call`, with the selected trainable values replaced."""
         model_ref, training = weakref.ref(request.model), request.training
         objective = k3.prepare_objective(request.objective)
         selected = k3.selected_indices(request.model, request.variables)
@@ -136,25 +105,11 @@ class Engine:
 
             return f
 
-        return objective_of, selected
-
-    def compiled(self, request, name: str, build: Callable, *extra_key) -> Any:
-        scaled = scale_of(request.model) != 1.0
-        key = (name, request.cache_key(), scaled, *extra_key)
-        return _cache.cached(request.model, key, lambda: build(scaled))
+        return objective_of, lambda values: [values[0][i] for i in selected]
 
     # --- gradients with respect to the inputs and to layer outputs (taps)
 
-    def input_gradients(self, request):
-        loss, grads, _ = run_tapped(self, request, None, self._tapped_objective(request))
-        return loss, grads
-
-    def activation_gradients(self, request, layers, keys, return_activations: bool):
-        loss, grads, outputs = run_tapped(self, request, OutputTaps(layers, keys),
-                                          self._tapped_objective(request))
-        return loss, grads, [o if return_activations else None for o in outputs]
-
-    def _tapped_objective(self, request) -> Callable:
+    def tapped_objective(self, request) -> Callable:
         """objective_of(values, data, scale, x) -> (scaled value, loss) for `run_tapped`."""
         model_ref, training = weakref.ref(request.model), request.training
         objective = k3.prepare_objective(request.objective)
@@ -180,17 +135,13 @@ class Engine:
         direct = request.replace(variables=[request.variables[j] for j in rest(planned, count)])
 
         def make(scaled):
-            objective_of, selected = self._objective(direct, scaled)
+            objective_of, chosen_of = self.objective(direct, scaled)
             return (lambda values, example, scale: objective_of(values, one_example(example),
-                                                                scale),
-                    lambda values: [values[0][i] for i in selected])
+                                                                scale), chosen_of)
 
         return run_per_example(self, request, planned, make)
 
     # --- streaming sums (gradkit.accumulate) and distribution
-
-    def accumulator(self, request, skip_nonfinite: bool):
-        return Accumulator(self, request, bool(skip_nonfinite))
 
     def distributed_sum(self, request, batches, strategy):
         """Through the backend's own engine: tf.distribute or a JAX mesh."""
@@ -230,16 +181,6 @@ class Engine:
 
 
 # --- small pure helpers, on keras.ops (they run inside every backend's compiled function)
-
-
-def data_of(batch: Batch) -> dict:
-    """The batch as the operations' `data` dict (absent parts left out)."""
-    data = {"x": batch.x}
-    if batch.y is not None:
-        data["y"] = batch.y
-    if batch.sample_weight is not None:
-        data["sample_weight"] = batch.sample_weight
-    return data
 
 
 def replaced(values: list, positions: list[int], new: list) -> list:

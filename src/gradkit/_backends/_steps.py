@@ -12,9 +12,50 @@ from typing import Any, Callable
 
 from contextlib import nullcontext
 
+from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
 from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
 from gradkit._taps import OutputTaps
+
+
+class Operations:
+    """The operations every adapter shares, over what the adapter supplies: ``p`` (its
+    primitives), ``objective(request, scaled)`` (see `gradient_fn`),
+    ``tapped_objective(request)`` (see `tapped_fn`) and ``scale_of(model)``."""
+
+    pad_chunks = False
+    kernel_rows = None
+
+    def hvp(self, request, vectors: list):
+        return run_hvp(self, request, vectors)
+
+    def input_gradients(self, request):
+        loss, grads, _ = run_tapped(self, request, None, self.tapped_objective(request))
+        return loss, grads
+
+    def activation_gradients(self, request, layers, keys, return_activations: bool):
+        loss, grads, outputs = run_tapped(self, request, OutputTaps(layers, keys),
+                                          self.tapped_objective(request))
+        return loss, grads, [o if return_activations else None for o in outputs]
+
+    def accumulator(self, request, skip_nonfinite: bool):
+        from gradkit._backends._accumulator import Accumulator
+
+        return Accumulator(self, request, bool(skip_nonfinite))
+
+
+def data_of(batch) -> dict:
+    """A Batch as the steps' `data` dict: x, and y and sample_weight where given."""
+    data = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def compiled(adapter, request, name: str, build: Callable, *key: Any) -> Any:
+    """The cached entry ``build(scaled)`` of operation `name` for `request` (per model, its
+    selection, objective and mode, and whether the loss is scaled)."""
+    scaled = adapter.scale_of(request.model) != 1.0
+    return _cache.cached(request.model, (name, request.cache_key(), scaled, *key),
+                         lambda: build(scaled))
 
 
 def host(p, loss: Any, *groups: list) -> tuple:
@@ -28,9 +69,9 @@ def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable
     installed around the call and checked after it."""
     template = map_structure(lambda _: 0, request.batch.x)
     key = (None if taps is None else tuple(id(la) for la in taps.layers), repr(template))
-    taps, run = adapter.compiled(request, "tapped", lambda s: (taps, adapter.p.compile(
+    taps, run = compiled(adapter, request, "tapped", lambda s: (taps, adapter.p.compile(
         tapped_fn(adapter.p, taps, template, objective_of), request.model)), key)
-    data = dict(adapter.data_of(request.batch), x=leaves(request.batch.x))
+    data = dict(data_of(request.batch), x=leaves(request.batch.x))
     with taps.installed() if taps is not None else nullcontext():
         loss, grads, outputs = run(data, adapter.scale_of(request.model))
     if taps is not None:
@@ -49,13 +90,50 @@ def run_per_example(adapter, request, planned: list, make: Callable) -> list:
             adapter.p, planned, count, objective_of, chosen_of, connected, scaled,
             request.cache_key()), request.model)
 
-    connected, run = adapter.compiled(request, "per_example", build)
+    connected, run = compiled(adapter, request, "per_example", build)
     try:
-        arrays, grads = run(adapter.data_of(request.batch), adapter.scale_of(request.model))
+        arrays, grads = run(data_of(request.batch), adapter.scale_of(request.model))
     except adapter.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
         raise NotImplementedError(f"vectorizing failed: {error}") from error
     parts = assemble(count, planned, arrays, grads)
     return [part if ok else None for part, ok in zip(parts, connected)]
+
+
+def gradient_fn(adapter, request, scaled: bool) -> Callable:
+    """fn -> (loss, [gradient or None per selected variable]), unscaled; the adapter's
+    ``objective(request, scaled)`` gives ``(objective_of(values, data, scale) -> f(perturb,
+    chosen), chosen_of(values) -> the selected variables' values)``."""
+    p, (objective_of, chosen_of) = adapter.p, adapter.objective(request, scaled)
+
+    def fn(values, data, scale):
+        loss, (grads,), _ = p.grad(objective_of(values, data, scale))(chosen_of(values))
+        return loss, unscaled(p, grads, scale, scaled)
+
+    return fn
+
+
+def run_gradients(adapter, request, pad: Any = None) -> tuple:
+    """(loss, gradients) as NumPy from `gradient_fn`, compiled and cached."""
+    run = compiled(adapter, request, "gradients", lambda s: adapter.p.compile(
+        gradient_fn(adapter, request, s), request.model, pad=pad))
+    return host(adapter.p, *run(data_of(request.batch), adapter.scale_of(request.model)))
+
+
+def run_hvp(adapter, request, vectors: list) -> tuple:
+    """(loss, Hessian-vector products) as NumPy, compiled and cached (see `gradient_fn`)."""
+    def build(scaled):
+        p, (objective_of, chosen_of) = adapter.p, adapter.objective(request, scaled)
+
+        def fn(values, data, scale, tangents):
+            loss, products = p.hvp(objective_of(values, data, scale))(chosen_of(values),
+                                                                      tangents)
+            return loss, unscaled(p, products, scale, scaled)
+
+        return p.compile(fn, request.model)
+
+    run = compiled(adapter, request, "hvp", build)
+    return host(adapter.p, *run(data_of(request.batch), adapter.scale_of(request.model),
+                                list(vectors)))
 
 
 def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:

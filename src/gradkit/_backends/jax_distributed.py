@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
+from gradkit._backends._accumulator import adder
+from gradkit._backends._steps import data_of, gradient_fn
 from gradkit._data import leaves, map_structure
 from gradkit._errors import InvalidArgumentError, received
 
@@ -32,8 +34,10 @@ def distributed_sum(engine, request, batches, strategy):
     """(sum over global batches of n_b * gradient of batch b's objective, N)."""
     mesh, axes = resolve_mesh(strategy)
     model = request.model
-    connected, step = _cache.cached(model, ("mesh", request.cache_key(), mesh),
-                                    lambda: _build(engine, request, mesh))
+    connected: list = []  # found while tracing
+    connected, step = _cache.cached(model, ("mesh", request.cache_key(), mesh), lambda: (
+        connected, jax.jit(adder(gradient_fn(engine, request, True), engine.p, False, connected),
+                           out_shardings=NamedSharding(mesh, PartitionSpec()))))
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(axes))
     values = k3.variable_values(model)
@@ -44,26 +48,13 @@ def distributed_sum(engine, request, batches, strategy):
     total, on_cpu = 0, mesh.devices.flat[0].platform == "cpu"
     for inputs, size in _global_parts(_steps(batches), mesh, sharded, replicated):
         weight = np.float32(1.0 if request.objective.kind == "target" else size)
-        acc = step(acc, _replicate(weight, replicated), values, inputs, scale)
+        acc, _ = step(values, inputs, scale, acc, _replicate(weight, replicated))
         if on_cpu:  # XLA:CPU runs every device's program on one shared thread pool; two
             jax.block_until_ready(acc)  # steps in flight can starve an all-reduce for ever
         total += size
     grads = [np.asarray(a.addressable_data(0)) for a in acc]
     found = connected or [True] * len(grads)
     return [g if ok else None for g, ok in zip(grads, found)], total
-
-
-def _build(engine, request, mesh):
-    """(connectivity found while tracing, the jitted step adding weight * gradient)."""
-    gradient, connected = engine.gradient_fn(request, True), []
-
-    def step(acc, weight, values, data, scale):
-        _, grads = gradient(values, data, scale)
-        connected[:] = [g is not None for g in grads]
-        return [a if g is None else a + weight.astype(a.dtype) * g.astype(a.dtype)
-                for a, g in zip(acc, grads)]
-
-    return connected, jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def resolve_mesh(strategy: Any) -> tuple[Mesh, tuple[str, ...]]:
@@ -119,8 +110,7 @@ def _check_same_weights(trainable: list) -> None:
 def _steps(batches) -> Any:
     """Each local batch as a dict of NumPy arrays, then None for ever (exhausted)."""
     for batch in batches:
-        inputs = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
-        yield {k: map_structure(np.asarray, v) for k, v in inputs.items() if v is not None}
+        yield {k: map_structure(np.asarray, v) for k, v in data_of(batch).items()}
     while True:
         yield None
 

@@ -24,16 +24,10 @@ _ENTRIES = itertools.count()
 
 def adapter():
     """The Keras 3 engine over these primitives."""
+    from gradkit._backends import _keras3
     from gradkit._backends._engine import Engine
 
-    return Engine(TensorFlowPrimitives())
-
-
-def keras3_values(model: Any) -> tuple[list, list, list]:
-    """(trainable, non-trainable, metrics) values of a Keras 3 model, read in the graph."""
-    return ([v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            [v.value for v in model.metrics_variables])
+    return Engine(TensorFlowPrimitives(values=_keras3.variable_values))
 
 
 class TensorFlowPrimitives:
@@ -44,8 +38,8 @@ class TensorFlowPrimitives:
     #: pfor's converters have gaps (grouped convolutions): the caller falls back to a loop
     vectorize_errors = (tf.errors.InvalidArgumentError,)
 
-    def __init__(self, values: Callable[[Any], Any] = keras3_values) -> None:
-        self.values = values
+    def __init__(self, values: Callable[[Any], Any]) -> None:
+        self.values = values  # model -> the values the compiled functions get
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref, read, traced = weakref.ref(model), self.values, {}

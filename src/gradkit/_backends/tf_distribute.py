@@ -1,8 +1,8 @@
 """tf.distribute: each replica sums the gradients of its shard; one all-reduce at the end.
 
-Used by Keras 3 on TensorFlow and by tf-keras alike: each adapter supplies its replica gradient
-(``adapter.replica_gradient(request)``) and its values reader (``adapter.p.values``). Each batch is split over the worker's local
-replicas with `strategy.experimental_distribute_values_from_function` (contiguous slices,
+Used by Keras 3 on TensorFlow and by tf-keras alike: each adapter supplies its replica
+gradient (``adapter.replica_gradient(request)``) and its values reader (``adapter.p.values``).
+Each batch is split over the worker's local replicas with `strategy.experimental_distribute_values_from_function` (contiguous slices,
 sizes differing by at most one, an empty slice when a batch has fewer examples than
 replicas); `strategy.run` adds each replica's weighted gradient into that replica's own
 accumulator inside a cached `tf.function`; after the last batch one batched all-reduce
@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradkit._backends import _cache
+from gradkit._backends._steps import data_of
 from gradkit._data import Batch, leaves, map_structure
 from gradkit._errors import InvalidArgumentError, received
 
@@ -43,18 +44,18 @@ def distributed_sum(adapter, request, batches, strategy):
     """(sum over batches of n_b * gradient of batch b's objective, N), all replicas reduced."""
     model, variables = request.model, request.variables
     check_strategy(model, strategy)
-    step = _cache.cached(model, ("tf.distribute", request.cache_key(), id(strategy)),
+    connected, step = _cache.cached(model, ("tf.distribute", request.cache_key(), id(strategy)),
                          lambda: _build(adapter, request, strategy))
     scale = tf.constant(adapter.scale_of(model), tf.float32)
     acc = None
     for batch in batches:
         if acc is None:
             acc = strategy.run(lambda: _zeros(variables))
-        acc = step.fn(_distribute(strategy, batch), acc, scale)
+        acc = step(_distribute(strategy, batch), acc, scale)
     if acc is None:  # no local data: still take part in the all-reduce of the other workers
         acc = strategy.run(lambda: _zeros(variables))
     total = _all_reduce(strategy, acc)
-    grads = [g.numpy() if ok else None for g, ok in zip(total[:-1], step.connected)]
+    grads = [g.numpy() if ok else None for g, ok in zip(total[:-1], connected)]
     return grads, int(round(float(total[-1])))
 
 
@@ -109,8 +110,7 @@ def _distribute(strategy: Any, batch: Batch) -> Any:
     devices = strategy.extended.worker_devices
     share, extra = divmod(batch.size, len(devices))
     bounds = np.cumsum([0] + [share + (i < extra) for i in range(len(devices))])
-    inputs = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
-    inputs = {k: v for k, v in inputs.items() if v is not None}
+    inputs = data_of(batch)
 
     def shard(context: Any) -> Any:
         local = context.replica_id_in_sync_group % len(devices)
@@ -121,23 +121,18 @@ def _distribute(strategy: Any, batch: Batch) -> Any:
     return strategy.experimental_distribute_values_from_function(shard)
 
 
-class _Step:
-    def __init__(self):
-        self.fn: Any = None
-        self.connected: list[bool] = []
-
-
-def _build(adapter, request, strategy) -> _Step:
+def _build(adapter, request, strategy) -> tuple[list, Any]:
+    """(connectivity found while tracing, the tf.function of one distributed step)."""
     model_ref, objective = weakref.ref(request.model), request.objective
     gradient, read = adapter.replica_gradient(request), adapter.p.values
-    built = _Step()
+    connected: list = []
 
     def replica_step(inputs, acc, scale):
         n = tf.shape(leaves(inputs["x"])[0])[0]
         count = tf.cast(n, tf.float32)
         replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
         grads = gradient(read(model_ref()), inputs, scale, replicas)
-        built.connected = [g is not None for g in grads]
+        connected[:] = [g is not None for g in grads]
         weight = _weight(objective, replicas, count) / scale
         grads = [tf.zeros_like(a) if g is None else _weighted(g, weight, n)
                  for a, g in zip(acc, grads)]
@@ -149,8 +144,7 @@ def _build(adapter, request, strategy) -> _Step:
     def step(inputs, acc, scale):
         return strategy.run(replica_step, args=(inputs, acc, scale))
 
-    built.fn = step
-    return built
+    return connected, step
 
 
 def _weight(objective: Any, replicas: float, count: Any) -> Any:

@@ -18,12 +18,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends import _cache
-from gradkit._backends._accumulator import Accumulator
-from gradkit._backends._steps import host, run_per_example, run_tapped, unscaled
-from gradkit._taps import OutputTaps
+from gradkit._backends._steps import Operations, run_gradients, run_per_example
 from gradkit._backends.tensorflow import TensorFlowPrimitives
-from gradkit._data import Batch, map_structure
+from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._factors import plan, rest
 from gradkit._objective import Objective, data_loss, target_scores
@@ -40,6 +37,8 @@ class TfKerasPrimitives(TensorFlowPrimitives):
         super().__init__(values=lambda model: ())
 
     def compile(self, fn, model, *, donate: tuple = (), pad: Any = None):
+        if not tf.executing_eagerly():  # tf.compat.v1.disable_eager_execution() was called
+            raise _needs_eager()
         state = state_variables(model)
 
         def restoring(values, *args):
@@ -56,32 +55,17 @@ class TfKerasPrimitives(TensorFlowPrimitives):
         return super().compile(restoring, model)
 
 
-class TfKerasAdapter:
+class TfKerasAdapter(Operations):
     """gradkit._backends.Adapter for tf-keras models."""
-
-    pad_chunks = False
-    kernel_rows = None
 
     def __init__(self) -> None:
         self.p = TfKerasPrimitives()
-
-    @staticmethod
-    def data_of(batch: Batch) -> dict:
-        data = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
-        return {k: v for k, v in data.items() if v is not None}
 
     @staticmethod
     def scale_of(model) -> np.float32:
         optimizer = getattr(model, "optimizer", None)
         scale = getattr(optimizer, "loss_scale", None) if optimizer is not None else None
         return np.float32(1.0 if scale is None else float(scale))
-
-    def compiled(self, request, name: str, build, *extra_key):
-        if not tf.executing_eagerly():
-            raise _needs_eager()
-        scaled = self.scale_of(request.model) != 1.0
-        key = (name, request.cache_key(), scaled, *extra_key)
-        return _cache.cached(request.model, key, lambda: build(scaled))
 
     # --- operations
 
@@ -90,32 +74,18 @@ class TfKerasAdapter:
             from gradkit._backends import tf_keras_graph
 
             return tf_keras_graph.compute_gradients(request)
-        run = self.compiled(request, "gradients", lambda s: self.p.compile(
-            self.gradient_fn(request, s), request.model))
-        return host(self.p, *run(self.data_of(request.batch), self.scale_of(request.model)))
+        return run_gradients(self, request)
 
-    def gradient_fn(self, request, scaled: bool):
+    def objective(self, request, scaled: bool):
+        """(objective_of, chosen_of) as gradkit._backends._steps wants them: differentiated
+        with respect to the variables themselves, which the model reads."""
         f, variables = self._objective(request, scaled), list(request.variables)
+        return (lambda values, data, scale: lambda perturb, chosen: f(data, scale),
+                lambda values: variables)
 
-        def fn(values, data, scale):
-            loss, (grads,), _ = self.p.grad(lambda perturb, _: f(data, scale))(variables)
-            return loss, unscaled(self.p, grads, scale, scaled)
-
-        return fn
-
-    def hvp(self, request, vectors: list):
-        def build(scaled):
-            f, variables = self._objective(request, scaled), list(request.variables)
-
-            def fn(values, data, scale, tangents):
-                loss, products = self.p.hvp(lambda _, __: f(data, scale))(variables, tangents)
-                return loss, unscaled(self.p, products, scale, scaled)
-
-            return self.p.compile(fn, request.model)
-
-        run = self.compiled(request, "hvp", build)
-        return host(self.p, *run(self.data_of(request.batch), self.scale_of(request.model),
-                                 list(vectors)))
+    def tapped_objective(self, request):
+        f = self._objective(request, True)
+        return lambda values, data, scale, x: f(data, scale, x)
 
     def _objective(self, request, scaled: bool):
         """f(data, scale, x=None) -> (scaled value, loss) on the model's own variables."""
@@ -132,17 +102,6 @@ class TfKerasAdapter:
 
         return f
 
-    def input_gradients(self, request):
-        f = self._objective(request, True)
-        loss, grads, _ = run_tapped(self, request, None, lambda v, d, s, x: f(d, s, x))
-        return loss, grads
-
-    def activation_gradients(self, request, layers, keys, return_activations: bool):
-        f = self._objective(request, True)
-        loss, grads, outputs = run_tapped(self, request, OutputTaps(layers, keys),
-                                          lambda v, d, s, x: f(d, s, x))
-        return loss, grads, [o if return_activations else None for o in outputs]
-
     def per_example_parts(self, request):
         planned = plan(request.model, request.variables, tf_keras.layers)
         direct = [request.variables[j] for j in rest(planned, len(request.variables))]
@@ -153,9 +112,6 @@ class TfKerasAdapter:
                 map_structure(lambda a: a[None], example), scale)), lambda values: direct
 
         return run_per_example(self, request, planned, make)
-
-    def accumulator(self, request, skip_nonfinite: bool):
-        return Accumulator(self, request, bool(skip_nonfinite))
 
     def distributed_sum(self, request, batches, strategy):
         from gradkit._backends import tf_distribute
@@ -170,10 +126,10 @@ class TfKerasAdapter:
             loss = copy.copy(resolve_loss(objective.spec))
             loss._allow_sum_over_batch_size = True  # reduced per replica; rescaled after
             request = request.replace(objective=Objective("loss", loss))
-        f, variables = self._objective(request, True), list(request.variables)
+        objective_of, chosen_of = self.objective(request, True)
 
         def gradient(values, data, scale, replicas):  # of the scaled objective: not unscaled
-            _, (grads,), _ = self.p.grad(lambda perturb, _: f(data, scale))(variables)
+            _, (grads,), _ = self.p.grad(objective_of(values, data, scale))(chosen_of(values))
             return grads
 
         return gradient

@@ -89,20 +89,14 @@ class TorchPrimitives:
         def h(primals, tangents):
             primals = [p.detach().requires_grad_(True) for p in primals]
             value, aux = f(None, primals)
-            if not value.requires_grad:
-                return aux, [None] * len(primals)
-            grads = torch.autograd.grad(value, primals, create_graph=True, allow_unused=True)
-            pairs = [(g, t.to(g.dtype), p) for g, t, p in zip(grads, tangents, primals)
-                     if g is not None and g.requires_grad]
-            found = dict.fromkeys(range(len(primals)))
-            if pairs:
-                products = torch.autograd.grad([g for g, _, _ in pairs], primals,
-                                               grad_outputs=[t for _, t, _ in pairs],
-                                               allow_unused=True)
-                found = dict(enumerate(products))
-            return aux, [None if g is None else (torch.zeros_like(p) if found[i] is None
-                                                 else found[i].detach())
-                         for i, (g, p) in enumerate(zip(grads, primals))]
+            grads = torch.autograd.grad(value, primals, create_graph=True, allow_unused=True) \
+                if value.requires_grad else [None] * len(primals)
+            inner = sum((g * t.to(g.dtype)).sum() for g, t in zip(grads, tangents)
+                        if g is not None and g.requires_grad)
+            products = torch.autograd.grad(inner, primals, allow_unused=True) \
+                if torch.is_tensor(inner) else [None] * len(primals)
+            return aux, [None if g is None else torch.zeros_like(p) if hv is None else hv
+                         for g, hv, p in zip(grads, products, primals)]
 
         return h
 
