@@ -15,7 +15,8 @@ import sys
 import numpy as np
 
 
-def _keras(flavour: str):
+def keras_for(flavour: str):
+    """The Keras of `flavour`, imported in this process (its backend fixed first)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if flavour == "tf_keras":
@@ -59,7 +60,7 @@ def data():
 
 
 def main(flavour: str, out_dir: str) -> None:
-    keras = _keras(flavour)
+    keras = keras_for(flavour)
     import gradkit as gk
 
     model = build(keras)

@@ -17,24 +17,11 @@ import sys
 
 import numpy as np
 
-from _cross_backend_worker import build, data
-
-
-def _keras(flavour: str):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    if flavour == "tf_keras":
-        import tf_keras
-
-        return tf_keras
-    os.environ["KERAS_BACKEND"] = flavour
-    import keras
-
-    return keras
+from _cross_backend_worker import build, data, keras_for
 
 
 def main(flavour: str, out_dir: str) -> None:
-    keras = _keras(flavour)
+    keras = keras_for(flavour)
     import gradkit as gk
 
     model = build(keras)

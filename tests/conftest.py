@@ -125,3 +125,21 @@ def assert_same_state(before, after):
     assert len(before) == len(after)
     for i, (a, b) in enumerate(zip(before, after)):
         np.testing.assert_array_equal(a, b, err_msg=f"state entry {i} changed")
+
+
+def run_on_every_flavour(worker, out, flavours=("tensorflow", "jax", "torch", "tf_keras")):
+    """Run ``python worker FLAVOUR out`` for each flavour at once, each in its own process
+    (Keras fixes its backend at import); fail with the worker's output if one fails."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0",
+               CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    env.pop("KERAS_BACKEND", None)
+    procs = {f: subprocess.Popen([sys.executable, str(worker), f, str(out)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for f in flavours}
+    for flavour, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{flavour} worker failed:\n{output[-3000:]}"
+    return out

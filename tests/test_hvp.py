@@ -8,16 +8,19 @@ Nothing here compares against numbers hvp printed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gradkit as gk
-from conftest import assert_same_state, state_snapshot, to_numpy, trained_stateful_model
+from conftest import (
+    assert_same_state,
+    run_on_every_flavour,
+    state_snapshot,
+    to_numpy,
+    trained_stateful_model,
+)
 
 RNG = np.random.default_rng(5)
 
@@ -390,17 +393,7 @@ WORKER = Path(__file__).with_name("_hvp_worker.py")
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hvp_cross_backend")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0",
-               CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
-    env.pop("KERAS_BACKEND", None)
-    procs = {f: subprocess.Popen([sys.executable, str(WORKER), f, str(out)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for f in FLAVOURS}
-    for flavour, proc in procs.items():
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{flavour} worker failed:\n{output[-3000:]}"
-    return out
+    return run_on_every_flavour(WORKER, tmp_path_factory.mktemp("hvp_cross_backend"))
 
 
 @pytest.mark.flavours("tensorflow")
