@@ -81,7 +81,7 @@ class Engine(Operations):
         self.kernel_rows = getattr(primitives, "kernel_rows", None)
         self.scale_of = scale_of
 
-    # --- the batch gradient and the Hessian-vector product
+    # --- the batch gradient (hvp, taps and accumulation: `Operations`)
 
     def gradients(self, request):
         return run_gradients(self, request, pad=(request.objective, request.training))
