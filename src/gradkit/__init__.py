@@ -6,6 +6,7 @@
 Importing gradkit imports no framework; the adapter of a model's flavour is loaded on use.
 """
 
+from gradkit import transforms as transforms
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._errors import (
@@ -53,4 +54,5 @@ __all__ = [
     "per_example_norms",
     "save",
     "summary",
+    "transforms",
 ]
