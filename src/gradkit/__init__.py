@@ -6,8 +6,10 @@
 Importing gradkit imports no framework; the adapter of a model's flavour is loaded on use.
 """
 
+from gradkit import transforms as transforms
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
+from gradkit._apply import apply as apply
 from gradkit._errors import (
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
@@ -43,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "accumulate",
     "activation_gradients",
+    "apply",
     "gradient_stats",
     "gradients",
     "hvp",
@@ -53,4 +56,5 @@ __all__ = [
     "per_example_norms",
     "save",
     "summary",
+    "transforms",
 ]

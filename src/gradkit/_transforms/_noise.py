@@ -1,0 +1,54 @@
+"""Gaussian gradient noise:  g ← g + σ·ε,  ε ~ N(0, I) drawn afresh for every update.
+
+The state holds a NumPy Generator. `update` draws from a copy of it and returns the copy in
+the new state, so the state passed in is never changed: successive updates (each given the
+state the previous one returned) draw different noise, and one state always gives the same.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import numpy as np
+
+from gradkit._errors import InvalidArgumentError, received
+from gradkit._transforms._base import GradientTransformation, Grads, check_grads, number
+
+
+class AddNoiseState(NamedTuple):
+    """The generator the next update draws from."""
+
+    rng: np.random.Generator
+
+
+def add_noise(stddev: float, seed: int | None = None) -> GradientTransformation:
+    """Add independent Gaussian noise of standard deviation `stddev` to every element.
+
+    An int `seed` gives the same noise sequence on every run; ``None`` takes fresh entropy.
+    Noise is drawn in float32 (float64 for float64 gradients), in key order.
+    """
+    stddev = number(stddev, "stddev", low=0.0)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):
+        raise InvalidArgumentError(
+            "add_noise(seed=) must be a non-negative int (reproducible noise) or None (fresh "
+            "entropy). " + received(seed=seed))
+
+    def init(grads: Grads) -> AddNoiseState:
+        check_grads(grads)
+        return AddNoiseState(np.random.default_rng(seed))
+
+    def update(grads: Grads, state: AddNoiseState) -> tuple[Grads, AddNoiseState]:
+        grads, rng = check_grads(grads), copy.deepcopy(state.rng)
+        out = {}
+        for key, g in grads.items():
+            if g is None:
+                out[key] = None
+                continue
+            dtype = np.float64 if g.dtype == np.float64 else np.float32
+            noise = rng.standard_normal(g.shape, dtype=dtype)
+            out[key] = (g + stddev * noise).astype(g.dtype, copy=False)
+        return out, AddNoiseState(rng)
+
+    return GradientTransformation(init, update)
