@@ -8,6 +8,13 @@ Importing gradkit imports no framework; the adapter of a model's flavour is load
 
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
+from gradkit._curvature import (
+    HessianEigen as HessianEigen,
+    TraceEstimate as TraceEstimate,
+    hessian_eigenvalues as hessian_eigenvalues,
+    hessian_trace as hessian_trace,
+    hvp_over as hvp_over,
+)
 from gradkit._errors import (
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
@@ -15,6 +22,7 @@ from gradkit._errors import (
     InvalidArgumentError as InvalidArgumentError,
     NonFiniteGradientError as NonFiniteGradientError,
     NonFiniteGradientWarning as NonFiniteGradientWarning,
+    NotConvergedError as NotConvergedError,
     UnconnectedGradientError as UnconnectedGradientError,
     UnknownLayerError as UnknownLayerError,
     UnsupportedModelError as UnsupportedModelError,
@@ -35,9 +43,12 @@ __all__ = [
     "GradientStats",
     "GradkitError",
     "GradkitFileError",
+    "HessianEigen",
     "InvalidArgumentError",
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
+    "NotConvergedError",
+    "TraceEstimate",
     "UnconnectedGradientError",
     "UnknownLayerError",
     "UnsupportedModelError",
@@ -45,7 +56,10 @@ __all__ = [
     "activation_gradients",
     "gradient_stats",
     "gradients",
+    "hessian_eigenvalues",
+    "hessian_trace",
     "hvp",
+    "hvp_over",
     "input_gradients",
     "load",
     "loss_and_gradients",
