@@ -81,6 +81,13 @@ def _tanh_mlp(keras):
     return model, x, y
 
 
+def _assert_same(got: dict, expected: dict) -> None:
+    """Equal to 1e-6 of the largest entry: float64 throughout on TensorFlow (1e-15 seen),
+    some float32 ops on JAX and torch (1e-7 of the largest entry seen)."""
+    got, expected = _flat(got), _flat(expected)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
 def _uneven(x, y, sizes=(5, 2, 4)):
     """(x, y) as a generator of batches of the given sizes."""
     edges = np.cumsum((0,) + sizes)
@@ -107,11 +114,9 @@ def test_hvp_over_uneven_batches_equals_one_batch(keras, float64):
     expected = gk.hvp(model, x, y, vector=vector)
     got = gk.hvp_over(model, _uneven(x, y), vector=vector)
     assert list(got) == list(expected)
-    for key in expected:
-        assert got[key].dtype == expected[key].dtype == np.float64
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-9)
-    by_tuple = gk.hvp_over(model, (x, y), vector=vector, batch_size=4)
-    np.testing.assert_allclose(_flat(by_tuple), _flat(expected), rtol=1e-6, atol=1e-9)
+    assert all(got[k].dtype == expected[k].dtype == np.float64 for k in expected)
+    _assert_same(got, expected)
+    _assert_same(gk.hvp_over(model, (x, y), vector=vector, batch_size=4), expected)
 
 
 def test_hvp_over_target_is_the_sum(keras, float64):
@@ -119,7 +124,7 @@ def test_hvp_over_target_is_the_sum(keras, float64):
     vector = {k: RNG.normal(size=g.shape) for k, g in gk.gradients(model, x, target=0).items()}
     expected = gk.hvp(model, x, target=0, vector=vector)
     got = gk.hvp_over(model, (x,), vector=vector, target=0, batch_size=3)
-    np.testing.assert_allclose(_flat(got), _flat(expected), rtol=1e-6, atol=1e-9)
+    _assert_same(got, expected)
 
 
 def test_hvp_over_refuses_a_summed_loss(keras):
@@ -143,7 +148,7 @@ def test_extreme_eigenvalues_match_the_dense_hessian(keras, float64):
     _assert_pairs(top, hessian, values[::-1][:2])
     for got, expected in zip(top.vectors, vectors[:, ::-1].T):
         assert abs(_flat(got) @ expected) > 0.999  # the top pair is well separated
-    assert top.hvps == top.hvps and top.hvps > 2
+    assert top.hvps > 2
     assert re.fullmatch(r"HessianEigen\(values=\[.*\], max_residual=.*, hvps=\d+\)",
                         repr(top))
 
@@ -210,7 +215,7 @@ def test_hutch_plus_plus_is_exact_when_the_sketch_spans_every_weight(keras, floa
     exact = np.trace(_dense_hessian(model, x, y))
     estimate, error = gk.hessian_trace(model, (x, y), samples=45, seed=0)
     assert error == 0.0
-    np.testing.assert_allclose(estimate, exact, rtol=1e-8)
+    np.testing.assert_allclose(estimate, exact, rtol=1e-6)  # float32 ops on JAX, torch
 
 
 # ----------------------------------------------------------------------------- contracts
