@@ -152,16 +152,7 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
     """
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-    _check_count("k", k, 1)
-    if which not in WHICH:
-        raise InvalidArgumentError(
-            f"which= must be one of {tuple(WHICH)}. " + received(which=which))
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-        raise InvalidArgumentError(
-            "tol= must be a number in (0, 1): the relative accuracy of the eigenvalues. "
-            + received(tol=tol))
-    if max_hvps is not None:
-        _check_count("max_hvps", max_hvps, 1)
+    _check_eigen_options(k, which, tol, max_hvps)
     hessian = _DatasetHessian(model, data, needed_by="hessian_eigenvalues()", keep=True,
                               loss=loss, layers=layers, batch_size=batch_size)
     if k >= hessian.size:
@@ -187,6 +178,19 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
     residuals = [np.linalg.norm(hessian.matvec(v) - lam * v) for lam, v in zip(values, vectors)]
     return HessianEigen(values, [hessian.named(v) for v in vectors], np.array(residuals),
                         hessian.products)
+
+
+def _check_eigen_options(k: Any, which: Any, tol: Any, max_hvps: Any) -> None:
+    _check_count("k", k, 1)
+    if which not in WHICH:
+        raise InvalidArgumentError(
+            f"which= must be one of {tuple(WHICH)}. " + received(which=which))
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise InvalidArgumentError(
+            "tol= must be a number in (0, 1): the relative accuracy of the eigenvalues. "
+            + received(tol=tol))
+    if max_hvps is not None:
+        _check_count("max_hvps", max_hvps, 1)
 
 
 class TraceEstimate(NamedTuple):
