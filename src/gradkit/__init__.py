@@ -10,6 +10,13 @@ from gradkit import transforms as transforms
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._apply import apply as apply
+from gradkit._curvature import (
+    HessianEigen as HessianEigen,
+    TraceEstimate as TraceEstimate,
+    hessian_eigenvalues as hessian_eigenvalues,
+    hessian_trace as hessian_trace,
+    hvp_over as hvp_over,
+)
 from gradkit._errors import (
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
@@ -17,6 +24,7 @@ from gradkit._errors import (
     InvalidArgumentError as InvalidArgumentError,
     NonFiniteGradientError as NonFiniteGradientError,
     NonFiniteGradientWarning as NonFiniteGradientWarning,
+    NotConvergedError as NotConvergedError,
     UnconnectedGradientError as UnconnectedGradientError,
     UnknownLayerError as UnknownLayerError,
     UnsupportedModelError as UnsupportedModelError,
@@ -37,9 +45,12 @@ __all__ = [
     "GradientStats",
     "GradkitError",
     "GradkitFileError",
+    "HessianEigen",
     "InvalidArgumentError",
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
+    "NotConvergedError",
+    "TraceEstimate",
     "UnconnectedGradientError",
     "UnknownLayerError",
     "UnsupportedModelError",
@@ -48,7 +59,10 @@ __all__ = [
     "apply",
     "gradient_stats",
     "gradients",
+    "hessian_eigenvalues",
+    "hessian_trace",
     "hvp",
+    "hvp_over",
     "input_gradients",
     "load",
     "loss_and_gradients",

@@ -11,6 +11,7 @@ without knowing gradkit::
     │   └── UnknownLayerError (KeyError)      layers= names nothing in the model
     ├── UnconnectedGradientError (ValueError) a selected variable does not affect the loss
     ├── NonFiniteGradientError (FloatingPointError)  a batch's gradient holds NaN/Inf
+    ├── NotConvergedError (ArithmeticError)   an iterative method ran out of its budget
     └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
 
     NonFiniteGradientWarning (RuntimeWarning) NaN/Inf in a gradient, naming the variables
@@ -51,6 +52,10 @@ class UnconnectedGradientError(GradkitError, ValueError):
 
 class NonFiniteGradientError(GradkitError, FloatingPointError):
     """A gradient holds NaN or Inf where the caller asked for an error (on_nonfinite="raise")."""
+
+
+class NotConvergedError(GradkitError, ArithmeticError):
+    """An iterative method (the Lanczos eigensolver) did not converge within its budget."""
 
 
 class GradkitFileError(GradkitError, OSError):
