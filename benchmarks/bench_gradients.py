@@ -171,17 +171,10 @@ def torch_baseline(keras, model):
 
 
 def tf_trace_counter():
-    from gradkit._backends import tensorflow as adapter
+    """Traces of gradkit's tf.functions for a model (TensorFlow and tf-keras alike)."""
+    from gradkit._backends.tensorflow import tracing_count
 
-    return lambda model: sum(
-        fn.experimental_get_tracing_count() for fn in adapter._CACHE.get(model, {}).values())
-
-
-def tf_keras_trace_counter():
-    from gradkit._backends import tf_keras as adapter
-
-    return lambda model: sum(
-        fn.experimental_get_tracing_count() for fn in adapter._CACHE.get(model, {}).values())
+    return tracing_count
 
 
 def jax_compile_counter():
@@ -200,7 +193,7 @@ def jax_compile_counter():
 BASELINES = {"tensorflow": tf_baseline, "jax": jax_baseline, "torch": torch_baseline,
              "tf_keras": tf_baseline}
 COUNTERS = {"tensorflow": tf_trace_counter, "jax": jax_compile_counter,
-            "torch": lambda: (lambda model: None), "tf_keras": tf_keras_trace_counter}
+            "torch": lambda: (lambda model: None), "tf_keras": tf_trace_counter}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

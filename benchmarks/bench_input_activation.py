@@ -189,24 +189,18 @@ def torch_baselines(keras, model):
     return run_input, run_activation
 
 
-def tf_trace_counter(module: str):
-    import importlib
+def tf_trace_counter():
+    """Traces of gradkit's tf.functions for a model (TensorFlow and tf-keras alike)."""
+    from gradkit._backends.tensorflow import tracing_count
 
-    adapter = importlib.import_module(f"gradkit._backends.{module}")
-
-    def count(model):
-        steps = [entry[-1] if isinstance(entry, tuple) else entry
-                 for entry in adapter._AUX_CACHE.get(model, {}).values()]
-        return sum(step.experimental_get_tracing_count() for step in steps)
-
-    return count
+    return tracing_count
 
 
 BASELINES = {"tensorflow": tf_baselines, "jax": jax_baselines, "torch": torch_baselines,
              "tf_keras": tf_baselines}
-COUNTERS = {"tensorflow": lambda: tf_trace_counter("tensorflow"),
+COUNTERS = {"tensorflow": tf_trace_counter,
             "jax": jax_compile_counter, "torch": lambda: (lambda model: None),
-            "tf_keras": lambda: tf_trace_counter("tf_keras")}
+            "tf_keras": tf_trace_counter}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -14,9 +14,8 @@ Baselines, written by hand:
   at the batch's own static shape (no input_signature), as a TensorFlow user would write it
   for a fixed batch. Two variants are timed, plain and `jit_compile=True` (XLA); the faster
   of the two in this run is "best recipe" (its kind is printed next to it);
-- open signature (tensorflow, tf_keras): the same recipe with an input_signature whose batch
-  axis is open ([None, 784]), kept as a reference (vectorized_map cannot specialize to the
-  batch size, so it is slower);
+- open signature (tensorflow, tf_keras): the same plain recipe with an input_signature whose
+  batch axis is open ([None, 784]), traced once for every batch size; kept as a reference;
 - loop (every flavour): a Python loop over the examples calling bench_gradients.py's compiled
   single-batch gradient (tf.function / jax.jit / torch autograd) on each, then `np.stack`;
 - batch gradient (for the norms): that same compiled gradient on the whole batch.
