@@ -13,7 +13,7 @@ from gradkit._errors import (
     original_errors,
     received,
 )
-from gradkit._request import prepare, report_nonfinite
+from gradkit._request import prepare, report_nonfinite, result_dtype
 from gradkit._select import resolve_layers, walk_layers
 
 
@@ -119,4 +119,4 @@ def _apply_unconnected(keys, grads, outputs, unconnected) -> dict[str, Any]:
 
 def _as_float(value: Any) -> np.ndarray:
     array = np.asarray(value)
-    return array if array.dtype == np.float64 else array.astype(np.float32)
+    return array.astype(result_dtype(array), copy=False)

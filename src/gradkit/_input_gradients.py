@@ -8,7 +8,7 @@ import numpy as np
 
 from gradkit._data import leaves, map_structure
 from gradkit._errors import InvalidArgumentError, original_errors, received
-from gradkit._request import prepare, report_nonfinite
+from gradkit._request import prepare, report_nonfinite, result_dtype
 from gradkit._select import walk_layers
 
 
@@ -56,7 +56,7 @@ def input_gradients(
 
 def _as_result(grad: Any, leaf: Any) -> np.ndarray:
     shape = tuple(int(d) for d in leaf.shape)
-    dtype = np.dtype("float64") if _dtype_name(leaf) == "float64" else np.dtype("float32")
+    dtype = result_dtype(leaf)
     if grad is None:
         return np.zeros(shape, dtype)
     return np.asarray(grad, dtype=dtype).reshape(shape)

@@ -23,7 +23,7 @@ from gradkit._per_example import (
     resolve_chunk_size,
     vectorized_or_loop,
 )
-from gradkit._request import prepare, report_nonfinite
+from gradkit._request import prepare, report_nonfinite, result_dtype
 from gradkit._select import unique_keys
 
 _ALL = "all selected variables"
@@ -80,8 +80,7 @@ def per_example_norms(
 
 def _combine(variables: list, squared: list, by_layer: bool, batch: Batch) -> Any:
     """Square roots of the summed squares, overall or per layer, in the result dtype."""
-    all64 = all(str(getattr(v.dtype, "name", v.dtype)) == "float64" for v in variables)
-    dtype = np.float64 if all64 else np.float32
+    dtype = np.float64 if all(result_dtype(v) == np.float64 for v in variables) else np.float32
     groups: dict[str, np.ndarray] = {}
     for key, sq in zip(unique_keys(variables), squared):
         name = key.rsplit("/", 1)[0] if by_layer else _ALL

@@ -101,11 +101,13 @@ def floatx(flavour: str) -> str:
     return keras.config.floatx()
 
 
-def result_dtype(variable: Any) -> np.dtype:
-    """The dtype of a variable's gradient in every result: float64 for float64 variables,
-    float32 for all others (float16 and bfloat16 gradients are widened, never rounded)."""
-    name = getattr(variable.dtype, "name", variable.dtype)
-    return np.dtype("float64") if str(name) == "float64" else np.dtype("float32")
+def result_dtype(value: Any) -> np.dtype:
+    """The dtype of every result computed for `value` (a variable, input, array, tensor or
+    dtype): float64 for float64, float32 for all others (float16 and bfloat16 results are
+    widened, never rounded)."""
+    dtype = getattr(value, "dtype", value)
+    name = str(getattr(dtype, "name", dtype)).rsplit(".", 1)[-1]  # torch.float64 -> float64
+    return np.dtype("float64") if name == "float64" else np.dtype("float32")
 
 
 def finish(request: Request, grads: list, unconnected: str = "raise") -> dict[str, Any]:

@@ -29,7 +29,7 @@ from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import resolve_objective
 from gradkit._per_example import per_example_gradients
 from gradkit._progress import Progress
-from gradkit._request import floatx
+from gradkit._request import floatx, result_dtype
 from gradkit._sources import BatchStream
 
 
@@ -105,7 +105,7 @@ class MomentAccumulator:
         squares = {}
         for key, g in per_example.items():
             g64 = np.asarray(g, dtype=np.float64)
-            self._dtypes.setdefault(key, _result_dtype(np.asarray(g).dtype))
+            self._dtypes.setdefault(key, result_dtype(np.asarray(g).dtype))
             self._merge(key, n_b, g64)
             squares[key] = np.sum(g64.reshape(n_b, -1) ** 2, axis=1)
         self._add_norms(squares)
@@ -179,10 +179,6 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """numerator / denominator; a zero denominator gives inf (or nan when both are zero)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.true_divide(numerator, denominator)
-
-
-def _result_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype("float64") if dtype == np.float64 else np.dtype("float32")
 
 
 def gradient_stats(

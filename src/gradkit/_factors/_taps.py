@@ -16,6 +16,7 @@ from typing import Any
 from gradkit._taps import restore, shadow
 from gradkit._factors._arrays import Ops
 from gradkit._factors._registry import KINDS, Factor, Planned, rest
+from gradkit._request import result_dtype
 
 
 class LayerTaps:
@@ -73,7 +74,7 @@ def factor_arrays(planned: list[Planned], inputs: list[list], deltas: list[list]
     """
     arrays = []
     for entry, a_calls, d_calls in zip(planned, inputs, deltas):
-        dtype = "float64" if "float64" in str(d_calls[0].dtype) else "float32"
+        dtype = result_dtype(d_calls[0]).name
         arrays.append(KINDS[entry.kind].arrays(a_calls, d_calls, ops, dtype, scale))
     return arrays
 
