@@ -5,8 +5,12 @@
 - Keras 3 (``tensorflow``, ``jax``, ``torch``): `gradkit._backends._engine.Engine`, every
   operation written once over ``stateless_call`` and the backend's `Primitives`
   (`gradkit._backends._engine`), found in the module named after the backend;
-- tf-keras (``tf_keras``): its own adapter (tapes, one state save/restore; graph mode in
+- tf-keras (``tf_keras``): its own adapter on the TensorFlow primitives (tapes on the
+  variables themselves, one state save/restore per compiled call; graph mode in
   ``tf_keras_graph``), which never imports Keras 3.
+
+What both share (the batch gradient, Hessian-vector products, taps, per-example factors,
+accumulation) is written once in `gradkit._backends._steps`, over each adapter's objective.
 
 Every operation takes a prepared `gradkit._request.Request` and returns the TRUE gradient
 (loss scaling undone) of the request's objective, without changing any model state. A

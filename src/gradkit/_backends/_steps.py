@@ -8,9 +8,8 @@ differentiate through `p`, the adapter's primitives.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 from contextlib import nullcontext
+from typing import Any, Callable
 
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
