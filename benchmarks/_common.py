@@ -142,3 +142,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
              for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def tf_tracing_count(model) -> int:
+    """How many times the tf.functions gradkit holds for `model` were traced (TensorFlow and
+    tf-keras alike): a retrace check across batch sizes."""
+    from gradkit._backends import _cache
+
+    total = 0
+    for entry in _cache.for_model(model).values():
+        for part in entry if isinstance(entry, tuple) else (entry,):
+            total += sum(fn.experimental_get_tracing_count()
+                         for fn in getattr(part, "functions", {}).values())
+    return total

@@ -36,6 +36,7 @@ from _common import (  # noqa: E402
     run_worker,
     samples,
     setup_flavour,
+    tf_tracing_count,
     timed,
 )
 
@@ -172,9 +173,7 @@ def torch_baseline(keras, model):
 
 def tf_trace_counter():
     """Traces of gradkit's tf.functions for a model (TensorFlow and tf-keras alike)."""
-    from gradkit._backends.tensorflow import tracing_count
-
-    return tracing_count
+    return tf_tracing_count
 
 
 def jax_compile_counter():

@@ -34,6 +34,7 @@ from _common import (  # noqa: E402
     markdown_table,
     run_worker,
     setup_flavour,
+    tf_tracing_count,
 )
 from bench_gradients import build_model, jax_compile_counter  # noqa: E402
 
@@ -191,9 +192,7 @@ def torch_baselines(keras, model):
 
 def tf_trace_counter():
     """Traces of gradkit's tf.functions for a model (TensorFlow and tf-keras alike)."""
-    from gradkit._backends.tensorflow import tracing_count
-
-    return tracing_count
+    return tf_tracing_count
 
 
 BASELINES = {"tensorflow": tf_baselines, "jax": jax_baselines, "torch": torch_baselines,

@@ -15,7 +15,6 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from gradkit._backends import _cache
 from gradkit._data import map_structure
 from gradkit._factors import Ops
 
@@ -61,7 +60,7 @@ class TensorFlowPrimitives:
                 traced[key] = tf.function(with_values, input_signature=signature)
             return traced[key](data, scale, *extra)
 
-        run.functions = traced  # one tf.function per input signature (see tracing_count)
+        run.functions = traced  # one tf.function per input signature (for retrace checks)
         return run
 
     def grad(self, f: Callable, *, taps: bool = False, shape_key: Any = None) -> Callable:
@@ -132,17 +131,6 @@ class TensorFlowPrimitives:
 def watchable(value):
     """A tensor of its own to watch (a variable is watched as itself)."""
     return value if isinstance(value, tf.Variable) else tf.identity(value)
-
-
-def tracing_count(model: Any) -> int:
-    """How many times the tf.functions gradkit holds for `model` were traced (a retrace
-    check for tests and benchmarks)."""
-    total = 0
-    for entry in _cache.for_model(model).values():
-        for part in entry if isinstance(entry, tuple) else (entry,):
-            total += sum(fn.experimental_get_tracing_count()
-                         for fn in getattr(part, "functions", {}).values())
-    return total
 
 
 def dense(grads: list) -> list:
