@@ -29,6 +29,7 @@ from gradkit._errors import (
     UnknownLayerError as UnknownLayerError,
     UnsupportedModelError as UnsupportedModelError,
 )
+from gradkit._fisher import fisher_diagonal as fisher_diagonal
 from gradkit._gradients import gradients as gradients, loss_and_gradients as loss_and_gradients
 from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
@@ -57,6 +58,7 @@ __all__ = [
     "accumulate",
     "activation_gradients",
     "apply",
+    "fisher_diagonal",
     "gradient_stats",
     "gradients",
     "hessian_eigenvalues",
