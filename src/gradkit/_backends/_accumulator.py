@@ -21,19 +21,18 @@ class Accumulator:
 
     def __init__(self, adapter, request, skip_nonfinite: bool) -> None:
         p = self._p = adapter.p
-        self._adapter, self._model = adapter, request.model
+        self._scale = adapter.scale_of(request.model)  # constant: the model is not trained
         self.connected: list[bool] | None = None
         box: list = []  # the connectivity found while tracing (or on each eager call)
         self._box, self._run = compiled(
-            adapter, request, "accumulate", lambda scaled: (box, p.compile(
+            request, self._scale, "accumulate", lambda scaled: (box, p.compile(
                 adder(gradient_fn(adapter, request, scaled), p, skip_nonfinite, box),
                 request.model, donate=(2,))), bool(skip_nonfinite))
         self._sums = [p.zeros(tuple(v.shape), result_dtype(v).name) for v in request.variables]
         self.flag_lag = 8 if p.asynchronous(self._sums[0]) else 0
 
     def add(self, batch, weight: float):
-        self._sums, finite = self._run(data_of(batch),
-                                       self._adapter.scale_of(self._model), self._sums,
+        self._sums, finite = self._run(data_of(batch), self._scale, self._sums,
                                        np.float32(weight))
         self.connected = list(self._box)
         return finite

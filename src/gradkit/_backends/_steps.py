@@ -33,9 +33,8 @@ class Operations:
         return loss, grads
 
     def activation_gradients(self, request, layers, keys, return_activations: bool):
-        loss, grads, outputs = run_tapped(self, request, OutputTaps(layers, keys),
-                                          self.tapped_objective(request))
-        return loss, grads, [o if return_activations else None for o in outputs]
+        return run_tapped(self, request, OutputTaps(layers, keys),
+                          self.tapped_objective(request), keep_outputs=return_activations)
 
     def accumulator(self, request, skip_nonfinite: bool):
         from gradkit._backends._accumulator import Accumulator
@@ -49,10 +48,11 @@ def data_of(batch) -> dict:
     return {key: value for key, value in data.items() if value is not None}
 
 
-def compiled(adapter, request, name: str, build: Callable, *key: Any) -> Any:
+def compiled(request, scale: Any, name: str, build: Callable, *key: Any) -> Any:
     """The cached entry ``build(scaled)`` of operation `name` for `request` (per model, its
-    selection, objective and mode, and whether the loss is scaled)."""
-    scaled = adapter.scale_of(request.model) != 1.0
+    selection, objective and mode, and whether the loss `scale`, read once per call by the
+    caller, differs from 1)."""
+    scaled = scale != 1.0
     return _cache.cached(request.model, (name, request.cache_key(), scaled, *key),
                          lambda: build(scaled))
 
@@ -63,18 +63,23 @@ def host(p, loss: Any, *groups: list) -> tuple:
             *([None if a is None else p.to_numpy(a) for a in group] for group in groups))
 
 
-def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable) -> tuple:
-    """(loss, grads, outputs) of `tapped_fn`, compiled and cached, as NumPy; the taps are
-    installed around the call and checked after it."""
+def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable,
+               keep_outputs: bool = False) -> tuple:
+    """(loss, grads, outputs) of `tapped_fn`, compiled and cached, as NumPy (the outputs only
+    with `keep_outputs`, else None each); the taps are installed around the call and checked
+    after it."""
     template = map_structure(lambda _: 0, request.batch.x)
     key = (None if taps is None else tuple(id(la) for la in taps.layers), repr(template))
-    taps, run = compiled(adapter, request, "tapped", lambda s: (taps, adapter.p.compile(
+    scale = adapter.scale_of(request.model)
+    taps, run = compiled(request, scale, "tapped", lambda s: (taps, adapter.p.compile(
         tapped_fn(adapter.p, taps, template, objective_of), request.model)), key)
     data = dict(data_of(request.batch), x=leaves(request.batch.x))
     with taps.installed() if taps is not None else nullcontext():
-        loss, grads, outputs = run(data, adapter.scale_of(request.model))
+        loss, grads, outputs = run(data, scale)
     if taps is not None:
         taps.check()  # what the pass recorded: a shared, unused or non-float layer
+    if not keep_outputs:  # no copy to the host of what the caller will not read
+        outputs = [None] * len(outputs)
     return host(adapter.p, loss, grads, outputs)
 
 
@@ -89,9 +94,10 @@ def run_per_example(adapter, request, planned: list, make: Callable) -> list:
             adapter.p, planned, count, objective_of, chosen_of, connected, scaled,
             request.cache_key()), request.model)
 
-    connected, run = compiled(adapter, request, "per_example", build)
+    scale = adapter.scale_of(request.model)
+    connected, run = compiled(request, scale, "per_example", build)
     try:
-        arrays, grads = run(data_of(request.batch), adapter.scale_of(request.model))
+        arrays, grads = run(data_of(request.batch), scale)
     except adapter.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
         raise NotImplementedError(f"vectorizing failed: {error}") from error
     parts = assemble(count, planned, arrays, grads)
@@ -113,9 +119,10 @@ def gradient_fn(adapter, request, scaled: bool) -> Callable:
 
 def run_gradients(adapter, request, pad: Any = None) -> tuple:
     """(loss, gradients) as NumPy from `gradient_fn`, compiled and cached."""
-    run = compiled(adapter, request, "gradients", lambda s: adapter.p.compile(
+    scale = adapter.scale_of(request.model)
+    run = compiled(request, scale, "gradients", lambda s: adapter.p.compile(
         gradient_fn(adapter, request, s), request.model, pad=pad))
-    return host(adapter.p, *run(data_of(request.batch), adapter.scale_of(request.model)))
+    return host(adapter.p, *run(data_of(request.batch), scale))
 
 
 def run_hvp(adapter, request, vectors: list) -> tuple:
@@ -130,9 +137,9 @@ def run_hvp(adapter, request, vectors: list) -> tuple:
 
         return p.compile(fn, request.model)
 
-    run = compiled(adapter, request, "hvp", build)
-    return host(adapter.p, *run(data_of(request.batch), adapter.scale_of(request.model),
-                                list(vectors)))
+    scale = adapter.scale_of(request.model)
+    run = compiled(request, scale, "hvp", build)
+    return host(adapter.p, *run(data_of(request.batch), scale, list(vectors)))
 
 
 def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:
