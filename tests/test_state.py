@@ -28,19 +28,63 @@ def test_no_state_changes(keras):
 
 
 def test_training_true_really_trains_mode(keras, flavour):
-    # Dropout and batch statistics are on in training=True, so the gradient differs; yet the
-    # seed state stays put, so two training calls see the same dropout mask and agree
-    # exactly. (tf-keras draws unseeded dropout from TF's per-op random kernels, which no
-    # one can rewind: its masks differ from call to call, as model(x, training=True) does.)
+    # Dropout and batch statistics are on in training=True, so the gradient differs.
     model, x, y = trained_stateful_model(keras)
     first = gk.gradients(model, x, y, training=True)
-    second = gk.gradients(model, x, y, training=True)
     infer = gk.gradients(model, x, y, training=False)
     key = next(k for k in first if k.endswith("d1/kernel"))
     assert not np.allclose(first[key], infer[key])
-    if flavour != "tf_keras":
-        for k in first:
-            np.testing.assert_array_equal(first[k], second[k], err_msg=k)
+
+
+def _dropout_model(keras, traces):
+    class Counting(keras.layers.Layer):
+        def call(self, inputs):
+            traces.append(1)  # under tf.function and jax.jit: runs only while tracing
+            return inputs
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d1"),
+                              Counting(), keras.layers.Dropout(0.5, name="drop"),
+                              keras.layers.Dense(2, name="d2")])
+    model.compile(loss="mse")
+    return model, RNG.normal(size=(5, 6)).astype("float32"), \
+        RNG.normal(size=(5, 2)).astype("float32")
+
+
+def test_dropout_seed(keras, flavour):
+    # seed=int: reproducible masks; seed=None: fresh masks per call, as fit; the model's own
+    # seed state (seed generators, torch's global generator) never moves either way.
+    traces: list = []
+    model, x, y = _dropout_model(keras, traces)
+    key = next(k for k in gk.gradients(model, x, y) if k.endswith("d1/kernel"))
+    before = state_snapshot(model)
+    if flavour == "torch":
+        import torch
+
+        rng_before = torch.get_rng_state()
+    calls = {
+        "gradients": lambda **kw: gk.gradients(model, x, y, **kw)[key],
+        "per_example": lambda **kw: gk.per_example_norms(model, x, y, **kw),
+        "inputs": lambda **kw: gk.input_gradients(model, x, y, **kw),
+        "accumulate": lambda **kw: gk.accumulate(model, (x, y), batch_size=2, progress=False,
+                                                 **kw)[key],
+    }
+    for name, call in calls.items():
+        same = [call(training=True, seed=7) for _ in range(2)]
+        traced = len(traces)
+        fresh = [call(training=True) for _ in range(2)]
+        other = call(training=True, seed=8)
+        if flavour != "torch":  # the seed is an input of the compiled function
+            assert len(traces) == traced, f"{name}: retraced for a new seed"
+        np.testing.assert_array_equal(same[0], same[1], err_msg=name)
+        assert not np.array_equal(fresh[0], fresh[1]), name
+        assert not np.array_equal(same[0], other), name
+    assert_same_state(before, state_snapshot(model))
+    if flavour == "torch":
+        assert torch.equal(rng_before, torch.get_rng_state())
+    with pytest.raises(gk.GradkitError, match="training=True"):
+        gk.gradients(model, x, y, seed=3)
+    with pytest.raises(gk.GradkitError, match="Received: seed=1.5"):
+        gk.gradients(model, x, y, training=True, seed=1.5)
 
 
 @pytest.mark.flavours("torch")

@@ -43,6 +43,7 @@ def accumulate(
     target: Any = None,
     layers: Any = None,
     training: bool = False,
+    seed: int | None = None,
     progress: bool = True,
     strategy: Any = None,
     on_nonfinite: str = "raise",
@@ -79,7 +80,7 @@ def accumulate(
     """
     _check_options(on_nonfinite, progress)
     request, stream = prepare_dataset(model, data, loss=loss, target=target, layers=layers,
-                                      training=training, batch_size=batch_size)
+                                      training=training, seed=seed, batch_size=batch_size)
     check_mean_reduction(model, request.objective, "accumulate()")
     if strategy is not None:
         sums, count, faults = _distributed(request, stream, strategy, on_nonfinite)
@@ -99,13 +100,13 @@ def accumulate(
 
 
 def prepare_dataset(model: Any, data: Any, *, loss: Any = None, target: Any = None,
-                    layers: Any = None, training: bool = False,
+                    layers: Any = None, training: bool = False, seed: Any = None,
                     batch_size: int | None = None) -> tuple[Request, BatchStream]:
     """(Request without a batch, the checked BatchStream) of a dataset-wide call."""
     flavour = flavour_of(model)
     stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
     request = prepare(model, y=stream.first[1].y, loss=loss, target=target, layers=layers,
-                      training=training, data=False)
+                      training=training, seed=seed, data=False)
     return request, stream
 
 

@@ -26,6 +26,7 @@ def activation_gradients(
     loss: Any = None,
     target: Any = None,
     training: bool = False,
+    seed: int | None = None,
     unconnected: str = "raise",
     return_activations: bool = False,
 ) -> Any:
@@ -65,7 +66,7 @@ def activation_gradients(
             "return_activations= must be True or False. "
             + received(return_activations=return_activations)
         )
-    request = prepare(model, x, y, loss=loss, target=target, training=training,
+    request = prepare(model, x, y, loss=loss, target=target, training=training, seed=seed,
                       unconnected=unconnected)
     chosen = _resolve(model, layers)
     keys = layer_keys(model, chosen)

@@ -20,6 +20,7 @@ def gradients(
     sample_weight: Any = None,
     layers: Any = None,
     training: bool = False,
+    seed: int | None = None,
     unconnected: str = "raise",
 ) -> dict[str, np.ndarray]:
     """Gradients of the loss with respect to the model's trainable variables, as NumPy.
@@ -38,6 +39,9 @@ def gradients(
     Training mode: ``training=False`` (default) is ``model(x)``; ``training=True`` is what
     ``fit`` differentiates (dropout on, BatchNorm batch statistics). Either way no state
     changes: weights, moving statistics, seed generators and metrics stay bitwise identical.
+    Dropout masks under ``training=True`` come from ``seed=``: an int gives the same masks on
+    every call; ``None`` (default) fresh masks on each call, as ``fit`` would (the model's own
+    seed state is not used). A seed is an input of the compiled function: no recompilation.
 
     Which variables: all trainable ones, or those of ``layers=`` (names, nested paths
     ``"outer/inner"``, globs ``"dense*"`` or Layer objects). A selected variable that does
@@ -45,7 +49,7 @@ def gradients(
     or ``None`` (``"none"``).
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training, unconnected=unconnected)
+                      layers=layers, training=training, seed=seed, unconnected=unconnected)
     return loss_and_gradients_of(request, unconnected)[1]
 
 
@@ -59,13 +63,14 @@ def loss_and_gradients(
     sample_weight: Any = None,
     layers: Any = None,
     training: bool = False,
+    seed: int | None = None,
     unconnected: str = "raise",
 ) -> tuple[float, dict[str, np.ndarray]]:
     """``(objective value, gradients)``: the scalar ``gradients()`` differentiates (the
     compiled loss, ``loss=`` or the ``target=`` sum; mixed-precision scaling undone) and the
     same dict ``gradients()`` returns, from one forward and backward pass."""
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training, unconnected=unconnected)
+                      layers=layers, training=training, seed=seed, unconnected=unconnected)
     return loss_and_gradients_of(request, unconnected)
 
 

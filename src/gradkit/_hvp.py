@@ -22,6 +22,7 @@ def hvp(
     sample_weight: Any = None,
     layers: Any = None,
     training: bool = False,
+    seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The Hessian-vector product ``H v`` of the objective ``gradients()`` differentiates.
 
@@ -39,7 +40,7 @@ def hvp(
     state changes. A selected variable that does not affect the objective raises.
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training)
+                      layers=layers, training=training, seed=seed)
     check_exact_second_order(request)
     tangents = checked_vector(request, vector)
     with original_errors():

@@ -21,6 +21,7 @@ def input_gradients(
     target: Any = None,
     sample_weight: Any = None,
     training: bool = False,
+    seed: int | None = None,
 ) -> Any:
     """The gradient of the objective with respect to each model input, as NumPy.
 
@@ -43,7 +44,7 @@ def input_gradients(
     ``activation_gradients(model, x, layers="<embedding layer>")`` instead.
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      training=training)
+                      training=training, seed=seed)
     batch = request.batch
     _check_float_inputs(model, batch.x)
     with original_errors():

@@ -39,6 +39,7 @@ def per_example_norms(
     layers: Any = None,
     sample_weight: Any = None,
     training: bool = False,
+    seed: int | None = None,
     by_layer: bool = False,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """The L2 norm of each example's gradient: shape ``(B,)``, or ``{layer: (B,)}``.
@@ -63,7 +64,7 @@ def per_example_norms(
             "variables). " + received(by_layer=by_layer)
         )
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training)
+                      layers=layers, training=training, seed=seed)
     check_independent(model, request.training)
     variables, batch = request.variables, request.batch
     squared = [np.zeros(batch.size, np.float64) for _ in variables]

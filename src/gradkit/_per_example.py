@@ -51,6 +51,7 @@ def per_example_gradients(
     sample_weight: Any = None,
     chunk_size: int | None = None,
     training: bool = False,
+    seed: int | None = None,
     out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Gradient of each example's own objective: ``{variable path: (B, *variable.shape)}``.
@@ -83,7 +84,7 @@ def per_example_gradients(
     changes (weights, moving statistics, seed generators, metrics).
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training)
+                      layers=layers, training=training, seed=seed)
     check_independent(model, request.training)
     variables, batch, keys = request.variables, request.batch, request.keys
     chunk = resolve_chunk_size(chunk_size, variables, batch.size)

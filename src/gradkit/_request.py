@@ -26,6 +26,7 @@ from gradkit._errors import (
     received,
 )
 from gradkit._objective import Objective, resolve_objective
+from gradkit._seeds import resolve_seed
 from gradkit._select import select_variables, unique_keys
 
 UNCONNECTED_MODES = ("raise", "zero", "none")
@@ -43,6 +44,7 @@ class Request:
     objective: Objective
     batch: Batch | None
     training: bool
+    seed: int | None = None  # dropout seed of training=True (gradkit._seeds), None otherwise
 
     @property
     def keys(self) -> list[str]:
@@ -60,7 +62,7 @@ class Request:
 
 def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, target: Any = None,
             sample_weight: Any = None, layers: Any = None, training: bool = False,
-            unconnected: str = "raise", data: bool = True) -> Request:
+            unconnected: str = "raise", data: bool = True, seed: Any = None) -> Request:
     """Check every argument and build the Request (`data=False`: no batch, for datasets;
     `y` is then the first batch's, to check the objective)."""
     flavour = flavour_of(model)
@@ -73,11 +75,12 @@ def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, targe
         raise InvalidArgumentError(
             "training= must be True or False. " + received(training=training)
         )
+    seed = resolve_seed(seed, bool(training))
     objective = resolve_objective(model, loss, target, y)
     variables = select_variables(model, layers)
     batch = prepare_batch(model, x, y, sample_weight, floatx(flavour)) if data else None
     return Request(model, flavour, _backends.for_flavour(flavour), variables, objective, batch,
-                   bool(training))
+                   bool(training), seed)
 
 
 def check_built(model: Any) -> None:

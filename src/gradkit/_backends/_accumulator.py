@@ -13,6 +13,7 @@ import numpy as np
 
 from gradkit._backends._steps import compiled, data_of, gradient_fn
 from gradkit._request import result_dtype
+from gradkit._seeds import fold
 
 
 class Accumulator:
@@ -23,6 +24,7 @@ class Accumulator:
         p = self._p = adapter.p
         self._scale = adapter.scale_of(request.model)  # constant: the model is not trained
         self.connected: list[bool] | None = None
+        self._seed, self._step = request.seed, 0
         box: list = []  # the connectivity found while tracing (or on each eager call)
         self._box, self._run = compiled(
             request, self._scale, "accumulate", lambda scaled: (box, p.compile(
@@ -32,8 +34,9 @@ class Accumulator:
         self.flag_lag = 8 if p.asynchronous(self._sums[0]) else 0
 
     def add(self, batch, weight: float):
-        self._sums, finite = self._run(data_of(batch), self._scale, self._sums,
-                                       np.float32(weight))
+        self._step += 1  # each batch its own dropout masks, as in fit
+        self._sums, finite = self._run(data_of(batch, fold(self._seed, self._step)),
+                                       self._scale, self._sums, np.float32(weight))
         self.connected = list(self._box)
         return finite
 

@@ -9,6 +9,7 @@ is thrown away. Each backend adapter only differentiates `objective_value`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
@@ -17,6 +18,7 @@ import numpy as np
 from gradkit._backends import _buckets
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import Objective, data_loss, target_scores
+from gradkit._seeds import split_seed, with_rows
 
 
 def loss_scale(model: Any) -> float:
@@ -159,3 +161,43 @@ def selected_indices(model: Any, variables: list) -> list[int]:
     """Positions of `variables` in model.trainable_variables."""
     position = {id(v): i for i, v in enumerate(model.trainable_variables)}
     return [position[id(v)] for v in variables]
+
+
+# --- dropout seeds (gradkit._seeds): the SeedGenerator states given to stateless_call
+
+
+def seed_positions(model: Any) -> list[int]:
+    """Positions in model.non_trainable_variables of the model's SeedGenerator states."""
+    variables = model.non_trainable_variables
+    known = _SEED_POSITIONS.get(model)
+    if known is None or known[0] != len(variables):
+        states = {id(generator.state) for layer in model._flatten_layers()
+                  for generator in getattr(layer, "_seed_generators", ())}
+        known = (len(variables), [i for i, v in enumerate(variables) if id(v) in states])
+        _SEED_POSITIONS[model] = known
+    return known[1]
+
+
+_SEED_POSITIONS: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def seed_data(model: Any, data: dict) -> dict:
+    """Host side: an int ``data["seed"]`` as one row per SeedGenerator, plus one."""
+    return with_rows(data, len(seed_positions(model)) + 1) if "seed" in data else data
+
+
+def seeded(fn: Any, model_ref: Any) -> Any:
+    """``fn(values, data, ...)`` whose ``data["seed"]`` rows replace the SeedGenerator state
+    values (inside the compiled function: the seed is an input, not a constant)."""
+    def with_seed(values, data, *rest):
+        data, rows = split_seed(data)
+        if rows is not None:
+            trainable, non_trainable, metrics = values
+            non_trainable = list(non_trainable)
+            for row, i in enumerate(seed_positions(model_ref())):
+                non_trainable[i] = keras.ops.cast(rows[row], non_trainable[i].dtype)
+            values = (trainable, non_trainable, metrics)
+        return fn(values, data, *rest)
+
+    with_seed.__name__ = getattr(fn, "__name__", "fn")
+    return with_seed

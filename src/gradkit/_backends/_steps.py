@@ -42,9 +42,10 @@ class Operations:
         return Accumulator(self, request, bool(skip_nonfinite))
 
 
-def data_of(batch) -> dict:
-    """A Batch as the steps' `data` dict: x, and y and sample_weight where given."""
-    data = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight}
+def data_of(batch, seed: int | None = None) -> dict:
+    """A Batch as the steps' `data` dict: x, and y, sample_weight and the dropout seed
+    (gradkit._seeds) where given."""
+    data = {"x": batch.x, "y": batch.y, "sample_weight": batch.sample_weight, "seed": seed}
     return {key: value for key, value in data.items() if value is not None}
 
 
@@ -73,7 +74,7 @@ def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable
     scale = adapter.scale_of(request.model)
     taps, run = compiled(request, scale, "tapped", lambda s: (taps, adapter.p.compile(
         tapped_fn(adapter.p, taps, template, objective_of), request.model)), key)
-    data = dict(data_of(request.batch), x=leaves(request.batch.x))
+    data = dict(data_of(request.batch, request.seed), x=leaves(request.batch.x))
     with taps.installed() if taps is not None else nullcontext():
         loss, grads, outputs = run(data, scale)
     if taps is not None:
@@ -97,7 +98,7 @@ def run_per_example(adapter, request, planned: list, make: Callable) -> list:
     scale = adapter.scale_of(request.model)
     connected, run = compiled(request, scale, "per_example", build)
     try:
-        arrays, grads = run(data_of(request.batch), scale)
+        arrays, grads = run(data_of(request.batch, request.seed), scale)
     except adapter.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
         raise NotImplementedError(f"vectorizing failed: {error}") from error
     parts = assemble(count, planned, arrays, grads)
@@ -122,7 +123,7 @@ def run_gradients(adapter, request, pad: Any = None) -> tuple:
     scale = adapter.scale_of(request.model)
     run = compiled(request, scale, "gradients", lambda s: adapter.p.compile(
         gradient_fn(adapter, request, s), request.model, pad=pad))
-    return host(adapter.p, *run(data_of(request.batch), scale))
+    return host(adapter.p, *run(data_of(request.batch, request.seed), scale))
 
 
 def run_hvp(adapter, request, vectors: list) -> tuple:
@@ -139,7 +140,7 @@ def run_hvp(adapter, request, vectors: list) -> tuple:
 
     scale = adapter.scale_of(request.model)
     run = compiled(request, scale, "hvp", build)
-    return host(adapter.p, *run(data_of(request.batch), scale, list(vectors)))
+    return host(adapter.p, *run(data_of(request.batch, request.seed), scale, list(vectors)))
 
 
 def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:

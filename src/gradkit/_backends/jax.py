@@ -36,13 +36,14 @@ class JaxPrimitives:
     vectorize_errors = ()
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
-        jitted = jax.jit(fn, donate_argnums=tuple(i + 1 for i in donate))
         model_ref = weakref.ref(model)
+        jitted = jax.jit(k3.seeded(fn, model_ref), donate_argnums=tuple(i + 1 for i in donate))
         exact = pad is not None and _buckets.padding_is_exact(model, *pad)
         buckets = [_buckets.Buckets()] if exact else []
         traced = []
 
         def call(data, scale, *extra):
+            data = k3.seed_data(model_ref(), data)
             values = k3.variable_values(model_ref())
             if not traced:  # the first trace may create the compiled loss's metric
                 jitted.trace(values, data, scale, *extra)  # variables: read them again

@@ -27,7 +27,8 @@ def adapter():
     from gradkit._backends import _keras3
     from gradkit._backends._engine import Engine
 
-    return Engine(TensorFlowPrimitives(values=_keras3.variable_values))
+    return Engine(TensorFlowPrimitives(values=_keras3.variable_values,
+                                       seeding=(_keras3.seed_data, _keras3.seeded)))
 
 
 class TensorFlowPrimitives:
@@ -38,11 +39,14 @@ class TensorFlowPrimitives:
     #: pfor's converters have gaps (grouped convolutions): the caller falls back to a loop
     vectorize_errors = (tf.errors.InvalidArgumentError,)
 
-    def __init__(self, values: Callable[[Any], Any]) -> None:
+    def __init__(self, values: Callable[[Any], Any], seeding: tuple) -> None:
         self.values = values  # model -> the values the compiled functions get
+        # (host: data with its seed as rows, traced: fn taking them; see gradkit._seeds)
+        self.seed_data, self.seeded = seeding
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref, read, traced = weakref.ref(model), self.values, {}
+        fn = self.seeded(fn, model_ref)
 
         def with_values(*args):
             return fn(read(model_ref()), *args)
@@ -53,6 +57,7 @@ class TensorFlowPrimitives:
             co_name=f"gradkit_{fn.__name__}_{next(_ENTRIES)}")
 
         def run(data, scale, *extra):
+            data = self.seed_data(model_ref(), data)
             signature = [map_structure(relaxed_spec, data), tf.TensorSpec([], tf.float32),
                          *(map_structure(exact_spec, e) for e in extra)]
             key = repr(signature)

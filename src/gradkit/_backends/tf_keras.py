@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
 from gradkit._factors import plan, rest
 from gradkit._objective import Objective, data_loss, target_scores
+from gradkit._seeds import split_seed, with_rows
 
 
 def adapter():
@@ -34,7 +36,7 @@ class TfKerasPrimitives(TensorFlowPrimitives):
     """TensorFlow's primitives, each compiled function restoring the model's state."""
 
     def __init__(self) -> None:
-        super().__init__(values=lambda model: ())
+        super().__init__(values=lambda model: (), seeding=(seed_data, seeded))
 
     def compile(self, fn, model, *, donate: tuple = (), pad: Any = None):
         if not tf.executing_eagerly():  # tf.compat.v1.disable_eager_execution() was called
@@ -205,3 +207,48 @@ def objective_value(model, objective, x, y, sample_weight, y_pred):
     if model.losses:
         total = total + tf.add_n([tf.cast(l, total.dtype) for l in model.losses])
     return total
+
+
+# --- dropout seeds (gradkit._seeds): each RandomGenerator stateless, on a row of the seed
+
+
+def random_generators(model: Any) -> list:
+    """The tf-keras RandomGenerators of the model's layers (dropout, noise), in layer order."""
+    from tf_keras.src.backend import RandomGenerator
+
+    found = [getattr(layer, "_random_generator", None) for layer in model._flatten_layers()]
+    return [g for g in found if isinstance(g, RandomGenerator)]
+
+
+def seed_data(model: Any, data: dict) -> dict:
+    return with_rows(data, len(random_generators(model)) + 1) if "seed" in data else data
+
+
+def seeded(fn: Any, model_ref: Any) -> Any:
+    """``fn(values, data, ...)`` whose random generators draw, while it is traced, from the
+    rows of ``data["seed"]`` (an input of the compiled function) with stateless ops."""
+    def with_seed(values, data, *rest):
+        data, rows = split_seed(data)
+        if rows is None:
+            return fn(values, data, *rest)
+        with stateless_generators(random_generators(model_ref()), rows):
+            return fn(values, data, *rest)
+
+    with_seed.__name__ = getattr(fn, "__name__", "fn")
+    return with_seed
+
+
+@contextmanager
+def stateless_generators(generators: list, rows: Any):
+    saved = []
+    for i, generator in enumerate(generators):
+        generator._maybe_init()  # what the layer's first draw does anyway
+        saved.append((generator, generator._rng_type))
+        generator._rng_type = generator.RNG_STATELESS
+        generator.make_seed_for_stateless_op = lambda row=rows[i]: row
+    try:
+        yield
+    finally:
+        for generator, rng_type in saved:
+            generator._rng_type = rng_type
+            del generator.make_seed_for_stateless_op

@@ -49,12 +49,17 @@ class TorchPrimitives:
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)
+        fn = k3.seeded(fn, model_ref)
 
         def run(data, scale, *extra):
             values = tuple([v.detach() for v in group]
                            for group in k3.variable_values(model_ref()))
+            data = k3.seed_data(model_ref(), data)
+            seed = data.get("seed")
             data, extra = map_structure(to_tensor, data), map_structure(to_tensor, extra)
             with torch.enable_grad(), kept_rng():
+                if seed is not None:  # Keras draws unseeded dropout from the global generator
+                    torch.manual_seed(int(seed[-1, 0]))
                 return fn(values, data, float(scale), *extra)
 
         return run
@@ -69,7 +74,7 @@ class TorchPrimitives:
             if taps:
                 if shape_key not in self._tap_shapes:
                     seen: list = []
-                    with torch.no_grad():
+                    with torch.no_grad(), kept_rng():  # draws no dropout mask of the pass
                         f(lambda z: seen.append((z.shape, z.dtype, z.device)) or z, *args)
                     self._tap_shapes[shape_key] = seen
                 zeros = [torch.zeros(s, dtype=d, device=v) for s, d, v in self._tap_shapes[shape_key]]
