@@ -140,3 +140,62 @@ def test_multi_output_loss_with_wrong_y_count(keras):
                                  keras.layers.Dense(2, name="b")(inputs)])
     _raises(gk.InvalidArgumentError, r"2 outputs but y holds 1", gk.gradients, model, X, [Y],
             loss="mse")
+
+
+def _two_heads(keras):
+    inputs = keras.Input((3,), name="x")
+    hidden = keras.layers.Dense(4, name="h")(inputs)
+    model = keras.Model(inputs, {"cls": keras.layers.Dense(3, name="cls_layer")(hidden),
+                                 "reg": keras.layers.Dense(1, name="reg_layer")(hidden)})
+    model.compile(loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"})
+    return model
+
+
+def test_labels_checked_against_outputs_and_losses(keras):
+    model = _two_heads(keras)
+    labels, reg = np.array([0, 1, 2, 1]), np.zeros((4, 1), "float32")
+    gk.gradients(model, X, {"cls": labels, "reg": reg})  # the good case runs
+    cases = [
+        ({"cls": labels}, r"lacks labels for the output\(s\) \['reg'\]"),
+        ({"clss": labels, "reg": reg}, r"key 'clss'.*Did you mean 'cls'"),
+        ({"cls": np.array([0, 1, 5, 1]), "reg": reg}, r"'cls' must be class indices 0..2.*\[5\]"),
+        ({"cls": np.eye(3)[labels], "reg": reg}, r"look one-hot.*argmax"),
+    ]
+    for y, pattern in cases:
+        _raises(gk.DataShapeError, pattern, gk.gradients, model, X, y)
+    onehot = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    onehot.compile(loss="categorical_crossentropy")
+    _raises(gk.DataShapeError, r"look like class indices.*sparse_categorical", gk.gradients,
+            onehot, X, labels)
+    _raises(gk.DataShapeError, r"look like class indices", gk.accumulate, onehot,
+            (X, labels), progress=False)
+    # a list of NumPy scalars is one label array, as a list of floats is
+    single = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    single.compile(loss="mse")
+    got = gk.gradients(single, X, [np.float32(v) for v in range(4)])
+    for key, value in gk.gradients(single, X, np.arange(4.0)).items():
+        np.testing.assert_array_equal(got[key], value)
+
+
+def test_target_on_dict_outputs_says_how_to_pick_one(keras):
+    _raises(gk.InvalidArgumentError, r"keys \['cls', 'reg'\].*outputs\['cls'\]\[:, 1\]",
+            gk.gradients, _two_heads(keras), X, target=1)
+
+
+def test_custom_train_step_warns_once(keras):
+    import warnings
+
+    class Custom(keras.Model):
+        def train_step(self, data):  # fit minimizes something gradkit cannot see
+            return super().train_step(data)
+
+    inputs = keras.Input((3,), name="x")
+    model = Custom(inputs, keras.layers.Dense(2, name="dense")(inputs))
+    model.compile(loss="mse")
+    with pytest.warns(gk.CustomTrainStepWarning, match=r"Custom overrides train_step.*"
+                      r"compute_loss.*loss="):
+        gk.gradients(model, X, Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gk.gradients(model, X, Y)  # once per model
+        gk.gradients(_model(keras), X, Y)  # Keras' own train_step: no warning

@@ -124,3 +124,27 @@ def test_empty_layers_list(keras):
     model, _ = _nested_model(keras)
     with pytest.raises(gk.InvalidArgumentError, match=r"layers= is empty.*Received: layers=\[\]"):
         gk.gradients(model, X, Y, layers=[])
+
+
+def test_select_variables_themselves(keras):
+    # What get_gradients(loss, weights) users pass: a variable, or a list of them (in model
+    # order in the result, exactly those variables, mixed with layers too).
+    model, encoder = _nested_model(keras)
+    full = gk.gradients(model, X, Y)
+    head = model.get_layer("head")
+    kernel = encoder.get_layer("enc_dense_2").trainable_variables[0]
+    for layers, expected in [(kernel, [kernel]), ([head.trainable_variables[1], kernel],
+                                                 [kernel, head.trainable_variables[1]]),
+                             ([kernel, "head"], [kernel, *head.trainable_variables])]:
+        got = gk.gradients(model, X, Y, layers=layers)
+        assert list(got) == [_key(v) for v in expected]
+        for key in got:
+            np.testing.assert_allclose(got[key], full[key], rtol=1e-6, atol=1e-7)
+    head.trainable = False
+    with pytest.raises(gk.UnknownLayerError, match=r"is not trainable.*Received: layers="):
+        gk.gradients(model, X, Y, layers=head.variables[0])
+    for bad in (0, object()):
+        type_name = type(bad).__name__
+        with pytest.raises(gk.InvalidArgumentError,
+                           match=rf"Layer objects or the model's variables.*type {type_name}"):
+            gk.gradients(model, X, Y, layers=bad)

@@ -18,6 +18,7 @@ from gradkit._curvature import (
     hvp_over as hvp_over,
 )
 from gradkit._errors import (
+    CustomTrainStepWarning as CustomTrainStepWarning,
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
     GradkitFileError as GradkitFileError,
@@ -42,6 +43,7 @@ from gradkit._table import summary as summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "CustomTrainStepWarning",
     "DataShapeError",
     "GradientStats",
     "GradkitError",

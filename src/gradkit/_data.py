@@ -59,10 +59,14 @@ def prepare_batch(model: Any, x: Any, y: Any, sample_weight: Any, floatx: str) -
 
 
 def _as_structure(data: Any) -> Any:
-    """A list/tuple of arrays stays a structure; a plain nested list of numbers is one array."""
+    """A list/tuple of arrays stays a structure; a plain nested list of numbers (NumPy
+    scalars included) is one array."""
+    def array(item):
+        return hasattr(item, "shape") and tuple(item.shape) != ()
+
     if isinstance(data, (list, tuple)) and data and all(
-        hasattr(item, "shape") or isinstance(item, (list, tuple, dict)) for item in data
-    ) and any(hasattr(item, "shape") or isinstance(item, dict) for item in data):
+        array(item) or isinstance(item, (list, tuple, dict)) for item in data
+    ) and any(array(item) or isinstance(item, dict) for item in data):
         return list(data)
     if isinstance(data, (list, tuple)):
         return np.asarray(data)

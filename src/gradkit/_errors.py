@@ -15,6 +15,7 @@ without knowing gradkit::
     └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
 
     NonFiniteGradientWarning (RuntimeWarning) NaN/Inf in a gradient, naming the variables
+    CustomTrainStepWarning (UserWarning)      the model's own train_step is not what is differentiated
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class GradkitFileError(GradkitError, OSError):
 
 class NonFiniteGradientWarning(RuntimeWarning):
     """A gradient holds NaN or Inf; the message names the variables."""
+
+
+class CustomTrainStepWarning(UserWarning):
+    """The model overrides ``train_step``: gradkit differentiates ``compute_loss`` instead."""
 
 
 def received(**values: object) -> str:

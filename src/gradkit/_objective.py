@@ -16,10 +16,12 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from gradkit._errors import InvalidArgumentError, received
+from gradkit._errors import CustomTrainStepWarning, InvalidArgumentError, received
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +93,37 @@ def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
         )
     if _has_compiled_loss(model):
         _require_y(y, "the compiled loss")
+    warn_custom_train_step(model)
     return Objective("compiled", compiled_with=compiled_loss_object(model))
+
+
+def custom_train_step(model: Any) -> str | None:
+    """The name of the user class that overrides ``train_step``, or None (Keras' own)."""
+    for cls in type(model).__mro__:
+        if "train_step" in vars(cls):
+            own = cls.__module__.startswith(("keras.", "tf_keras.", "keras_core."))
+            return None if own else cls.__qualname__
+    return None
+
+
+def warn_custom_train_step(model: Any) -> None:
+    """Warn once per model that overrides train_step: its objective is compute_loss's."""
+    name = custom_train_step(model)
+    if name is None or model in _WARNED:
+        return
+    _WARNED.add(model)
+    warnings.warn(
+        f"{name} overrides train_step, which gradkit does not run: it differentiates "
+        "compute_loss (the compiled loss plus model.losses), what Keras' own train_step "
+        "differentiates. If your train_step minimizes something else, pass it as loss= "
+        "(a callable (y_true, y_pred)) or target=, or override compute_loss instead. "
+        "This warning is shown once per model.",
+        CustomTrainStepWarning,
+        stacklevel=4,
+    )
+
+
+_WARNED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _target_objective(target: Any, y: Any) -> Objective:
@@ -156,9 +188,15 @@ def target_scores(target: Any, y_pred: Any) -> Any:
     if not isinstance(target, int):
         return target(y_pred)
     if isinstance(y_pred, (list, tuple, dict)):
+        if isinstance(y_pred, dict):
+            keys = list(y_pred)
+            example, names = f"outputs[{keys[0]!r}][:, {target}]", f" (keys {keys})"
+        else:
+            example, names = f"outputs[0][:, {target}]", f" ({len(y_pred)}, a list)"
         raise InvalidArgumentError(
-            "target=k picks column k of the output, but this model has several outputs. "
-            "Pass a callable, e.g. target=lambda outputs: outputs[0][:, k]. "
+            f"target={target} picks column {target} of the output, but this model has "
+            f"several outputs{names}, so it is ambiguous. Pick one output with a callable "
+            f"that returns per-example scores, e.g. target=lambda outputs: {example}. "
             + received(target=target)
         )
     shape = tuple(y_pred.shape)

@@ -25,6 +25,7 @@ from gradkit._errors import (
     UnsupportedModelError,
     received,
 )
+from gradkit._labels import check_labels
 from gradkit._objective import Objective, resolve_objective
 from gradkit._seeds import resolve_seed
 from gradkit._select import select_variables, unique_keys
@@ -79,6 +80,7 @@ def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, targe
     objective = resolve_objective(model, loss, target, y)
     variables = select_variables(model, layers)
     batch = prepare_batch(model, x, y, sample_weight, floatx(flavour)) if data else None
+    check_labels(model, objective, batch.y if data else y)
     return Request(model, flavour, _backends.for_flavour(flavour), variables, objective, batch,
                    bool(training), seed)
 

@@ -73,6 +73,13 @@ def _match(spec: Any, found: list[tuple[str, Any]], model: Any) -> list[Any]:
     if not isinstance(spec, str):
         if any(layer is spec for _, layer in found):
             return [spec]
+        if not hasattr(spec, "trainable_variables"):
+            raise InvalidArgumentError(
+                "layers= takes layer names, nested paths ('outer/inner'), globs ('dense*'), "
+                "Layer objects or the model's variables (e.g. model.trainable_weights), or a "
+                f"list of them, but it got an object of type {type(spec).__name__}. "
+                + received(layers=spec)
+            )
         name = getattr(spec, "name", type(spec).__name__)
         raise UnknownLayerError(
             f"The layer object {name!r} is not part of this model, so its variables cannot "
@@ -102,12 +109,18 @@ def _match(spec: Any, found: list[tuple[str, Any]], model: Any) -> list[Any]:
 
 
 def select_variables(model: Any, layers: Any = None) -> list[Any]:
-    """The model's trainable variables (in model order) that belong to `layers`, or all."""
+    """The model's trainable variables (in model order) that belong to `layers` (layers,
+    or variables themselves, as ``get_gradients(loss, weights)`` took them), or all."""
     trainable = list(model.trainable_variables)
     if layers is None:
         return trainable
-    chosen = resolve_layers(model, layers)
-    wanted = {id(v) for layer in chosen for v in layer.trainable_variables}
+    specs = list(layers) if isinstance(layers, (list, tuple, set)) else [layers]
+    variables = [spec for spec in specs if is_variable(spec)]
+    wanted = {id(v) for v in variables}
+    _check_variables(model, variables, {id(v) for v in trainable})
+    rest = [spec for spec in specs if not is_variable(spec)]
+    chosen = resolve_layers(model, rest) if rest or not variables else []
+    wanted |= {id(v) for layer in chosen for v in layer.trainable_variables}
     selected = [v for v in trainable if id(v) in wanted]
     if not selected:
         names = [layer.name for layer in chosen]
@@ -118,3 +131,22 @@ def select_variables(model: Any, layers: Any = None) -> list[Any]:
             + received(layers=layers)
         )
     return selected
+
+
+def is_variable(spec: Any) -> bool:
+    """A Keras or TensorFlow variable (not a layer, not a name)."""
+    return all(hasattr(spec, a) for a in ("shape", "dtype", "assign", "trainable")) \
+        and not hasattr(spec, "trainable_variables")
+
+
+def _check_variables(model: Any, variables: list, trainable: set[int]) -> None:
+    for variable in variables:
+        if id(variable) not in trainable:
+            frozen = any(v is variable for v in model.variables)
+            why = ("is not trainable (a frozen layer's weight, a BatchNorm statistic or a seed "
+                   "state)" if frozen else "is not a variable of this model")
+            raise UnknownLayerError(
+                f"The variable {variable_key(variable)!r} {why}, so it has no gradient. Pass "
+                "variables from model.trainable_variables, or layers by name. "
+                + received(layers=variable)
+            )
