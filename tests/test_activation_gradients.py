@@ -11,9 +11,22 @@ import numpy as np
 import pytest
 
 import gradkit as gk
+from gradkit._select import layer_of, variable_key
 from conftest import assert_same_state, state_snapshot, to_numpy, trained_stateful_model
 
 RNG = np.random.default_rng(4)
+
+
+def _acts(model, *args, **kwargs):
+    """gk.activation_gradients with the keys the tests below name: a layer's key is the path
+    its variables carry, which in a Keras 3 Sequential starts with the model's name (the
+    key agreement itself is tested in test_norms.py)."""
+    result = gk.activation_gradients(model, *args, **kwargs)
+
+    def strip(d):
+        return {k.removeprefix(model.name + "/"): v for k, v in d.items()}
+
+    return tuple(map(strip, result)) if isinstance(result, tuple) else strip(result)
 
 
 def _sequential(keras):
@@ -51,7 +64,7 @@ def test_sequential_split_at_each_layer(keras, n):
     x = RNG.normal(size=(n, 3)).astype("float32")
     y = RNG.normal(size=(n, 2)).astype("float32")
 
-    grads, acts = gk.activation_gradients(model, x, y, layers=["d2", "d1"],
+    grads, acts = _acts(model, x, y, layers=["d2", "d1"],
                                           return_activations=True)
     assert list(grads) == ["d2", "d1"] and list(acts) == ["d2", "d1"]
     for name in ("d1", "d2"):
@@ -66,8 +79,8 @@ def test_glob_selects_every_called_layer(keras):
     model, _, _ = _linear_residual(keras)  # its InputLayer "x" is never called: skipped
     x = RNG.normal(size=(2, 3)).astype("float32")
 
-    every = gk.activation_gradients(model, x, layers="*", target=0)
-    named = gk.activation_gradients(model, x, layers=["d1", "branch", "add", "head"], target=0)
+    every = _acts(model, x, layers="*", target=0)
+    named = _acts(model, x, layers=["d1", "branch", "add", "head"], target=0)
 
     assert sorted(every) == sorted(named)
     for key in named:
@@ -78,7 +91,7 @@ def test_target_rows_are_each_examples_own_score(keras):
     model = _sequential(keras)
     x = RNG.normal(size=(4, 3)).astype("float32")
 
-    grads = gk.activation_gradients(model, x, layers="d1", target=0)["d1"]
+    grads = _acts(model, x, layers="d1", target=0)["d1"]
 
     tail = _tail(keras, model, "d1")
     h = to_numpy(_probe(keras, model, "d1")(x))
@@ -105,7 +118,7 @@ def test_residual_skip_connection_closed_form(keras):
     model, w2, w3 = _linear_residual(keras)
     x = RNG.normal(size=(3, 3)).astype("float32")
 
-    grads = gk.activation_gradients(model, x, layers=["d1", "branch", "add"], target=1)
+    grads = _acts(model, x, layers=["d1", "branch", "add"], target=1)
 
     through_both = (np.eye(4) + w2) @ w3[:, 1]
     np.testing.assert_allclose(grads["d1"], np.tile(through_both, (3, 1)), rtol=1e-5)
@@ -125,7 +138,7 @@ def test_identity_layer_on_a_skip_path(keras):
     w_branch = model.get_layer("branch").get_weights()[0]
     w_head = model.get_layer("head").get_weights()[0][:, 0]
 
-    grads = gk.activation_gradients(model, np.ones((2, 3), "float32"),
+    grads = _acts(model, np.ones((2, 3), "float32"),
                                     layers=["drop", "d1"], target=0)
 
     np.testing.assert_allclose(grads["drop"], np.tile(w_branch @ w_head, (2, 1)), rtol=1e-5)
@@ -150,9 +163,12 @@ def test_layers_inside_a_nested_model(keras):
     x = RNG.normal(size=(3, 3)).astype("float32")
     block = model.get_layer("block")
 
-    grads, acts = gk.activation_gradients(model, x, layers=["block/inner_a", "block"],
+    grads, acts = _acts(model, x, layers=["block/inner_a", "block"],
                                           target=1, return_activations=True)
 
+    # the key its variables carry: "block/inner_a" on Keras 3, "inner_a" on tf-keras
+    key_a = layer_of(variable_key(block.get_layer("inner_a").trainable_variables[0]))
+    grads["inner_a"], acts["inner_a"] = grads.pop(key_a), acts.pop(key_a)
     w_head = model.get_layer("head").get_weights()[0]
     np.testing.assert_allclose(grads["block"], np.tile(w_head[:, 1], (3, 1)), rtol=1e-6)
     h_pre = to_numpy(_probe(keras, model, "pre")(x))
@@ -170,7 +186,7 @@ def test_colliding_names_are_keyed_by_nested_path(keras):
                              name="inner")
     model = keras.Model(x, keras.layers.Dense(1, name="dense")(inner(x)))
 
-    grads = gk.activation_gradients(model, np.ones((2, 2), "float32"),
+    grads = _acts(model, np.ones((2, 2), "float32"),
                                     layers=["inner/dense", model.layers[-1], "inner"],
                                     target=0)
 
@@ -194,7 +210,7 @@ def test_layers_of_a_subclassed_model(keras):
     x = RNG.normal(size=(3, 4)).astype("float32")
     model(x[:1])
 
-    grads = gk.activation_gradients(model, x, layers="hidden", loss="mse",
+    grads = _acts(model, x, layers="hidden", loss="mse",
                                     y=np.zeros((3, 2), "float32"))
 
     # mse = mean((h W)^2) over 3 x 2 entries  =>  d/dh = 2 (h W) W^T / 6.
@@ -218,9 +234,9 @@ def test_unconnected_layer_modes(keras, mode):
 
     if mode == "raise":
         with pytest.raises(gk.UnconnectedGradientError, match=r"right.*Received: "):
-            gk.activation_gradients(model, x, layers=["left", "right"], target=first_output)
+            _acts(model, x, layers=["left", "right"], target=first_output)
         return
-    grads = gk.activation_gradients(model, x, layers=["left", "right"], target=first_output,
+    grads = _acts(model, x, layers=["left", "right"], target=first_output,
                                     unconnected=mode)
     np.testing.assert_allclose(grads["left"], np.tile([1.0, 0.0], (3, 1)))
     if mode == "zero":
@@ -239,7 +255,7 @@ def test_embedding_output_of_integer_ids(keras):
     ])
     ids = RNG.integers(0, 10, size=(2, 5)).astype("int32")
 
-    grads, acts = gk.activation_gradients(model, ids, layers="emb", target=1,
+    grads, acts = _acts(model, ids, layers="emb", target=1,
                                           return_activations=True)
 
     w = model.get_layer("head").get_weights()[0]
@@ -258,7 +274,7 @@ def test_grad_cam_conv_feature_maps(keras):
     ])
     x = RNG.normal(size=(2, 5, 5, 2)).astype("float32")
 
-    grads, acts = gk.activation_gradients(model, x, layers="conv", target=3,
+    grads, acts = _acts(model, x, layers="conv", target=3,
                                           return_activations=True)
 
     w = model.get_layer("head").get_weights()[0]
@@ -273,7 +289,7 @@ def test_training_true_changes_no_state_and_restores_the_layers(keras):
     before = state_snapshot(model)
     calls = {name: vars(model.get_layer(name)).get("call") for name in ("d1", "bn", "drop")}
 
-    grads = gk.activation_gradients(model, x, y, layers=["d1", "bn", "drop"], training=True)
+    grads = _acts(model, x, y, layers=["d1", "bn", "drop"], training=True)
 
     assert [g.shape for g in grads.values()] == [(len(x), 6)] * 3  # Dense(6) width
     assert_same_state(before, state_snapshot(model))
@@ -289,7 +305,7 @@ def test_shared_layer_is_a_clear_error_and_the_model_is_restored(keras):
     expected = to_numpy(model(data))
 
     with pytest.raises(gk.InvalidArgumentError, match=r"'shared'.*more than once.*Received: "):
-        gk.activation_gradients(model, data, layers="shared", target=0)
+        _acts(model, data, layers="shared", target=0)
 
     assert "call" not in vars(shared)
     np.testing.assert_array_equal(to_numpy(model(data)), expected)
@@ -299,18 +315,18 @@ def test_clear_errors(keras):
     model = _sequential(keras)
     x = np.ones((2, 3), "float32")
     with pytest.raises(gk.UnknownLayerError, match=r"'d9'.*Did you mean.*Received: "):
-        gk.activation_gradients(model, x, layers="d9", target=0)
+        _acts(model, x, layers="d9", target=0)
     with pytest.raises(gk.InvalidArgumentError, match=r"layers= is required.*Received: "):
-        gk.activation_gradients(model, x, layers=None, target=0)
+        _acts(model, x, layers=None, target=0)
     uncompiled = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
     with pytest.raises(gk.InvalidArgumentError, match=r"not compiled.*Received: "):
-        gk.activation_gradients(uncompiled, x, np.ones((2, 2)), layers="d")
+        _acts(uncompiled, x, np.ones((2, 2)), layers="d")
 
 
 def test_input_layer_points_to_input_gradients(keras):
     model, _, _ = _linear_residual(keras)
     with pytest.raises(gk.InvalidArgumentError, match=r"(?s)'x'.*input_gradients.*Received: "):
-        gk.activation_gradients(model, np.ones((2, 3), "float32"), layers="x", target=0)
+        _acts(model, np.ones((2, 3), "float32"), layers="x", target=0)
 
 
 @pytest.fixture
@@ -340,11 +356,11 @@ def test_mixed_precision_is_unscaled_float32(keras, policy):
     model.set_weights(reference.get_weights())
     model.compile(optimizer="sgd", loss="mse")  # a LossScaleOptimizer: the loss is scaled
 
-    grads = gk.activation_gradients(model, x, y, layers="d1")["d1"]
+    grads = _acts(model, x, y, layers="d1")["d1"]
     inputs = gk.input_gradients(model, x, y)
 
     assert grads.dtype == np.float32 and inputs.dtype == np.float32
-    expected = gk.activation_gradients(reference, x, y, layers="d1")["d1"]
+    expected = _acts(reference, x, y, layers="d1")["d1"]
     # float16 arithmetic: ~1e-3 relative to the largest entries; a loss scale left in would be
     # off by 2**15, one applied twice by 2**-15.
     np.testing.assert_allclose(grads, expected, rtol=2e-2, atol=1e-3 * np.abs(expected).max())
@@ -369,8 +385,8 @@ def _cross_backend_result(keras) -> dict:
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, size=5)]
     result = {"input/loss": gk.input_gradients(model, x, y),
               "input/target": gk.input_gradients(model, x, target=2)}
-    by_loss = gk.activation_gradients(model, x, y, layers=["d1", "branch", "add"])
-    by_target = gk.activation_gradients(model, x, target=0, layers=["d1", "add"])
+    by_loss = _acts(model, x, y, layers=["d1", "branch", "add"])
+    by_target = _acts(model, x, target=0, layers=["d1", "add"])
     result.update({"act/loss/" + k: v for k, v in by_loss.items()})
     result.update({"act/target/" + k: v for k, v in by_target.items()})
     return result

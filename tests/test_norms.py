@@ -73,3 +73,23 @@ def test_by_layer_must_be_a_bool(keras):
     model, x, y = mlp(keras)
     with pytest.raises(gk.InvalidArgumentError, match="Received: by_layer='yes'"):
         gk.per_example_norms(model, x, y, by_layer="yes")
+
+
+def test_layer_keys_coincide_across_results(keras):
+    # One key per layer in every result keyed by layer: activation_gradients, by_layer norms
+    # and GradientStats.layers (a Keras 3 Sequential puts its name into variable paths; a
+    # nested model, MultiHeadAttention's inner projections and a weightless layer included).
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="d_in")],
+                             name="inner")
+    seq = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(3, name="d1"),
+                            keras.layers.Dropout(0.1, name="drop"),
+                            keras.layers.Dense(2, name="d2")], name="seq")
+    seq.compile(loss="mse")
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(4, 2)).astype("float32")
+    norms = gk.per_example_norms(seq, x, y, by_layer=True)
+    stats = gk.gradient_stats(seq, (x, y), progress=False)
+    acts = gk.activation_gradients(seq, x, y, layers=[inner.get_layer("d_in"), "d1", "d2"])
+    assert list(acts) == list(norms) == list(stats.layers), (list(acts), list(norms))
+    for key in acts:  # the key is the variables' path without its last part
+        assert any(k.rsplit("/", 1)[0] == key for k in gk.gradients(seq, x, y)), key

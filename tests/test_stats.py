@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gradkit import InvalidArgumentError
-from gradkit._stats import MomentAccumulator, layer_of
+from gradkit._select import layer_of
+from gradkit._stats import MomentAccumulator
 
 RNG = np.random.default_rng(1)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from gradkit._errors import (
     received,
 )
 from gradkit._request import prepare, report_nonfinite, result_dtype
-from gradkit._select import resolve_layers, walk_layers
+from gradkit._select import layer_keys, resolve_layers
 
 
 def activation_gradients(
@@ -32,11 +31,14 @@ def activation_gradients(
 ) -> Any:
     """The gradient of the objective with respect to the outputs of the chosen layers.
 
-    Returns ``{layer name: array shaped like that layer's output}`` in the order the layers
+    Returns ``{layer key: array shaped like that layer's output}`` in the order the layers
     were selected (float32; float64 for float64 outputs); with ``return_activations=True``,
-    ``(gradients, activations)``, two dicts with the same keys (Grad-CAM needs both). A key
-    is the layer's name, or its path inside nested models (``"encoder/dense"``) when two
-    layers of the model share a name.
+    ``(gradients, activations)``, two dicts with the same keys (Grad-CAM needs both). A
+    layer's key is the one every result keyed by layer uses (per_example_norms with
+    ``by_layer=True``, GradientStats.layers): the path its variables carry, i.e. their keys
+    without the last part (``"dense"`` in a Functional model, ``"sequential/dense"`` in a
+    Keras 3 Sequential); a layer without variables of its own: its Keras path, else its
+    path of names inside the model.
 
     ``layers=``: names, nested paths, globs (``"conv*"``) or Layer objects; layers inside
     nested models and on residual branches included. The gradient is taken with respect to
@@ -89,13 +91,6 @@ def _resolve(model: Any, layers: Any) -> list[Any]:
     kept = [layer for layer in chosen
             if id(layer) in explicit or type(layer).__name__ != "InputLayer"]
     return kept or chosen  # only InputLayers: let the adapter explain
-
-
-def layer_keys(model: Any, layers: list[Any]) -> list[str]:
-    """A layer's name, or its nested path when another layer of the model has that name."""
-    paths = {id(layer): path for path, layer in walk_layers(model)}
-    names = Counter(layer.name for _, layer in walk_layers(model))
-    return [layer.name if names[layer.name] == 1 else paths[id(layer)] for layer in layers]
 
 
 def _apply_unconnected(keys, grads, outputs, unconnected) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from gradkit._per_example import (
     vectorized_or_loop,
 )
 from gradkit._request import prepare, report_nonfinite, result_dtype
-from gradkit._select import unique_keys
+from gradkit._select import layer_of, unique_keys
 
 _ALL = "all selected variables"
 
@@ -84,7 +84,7 @@ def _combine(variables: list, squared: list, by_layer: bool, batch: Batch) -> An
     dtype = np.float64 if all(result_dtype(v) == np.float64 for v in variables) else np.float32
     groups: dict[str, np.ndarray] = {}
     for key, sq in zip(unique_keys(variables), squared):
-        name = key.rsplit("/", 1)[0] if by_layer else _ALL
+        name = layer_of(key) if by_layer else _ALL
         groups[name] = groups[name] + sq if name in groups else sq
     result = {name: np.sqrt(total).astype(dtype) for name, total in groups.items()}
     bad = {name: value for name, value in result.items() if not np.all(np.isfinite(value))}

@@ -41,6 +41,36 @@ def variable_key(variable: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def layer_of(key: str) -> str:
+    """The layer part of a variable key: ``"block/dense/kernel"`` -> ``"block/dense"``."""
+    head, sep, _ = key.rpartition("/")
+    return head if sep else key
+
+
+def layer_keys(model: Any, layers: list[Any]) -> list[str]:
+    """The one key of each layer in every result keyed by layer: the path its own variables
+    carry (``layer_of`` of their keys, as per_example_norms(by_layer=True), GradientStats
+    and the transforms see them); for a layer without variables of its own, its Keras path,
+    else its path of names inside the model."""
+    paths = {id(layer): path for path, layer in walk_layers(model)}
+    keys = [_own_key(layer) or paths.get(id(layer), layer.name) for layer in layers]
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [paths.get(id(layer), key) if counts[key] > 1 else key
+            for key, layer in zip(keys, layers)]
+
+
+def _own_key(layer: Any) -> str | None:
+    for attr in ("_trainable_variables", "_non_trainable_variables",  # Keras 3
+                 "_trainable_weights", "_non_trainable_weights"):  # tf-keras
+        own = getattr(layer, attr, None)
+        if own:
+            return layer_of(variable_key(own[0]))
+    path = getattr(layer, "path", None)
+    return path if isinstance(path, str) and path else None
+
+
 def unique_keys(variables: Iterable[Any]) -> list[str]:
     """Keys for `variables` in order, a repeated key getting ``#1``, ``#2``, ... appended."""
     keys: list[str] = []

@@ -30,6 +30,7 @@ from gradkit._objective import resolve_objective
 from gradkit._per_example import per_example_gradients
 from gradkit._progress import Progress
 from gradkit._request import floatx, result_dtype
+from gradkit._select import layer_of
 from gradkit._sources import BatchStream
 
 
@@ -68,12 +69,6 @@ class GradientStats:
     variables: dict[str, Summary]
     layers: dict[str, Summary]
     total: Summary
-
-
-def layer_of(key: str) -> str:
-    """The layer part of a variable key: ``"block/dense/kernel"`` -> ``"block/dense"``."""
-    head, sep, _ = key.rpartition("/")
-    return head if sep else key
 
 
 class MomentAccumulator:

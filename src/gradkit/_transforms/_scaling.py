@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gradkit._errors import InvalidArgumentError, UnknownLayerError, received
-from gradkit._stats import layer_of
+from gradkit._select import layer_of
 from gradkit._transforms._base import GradientTransformation, Grads, map_grads, number, stateless
 
 
