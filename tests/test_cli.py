@@ -18,9 +18,12 @@ import gradkit
 pytestmark = pytest.mark.flavours("tensorflow", "jax", "torch")
 
 
-def run_cli(*args, cwd, backend=None):
+def run_cli(*args, cwd, backend=None, env_extra=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     env["KERAS_BACKEND"] = backend or os.environ["KERAS_BACKEND"]
+    if env_extra is not None:  # a value None removes the variable
+        env.update(env_extra)
+        env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "gradkit", *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
@@ -182,6 +185,7 @@ IN_PROCESS_BAD_INPUTS = [
     # a failure inside the framework, its (multi-line, traced) error condensed to one line:
     (["model.keras", "wide_y.npz", "-o", "o"], "could not compute the loss"),
     (["model.keras", "data.npz", "-o", "o", "--loss", "msee"], "not a Keras loss"),
+    (["model.keras", "data.npz", "-o", "g.txt"], "Name the file 'g.npz'"),
     (["lambda.keras", "data.npz", "-o", "o"], "a Python lambda"),
     (["custom.keras", "data.npz", "-o", "o"], "'Doubler'"),
     (["uncompiled.keras", "data.npz", "-o", "o"], "Pass --loss NAME"),
@@ -207,12 +211,33 @@ def test_bad_model_or_option_prints_one_line(mlp, keras, tmp_path, monkeypatch, 
     assert captured.out == "" and not (tmp_path / "o.npz").exists()
 
 
-def test_demo_trains_and_writes_gradients_of_the_demo_model(keras, tmp_path):
+_NO_TENSORFLOW = """import sys
+
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+def test_demo_trains_and_writes_gradients_of_the_demo_model(keras, flavour, tmp_path):
     from gradkit._demo import DEFAULT_OUT, build_model
 
-    proc = run_cli("demo", cwd=tmp_path)
+    env_extra = None
+    if flavour == "jax":  # a JAX-only install: no TensorFlow, no backend chosen anywhere
+        (tmp_path / "blocker").mkdir()
+        (tmp_path / "blocker" / "sitecustomize.py").write_text(_NO_TENSORFLOW)
+        env_extra = {"KERAS_BACKEND": None, "KERAS_HOME": str(tmp_path / "blocker"),
+                     "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"),
+                                                    os.environ.get("PYTHONPATH", "")])}
+    proc = run_cli("demo", cwd=tmp_path, env_extra=env_extra)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+    assert f"on the {flavour} backend" in proc.stdout
     written = gradkit.load(tmp_path / DEFAULT_OUT)
     reference = build_model(keras)  # same architecture, untrained: only shapes are compared
     shapes = {v.path: tuple(v.shape) for v in reference.trainable_variables}
@@ -257,3 +282,19 @@ def test_debug_adds_the_traceback_before_the_error_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("Traceback")
     assert err.splitlines()[-1].startswith("gradkit: error: No model file")
+
+
+def test_batch_size_accumulates_as_gradkit_accumulate(mlp, tmp_path, monkeypatch, capsys):
+    from gradkit._cli import main
+
+    model, x, y = mlp
+    monkeypatch.chdir(tmp_path)
+    assert main(["grads", "model.keras", "data.npz", "-o", "acc.npz", "--batch-size", "4"]) == 0
+    assert "accumulated in batches of 4" in capsys.readouterr().out
+    written = gradkit.load(tmp_path / "acc.npz")
+    expected = gradkit.accumulate(model, (x, y), batch_size=4, progress=False)
+    whole = gradkit.gradients(model, x, y)  # the mean over 6 examples, one batch
+    assert list(written) == list(expected)
+    for key in expected:
+        np.testing.assert_allclose(written[key], expected[key], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(written[key], whole[key], rtol=1e-4, atol=1e-6)

@@ -39,6 +39,10 @@ def test_suffix_is_added(tmp_path):
     written = gk.save(tmp_path / "grads", GRADS)
     assert written.name == "grads.npz" and written.is_file()
     _same(GRADS, gk.load(written))
+    # another suffix is refused, never written as g.txt.npz
+    with pytest.raises(gk.InvalidArgumentError, match=r"Name the file 'g.npz'.*Received: path="):
+        gk.save(tmp_path / "g.txt", GRADS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grads.npz"]
 
 
 def test_files_are_plain_npz(tmp_path):

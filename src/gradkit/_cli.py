@@ -10,6 +10,8 @@ warnings (NaN/Inf gradients) are printed as ``gradkit: warning: ...`` lines.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import logging
 import os
 import sys
@@ -98,7 +100,9 @@ def _quiet_frameworks() -> None:
 
 def _select_backend(backend: str | None) -> None:
     if backend is None:
-        return
+        backend = installed_backend()
+        if backend is None:
+            return
     keras = sys.modules.get("keras")
     current = keras.backend.backend() if keras is not None else None
     if current not in (None, backend):
@@ -108,6 +112,32 @@ def _select_backend(backend: str | None) -> None:
             + received(backend=backend)
         )
     os.environ["KERAS_BACKEND"] = backend
+
+
+def installed_backend() -> str | None:
+    """The backend to use when none was chosen: Keras' own choice (KERAS_BACKEND, then
+    keras.json, then "tensorflow") if its framework is installed, else the first installed
+    of tensorflow, jax, torch (so a JAX-only or torch-only install works as it is); None
+    when Keras is already imported or the choice is explicit."""
+    if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
+        return None
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as handle:
+            preferred = json.load(handle).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        preferred = "tensorflow"
+    for name in (preferred, "tensorflow", "jax", "torch"):
+        if name in ("tensorflow", "jax", "torch") and _installed(name):
+            return name
+    return None
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
 
 def import_keras() -> Any:
@@ -174,9 +204,9 @@ def _version() -> str:
 
 def checked_output(output: str) -> Path:
     """The .npz path to write; its folder must exist (checked before any slow work)."""
-    path = Path(output)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    from gradkit._io import npz_path
+
+    path = npz_path(output, "output")
     if not path.parent.is_dir():
         raise GradkitFileError(
             f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist. "

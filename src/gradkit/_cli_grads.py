@@ -43,6 +43,10 @@ def add_grads_command(commands: Any, common: argparse.ArgumentParser) -> None:
                        help="only these layers' weights: names, nested paths or globs")
     grads.add_argument("--loss", metavar="NAME",
                        help="a Keras loss name instead of the compiled loss, e.g. mse")
+    grads.add_argument("--batch-size", metavar="N", type=int,
+                       help="accumulate over DATA in batches of N examples (for a DATA too "
+                            "large for one batch): the gradient of the mean loss over all "
+                            "examples, as gradkit.accumulate")
     grads.add_argument("--training", action="store_true",
                        help="training mode (dropout on, batch statistics); no state is kept")
     grads.set_defaults(run=run_grads)
@@ -64,7 +68,11 @@ def run_grads(args: argparse.Namespace) -> int:
     what = (f"loss {args.loss!r} plus regularization losses" if args.loss else
             "the compiled loss as fit() differentiates it")
     print(f"model: {args.model} (Keras {keras.__version__}, {keras.backend.backend()} backend)")
-    print(f"loss:  {loss:.6g} ({what}; {size} examples, training={args.training})\n")
+    if loss is None:
+        print(f"loss:  {what}, its mean over {size} examples accumulated in batches of "
+              f"{args.batch_size} (training={args.training})\n")
+    else:
+        print(f"loss:  {loss:.6g} ({what}; {size} examples, training={args.training})\n")
     print(summary(grads))
     written = save(out, grads)
     print(f"\nwrote {len(grads)} gradient arrays to {written}")
@@ -210,15 +218,22 @@ def _check_loss_available(model: Any, loss: str | None, y: Any) -> None:
 
 
 def _loss_and_gradients(model: Any, x: Any, y: Any, sample_weight: Any, args) -> tuple:
-    """(loss value, gradient dict, batch size) from gradkit.loss_and_gradients."""
-    from gradkit import loss_and_gradients
+    """(loss value, gradient dict, example count) from gradkit.loss_and_gradients, or with
+    --batch-size (None, gradkit.accumulate's gradient, example count)."""
+    from gradkit import accumulate, loss_and_gradients
     from gradkit._cli import describe
     from gradkit._data import leaves
 
     try:
-        loss, grads = loss_and_gradients(model, x, y, loss=args.loss,
-                                         sample_weight=sample_weight, layers=args.layers,
-                                         training=args.training)
+        if args.batch_size is not None:
+            data = (x, y) if sample_weight is None else (x, y, sample_weight)
+            loss, grads = None, accumulate(model, data, loss=args.loss, layers=args.layers,
+                                           training=args.training, progress=False,
+                                           batch_size=args.batch_size)
+        else:
+            loss, grads = loss_and_gradients(model, x, y, loss=args.loss,
+                                             sample_weight=sample_weight, layers=args.layers,
+                                             training=args.training)
     except (ValueError, TypeError, RuntimeError, _tf_op_error()) as exc:
         if isinstance(exc, GradkitError):
             raise

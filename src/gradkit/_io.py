@@ -21,16 +21,16 @@ from gradkit._errors import GradkitFileError, InvalidArgumentError, received
 
 
 def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
-    """Write `grads` to `path` (``.npz`` appended if missing) atomically; return the path.
+    """Write `grads` to `path` atomically; return the path. The file is an ``.npz``: a path
+    without a suffix gets ``.npz`` appended (as ``np.savez`` does), any other suffix
+    (``g.txt``) is refused rather than written under a name it does not have.
 
     The file appears complete or not at all: it is written to a temporary file in the same
     folder, flushed to disk, then renamed over `path`; if anything fails, an existing file
     at `path` is left untouched and the temporary file is removed. Arrays are stored as
     they are (values and dtypes), never pickled.
     """
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    path = npz_path(path)
     arrays = _checked_arrays(grads)
     if not path.parent.is_dir():
         raise GradkitFileError(
@@ -46,6 +46,21 @@ def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
             + received(path=str(path))
         ) from exc
     return path
+
+
+def npz_path(path: str | os.PathLike, option: str = "path") -> Path:
+    """`path` as the ``.npz`` file save() writes: ``.npz`` appended when it has no suffix;
+    raises InvalidArgumentError for another suffix (checked before any work is done)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return path
+    if path.suffix:
+        raise InvalidArgumentError(
+            f"gradkit writes gradient sets as .npz files, so it will not write {str(path)!r} "
+            f"under the suffix {path.suffix!r}. Name the file {path.stem + '.npz'!r}. "
+            + received(**{option: str(path)})
+        )
+    return path.with_name(path.name + ".npz")
 
 
 def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
