@@ -354,3 +354,16 @@ def test_progress_falls_back_to_progbar_without_tqdm(monkeypatch, capsys):
         bar.update(5)
         bar.update(5)
     assert "examples/s" in capsys.readouterr().out
+
+
+def test_progress_rate_and_eta_exclude_the_compiling_first_batch():
+    pytest.importorskip("tqdm")
+    import time
+
+    with Progress(4, True, stream=_Terminal(True)) as bar:
+        time.sleep(0.3)  # the first batch: tracing and compilation
+        bar.update(10)
+        bar.update(10)
+        meter = bar._bar.format_dict
+        assert meter["n"] == 2 and meter["initial"] == 1
+        assert meter["elapsed"] < 0.3  # the bar's clock (rate, ETA) starts after batch 1

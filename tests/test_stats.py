@@ -161,6 +161,12 @@ def test_gradient_stats_equal_numpy_on_a_loop_of_single_examples(keras):
     np.testing.assert_allclose(stats.total.trace_variance, trace, rtol=1e-3)
     np.testing.assert_allclose(stats.total.noise_scale, noise, rtol=1e-3)
     assert {layer_of(k) for k in per_example} == set(stats.layers)
+    # a short repr, and summary() of the stats: one row per layer, then the total
+    assert "\n" not in repr(stats) and len(repr(stats)) < 250 and "count=" in repr(stats)
+    table = gk.summary(stats).splitlines()
+    assert [line.split()[0] for line in table[2:-2]] == list(stats.layers)
+    assert table[-1].startswith(f"total ({n} examples)")
+    assert float(table[-1].split()[-4]) == pytest.approx(stats.total.norm_of_mean, rel=1e-3)
     # The mean per-example gradient is the dataset gradient (regularizer counted once).
     accumulated = gk.accumulate(model, (x, y, sw), batch_size=5)
     for key in accumulated:

@@ -1,7 +1,9 @@
 """A progress bar for work over many batches: batches done, and examples per second.
 
 tqdm when it is installed, else Keras' own Progbar; shown only when asked for AND the stream
-(stderr by default) is an interactive terminal, so logs, pipes and CI stay clean.
+(stderr by default) is an interactive terminal, so logs, pipes and CI stay clean. The first
+batch pays for compilation, so rates and the ETA are measured from its end: the tqdm bar
+opens after it (at 1), and Progbar leaves the first step out of its ETA itself.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ class Progress:
         self._start = time.perf_counter()
         self._bar: Any = None
         self._kind = ""
+        self._first = 0
 
     def __enter__(self) -> Progress:
         if self.enabled:
-            self._bar, self._kind = _open_bar(self.total, self.description, self.stream)
+            self._kind = "tqdm" if _has_tqdm() else "progbar"
+            if self._kind == "progbar":
+                self._bar = _progbar(self.total)
         self._start = time.perf_counter()
         return self
 
@@ -37,9 +42,18 @@ class Progress:
         """Record one finished batch of `examples` examples."""
         self.batches += 1
         self.examples += int(examples)
+        now = time.perf_counter()
+        if self.batches == 1:  # compilation ends with the first batch: measure after it
+            self._start, self._first = now, self.examples
+            if self.enabled and self._kind == "tqdm":
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.total, initial=1, desc=self.description,
+                                 unit="batch", file=self.stream)
+            return
         if self._bar is None:
             return
-        rate = self.examples / max(time.perf_counter() - self._start, 1e-9)
+        rate = (self.examples - self._first) / max(now - self._start, 1e-9)
         if self._kind == "tqdm":
             self._bar.set_postfix_str(f"{rate:,.0f} examples/s", refresh=False)
             self._bar.update(1)
@@ -52,12 +66,12 @@ class Progress:
         self._bar = None
 
 
-def _open_bar(total: int | None, description: str, stream: TextIO) -> tuple[Any, str]:
+def _has_tqdm() -> bool:
     try:
-        from tqdm import tqdm
+        import tqdm  # noqa: F401
     except ImportError:
-        return _progbar(total), "progbar"
-    return tqdm(total=total, desc=description, unit="batch", file=stream), "tqdm"
+        return False
+    return True
 
 
 def _progbar(total: int | None) -> Any:

@@ -70,6 +70,13 @@ class GradientStats:
     layers: dict[str, Summary]
     total: Summary
 
+    def __repr__(self) -> str:
+        t = self.total
+        return (f"GradientStats(count={self.count}, variables={len(self.variables)}, "
+                f"layers={len(self.layers)}, norm_of_mean={t.norm_of_mean:.4g}, "
+                f"mean_example_norm={t.mean_example_norm:.4g}, snr={t.snr:.4g}, "
+                f"noise_scale={t.noise_scale:.4g})")
+
 
 class MomentAccumulator:
     """Running count, mean, M2 and norms of per-example gradients (see module docstring)."""

@@ -21,12 +21,16 @@ _HEADER = ("variable", "shape", "L2 norm", "mean |g|", "max |g|")
 
 
 def summary(grads: Mapping[str, Any]) -> str:
-    """A text table of a gradient dict: shape, L2 norm, mean |g| and max |g| per variable.
+    """A text table of a gradient dict: shape, L2 norm, mean |g| and max |g| per variable
+    (or of a GradientStats: per layer, the norm of the mean gradient, the mean per-example
+    norm, the SNR and the noise scale).
 
     The last row gives the number of values and the global L2 norm over all variables.
     Statistics are computed in float64 from the arrays as given (no rescaling: a gradient
     of a mean-reduced loss stays a mean-reduced gradient).
     """
+    if hasattr(grads, "mean") and hasattr(grads, "layers") and hasattr(grads, "total"):
+        return stats_summary(grads)
     if not isinstance(grads, Mapping):
         raise InvalidArgumentError(
             "summary() takes a gradient dict {name: array}, as gradkit.gradients returns. "
@@ -52,6 +56,17 @@ def summary(grads: Mapping[str, Any]) -> str:
         ))
     rows.append((f"total ({len(grads)} variables)", f"{count} values",
                  _number(np.sqrt(total_sq)), "", ""))
+    return _render(rows)
+
+
+def stats_summary(stats: Any) -> str:
+    """A GradientStats as a table per layer: |mean|, mean example norm, SNR, noise scale."""
+    header = ("layer", "|mean g|", "mean |g_i|", "SNR", "noise scale")
+    rows = [header] + [
+        (str(name), *(_number(v) for v in (s.norm_of_mean, s.mean_example_norm, s.snr,
+                                           s.noise_scale)))
+        for name, s in [*stats.layers.items(), (f"total ({stats.count} examples)",
+                                                 stats.total)]]
     return _render(rows)
 
 
