@@ -77,6 +77,8 @@ def accumulate(
     tf-keras), or ``"data_parallel"`` / ``keras.distribution.DataParallel`` / a
     ``jax.sharding.Mesh`` (JAX); the result equals the single-device one. Not on torch.
     ``training`` as in ``gradients()``; no model state changes, even when interrupted.
+    ``seed`` as in ``gradients()``: each batch draws its own dropout masks from it (under
+    ``strategy=`` the masks come from the model's own, unchanged, seed state instead).
     """
     _check_options(on_nonfinite, progress)
     request, stream = prepare_dataset(model, data, loss=loss, target=target, layers=layers,

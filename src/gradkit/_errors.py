@@ -15,7 +15,7 @@ without knowing gradkit::
     └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
 
     NonFiniteGradientWarning (RuntimeWarning) NaN/Inf in a gradient, naming the variables
-    CustomTrainStepWarning (UserWarning)      the model's own train_step is not what is differentiated
+    CustomTrainStepWarning (UserWarning)      a custom train_step: compute_loss is differentiated
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def loss_kind(loss: Any) -> str | None:
         name = getattr(fn, "__name__", None) or getattr(loss, "__name__", None) \
             or type(loss).__name__
     name = name.lower().replace("_", "")
-    return {_SPARSE.replace("_", ""): _SPARSE, _CATEGORICAL.replace("_", ""): _CATEGORICAL}.get(name)
+    kinds = {kind.replace("_", ""): kind for kind in (_SPARSE, _CATEGORICAL)}
+    return kinds.get(name)
 
 
 def _ignored_class(loss: Any) -> Any:

@@ -8,8 +8,8 @@ them where the model's random ops read their state (Keras 3: the SeedGenerator s
 given to ``stateless_call``; tf-keras: its RandomGenerators, stateless for the call; torch: the
 global generator Keras' unseeded dropout uses, inside a saved-and-restored RNG). The model's
 own seed state is never read or changed, so ``seed=None`` draws a fresh seed from gradkit's
-own generator: new masks on each call, as ``fit`` would give, and the same for every batch
-or chunk of one call where a call spans several (`fold` gives each accumulation step its own).
+own generator: new masks on each call, as ``fit`` would give. Within one call, every chunk of
+per-example work uses the call's seed; each batch of an accumulation gets its own (`fold`).
 """
 
 from __future__ import annotations

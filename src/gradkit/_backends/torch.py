@@ -10,7 +10,9 @@ pass per shape. Never `functional_call`, which silently returns zeros for Keras 
 
 from __future__ import annotations
 
+import warnings
 import weakref
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import keras
@@ -57,7 +59,7 @@ class TorchPrimitives:
             data = k3.seed_data(model_ref(), data)
             seed = data.get("seed")
             data, extra = map_structure(to_tensor, data), map_structure(to_tensor, extra)
-            with torch.enable_grad(), kept_rng():
+            with torch.enable_grad(), kept_rng(), quiet():
                 if seed is not None:  # Keras draws unseeded dropout from the global generator
                     torch.manual_seed(int(seed[-1, 0]))
                 return fn(values, data, float(scale), *extra)
@@ -195,6 +197,22 @@ def kept_rng():
     a gradkit call must not shift the random stream of the user's next `fit` step."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
+
+
+#: torch's notes to its own developers, which a gradkit user can do nothing about: vmap's
+#: fallback for an op without a batching rule, and attention kernel choices
+_QUIET = (r"There is a performance drop because we have not yet implemented the batching rule",
+          r".*(flash|[Ff]lash [Aa]ttention|[Mm]emory.efficient|efficient attention|"
+          r"sdpa|scaled_dot_product).*kernel")
+
+
+@contextmanager
+def quiet():
+    """Around a compiled call: torch's vmap-fallback and attention-kernel UserWarnings off."""
+    with warnings.catch_warnings():
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
 
 
 def to_tensor(value: Any) -> Any:
