@@ -10,6 +10,7 @@ from gradkit import transforms as transforms
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._apply import apply as apply
+from gradkit._clipped import clipped_gradients as clipped_gradients
 from gradkit._curvature import (
     HessianEigen as HessianEigen,
     TraceEstimate as TraceEstimate,
@@ -58,6 +59,7 @@ __all__ = [
     "accumulate",
     "activation_gradients",
     "apply",
+    "clipped_gradients",
     "fisher_diagonal",
     "gradient_stats",
     "gradients",
