@@ -12,12 +12,13 @@ needed; other variables are materialized a chunk at a time, as in `per_example_n
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
 
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._factors import squared_rows, weighted_sum
+from gradkit._factors import plan, rest, squared_rows, weighted_sum
 from gradkit._per_example import (
     check_independent,
     for_each_chunk,
@@ -71,6 +72,8 @@ def clipped_gradients(
     sums = [np.zeros(shape, np.float64) for shape in shapes]
     norms = np.zeros(request.batch.size, np.float64)
 
+    chunk = resolve_chunk_size(None, _materialized(request), request.batch.size)
+
     def store(start: int, stop: int, parts: list) -> None:
         n = stop - start
         norm = np.sqrt(sum(squared_rows(part, n) for part in parts))
@@ -80,7 +83,6 @@ def clipped_gradients(
             part, parts[j] = parts[j], None
             sums[j] += weighted_sum(part, weights, shape)
 
-    chunk = resolve_chunk_size(None, request.variables, request.batch.size)
     for_each_chunk(vectorized_or_loop(request), request, chunk, store)
     if sigma > 0:
         rng = np.random.default_rng(seed)
@@ -91,6 +93,15 @@ def clipped_gradients(
         return result
     wide = all(result_dtype(v) == np.float64 for v in request.variables)
     return result, norms.astype(np.float64 if wide else np.float32)
+
+
+def _materialized(request: Any) -> list:
+    """The selected variables whose per-example rows are formed (not factored): they alone
+    fill the chunk's memory budget, since the factors of the others are never multiplied out."""
+    layers = importlib.import_module(
+        "tf_keras.layers" if request.flavour == "tf_keras" else "keras.layers")
+    index = rest(plan(request.model, request.variables, layers), len(request.variables))
+    return [request.variables[j] for j in index]
 
 
 def _check_seed(seed: Any) -> None:
