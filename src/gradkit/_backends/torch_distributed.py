@@ -94,7 +94,7 @@ class ProcessGroup:
 
     def total(self, run: Callable[[], tuple], variables: list) -> tuple:
         """``run()`` -> (partial sums, one per variable or None, count, *rest) on every
-        process; returns them with the sums and count added over the group."""
+        process; returns them with the sums (float64) and count added over the group."""
         shapes = [tuple(v.shape) for v in variables]
         sizes = [int(np.prod(s)) for s in shapes]
         result, error = None, None
@@ -109,8 +109,8 @@ class ProcessGroup:
                                dist.ReduceOp.SUM)
         self._raise_failures(error, reduced[:self.size], "its pass over the data")
         flat = np.split(reduced[self.size + 1:], np.cumsum(sizes)[:-1])
-        sums = [None if s is None else f.reshape(shape).astype(result_dtype(v))
-                for s, f, shape, v in zip(result[0], flat, shapes, variables)]
+        sums = [None if s is None else f.reshape(shape)
+                for s, f, shape in zip(result[0], flat, shapes)]
         return (sums, int(round(reduced[self.size])), *result[2:])
 
     def signature(self, variables: list, **extra: float) -> dict:
