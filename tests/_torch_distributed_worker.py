@@ -66,6 +66,7 @@ def _results(gk, net, x, y, w, rank):
         bad[3] = np.nan  # the share's second batch (examples 7..9) is left out
     put("skip", gk.accumulate(net, (bad,) + mine[1:], batch_size=BATCH, progress=False,
                               on_nonfinite="skip", **dist))
+    put("internal", _internal(net, mine))
     put("hvp", gk.hvp_over(net, mine, vector=vector(net), batch_size=BATCH, **dist))
     for method in ("hutch++", "hutchinson"):
         out[f"trace/{method}"] = np.array(gk.hessian_trace(
@@ -75,6 +76,19 @@ def _results(gk, net, x, y, w, rank):
     eig = gk.hessian_eigenvalues(net, mine[:2], k=2, batch_size=BATCH, **dist)
     out["eig/values"], out["eig/hvps"] = eig.values, np.array(eig.hvps)
     return out
+
+
+def _internal(net, mine):
+    """The engine's distributed_sum (what TF/JAX strategies run), here on torch.distributed."""
+    from gradkit._data import prepare_batch
+    from gradkit._distributed import accumulate_distributed
+    from gradkit._request import prepare
+
+    request = prepare(net, y=mine[1], data=False)
+    cuts = range(0, len(mine[0]), BATCH)
+    batches = [prepare_batch(net, *(a[i:i + BATCH] for a in mine), "float32") for i in cuts]
+    sums, count = accumulate_distributed(request, batches, "torch.distributed")
+    return {key: s / count for key, s in zip(request.keys, sums)}
 
 
 def _errors(gk, keras, net, x, y, rank):
@@ -119,6 +133,12 @@ def main(rank: int, port: str, path: str) -> None:
     before = [np.array(v.numpy()) for v in net.variables]
     out = _results(gk, net, x, y, w, rank)
     out.update(_errors(gk, keras, net, x, y, rank))
+    alone = torch_dist.new_group([0])  # rank 0 alone; rank 1 gets a non-member marker
+    try:
+        put = gk.accumulate(net, (x[:4], y[:4]), strategy=alone, progress=False)
+        out.update({f"alone/{k}": v for k, v in put.items()})
+    except gk.GradkitError as error:
+        out["error/nonmember"] = np.array(f"{type(error).__name__}: {error}")
     lo, hi = SHARES[rank]  # still in step after every error: the same result again
     again = gk.accumulate(net, (x[lo:hi], y[lo:hi], w[lo:hi]), batch_size=BATCH,
                           progress=False, strategy="torch.distributed")

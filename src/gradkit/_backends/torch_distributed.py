@@ -114,8 +114,11 @@ class ProcessGroup:
         return (sums, int(round(reduced[self.size])), *result[2:])
 
     def signature(self, variables: list, **extra: float) -> dict:
-        """`SIGNATURE` entries of the selected variables, plus `extra` ones (vector, seed)."""
-        return {**signature(variables), **extra}
+        """`SIGNATURE` entries of the selected variables, plus `extra` ones: ``vector`` (a
+        list of arrays, compared by `checksum`) and ``seed``."""
+        if extra.get("vector") is not None:
+            extra["vector"] = checksum(extra["vector"])
+        return {**signature(variables), **{k: v for k, v in extra.items() if v is not None}}
 
     def _flags(self, error: Any) -> np.ndarray:
         flags = np.zeros(self.size)
@@ -141,30 +144,46 @@ class ProcessGroup:
 
 def resolve_group(strategy: Any) -> Any:
     """The process group `strategy` names, checked to be usable."""
+    named = isinstance(strategy, str) and strategy == STRATEGY
+    if isinstance(strategy, int) and strategy == dist.GroupMember.NON_GROUP_MEMBER:
+        raise InvalidArgumentError(
+            "strategy= is what torch.distributed.new_group returns to a process outside the "
+            "group; only the group's members may make the collective call. Call it on the "
+            "members only, or pass 'torch.distributed' (every process). "
+            + received(strategy=strategy))
+    if not named and not isinstance(strategy, dist.ProcessGroup):
+        raise InvalidArgumentError(
+            "On torch, strategy= takes 'torch.distributed' (the default process group, every "
+            "process) or a torch.distributed process group (torch.distributed.new_group(...)). "
+            + received(strategy=strategy))
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError(
             f"strategy={strategy!r} needs an initialized torch.distributed: call "
             "torch.distributed.init_process_group('gloo', ...) (or run under torchrun) in "
-            "every process first. " + received(strategy=strategy,
-                                               initialized=dist.is_available()
-                                               and dist.is_initialized()))
-    if isinstance(strategy, str) and strategy == STRATEGY:
-        return dist.group.WORLD
-    if isinstance(strategy, dist.ProcessGroup):
-        return strategy
-    raise InvalidArgumentError(
-        "On torch, strategy= takes 'torch.distributed' (the default process group, every "
-        "process) or a torch.distributed process group (torch.distributed.new_group(...)). "
-        + received(strategy=strategy))
+            "every process first. " + received(strategy=strategy, initialized=False))
+    return dist.group.WORLD if named else strategy
 
 
 def signature(variables: list) -> dict:
-    """The parts of `SIGNATURE` a model's selected variables give."""
+    """The parts of `SIGNATURE` a model's selected variables give (weights: their bytes'
+    CRC-32, so equal means bit-equal, whatever the machine)."""
     layout = ";".join(f"{tuple(v.shape)}:{result_dtype(v).name}" for v in variables)
-    weights = sum((i + 1) * float(np.sum(np.asarray(v.value.detach().cpu(), np.float64)))
-                  for i, v in enumerate(variables))
     return {"selected weights": sum(int(np.prod(v.shape)) for v in variables),
-            "variable shapes and dtypes": zlib.crc32(layout.encode()), "weights": weights}
+            "variable shapes and dtypes": zlib.crc32(layout.encode()),
+            "weights": checksum([_bytes(v.value) for v in variables])}
+
+
+def checksum(arrays: list) -> int:
+    """CRC-32 of the arrays' bytes, in order (differs, almost surely, when they differ)."""
+    crc = 0
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).ravel(), crc)
+    return crc
+
+
+def _bytes(tensor: Any) -> np.ndarray:
+    """A tensor's bytes on the host (any dtype, bfloat16 included)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _no_examples(group: ProcessGroup) -> InvalidArgumentError:
