@@ -3,7 +3,8 @@
     python tests/_torch_distributed_worker.py RANK PORT OUT.npz
 
 Each process passes only its own, unequal share of one dataset to the collective calls
-(``strategy="torch.distributed"``) and saves what it got; the test compares both processes
+(``strategy="torch.distributed"``: accumulate, the dataset curvature functions and
+fisher_diagonal) and saves what it got; the test compares both processes
 with each other and with single-process references it computes itself. Then the error
 cases, each raising on BOTH processes (the message is saved), and one more good call that
 shows the processes are still in step. Importing this module has no side effects: the test
@@ -67,6 +68,7 @@ def _results(gk, net, x, y, w, rank):
     put("skip", gk.accumulate(net, (bad,) + mine[1:], batch_size=BATCH, progress=False,
                               on_nonfinite="skip", **dist))
     put("internal", _internal(net, mine))
+    put("fisher", gk.fisher_diagonal(net, mine, batch_size=BATCH, **dist))
     put("hvp", gk.hvp_over(net, mine, vector=vector(net), batch_size=BATCH, **dist))
     for method in ("hutch++", "hutchinson"):
         out[f"trace/{method}"] = np.array(gk.hessian_trace(

@@ -1,10 +1,10 @@
 """strategy="torch.distributed": two gloo processes on their own shares equal one process.
 
 Two local processes (tests/_torch_distributed_worker.py, one launch for every case) pass
-unequal shares of one dataset to accumulate, hvp_over, hessian_trace and
-hessian_eigenvalues; the references are computed here, in this process, on the whole
+unequal shares of one dataset to accumulate, hvp_over, hessian_trace, hessian_eigenvalues
+and fisher_diagonal; the references are computed here, in this process, on the whole
 dataset: gradients() and hvp() on it as one batch, a dense Hessian from hvp() columns, and
-the single-process dataset functions with the same seed.
+the single-process dataset functions (with the same seed).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def test_two_processes_equal_one_process(keras, launched):
     _close(_part(first, "target"), gk.gradients(net, x, target=1))
     kept = np.r_[0:7, 10:worker.N]  # rank 1's second batch held a NaN: left out of N too
     _close(_part(first, "skip"), gk.gradients(net, x[kept], y[kept], sample_weight=w[kept]))
+    _close(_part(first, "fisher"), gk.fisher_diagonal(net, (x, y, w), batch_size=worker.BATCH))
     _close(_part(first, "hvp"), gk.hvp(net, x, y, sample_weight=w, vector=worker.vector(net)))
     for method in ("hutch++", "hutchinson"):
         single = gk.hessian_trace(net, (x, y), samples=9, method=method, seed=worker.SEED,
