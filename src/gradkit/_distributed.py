@@ -19,8 +19,8 @@
   example counts gives the union's (`gradkit._backends.torch_distributed`). The call is
   COLLECTIVE: every process must make it, with the same model and options; a failure or a
   mismatch on any process raises on all of them. `process_group` is how ``accumulate`` and
-  the dataset curvature functions (``hvp_over``, ``hessian_trace``, ``hessian_eigenvalues``)
-  reach it.
+  the dataset curvature functions (``hvp_over``, ``hessian_trace``, ``hessian_eigenvalues``,
+  ``fisher_diagonal``) reach it.
 
 Multi-worker / multi-process: each worker passes its OWN share of the data (e.g.
 ``dataset.shard(num_workers, index)``); the result, identical on every worker, covers the
