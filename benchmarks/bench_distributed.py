@@ -1,6 +1,6 @@
 """Two replicas against one: `gradkit.accumulate(strategy=...)` examples per second.
 
-    python benchmarks/bench_distributed.py [--flavours tensorflow,jax,tf_keras]
+    python benchmarks/bench_distributed.py [--flavours tensorflow,jax,tf_keras,torch]
                                            [--examples 60000] [--batch 256] [--repeats 3]
 
 Model: a 784-512-512-10 MLP (relu, softmax) compiled with sparse categorical cross-entropy;
@@ -12,6 +12,15 @@ devices; JAX: `--xla_force_host_platform_device_count=2`) and times, alternately
 - no strategy: the single-device accumulate (`strategy=None`);
 - 1 replica: TF `MirroredStrategy(["/cpu:0"])`, JAX a one-device `Mesh`;
 - 2 replicas: TF `MirroredStrategy(["/cpu:0", "/cpu:1"])`, JAX `"data_parallel"`.
+
+torch has no devices to make: its row is two gloo processes (torch.distributed, loopback).
+The worker is rank 0 and starts rank 1; "no strategy" and "1 replica" (a one-member group,
+`new_group([0])`, the same collective code path) run on rank 0 alone, and "2 replicas" is
+both processes, each with half the examples (the first and second halves), timed on rank 0
+from a barrier to its result (the final all-reduce waits for rank 1). Every process runs
+one compute thread (`torch.set_num_threads(1)`), so the row measures scaling over
+processes, not over threads (on a loaded machine, two OpenMP threads in one process wait
+for each other: a single process with 2 threads ran ~10x slower here than with 1).
 
 Each TF setup has its own model built in its strategy's scope, with the same weights. A
 warm-up on the first two batch shapes compiles every program first. Reported: the median
@@ -34,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import emit, interleaved, markdown_table, run_worker  # noqa: E402
 
-FLAVOURS = ("tensorflow", "jax", "tf_keras")
+FLAVOURS = ("tensorflow", "jax", "tf_keras", "torch")
 
 
 def main(argv: list[str]) -> int:
@@ -44,9 +53,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     options = ["--examples", str(args.examples), "--batch", str(args.batch),
                "--repeats", str(args.repeats)]
+    if args.worker == "torch":
+        result = torch_worker(args.rank, args.port, options)
+        if args.rank == 0:
+            emit(result)
+        return 0
     if args.worker:
         emit(worker(args.worker, args.examples, args.batch, args.repeats))
         return 0
@@ -90,6 +106,66 @@ def worker(flavour: str, examples: int, batch: int, repeats: int) -> dict:
     scale = max(float(np.max(np.abs(g))) for g in reference.values())
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(two.values(), reference.values()))
     return {**{name: examples / s for name, s in seconds.items()}, "rel_diff": diff / scale}
+
+
+def torch_worker(rank: int, port: str | None, options: list[str]) -> dict:
+    """Rank 0 starts rank 1; both run the same rounds of timed passes (see the docstring)."""
+    import random
+    import socket
+    import subprocess
+    import time
+
+    args = dict(zip(options[::2], map(int, options[1::2])))
+    examples, batch, repeats = args["--examples"], args["--batch"], args["--repeats"]
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        helper = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
+                                   "torch", "--rank", "1", "--port", port, *options])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    alone = dist.new_group([0])  # every process takes part in making it
+    import keras
+
+    import gradkit as gk
+
+    torch.set_num_threads(1)
+    model = _mlp(keras)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(examples, 784)).astype("float32")
+    y = rng.integers(0, 10, size=examples)
+    half = slice(0, examples // 2) if rank == 0 else slice(examples // 2, examples)
+    setups = {"none": (None, slice(None)), "one": (alone, slice(None)),
+              "two": ("torch.distributed", half)}
+    seconds: dict = {name: [] for name in setups}
+    results = {}
+    for round_ in range(repeats + 1):  # the first round warms up
+        order = list(setups)
+        random.Random(round_).shuffle(order)  # the same order on both processes
+        for name in order:
+            strategy, part = setups[name]
+            dist.barrier()
+            if rank == 1 and name != "two":
+                continue
+            start = time.perf_counter()
+            results[name] = gk.accumulate(model, (x[part], y[part]), batch_size=batch,
+                                          strategy=strategy, progress=False)
+            if round_:
+                seconds[name].append(time.perf_counter() - start)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 1:
+        return {}
+    helper.wait()
+    reference, two = results["none"], results["two"]
+    scale = max(float(np.max(np.abs(g))) for g in reference.values())
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(two.values(), reference.values()))
+    return {**{name: examples / float(np.median(s)) for name, s in seconds.items()},
+            "rel_diff": diff / scale}
 
 
 def _setups(flavour: str):

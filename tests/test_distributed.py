@@ -201,11 +201,3 @@ def test_sum_reduction_is_refused(keras):
     x = np.zeros((5, 3), "float32")
     with pytest.raises(gk.InvalidArgumentError, match="reduction='sum'.*Received"):
         _run(model, "data_parallel", x, x[:, :2])
-
-
-@pytest.mark.flavours("torch")
-def test_torch_has_no_strategy(keras):
-    model = _model(keras)
-    x = np.zeros((5, 3), "float32")
-    with pytest.raises(gk.InvalidArgumentError, match="torch.*Received"):
-        _run(model, "data_parallel", x, x[:, :2])

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gradkit._factors import KINDS, Factor, Geometry, squared_rows, write_rows
+from gradkit._factors import KINDS, Factor, Geometry, squared_rows, weighted_sum, write_rows
 from gradkit._factors._registry import ROLES
 
 RNG = np.random.default_rng(17)
@@ -106,7 +106,8 @@ def test_every_kind_has_a_writer_and_a_squared_norm_per_role():
     for name, kind in KINDS.items():
         assert kind.name == name and kind.roles, name
         for attribute, role in kind.roles.items():
-            assert callable(role.rows) and callable(role.squared), (name, attribute)
+            assert callable(role.rows) and callable(role.squared) and callable(role.summed), (
+                name, attribute)
             assert role.regularizer.startswith(attribute), (name, attribute)
 
 
@@ -128,6 +129,21 @@ def test_rows_and_squared_norms_agree_with_numpy(role, case):
     written = np.einsum("bp,bp->b", out.reshape(N, -1), out.reshape(N, -1), dtype=np.float64)
     np.testing.assert_allclose(squared, written, rtol=1e-5)
     np.testing.assert_allclose(squared, (expected.reshape(N, -1) ** 2).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("role, case", [(role, case) for role in CASES for case in CASES[role]])
+def test_weighted_sums_agree_with_numpy(role, case):
+    factor, expected = CASES[role][case]()
+    weights = np.linspace(-0.5, 2.0, N)
+    summed = weighted_sum(factor, weights, expected.shape[1:])
+    assert summed.shape == expected.shape[1:] and summed.dtype == np.float64
+    np.testing.assert_allclose(summed, np.tensordot(weights, expected.astype(np.float64), 1),
+                               rtol=1e-5, atol=1e-5)
+    first = weighted_sum(factor, weights[:2], expected.shape[1:])  # only the first n rows
+    np.testing.assert_allclose(first, np.tensordot(weights[:2], expected[:2], 1),
+                               rtol=1e-5, atol=1e-5)
+    rows = weighted_sum(expected, weights, expected.shape[1:])  # materialized rows
+    np.testing.assert_allclose(rows, summed, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("role", sorted(CASES))

@@ -10,6 +10,7 @@ from gradkit import transforms as transforms
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._apply import apply as apply
+from gradkit._clipped import clipped_gradients as clipped_gradients
 from gradkit._curvature import (
     HessianEigen as HessianEigen,
     TraceEstimate as TraceEstimate,
@@ -26,6 +27,7 @@ from gradkit._errors import (
     NonFiniteGradientError as NonFiniteGradientError,
     NonFiniteGradientWarning as NonFiniteGradientWarning,
     NotConvergedError as NotConvergedError,
+    ProcessGroupError as ProcessGroupError,
     UnconnectedGradientError as UnconnectedGradientError,
     UnknownLayerError as UnknownLayerError,
     UnsupportedModelError as UnsupportedModelError,
@@ -53,6 +55,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
     "NotConvergedError",
+    "ProcessGroupError",
     "TraceEstimate",
     "UnconnectedGradientError",
     "UnknownLayerError",
@@ -60,6 +63,7 @@ __all__ = [
     "accumulate",
     "activation_gradients",
     "apply",
+    "clipped_gradients",
     "fisher_diagonal",
     "gradient_stats",
     "gradients",

@@ -22,6 +22,7 @@ import numpy as np
 
 from gradkit._data import Batch, leaves
 from gradkit._detect import flavour_of
+from gradkit._distributed import accumulate_distributed, process_group
 from gradkit._errors import (
     InvalidArgumentError,
     NonFiniteGradientError,
@@ -75,20 +76,20 @@ def accumulate(
     ``progress=True`` shows a bar (batches, examples/s) when stderr is a terminal.
     ``strategy=``: a ``tf.distribute`` strategy the model was built under (TensorFlow,
     tf-keras), or ``"data_parallel"`` / ``keras.distribution.DataParallel`` / a
-    ``jax.sharding.Mesh`` (JAX); the result equals the single-device one. Not on torch.
+    ``jax.sharding.Mesh`` (JAX), or ``"torch.distributed"`` / a torch.distributed process
+    group (torch): the result equals the single-device one. Under torch.distributed the call
+    is COLLECTIVE: every process must call it, with the same model and options, passing its
+    OWN share of the data; every process gets the gradient over the union (mean over all N
+    examples of all processes, however unequal the shares).
     ``training`` as in ``gradients()``; no model state changes, even when interrupted.
     ``seed`` as in ``gradients()``: each batch draws its own dropout masks from it (under
     ``strategy=`` the masks come from the model's own, unchanged, seed state instead).
     """
     _check_options(on_nonfinite, progress)
-    request, stream = prepare_dataset(model, data, loss=loss, target=target, layers=layers,
-                                      training=training, seed=seed, batch_size=batch_size)
-    check_mean_reduction(model, request.objective, "accumulate()")
-    if strategy is not None:
-        sums, count, faults = _distributed(request, stream, strategy, on_nonfinite)
-    else:
-        sums, count, faults = _sum_batches(request, stream, on_nonfinite, progress)
-    kept = count - faults.skipped_examples
+    request, sums, kept, faults = _summed(
+        model, strategy, on_nonfinite, progress,
+        lambda: prepare_dataset(model, data, loss=loss, target=target, layers=layers,
+                                training=training, seed=seed, batch_size=batch_size))
     if kept == 0:
         raise faults.all_skipped()
     divisor = 1.0 if request.objective.kind == "target" else float(kept)
@@ -110,6 +111,28 @@ def prepare_dataset(model: Any, data: Any, *, loss: Any = None, target: Any = No
     request = prepare(model, y=stream.first[1].y, loss=loss, target=target, layers=layers,
                       training=training, seed=seed, data=False)
     return request, stream
+
+
+def _summed(model, strategy, on_nonfinite, progress, prepared):
+    """(request, Σ_b w_b ∇L_b per variable, examples kept, faults), on one device, under a
+    TF/JAX strategy, or over a torch.distributed group (local sums, one all-reduce)."""
+    def checked():
+        request, stream = prepared()
+        check_mean_reduction(model, request.objective, "accumulate()")
+        return request, stream
+
+    group = process_group(model, strategy, "accumulate()")
+    if group is not None:
+        request, stream = group.agree(checked, lambda r: group.signature(r[0].variables))
+        sums, kept, faults = group.total(
+            lambda: _kept_sum(request, stream, on_nonfinite, progress), request.variables)
+        return request, sums, kept, faults
+    request, stream = checked()
+    if strategy is not None:
+        sums, count, faults = _distributed(request, stream, strategy, on_nonfinite)
+    else:
+        sums, count, faults = _sum_batches(request, stream, on_nonfinite, progress)
+    return request, sums, count - faults.skipped_examples, faults
 
 
 def _check_options(on_nonfinite: Any, progress: Any) -> None:
@@ -143,6 +166,12 @@ def _sum_batches(request: Request, stream, on_nonfinite, progress):
     return acc.total(), bar.examples, faults
 
 
+def _kept_sum(request: Request, stream, on_nonfinite, progress):
+    """(sums, examples kept, faults) of this process's share (torch.distributed)."""
+    sums, count, faults = _sum_batches(request, stream, on_nonfinite, progress)
+    return sums, count - faults.skipped_examples, faults
+
+
 def _check_oldest(acc, faults, pending: deque, count: int) -> None:
     """Read the flags of the `count` oldest pending batches at once and report faults."""
     entries = [pending.popleft() for _ in range(count)]
@@ -157,15 +186,6 @@ def _distributed(request: Request, stream, strategy, on_nonfinite):
             "on the replicas without looking at them. Use on_nonfinite='raise' (the sum is "
             "checked at the end) or strategy=None. " + received(on_nonfinite=on_nonfinite)
         )
-    try:
-        from gradkit._distributed import accumulate_distributed
-    except ModuleNotFoundError as error:
-        if error.name != "gradkit._distributed":
-            raise
-        raise InvalidArgumentError(
-            "strategy= is not available in this version of gradkit. Use strategy=None. "
-            + received(strategy=strategy)
-        ) from None
     batches = (batch for _, batch in stream)
     sums, count = accumulate_distributed(request, batches, strategy)
     faults = _Faults("raise", request.keys)

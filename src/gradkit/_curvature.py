@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradkit._accumulate import prepare_dataset
+from gradkit._distributed import process_group
 from gradkit._errors import (
     InvalidArgumentError,
     NonFiniteGradientError,
@@ -37,14 +38,25 @@ TRACE_METHODS = ("hutch++", "hutchinson")
 class _DatasetHessian:
     """H of the dataset objective as products: `product()` per variable, `matvec()` flat."""
 
-    def __init__(self, model: Any, data: Any, *, needed_by: str, keep: bool, **options: Any):
-        self.request, stream = prepare_dataset(model, data, **options)
-        check_mean_reduction(model, self.request.objective, needed_by)
-        check_exact_second_order(self.request)
-        # A pass per product: keep the checked batches when there are many passes (a
-        # generator can be read once); read the stream as it comes for a single one.
-        self._stream = stream
-        self._batches = [batch for _, batch in stream] if keep else None
+    def __init__(self, model: Any, data: Any, *, needed_by: str, keep: bool,
+                 strategy: Any = None, vector: Any = None, seed: Any = None, **options: Any):
+        self.group = process_group(model, strategy, needed_by, others=False)
+
+        def prepared():
+            request, stream = prepare_dataset(model, data, **options)
+            check_mean_reduction(model, request.objective, needed_by)
+            check_exact_second_order(request)
+            tangents = None if vector is None else checked_vector(request, vector)
+            # A pass per product: keep the checked batches when there are many passes (a
+            # generator can be read once); read the stream as it comes for a single one.
+            return request, stream, [b for _, b in stream] if keep else None, tangents
+
+        if self.group is None:
+            parts = prepared()
+        else:  # the same model, options, vector and seed on every process, or raise
+            parts = self.group.agree(prepared, lambda p: self.group.signature(
+                p[0].variables, vector=p[3], seed=-1 if seed is None else seed))
+        self.request, self._stream, self._batches, self.tangents = parts
         self.shapes = [tuple(v.shape) for v in self.request.variables]
         self.dtypes = [result_dtype(v) for v in self.request.variables]
         self.sizes = [int(np.prod(shape)) for shape in self.shapes]
@@ -53,9 +65,21 @@ class _DatasetHessian:
         self.products = 0
 
     def product(self, tangents: list[np.ndarray]) -> list[np.ndarray]:
-        """Σ_b w_b H_b v per variable (float64), w_b = n_b / N, or 1 for target=."""
+        """Σ_b w_b H_b v per variable (float64), w_b = n_b / N, or 1 for target=; over
+        every process's batches under torch.distributed (a collective call)."""
         if self.budget is not None and self.products >= self.budget:
             raise _OutOfBudget
+        if self.group is None:
+            total, count = self._local_product(tangents)
+        else:
+            total, count = self.group.total(lambda: self._local_product(tangents),
+                                            self.request.variables)
+        self.products += 1
+        weighted = self.request.objective.kind != "target"
+        return [sum_ / count for sum_ in total] if weighted else total
+
+    def _local_product(self, tangents: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """(Σ_b w_b H_b v over this process's batches, in float64, its example count)."""
         batches = self._batches if self._batches is not None else (b for _, b in self._stream)
         weighted = self.request.objective.kind != "target"
         total = [np.zeros(shape, np.float64) for shape in self.shapes]
@@ -70,8 +94,7 @@ class _DatasetHessian:
                 for sum_, part in zip(total, parts):
                     sum_ += weight * np.asarray(part, np.float64).reshape(sum_.shape)
                 count += batch.size
-        self.products += 1
-        return [sum_ / count for sum_ in total] if weighted else total
+        return total, count
 
     def matvec(self, flat: np.ndarray) -> np.ndarray:
         """H v for a flat float64 v (SciPy's LinearOperator contract)."""
@@ -100,8 +123,8 @@ class _OutOfBudget(Exception):
 
 
 def hvp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, target: Any = None,
-             layers: Any = None, training: bool = False,
-             batch_size: int | None = None) -> dict[str, np.ndarray]:
+             layers: Any = None, training: bool = False, batch_size: int | None = None,
+             strategy: Any = None) -> dict[str, np.ndarray]:
     """``H v`` for the Hessian of the objective over every example of `data`.
 
     With a loss, H is the Hessian of the MEAN loss over all N examples (what ``hvp()`` would
@@ -109,13 +132,15 @@ def hvp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, target: A
     loss must be mean-reduced, as in ``accumulate()``. With ``target=`` it is the SUM over
     every example. `data`: any source ``accumulate()`` takes (a tuple of arrays is cut into
     batches of ``batch_size``). ``vector``, ``layers``, ``training``, keys, order and dtypes
-    as in ``hvp()``; one pass over the data; no model state changes.
+    as in ``hvp()``; one pass over the data; no model state changes. ``strategy=``:
+    ``"torch.distributed"`` or a process group (torch only): a COLLECTIVE call, each process
+    passing its own share of the data and the same ``vector``, all getting H v over the
+    union (see ``accumulate()``).
     """
-    hessian = _DatasetHessian(model, data, needed_by="hvp_over()", keep=False, loss=loss,
-                              target=target, layers=layers, training=training,
-                              batch_size=batch_size)
-    tangents = checked_vector(hessian.request, vector)
-    return finish(hessian.request, hessian.product(tangents))
+    hessian = _DatasetHessian(model, data, needed_by="hvp_over()", keep=False,
+                              strategy=strategy, vector=vector, loss=loss, target=target,
+                              layers=layers, training=training, batch_size=batch_size)
+    return finish(hessian.request, hessian.product(hessian.tangents))
 
 
 @dataclass(frozen=True, repr=False)
@@ -137,7 +162,7 @@ class HessianEigen:
 def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "largest",
                         tol: float = 1e-4, max_hvps: int | None = None, loss: Any = None,
                         layers: Any = None, batch_size: int | None = None,
-                        seed: int = 0) -> HessianEigen:
+                        seed: int = 0, strategy: Any = None) -> HessianEigen:
     """The `k` extreme eigenvalues of the Hessian of the mean loss over `data`, by Lanczos.
 
     H is the Hessian ``hvp_over()`` multiplies by (mean loss over every example, compiled
@@ -149,12 +174,15 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
     runs on the products, to relative accuracy ``tol``, from a start vector drawn with
     ``seed``. ``max_hvps``: the most products it may use (None: ARPACK's own limit);
     past it, NotConvergedError. Returns a `HessianEigen`; no model state changes.
+    ``strategy=``: torch.distributed, as in ``hvp_over()``; every process runs the same
+    Lanczos iteration on the same all-reduced products, so all get the same result.
     """
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     _check_eigen_options(k, which, tol, max_hvps)
     hessian = _DatasetHessian(model, data, needed_by="hessian_eigenvalues()", keep=True,
-                              loss=loss, layers=layers, batch_size=batch_size)
+                              strategy=strategy, seed=seed, loss=loss, layers=layers,
+                              batch_size=batch_size)
     if k >= hessian.size:
         raise InvalidArgumentError(
             f"k= must be below the number of selected weights ({hessian.size}); Lanczos finds "
@@ -202,7 +230,7 @@ class TraceEstimate(NamedTuple):
 
 def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "hutch++",
                   seed: int | None = None, loss: Any = None, layers: Any = None,
-                  batch_size: int | None = None) -> TraceEstimate:
+                  batch_size: int | None = None, strategy: Any = None) -> TraceEstimate:
     """A randomized, unbiased estimate of the trace of the dataset Hessian, from `samples`
     Hessian-vector products over `data` (H and `data` as in ``hessian_eigenvalues()``).
 
@@ -213,14 +241,19 @@ def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "h
     like 1/samples instead of 1/√samples when a few eigenvalues dominate; its standard
     error is that of the Hutchinson part, given the sketch (0 when Q spans every weight).
     Returns ``TraceEstimate(estimate, standard_error)``; no model state changes.
+    ``strategy=``: torch.distributed, as in ``hvp_over()``; the probes are drawn from the
+    same seed on every process (``seed=None``: one drawn at random and shared), so every
+    process gets the same estimate.
     """
     if method not in TRACE_METHODS:
         raise InvalidArgumentError(
             f"method= must be one of {TRACE_METHODS}. " + received(method=method))
     _check_count("samples", samples, 2 if method == "hutchinson" else 6)
-    hessian = _DatasetHessian(model, data, needed_by="hessian_trace()", keep=True, loss=loss,
-                              layers=layers, batch_size=batch_size)
-    rng = np.random.default_rng(seed)
+    hessian = _DatasetHessian(model, data, needed_by="hessian_trace()", keep=True,
+                              strategy=strategy, seed=seed, loss=loss, layers=layers,
+                              batch_size=batch_size)
+    shared = seed is None and hessian.group is not None
+    rng = np.random.default_rng(hessian.group.shared_seed if shared else seed)
 
     def rademacher(count: int) -> np.ndarray:
         return rng.choice([-1.0, 1.0], size=(count, hessian.size))

@@ -13,13 +13,21 @@
   over the devices (``NamedSharding``), the weights replicated, and the one jitted gradient
   program runs on the global batch, XLA inserting the all-reduce. After
   ``jax.distributed.initialize`` the mesh spans every process.
-- torch: no strategy (raises).
+- torch: ``"torch.distributed"`` (the default process group) or a torch.distributed process
+  group, after ``torch.distributed.init_process_group`` in every process (gloo on CPU). Each
+  process sums its own share locally, and one all-reduce (SUM) of the partial sums and
+  example counts gives the union's (`gradkit._backends.torch_distributed`). The call is
+  COLLECTIVE: every process must make it, with the same model and options; a failure or a
+  mismatch on any process raises on all of them. `process_group` is how ``accumulate`` and
+  the dataset curvature functions (``hvp_over``, ``hessian_trace``, ``hessian_eigenvalues``,
+  ``fisher_diagonal``) reach it.
 
 Multi-worker / multi-process: each worker passes its OWN share of the data (e.g.
 ``dataset.shard(num_workers, index)``); the result, identical on every worker, covers the
 union of all shares. TensorFlow workers may hold different numbers of batches and
 examples; JAX processes must yield the same number of batches (a process that runs out
-first makes every process raise), whose sizes may differ.
+first makes every process raise), whose sizes may differ; torch processes may hold any
+number of batches and examples, but at least one example each.
 
 Exactness: the objective must be a mean over examples (reduction ``"sum_over_batch_size"``,
 the default, or ``"mean"``) or a ``target=`` score, so that a batch's gradient splits over
@@ -37,8 +45,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from gradkit._data import Batch
+from gradkit._detect import flavour_of
+from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import check_mean_reduction
 from gradkit._request import Request
+
+TORCH_STRATEGY = "torch.distributed"
 
 
 def accumulate_distributed(request: Request, batches: Iterable[Batch],
@@ -55,3 +67,29 @@ def accumulate_distributed(request: Request, batches: Iterable[Batch],
     """
     check_mean_reduction(request.model, request.objective, "strategy=")
     return request.adapter.distributed_sum(request, batches, strategy)
+
+
+def process_group(model: Any, strategy: Any, needed_by: str, others: bool = True) -> Any:
+    """The torch.distributed group that `strategy` names for a torch model (a
+    `gradkit._backends.torch_distributed.ProcessGroup`), or None: no strategy, or (with
+    `others`) a TensorFlow or JAX strategy, left to `accumulate_distributed`."""
+    if strategy is None:
+        return None
+    flavour = flavour_of(model)
+    if flavour == "torch":
+        from gradkit._backends import torch_distributed
+
+        return torch_distributed.ProcessGroup(strategy)
+    torch_like = (isinstance(strategy, str) and strategy == TORCH_STRATEGY) or \
+        type(strategy).__module__.split(".")[0] == "torch"
+    if torch_like or not others:
+        supported = ("strategy='torch.distributed' (or a torch.distributed process group) "
+                     "works on Keras 3 with the torch backend only")
+        if others:
+            supported += ("; on TensorFlow pass a tf.distribute strategy, on JAX "
+                          "'data_parallel' or a jax.sharding.Mesh")
+        raise InvalidArgumentError(
+            f"{needed_by}: {supported}. Use strategy=None on the {flavour} flavour, or "
+            "run the model with KERAS_BACKEND=torch. "
+            + received(strategy=strategy, flavour=flavour))
+    return None

@@ -12,6 +12,7 @@ without knowing gradkit::
     ├── UnconnectedGradientError (ValueError) a selected variable does not affect the loss
     ├── NonFiniteGradientError (FloatingPointError)  a batch's gradient holds NaN/Inf
     ├── NotConvergedError (ArithmeticError)   an iterative method ran out of its budget
+    ├── ProcessGroupError (RuntimeError)      another process of a collective call failed
     └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
 
     NonFiniteGradientWarning (RuntimeWarning) NaN/Inf in a gradient, naming the variables
@@ -57,6 +58,10 @@ class NonFiniteGradientError(GradkitError, FloatingPointError):
 
 class NotConvergedError(GradkitError, ArithmeticError):
     """An iterative method (the Lanczos eigensolver) did not converge within its budget."""
+
+
+class ProcessGroupError(GradkitError, RuntimeError):
+    """Another process of a torch.distributed group failed in the same collective call."""
 
 
 class GradkitFileError(GradkitError, OSError):

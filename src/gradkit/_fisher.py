@@ -18,7 +18,9 @@ from gradkit._data import leaves, map_structure
 from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._per_example import per_example_gradients
-from gradkit._request import floatx
+from gradkit._distributed import process_group
+from gradkit._request import floatx, result_dtype
+from gradkit._select import select_variables, unique_keys
 from gradkit._sources import BatchStream
 
 KINDS = ("empirical", "true")
@@ -28,7 +30,8 @@ ROWS_PER_CALL = 4096  # examples × label draws per per_example_gradients call (
 
 def fisher_diagonal(model: Any, data: Any, *, kind: str = "empirical", samples: Any = 1,
                     seed: Any = None, loss: Any = None, layers: Any = None,
-                    batch_size: int | None = None) -> dict[str, np.ndarray]:
+                    batch_size: int | None = None, strategy: Any = None
+                    ) -> dict[str, np.ndarray]:
     """The diagonal of the Fisher information, a MEAN over every example of `data`.
 
     Scale: ``F = (1/N) Σ_i g_i ⊙ g_i`` where ``g_i`` is row i of ``per_example_gradients()``:
@@ -50,19 +53,39 @@ def fisher_diagonal(model: Any, data: Any, *, kind: str = "empirical", samples: 
 
     `data`: any source ``accumulate()`` takes (a tuple of arrays is cut into batches of
     ``batch_size``). ``layers`` selects variables as in ``gradients()``. Inference mode; keys,
-    order and dtypes as ``gradients()``; no model state changes.
+    order and dtypes as ``gradients()``; no model state changes. ``strategy=``:
+    torch.distributed, as in ``accumulate()`` (collective; the mean over every process's
+    examples; with kind="true" each process draws its labels from ``(seed, its rank)``).
     """
     _check_options(kind, samples)
-    if kind == "empirical":
-        _, stream = prepare_dataset(model, data, loss=loss, layers=layers,
-                                    batch_size=batch_size)
-    else:  # labels come from the model: the data's own y (if any) is not checked
-        flavour = flavour_of(model)
-        stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
-        rng = np.random.default_rng(seed)
-    total: dict[str, np.ndarray] = {}
-    dtypes: dict[str, Any] = {}
-    count = 0
+    group = process_group(model, strategy, "fisher_diagonal()", others=False)
+
+    def prepared():
+        variables = select_variables(model, layers)
+        if kind == "empirical":
+            return variables, prepare_dataset(model, data, loss=loss, layers=layers,
+                                              batch_size=batch_size)[1]
+        flavour = flavour_of(model)  # labels come from the model: the data's y is not checked
+        return variables, BatchStream(model, data, batch_size, flavour, floatx(flavour))
+
+    def squares():
+        return _squares(model, stream, kind, samples, rng, loss, layers, variables)
+
+    if group is None:
+        variables, stream = prepared()
+    else:
+        variables, stream = group.agree(prepared, lambda p: group.signature(p[0]))
+    rng = np.random.default_rng(seed if group is None or seed is None else [seed, group.rank])
+    sums, count = squares() if group is None else group.total(squares, variables)
+    draws = samples if kind == "true" and samples != "exact" else 1
+    return {key: (total / (count * draws)).astype(result_dtype(variable))
+            for key, total, variable in zip(unique_keys(variables), sums, variables)}
+
+
+def _squares(model, stream, kind, samples, rng, loss, layers, variables):
+    """(Σ_i g_i ⊙ g_i per variable in float64, examples) over this process's batches."""
+    total = [np.zeros(tuple(v.shape), np.float64) for v in variables]
+    keys, count = unique_keys(variables), 0
     for _, batch in stream:
         if kind == "empirical":
             rows = per_example_gradients(model, batch.x, batch.y, loss=loss, layers=layers,
@@ -71,19 +94,12 @@ def fisher_diagonal(model: Any, data: Any, *, kind: str = "empirical", samples: 
         else:
             parts = _true_parts(model, batch, samples, rng, loss, layers)
         for rows, weights in parts:
-            for key, row in rows.items():
-                squares = np.square(row.astype(np.float64))
-                if weights is None:
-                    summed = squares.sum(axis=0)
-                else:
-                    summed = np.tensordot(weights, squares, axes=(0, 0))
-                if key in total:
-                    total[key] += summed
-                else:
-                    total[key], dtypes[key] = summed, row.dtype
+            for sum_, key in zip(total, keys):
+                squares = np.square(rows[key].astype(np.float64))
+                sum_ += squares.sum(axis=0) if weights is None else \
+                    np.tensordot(weights, squares, axes=(0, 0))
         count += batch.size
-    draws = samples if kind == "true" and samples != "exact" else 1
-    return {key: (value / (count * draws)).astype(dtypes[key]) for key, value in total.items()}
+    return total, count
 
 
 def _check_options(kind: Any, samples: Any) -> None:

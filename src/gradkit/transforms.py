@@ -1,4 +1,4 @@
-"""Gradient transformations: change a gradient set before it is applied (pure NumPy).
+"""Gradient transformations: change a gradient set before it is applied.
 
 The contract is optax's. A `GradientTransformation` is a NamedTuple of two pure functions::
 
@@ -18,6 +18,11 @@ then clipping)::
     new_grads, state = tx.update(grads, state)
     gk.apply(model, new_grads)                    # one optimizer step with them
 
+The same transforms run inside ``fit``: ``wrap(optimizer, transform)`` gives an optimizer
+whose compiled step applies the transform to the true-scale gradients before its update::
+
+    model.compile(optimizer=T.wrap(keras.optimizers.SGD(0.1), T.clip_by_global_norm(1.0)))
+
 Layer patterns (`scale_by_layer`, `mask`) are fnmatch globs matched against the layer part
 of each key (the key without its last ``/part``) or a trailing part of it, as ``layers=``
 matches names and paths. Bad arguments raise `gradkit.InvalidArgumentError`.
@@ -26,6 +31,7 @@ matches names and paths. Bad arguments raise `gradkit.InvalidArgumentError`.
 from gradkit._transforms._base import (
     EmptyState as EmptyState,
     GradientTransformation as GradientTransformation,
+    HostOnlyTransformation as HostOnlyTransformation,
     chain as chain,
 )
 from gradkit._transforms._clipping import (
@@ -44,12 +50,14 @@ from gradkit._transforms._scaling import (
     scale as scale,
     scale_by_layer as scale_by_layer,
 )
+from gradkit._transforms._wrap import wrap as wrap
 
 __all__ = [
     "AddNoiseState",
     "ApplyIfFiniteState",
     "EmptyState",
     "GradientTransformation",
+    "HostOnlyTransformation",
     "add_noise",
     "apply_if_finite",
     "chain",
@@ -60,4 +68,5 @@ __all__ = [
     "mask",
     "scale",
     "scale_by_layer",
+    "wrap",
 ]

@@ -144,7 +144,7 @@ class Engine(Operations):
     # --- streaming sums (gradkit.accumulate) and distribution
 
     def distributed_sum(self, request, batches, strategy):
-        """Through the backend's own engine: tf.distribute or a JAX mesh."""
+        """Through the backend's own engine: tf.distribute, a JAX mesh, torch.distributed."""
         return self.p.distributed_sum(self, request, batches, strategy)
 
     def replica_gradient(self, request) -> Callable:

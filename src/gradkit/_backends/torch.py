@@ -22,7 +22,6 @@ import torch
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._cache import BoundedCache
 from gradkit._data import map_structure
-from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import Ops
 
 
@@ -145,12 +144,10 @@ class TorchPrimitives:
         return kept_rng()
 
     def distributed_sum(self, adapter, request, batches, strategy):
-        raise InvalidArgumentError(
-            "strategy= is supported on the TensorFlow, tf-keras and JAX flavours; Keras 3 "
-            "on torch has no distribution engine to run it. Use strategy=None, or run one "
-            "process per device and add up the unnormalized sums with "
-            "torch.distributed.all_reduce. " + received(strategy=strategy)
-        )
+        """Over the processes of a torch.distributed group (gradkit._backends.torch_distributed)."""
+        from gradkit._backends import torch_distributed
+
+        return torch_distributed.distributed_sum(adapter, request, batches, strategy)
 
     def kernel_rows(self, inputs: Any, deltas: Any, out: np.ndarray) -> None:
         """``out[i] = Σ_t a_it δ_itᵀ`` written by torch's own threads straight into the NumPy

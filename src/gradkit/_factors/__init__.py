@@ -15,9 +15,9 @@ same sum over its output positions, with ``a_t`` the input patch under position 
 factors keep their spatial shape and its geometry (`_conv`).
 
 Each layer kind is one entry of the registry (`_registry.KINDS`): the classes it covers, its
-roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`) and squared
-norm (`_norms`), its factor layout (`_arrays`) and where its δ is taken. `LayerTaps` (`_taps`)
-collects the factors: the adapter differentiates each example's objective with respect to zero
+roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`), squared
+norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and where its δ is
+taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's objective with respect to zero
 perturbations at the planned layers' pre-activations inside its vectorizer. Layers not planned
 (other types; regularized, LoRA, quantized or customized Dense/Embedding/Conv, grouped
 convolutions) are differentiated directly. Framework-free: adapters pass their ops.
@@ -34,6 +34,7 @@ from gradkit._factors._registry import Role as Role
 from gradkit._factors._registry import plan as plan
 from gradkit._factors._registry import rest as rest
 from gradkit._factors._registry import squared_rows as squared_rows
+from gradkit._factors._registry import weighted_sum as weighted_sum
 from gradkit._factors._registry import write_rows as write_rows
 from gradkit._factors._taps import LayerTaps as LayerTaps
 from gradkit._factors._taps import assemble as assemble
@@ -54,5 +55,6 @@ __all__ = [
     "plan",
     "rest",
     "squared_rows",
+    "weighted_sum",
     "write_rows",
 ]

@@ -2,9 +2,9 @@
 
 A kind says which classes of a layers module (``keras.layers`` or ``tf_keras.layers``) it
 covers, when such a layer is plain enough to factor, how its factors are laid out and where its
-δ is taken, and, per variable (`Role`), its regularizer and its rows writer and squared norm.
-`plan` finds the kinds in a model; `write_rows` and `squared_rows` dispatch on `Factor.role`,
-which names one role of one kind. A new kind is one more entry in `KINDS`.
+δ is taken, and, per variable (`Role`), its regularizer, rows writer, squared norm and weighted
+sum. `plan` finds the kinds in a model; `write_rows`, `squared_rows` and `weighted_sum`
+dispatch on `Factor.role`, which names one role of one kind. A new kind is one more entry in `KINDS`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from gradkit._factors import _arrays, _norms, _rows
+from gradkit._factors import _arrays, _norms, _rows, _sums
 from gradkit._factors._conv import conv_geometry
 from gradkit._select import walk_layers
 
@@ -26,6 +26,7 @@ class Role(NamedTuple):
     uses_inputs: bool  # whether its Factor carries the layer inputs (a bias needs only δ)
     rows: Callable  # (factor, out, product) -> whether the rows are finite
     squared: Callable  # (factor, n) -> (n,) float64 squared norms
+    summed: Callable  # (factor, weights, shape) -> float64 Σ_i weights[i] · row_i
 
 
 class Kind(NamedTuple):
@@ -64,21 +65,22 @@ def _activated(layer: Any) -> bool:
 DENSE = Kind(
     "dense", lambda layers: (layers.Dense,),
     {"kernel": Role("kernel", "kernel_regularizer", True, _rows.dense_kernel,
-                    _norms.dense_kernel),
-     "bias": Role("bias", "bias_regularizer", False, _rows.bias, _norms.bias)},
+                    _norms.dense_kernel, _sums.dense_kernel),
+     "bias": Role("bias", "bias_regularizer", False, _rows.bias, _norms.bias, _sums.bias)},
     _activated, _arrays.features, at_output=False)
 
 EMBEDDING = Kind(
     "embedding", lambda layers: (layers.Embedding,),
     {"embeddings": Role("embeddings", "embeddings_regularizer", True, _rows.embeddings,
-                        _norms.embeddings)},
+                        _norms.embeddings, _sums.embeddings)},
     lambda layer: True, _arrays.ids, at_output=True)
 
 CONV = Kind(
     "conv", lambda layers: (layers.Conv1D, layers.Conv2D, layers.Conv3D),
     {"kernel": Role("conv_kernel", "kernel_regularizer", True, _rows.conv_kernel,
-                    _norms.conv_kernel),
-     "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias)},
+                    _norms.conv_kernel, _sums.conv_kernel),
+     "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias,
+                  _sums.conv_bias)},
     lambda layer: _activated(layer) and getattr(layer, "groups", 1) == 1,  # not grouped
     _arrays.spatial, at_output=False, geometry=conv_geometry)
 
@@ -146,3 +148,11 @@ def squared_rows(part: Any, n: int) -> np.ndarray:
     if not isinstance(part, Factor):
         return _norms.array_squared(part, n)
     return ROLES[part.role].squared(part, n)
+
+
+def weighted_sum(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """``Σ_i weights[i] · row_i`` (float64, `shape`) over the first ``len(weights)`` rows of
+    one variable's per-example gradients (an array, or a `Factor`: rows never formed)."""
+    if not isinstance(part, Factor):
+        return _sums.array_sum(part, weights, shape)
+    return ROLES[part.role].summed(part, weights, shape)

@@ -2,7 +2,9 @@
 
 A gradient set is ``{variable path: np.ndarray or None}``. A transformation is a pair of pure
 functions: ``init(grads) -> state`` and ``update(grads, state) -> (new_grads, new_state)``.
-Neither modifies its arguments; ``None`` values pass through unchanged.
+Neither modifies its arguments; ``None`` values pass through unchanged. ``update`` is written
+over `gradkit._transforms._ops` so that it also runs on framework tensors inside the compiled
+step of a `wrap`-ped optimizer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradkit._errors import InvalidArgumentError, received
+from gradkit._transforms._ops import ops_for
 
 Grads = dict[str, Any]  # {variable path: np.ndarray | None}
 State = Any
@@ -24,6 +27,15 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[Grads], State]
     update: Callable[[Grads, State], tuple[Grads, State]]
+
+
+class HostOnlyTransformation(GradientTransformation):
+    """A transformation that runs on NumPy gradient sets only, never inside a compiled step
+    (``add_noise``: its generator state lives on the host); so is any built from one."""
+
+
+def host_only(*transforms: GradientTransformation) -> bool:
+    return any(isinstance(t, HostOnlyTransformation) for t in transforms)
 
 
 class EmptyState(NamedTuple):
@@ -66,7 +78,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    kind = HostOnlyTransformation if host_only(*transforms) else GradientTransformation
+    return kind(init, update)
 
 
 def check_grads(grads: Any) -> Grads:
@@ -76,10 +89,11 @@ def check_grads(grads: Any) -> Grads:
             "A gradient set is a dict {variable path: NumPy array}, as gradkit.gradients "
             "returns, but this is not a dict. Pass the dict itself, not its values. "
             + received(grads=grads))
+    ops = ops_for(grads)
     for key, g in grads.items():
         if g is None:
             continue
-        if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
+        if not ops.is_array(g):
             raise InvalidArgumentError(
                 f"The gradient of {key!r} is not a floating-point NumPy array; gradient sets "
                 "hold float arrays (or None). Convert it with np.asarray(value, np.float32). "
@@ -87,10 +101,9 @@ def check_grads(grads: Any) -> Grads:
     return dict(grads)
 
 
-def map_grads(fn: Callable[[str, np.ndarray], np.ndarray], grads: Grads) -> Grads:
-    """``{key: fn(key, g)}`` with ``None`` passed through and each dtype kept."""
-    return {k: None if g is None else np.asarray(fn(k, g)).astype(g.dtype, copy=False)
-            for k, g in grads.items()}
+def map_grads(fn: Callable[[str, Any], Any], grads: Grads) -> Grads:
+    """``{key: fn(key, g)}`` with ``None`` passed through (`fn` keeps each dtype)."""
+    return {k: None if g is None else fn(k, g) for k, g in grads.items()}
 
 
 def number(value: Any, name: str, *, low: float = -math.inf, strict: bool = False,
@@ -105,9 +118,3 @@ def number(value: Any, name: str, *, low: float = -math.inf, strict: bool = Fals
     raise InvalidArgumentError(
         f"{name} must be a {'' if infinite else 'finite '}number{bound}, but it is not. "
         "Pass a plain number such as 1.0. " + received(**{name: value}))
-
-
-def squared_norm(g: np.ndarray) -> float:
-    """``sum(g²)``, accumulated in float64 (float16 squared in float32: no overflow)."""
-    return float(np.sum(np.square(g, dtype=np.promote_types(g.dtype, np.float32)),
-                        dtype=np.float64))

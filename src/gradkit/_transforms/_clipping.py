@@ -4,24 +4,17 @@
     clip_by_norm(c):         g_i ← g_i · min(1, c / ‖g_i‖₂)             one per variable
     clip_by_value(lo, hi):   g ← min(max(g, lo), hi)                    elementwise
 
-Norms are accumulated in float64; each array keeps its dtype. A zero norm leaves g unchanged.
+Norms are accumulated in float64 (float32 inside a wrapped optimizer's step); each array keeps
+its dtype. A norm within the bound (zero included) leaves g unchanged.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
+from typing import Any
 
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._transforms._base import (
-    GradientTransformation,
-    Grads,
-    map_grads,
-    number,
-    squared_norm,
-    stateless,
-)
+from gradkit._transforms._base import GradientTransformation, Grads, map_grads, number, stateless
+from gradkit._transforms._ops import ops_for
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -30,9 +23,10 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     max_norm = number(max_norm, "max_norm", low=0.0, strict=True)
 
     def clip(grads: Grads) -> Grads:
-        norm = math.sqrt(sum(squared_norm(g) for g in grads.values() if g is not None))
-        factor = _factor(norm, max_norm)
-        return map_grads(lambda _, g: g * factor, grads)
+        ops = ops_for(grads)
+        norm = ops.sqrt(sum(ops.squared_norm(g) for g in grads.values() if g is not None))
+        factor = _factor(ops, norm, max_norm)
+        return map_grads(lambda _, g: ops.scaled(g, factor), grads)
 
     return stateless(clip)
 
@@ -41,8 +35,13 @@ def clip_by_norm(max_norm: float) -> GradientTransformation:
     """Scale each variable's gradient so that its own L2 norm is at most `max_norm` (as Keras'
     ``clipnorm``)."""
     max_norm = number(max_norm, "max_norm", low=0.0, strict=True)
-    return stateless(lambda grads: map_grads(
-        lambda _, g: g * _factor(math.sqrt(squared_norm(g)), max_norm), grads))
+    def clip(grads: Grads) -> Grads:
+        ops = ops_for(grads)
+        return map_grads(
+            lambda _, g: ops.scaled(g, _factor(ops, ops.sqrt(ops.squared_norm(g)), max_norm)),
+            grads)
+
+    return stateless(clip)
 
 
 def clip_by_value(lo: float, hi: float) -> GradientTransformation:
@@ -54,8 +53,9 @@ def clip_by_value(lo: float, hi: float) -> GradientTransformation:
         raise InvalidArgumentError(
             f"clip_by_value needs lo <= hi, but lo={lo:g} is above hi={hi:g}. Swap them, or "
             "use clip_by_value(-c, c) for a symmetric range. " + received(lo=lo, hi=hi))
-    return stateless(lambda grads: map_grads(lambda _, g: np.clip(g, lo, hi), grads))
+    return stateless(lambda grads: map_grads(lambda _, g: ops_for(grads).clip(g, lo, hi), grads))
 
 
-def _factor(norm: float, max_norm: float) -> float:
-    return max_norm / norm if norm > max_norm else 1.0
+def _factor(ops: Any, norm: Any, max_norm: float) -> Any:
+    """``min(1, max_norm / norm)`` without a branch (1 for a zero norm)."""
+    return max_norm / ops.maximum(norm, max_norm)

@@ -2,17 +2,25 @@
 
 The inner transformation runs; if any array of its output holds NaN or Inf, the output is
 replaced by zeros of the same shapes and dtypes and the inner state is kept as it was (not
-advanced). The counts of such updates, in a row and in total, live in the state.
+advanced). The counts of such updates, in a row and in total, live in the state. Inside a
+`wrap`-ped optimizer's step the zeros replace the update the same way (the optimizer still
+takes its step, with zero gradients), but no counts are kept there.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._transforms._base import GradientTransformation, Grads, check_grads, map_grads
+from gradkit._transforms._base import (
+    GradientTransformation,
+    Grads,
+    HostOnlyTransformation,
+    check_grads,
+    host_only,
+    map_grads,
+)
+from gradkit._transforms._ops import NumpyOps, ops_for
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -38,10 +46,15 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
 
     def update(grads: Grads, state: ApplyIfFiniteState) -> tuple[Grads, ApplyIfFiniteState]:
         updates, inner_state = inner.update(check_grads(grads), state.inner_state)
-        if all(g is None or np.all(np.isfinite(g)) for g in updates.values()):
+        ops = ops_for(updates)
+        finite = ops.all_finite([g for g in updates.values() if g is not None])
+        if ops is not NumpyOps:  # a compiled step: choose by value, keep no counts
+            return map_grads(lambda _, g: ops.where(finite, g, ops.zeros_like(g)),
+                             updates), state
+        if finite:
             return updates, ApplyIfFiniteState(0, True, state.total_notfinite, inner_state)
-        zeros = map_grads(lambda _, g: np.zeros_like(g), updates)
+        zeros = map_grads(lambda _, g: ops.zeros_like(g), updates)
         return zeros, ApplyIfFiniteState(state.notfinite_count + 1, False,
                                          state.total_notfinite + 1, state.inner_state)
 
-    return GradientTransformation(init, update)
+    return (HostOnlyTransformation if host_only(inner) else GradientTransformation)(init, update)

@@ -13,7 +13,14 @@ from typing import NamedTuple
 import numpy as np
 
 from gradkit._errors import InvalidArgumentError, received
-from gradkit._transforms._base import GradientTransformation, Grads, check_grads, number
+from gradkit._transforms._base import (
+    GradientTransformation,
+    Grads,
+    HostOnlyTransformation,
+    check_grads,
+    number,
+)
+from gradkit._transforms._ops import NumpyOps, ops_for
 
 
 class AddNoiseState(NamedTuple):
@@ -22,11 +29,12 @@ class AddNoiseState(NamedTuple):
     rng: np.random.Generator
 
 
-def add_noise(stddev: float, seed: int | None = None) -> GradientTransformation:
+def add_noise(stddev: float, seed: int | None = None) -> HostOnlyTransformation:
     """Add independent Gaussian noise of standard deviation `stddev` to every element.
 
     An int `seed` gives the same noise sequence on every run; ``None`` takes fresh entropy.
-    Noise is drawn in float32 (float64 for float64 gradients), in key order.
+    Noise is drawn in float32 (float64 for float64 gradients), in key order. It runs on
+    NumPy gradient sets only: `wrap` refuses it (and any chain holding it).
     """
     stddev = number(stddev, "stddev", low=0.0)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
@@ -40,6 +48,13 @@ def add_noise(stddev: float, seed: int | None = None) -> GradientTransformation:
         return AddNoiseState(np.random.default_rng(seed))
 
     def update(grads: Grads, state: AddNoiseState) -> tuple[Grads, AddNoiseState]:
+        if ops_for(grads) is not NumpyOps:
+            raise InvalidArgumentError(
+                "add_noise runs on NumPy gradient sets, not inside a wrapped optimizer's "
+                "compiled step (its generator state cannot live there). Add noise in a manual "
+                "loop (gradients -> transform -> gradkit.apply), or use "
+                "gradkit.clipped_gradients(noise_multiplier=...) for DP-SGD. "
+                + received(transform="add_noise"))
         grads, rng = check_grads(grads), copy.deepcopy(state.rng)
         out = {}
         for key, g in grads.items():
@@ -51,4 +66,4 @@ def add_noise(stddev: float, seed: int | None = None) -> GradientTransformation:
             out[key] = (g + stddev * noise).astype(g.dtype, copy=False)
         return out, AddNoiseState(rng)
 
-    return GradientTransformation(init, update)
+    return HostOnlyTransformation(init, update)

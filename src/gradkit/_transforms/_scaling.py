@@ -18,17 +18,17 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
-
 from gradkit._errors import InvalidArgumentError, UnknownLayerError, received
 from gradkit._select import layer_of
 from gradkit._transforms._base import GradientTransformation, Grads, map_grads, number, stateless
+from gradkit._transforms._ops import ops_for
 
 
 def scale(factor: float) -> GradientTransformation:
     """Multiply every gradient by `factor` (as ``optax.scale``)."""
     factor = number(factor, "factor")
-    return stateless(lambda grads: map_grads(lambda _, g: g * factor, grads))
+    return stateless(lambda grads: map_grads(lambda _, g: ops_for(grads).scaled(g, factor),
+                                             grads))
 
 
 def scale_by_layer(factors: Mapping[str, float]) -> GradientTransformation:
@@ -44,8 +44,9 @@ def scale_by_layer(factors: Mapping[str, float]) -> GradientTransformation:
         return owner_patterns(grads, list(checked), "scale_by_layer", exclusive=True)
 
     def rescale(grads: Grads) -> Grads:
-        found = owners(grads)
-        return map_grads(lambda k, g: g * checked[found[k]] if k in found else g * 1, grads)
+        found, ops = owners(grads), ops_for(grads)
+        return map_grads(lambda k, g: ops.scaled(g, checked[found[k]] if k in found
+                                                 else 1.0), grads)
 
     return stateless(rescale, check=owners)
 
@@ -65,8 +66,9 @@ def mask(layers: str | Iterable[str]) -> GradientTransformation:
         return owner_patterns(grads, patterns, "mask")
 
     def zero(grads: Grads) -> Grads:
-        found = owners(grads)
-        return map_grads(lambda k, g: np.zeros_like(g) if k in found else g * 1, grads)
+        found, ops = owners(grads), ops_for(grads)
+        return map_grads(lambda k, g: ops.zeros_like(g) if k in found else ops.scaled(g, 1.0),
+                         grads)
 
     return stateless(zero, check=owners)
 

@@ -1,0 +1,73 @@
+"""Weighted sums of per-example gradients from their factors: one form per role.
+
+Every function is ``(factor, weights, shape) -> array of shape`` (`shape`: the variable's),
+with `weights` of shape (n,) for the first n examples, and equals ``Σ_i weights[i] · row_i`` for the rows the role's writer
+(``gradkit._factors._rows``) would write, without forming the rows where the factors allow:
+
+    Σ_i w_i Σ_t a_it δ_itᵀ = Aᵀ (w ⊙ Δ)        (every position of every example, one matmul)
+    Σ_i w_i Σ_t δ_it                            (a bias)
+    Σ_i w_i Σ_t δ_it scattered into row id_it   (an embedding)
+
+A convolution's per-example kernel gradients are small: they are formed a block of examples at
+a time from the reweighted deltas and summed. The sums are float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradkit._factors import _conv as conv
+
+
+def array_sum(rows: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """``Σ_i w_i rows[i]`` of materialized (n, ...) rows."""
+    rows = np.asarray(rows)[:len(weights)].reshape(len(weights), -1)
+    return (weights @ rows.astype(np.float64, copy=False)).reshape(shape)
+
+
+def dense_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """``Aᵀ (w ⊙ Δ)`` over every position of every example."""
+    a, d = _weighted(part, weights)
+    total = a.reshape(-1, a.shape[-1]).T @ d.reshape(-1, d.shape[-1])
+    return total.reshape(shape).astype(np.float64)
+
+
+def bias(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    _, d = _weighted(part, weights, inputs=False)
+    return d.reshape(-1, d.shape[-1]).sum(axis=0, dtype=np.float64).reshape(shape)
+
+
+def embeddings(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """The reweighted deltas added into the rows of their ids."""
+    _, d = _weighted(part, weights, inputs=False)
+    ids = np.asarray(part.inputs)[:len(weights)].astype(np.intp).ravel()
+    total = np.zeros(shape, np.float64)
+    np.add.at(total, ids, d.reshape(-1, d.shape[-1]).astype(np.float64))
+    return total
+
+
+def conv_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """Per-example kernel gradients of the reweighted deltas, summed."""
+    n = len(weights)
+    _, d = _weighted(part, weights, inputs=False)
+    rows = np.empty((n, *shape), d.dtype)
+    conv.kernel_rows(np.asarray(part.inputs)[:n].astype(d.dtype), d, part.geometry, rows)
+    return rows.sum(axis=0, dtype=np.float64)
+
+
+def conv_bias(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    deltas = conv.bias_deltas(part.deltas, part.geometry)[:len(weights)]
+    return np.einsum("b,bto->o", weights, deltas.astype(np.float64)).reshape(shape)
+
+
+def _weighted(part: Any, weights: np.ndarray, inputs: bool = True) -> tuple:
+    """(inputs, deltas · w) of the first n examples in the factors' float dtype (at least
+    float32); deltas keep their layout."""
+    n = len(weights)
+    deltas = np.asarray(part.deltas)[:n]
+    dtype = np.promote_types(deltas.dtype, np.float32)
+    d = deltas * weights.astype(dtype).reshape((n,) + (1,) * (deltas.ndim - 1))
+    a = np.asarray(part.inputs)[:n].astype(dtype, copy=False) if inputs else None
+    return a, d
