@@ -13,6 +13,7 @@ from gradkit._apply import apply as apply
 from gradkit._curvature import (
     HessianEigen as HessianEigen,
     TraceEstimate as TraceEstimate,
+    ggn_vp_over as ggn_vp_over,
     hessian_eigenvalues as hessian_eigenvalues,
     hessian_trace as hessian_trace,
     hvp_over as hvp_over,
@@ -30,6 +31,7 @@ from gradkit._errors import (
     UnsupportedModelError as UnsupportedModelError,
 )
 from gradkit._fisher import fisher_diagonal as fisher_diagonal
+from gradkit._ggn import ggn_vp as ggn_vp
 from gradkit._gradients import gradients as gradients, loss_and_gradients as loss_and_gradients
 from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
@@ -59,6 +61,8 @@ __all__ = [
     "activation_gradients",
     "apply",
     "fisher_diagonal",
+    "ggn_vp",
+    "ggn_vp_over",
     "gradient_stats",
     "gradients",
     "hessian_eigenvalues",

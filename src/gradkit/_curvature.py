@@ -6,6 +6,7 @@ The Hessian over every example of a dataset is, as `accumulate()` weights gradie
 
 and every function here touches it only through products ``H v``: one pass over the data
 each, batch by batch through the adapter operation of `hvp()` (exact, compiled, cached).
+``matrix="ggn"`` puts the generalized Gauss-Newton matrix G (`ggn_vp()`) in place of H.
 The SciPy side (Lanczos, sketches) sees vectors as flat float64 arrays of length P, the
 selected variables' sizes in variable order; the products themselves are float32 (float64
 for float64 variables) and summed over batches in float64.
@@ -26,21 +27,33 @@ from gradkit._errors import (
     original_errors,
     received,
 )
+from gradkit._ggn import check_loss_on_outputs
 from gradkit._hvp import check_exact_second_order, checked_vector
 from gradkit._objective import check_mean_reduction
 from gradkit._request import check_connected, finish, result_dtype
 
 WHICH = {"largest": "LA", "smallest": "SA", "magnitude": "LM"}
 TRACE_METHODS = ("hutch++", "hutchinson")
+MATRICES = ("hessian", "ggn")
 
 
-class _DatasetHessian:
-    """H of the dataset objective as products: `product()` per variable, `matvec()` flat."""
+class DatasetHessian:
+    """H (or G) of the dataset objective as products: `product()` per variable, `matvec()`
+    flat. `matrix`: "hessian" (`hvp()`'s products) or "ggn" (`ggn_vp()`'s)."""
 
-    def __init__(self, model: Any, data: Any, *, needed_by: str, keep: bool, **options: Any):
+    def __init__(self, model: Any, data: Any, *, needed_by: str, keep: bool,
+                 matrix: str = "hessian", **options: Any):
+        if matrix not in MATRICES:
+            raise InvalidArgumentError(
+                f"matrix= must be one of {MATRICES}: the Hessian, or the generalized "
+                "Gauss-Newton matrix of the loss on the outputs. " + received(matrix=matrix))
         self.request, stream = prepare_dataset(model, data, **options)
         check_mean_reduction(model, self.request.objective, needed_by)
-        check_exact_second_order(self.request)
+        if matrix == "ggn":
+            check_loss_on_outputs(self.request)
+        else:
+            check_exact_second_order(self.request)
+        self.operation = matrix
         # A pass per product: keep the checked batches when there are many passes (a
         # generator can be read once); read the stream as it comes for a single one.
         self._stream = stream
@@ -53,7 +66,7 @@ class _DatasetHessian:
         self.products = 0
 
     def product(self, tangents: list[np.ndarray]) -> list[np.ndarray]:
-        """Σ_b w_b H_b v per variable (float64), w_b = n_b / N, or 1 for target=."""
+        """Σ_b w_b H_b v (or G_b v) per variable (float64), w_b = n_b / N, or 1 for target=."""
         if self.budget is not None and self.products >= self.budget:
             raise _OutOfBudget
         batches = self._batches if self._batches is not None else (b for _, b in self._stream)
@@ -62,10 +75,12 @@ class _DatasetHessian:
         count = 0
         with original_errors():
             for index, batch in enumerate(batches):
-                _, parts = self.request.adapter.hvp(self.request.replace(batch=batch), tangents)
+                adapter, one = self.request.adapter, self.request.replace(batch=batch)
+                _, parts = adapter.hvp(one, tangents) if self.operation == "hessian" \
+                    else adapter.ggn_vp(one, tangents)
                 if index == 0:
                     check_connected(self.request.keys, [p is not None for p in parts],
-                                    what="Hessian")
+                                    what=self.operation + " product")
                 weight = float(batch.size) if weighted else 1.0
                 for sum_, part in zip(total, parts):
                     sum_ += weight * np.asarray(part, np.float64).reshape(sum_.shape)
@@ -111,11 +126,22 @@ def hvp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, target: A
     batches of ``batch_size``). ``vector``, ``layers``, ``training``, keys, order and dtypes
     as in ``hvp()``; one pass over the data; no model state changes.
     """
-    hessian = _DatasetHessian(model, data, needed_by="hvp_over()", keep=False, loss=loss,
-                              target=target, layers=layers, training=training,
-                              batch_size=batch_size)
+    hessian = DatasetHessian(model, data, needed_by="hvp_over()", keep=False, loss=loss,
+                             target=target, layers=layers, training=training,
+                             batch_size=batch_size)
     tangents = checked_vector(hessian.request, vector)
     return finish(hessian.request, hessian.product(tangents))
+
+
+def ggn_vp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, layers: Any = None,
+                training: bool = False, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """``G v`` for the generalized Gauss-Newton matrix of the MEAN loss over every example of
+    `data` (G as in ``ggn_vp()``, batch b's product weighted by n_b / N; the loss must be
+    mean-reduced). Options, keys, order and dtypes as ``hvp_over()``; one pass over the
+    data; no model state changes."""
+    ggn = DatasetHessian(model, data, needed_by="ggn_vp_over()", keep=False, matrix="ggn",
+                         loss=loss, layers=layers, training=training, batch_size=batch_size)
+    return finish(ggn.request, ggn.product(checked_vector(ggn.request, vector)))
 
 
 @dataclass(frozen=True, repr=False)
@@ -136,13 +162,17 @@ class HessianEigen:
 
 def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "largest",
                         tol: float = 1e-4, max_hvps: int | None = None, loss: Any = None,
-                        layers: Any = None, batch_size: int | None = None,
+                        target: Any = None, layers: Any = None, training: bool = False,
+                        matrix: str = "hessian", batch_size: int | None = None,
                         seed: int = 0) -> HessianEigen:
     """The `k` extreme eigenvalues of the Hessian of the mean loss over `data`, by Lanczos.
 
     H is the Hessian ``hvp_over()`` multiplies by (mean loss over every example, compiled
-    loss or ``loss=``, regularizers included; ``layers=`` gives a diagonal block; inference
-    mode). `data`: a tuple ``(x, y)`` or any source ``accumulate()`` takes; its batches are
+    loss or ``loss=``, regularizers included, or the SUM of a ``target=`` score; ``layers=``
+    gives a diagonal block; ``training`` as in ``hvp()``: with dropout, Keras 3 draws the
+    same masks for a batch in every product, tf-keras new ones, which Lanczos cannot use). ``matrix="ggn"``: the generalized Gauss-Newton matrix of
+    ``ggn_vp_over()`` instead (positive semi-definite for a convex loss; no regularizers,
+    no target=). `data`: a tuple ``(x, y)`` or any source ``accumulate()`` takes; its batches are
     read once and kept in memory, since every product is a pass over them. ``which``:
     ``"largest"`` (algebraic, largest first), ``"smallest"`` (algebraic, smallest first:
     negative curvature) or ``"magnitude"`` (largest |λ| first). SciPy's ``eigsh`` (ARPACK)
@@ -153,8 +183,9 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     _check_eigen_options(k, which, tol, max_hvps)
-    hessian = _DatasetHessian(model, data, needed_by="hessian_eigenvalues()", keep=True,
-                              loss=loss, layers=layers, batch_size=batch_size)
+    hessian = DatasetHessian(model, data, needed_by="hessian_eigenvalues()", keep=True,
+                             matrix=matrix, loss=loss, target=target, layers=layers,
+                             training=training, batch_size=batch_size)
     if k >= hessian.size:
         raise InvalidArgumentError(
             f"k= must be below the number of selected weights ({hessian.size}); Lanczos finds "
@@ -201,10 +232,12 @@ class TraceEstimate(NamedTuple):
 
 
 def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "hutch++",
-                  seed: int | None = None, loss: Any = None, layers: Any = None,
+                  seed: int | None = None, loss: Any = None, target: Any = None,
+                  layers: Any = None, training: bool = False, matrix: str = "hessian",
                   batch_size: int | None = None) -> TraceEstimate:
     """A randomized, unbiased estimate of the trace of the dataset Hessian, from `samples`
-    Hessian-vector products over `data` (H and `data` as in ``hessian_eigenvalues()``).
+    Hessian-vector products over `data` (H, ``matrix=`` and `data` as in
+    ``hessian_eigenvalues()``).
 
     ``method="hutchinson"``: the mean of zᵀHz over Rademacher probes z; standard error
     std / √samples. ``"hutch++"`` (Meyer, Musco, Musco and Woodruff, 2021): a third of the
@@ -218,8 +251,9 @@ def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "h
         raise InvalidArgumentError(
             f"method= must be one of {TRACE_METHODS}. " + received(method=method))
     _check_count("samples", samples, 2 if method == "hutchinson" else 6)
-    hessian = _DatasetHessian(model, data, needed_by="hessian_trace()", keep=True, loss=loss,
-                              layers=layers, batch_size=batch_size)
+    hessian = DatasetHessian(model, data, needed_by="hessian_trace()", keep=True,
+                             matrix=matrix, loss=loss, target=target, layers=layers,
+                             training=training, batch_size=batch_size)
     rng = np.random.default_rng(seed)
 
     def rademacher(count: int) -> np.ndarray:

@@ -103,6 +103,25 @@ class TensorFlowPrimitives:
 
         return h
 
+    def linearize(self, f: Callable) -> Callable:
+        """Forward mode (ForwardAccumulator) for J·tangents, a tape on the same pass for Jᵀ."""
+        def lin(primals, tangents):
+            primals = [watchable(p) for p in primals]
+            tangents = [tf.cast(t, p.dtype) for p, t in zip(primals, tangents)]
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(primals)
+                    outputs, aux = f(primals)
+            jvps = [accumulator.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    for o in outputs]
+
+            def pullback(cotangents):
+                return dense(tape.gradient(outputs, primals, output_gradients=cotangents))
+
+            return outputs, jvps, aux, pullback
+
+        return lin
+
     def vectorize(self, fn: Callable) -> Callable:
         return lambda data: tf.vectorized_map(fn, data)
 

@@ -100,6 +100,33 @@ class TorchPrimitives:
 
         return h
 
+    def linearize(self, f: Callable) -> Callable:
+        """Forward-mode dual tensors for J·tangents, autograd on the same pass for Jᵀ."""
+        from torch.autograd import forward_ad
+
+        def lin(primals, tangents):
+            primals = [p.detach().requires_grad_(True) for p in primals]
+            with forward_ad.dual_level():
+                duals = [forward_ad.make_dual(p, t.to(p.dtype))
+                         for p, t in zip(primals, tangents)]
+                outputs, aux = f(duals)
+                unpacked = [forward_ad.unpack_dual(o) for o in outputs]
+            outputs = [u.primal for u in unpacked]
+            jvps = [torch.zeros_like(o) if u.tangent is None else u.tangent
+                    for o, u in zip(outputs, unpacked)]
+
+            def pullback(cotangents):
+                pairs = [(o, c.to(o.dtype)) for o, c in zip(outputs, cotangents)
+                         if o.requires_grad]
+                if not pairs:
+                    return [None] * len(primals)
+                return list(torch.autograd.grad([o for o, _ in pairs], primals,
+                                                [c for _, c in pairs], allow_unused=True))
+
+            return [o.detach() for o in outputs], [j.detach() for j in jvps], aux, pullback
+
+        return lin
+
     def vectorize(self, fn: Callable) -> Callable:
         vmapped = torch.func.vmap(fn, randomness="same")
 
