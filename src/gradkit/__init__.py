@@ -18,6 +18,10 @@ from gradkit._curvature import (
     hessian_trace as hessian_trace,
     hvp_over as hvp_over,
 )
+from gradkit._density import (
+    SpectralDensity as SpectralDensity,
+    hessian_density as hessian_density,
+)
 from gradkit._errors import (
     DataShapeError as DataShapeError,
     GradkitError as GradkitError,
@@ -53,6 +57,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
     "NotConvergedError",
+    "SpectralDensity",
     "TraceEstimate",
     "UnconnectedGradientError",
     "UnknownLayerError",
@@ -65,6 +70,7 @@ __all__ = [
     "ggn_vp_over",
     "gradient_stats",
     "gradients",
+    "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
     "hvp",

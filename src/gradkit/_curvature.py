@@ -212,7 +212,7 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
 
 
 def _check_eigen_options(k: Any, which: Any, tol: Any, max_hvps: Any) -> None:
-    _check_count("k", k, 1)
+    check_count("k", k, 1)
     if which not in WHICH:
         raise InvalidArgumentError(
             f"which= must be one of {tuple(WHICH)}. " + received(which=which))
@@ -221,7 +221,7 @@ def _check_eigen_options(k: Any, which: Any, tol: Any, max_hvps: Any) -> None:
             "tol= must be a number in (0, 1): the relative accuracy of the eigenvalues. "
             + received(tol=tol))
     if max_hvps is not None:
-        _check_count("max_hvps", max_hvps, 1)
+        check_count("max_hvps", max_hvps, 1)
 
 
 class TraceEstimate(NamedTuple):
@@ -250,7 +250,7 @@ def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "h
     if method not in TRACE_METHODS:
         raise InvalidArgumentError(
             f"method= must be one of {TRACE_METHODS}. " + received(method=method))
-    _check_count("samples", samples, 2 if method == "hutchinson" else 6)
+    check_count("samples", samples, 2 if method == "hutchinson" else 6)
     hessian = DatasetHessian(model, data, needed_by="hessian_trace()", keep=True,
                              matrix=matrix, loss=loss, target=target, layers=layers,
                              training=training, batch_size=batch_size)
@@ -277,7 +277,7 @@ def _hutchinson(matvec, probes: np.ndarray, offset: float) -> TraceEstimate:
     return TraceEstimate(offset + float(np.mean(values)), error)
 
 
-def _check_count(name: str, value: Any, least: int) -> None:
+def check_count(name: str, value: Any, least: int) -> None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
             or value < least:
         raise InvalidArgumentError(
