@@ -57,11 +57,12 @@ class SpectralDensity:
 
 def hessian_density(model: Any, data: Any, *, iterations: int = 80, runs: int = 1,
                     grid: Any = 1000, sigma: float | None = None, seed: int | None = None,
-                    loss: Any = None, layers: Any = None, training: bool = False,
-                    matrix: str = "hessian", batch_size: int | None = None) -> SpectralDensity:
+                    loss: Any = None, target: Any = None, layers: Any = None,
+                    training: bool = False, matrix: str = "hessian",
+                    batch_size: int | None = None) -> SpectralDensity:
     """The eigenvalue density of the dataset Hessian by stochastic Lanczos quadrature.
 
-    H (or ``matrix="ggn"``), `data`, ``loss``, ``layers`` and ``training`` as in
+    H (or ``matrix="ggn"``), `data`, ``loss``, ``target``, ``layers``, ``training`` as in
     ``hessian_eigenvalues()``. Each of `runs` runs is `iterations` Lanczos steps (one product
     each; at most P, the number of selected weights) with full reorthogonalization, from a
     normalized Rademacher vector drawn with ``seed``. ``sigma``: the width of the Gaussian
@@ -78,8 +79,8 @@ def hessian_density(model: Any, data: Any, *, iterations: int = 80, runs: int = 
             "eigenvalue units) or None. " + received(sigma=sigma))
     points = _check_grid(grid)
     hessian = DatasetHessian(model, data, needed_by="hessian_density()", keep=True,
-                             matrix=matrix, loss=loss, layers=layers, training=training,
-                             batch_size=batch_size)
+                             matrix=matrix, loss=loss, target=target, layers=layers,
+                             training=training, batch_size=batch_size)
     rng, steps = np.random.default_rng(seed), min(iterations, hessian.size)
     quadratures = [_lanczos(hessian.matvec, rng.choice([-1.0, 1.0], hessian.size), steps)
                    for _ in range(runs)]

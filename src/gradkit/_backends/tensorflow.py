@@ -104,21 +104,28 @@ class TensorFlowPrimitives:
         return h
 
     def linearize(self, f: Callable) -> Callable:
-        """Forward mode (ForwardAccumulator) for J·tangents, a tape on the same pass for Jᵀ."""
+        """Double reverse: J·tangents = ∇_r ⟨Jᵀ r, tangents⟩ (Jᵀ r is linear in r), on one
+        recorded forward pass that also serves the pullback. (ForwardAccumulator, forward
+        mode proper, fails on the while loops of recurrent layers.)"""
         def lin(primals, tangents):
             primals = [watchable(p) for p in primals]
-            tangents = [tf.cast(t, p.dtype) for p, t in zip(primals, tangents)]
-            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(primals)
-                    outputs, aux = f(primals)
-            jvps = [accumulator.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                    for o in outputs]
+            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+                tape.watch(primals)
+                outputs, aux = f(primals)
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                probes = [tf.zeros_like(o) for o in outputs]
+                outer.watch(probes)
+                pulled = dense(tape.gradient(outputs, primals, output_gradients=probes))
+                pairs = [tf.reduce_sum(g * tf.cast(t, g.dtype))
+                         for g, t in zip(pulled, tangents) if g is not None]
+                inner = tf.add_n(pairs) if pairs else tf.constant(0.0)
+            jvps = outer.gradient(inner, probes,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
             def pullback(cotangents):
                 return dense(tape.gradient(outputs, primals, output_gradients=cotangents))
 
-            return outputs, jvps, aux, pullback
+            return outputs, dense(jvps), aux, pullback
 
         return lin
 
