@@ -164,6 +164,34 @@ def test_batchnorm_training_against_finite_difference_jacobian(keras, flavour, f
                                atol=rtol * np.abs(expected).max())
 
 
+def test_through_embedding_and_lstm_against_finite_differences(keras, flavour, float64):
+    # mse: wᵀ G v = 2/(N*O) (J w)ᵀ (J v), each J·u a central difference of the outputs.
+    eps, rtol = FD[flavour]
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(7, 3),
+                              keras.layers.LSTM(4), keras.layers.Dense(2)])
+    model.compile(loss="mse")
+    x, y = RNG.integers(0, 7, size=(4, 5)), RNG.normal(size=(4, 2))
+    template = gk.gradients(model, x, y)
+    v, w = ({k: RNG.normal(size=g.shape) for k, g in template.items()} for _ in range(2))
+    values = [to_numpy(t) for t in model.trainable_variables]
+
+    def jvp(u):
+        sides = []
+        for step in (eps, -eps):
+            for t, value, key in zip(model.trainable_variables, values, template):
+                t.assign(value + step * u[key])
+            sides.append(to_numpy(model(x)).ravel())
+        for t, value in zip(model.trainable_variables, values):
+            t.assign(value)
+        return (sides[0] - sides[1]) / (2 * eps)
+
+    jv, jw = jvp(v), jvp(w)
+    got = _flat(gk.ggn_vp(model, x, y, vector=v))
+    for direction, expected in ((v, jv @ jv), (w, jw @ jv)):
+        np.testing.assert_allclose(_flat(direction) @ got, 2.0 / y.size * expected,
+                                   rtol=rtol, atol=rtol * 2.0 / y.size * (jv @ jv))
+
+
 # ------------------------------------------------------------------------------- datasets
 
 
