@@ -247,3 +247,41 @@ def test_bad_arguments_raise(keras, call, received):
     model, x, y = _tanh_mlp(keras)
     with pytest.raises(gk.InvalidArgumentError, match=re.escape(f"Received: {received}") + "$"):
         call(model, (x, y))
+
+
+# ------------------------------------------------------------ target= and training= options
+
+
+def test_target_gives_the_hessian_of_the_summed_score(keras, float64):
+    model, x, _ = _tanh_mlp(keras)
+    hessian = _dense_hessian(model, x, target=0)  # one batch: H of Σ_i outputs[i, 0]
+    values = np.linalg.eigvalsh(hessian)
+    top = gk.hessian_eigenvalues(model, ((x[a:b],) for a, b in ((0, 6), (6, 10))), target=0,
+                                 which="magnitude", tol=1e-8)
+    _assert_pairs(top, hessian, values[np.argsort(-np.abs(values))][:1])
+    trace = gk.hessian_trace(model, (x,), target=0, samples=3 * len(values), seed=0,
+                             batch_size=4)  # a sketch over every weight: exact
+    np.testing.assert_allclose(trace.estimate, np.trace(hessian), rtol=1e-6)
+
+
+def test_training_uses_batch_statistics(keras, flavour, float64):
+    model = keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(4, use_bias=False, name="d1"),
+        keras.layers.BatchNormalization(name="bn"), keras.layers.Activation("tanh"),
+        keras.layers.Dense(2, name="head")])
+    model.set_weights([RNG.normal(size=tuple(v.shape)) * 0.8 for v in model.weights])
+    model.get_layer("bn").moving_variance.assign(np.ones(4))
+    model.compile(loss="mse")
+    x, y = RNG.normal(size=(6, 3)) * 2 + 1, RNG.normal(size=(6, 2))
+    if flavour in ("tensorflow", "tf_keras"):  # refused as by hvp: TF's moments op
+        with pytest.raises(gk.InvalidArgumentError, match=r"'bn'.*training=False"):
+            gk.hessian_eigenvalues(model, (x, y), training=True)
+        return
+    hessian = _dense_hessian(model, x, y, training=True)
+    values = np.linalg.eigvalsh(hessian)
+    assert np.abs(values - np.linalg.eigvalsh(_dense_hessian(model, x, y))).max() \
+        > 1e-2 * np.abs(values).max()  # batch statistics really change H
+    top = gk.hessian_eigenvalues(model, (x, y), training=True, tol=1e-8)
+    _assert_pairs(top, hessian, values[::-1][:1])
+    trace = gk.hessian_trace(model, (x, y), training=True, samples=3 * len(values), seed=0)
+    np.testing.assert_allclose(trace.estimate, np.trace(hessian), rtol=1e-6)

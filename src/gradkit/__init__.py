@@ -14,9 +14,14 @@ from gradkit._clipped import clipped_gradients as clipped_gradients
 from gradkit._curvature import (
     HessianEigen as HessianEigen,
     TraceEstimate as TraceEstimate,
+    ggn_vp_over as ggn_vp_over,
     hessian_eigenvalues as hessian_eigenvalues,
     hessian_trace as hessian_trace,
     hvp_over as hvp_over,
+)
+from gradkit._density import (
+    SpectralDensity as SpectralDensity,
+    hessian_density as hessian_density,
 )
 from gradkit._errors import (
     CustomTrainStepWarning as CustomTrainStepWarning,
@@ -33,6 +38,7 @@ from gradkit._errors import (
     UnsupportedModelError as UnsupportedModelError,
 )
 from gradkit._fisher import fisher_diagonal as fisher_diagonal
+from gradkit._ggn import ggn_vp as ggn_vp
 from gradkit._gradients import gradients as gradients, loss_and_gradients as loss_and_gradients
 from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
@@ -56,6 +62,7 @@ __all__ = [
     "NonFiniteGradientWarning",
     "NotConvergedError",
     "ProcessGroupError",
+    "SpectralDensity",
     "TraceEstimate",
     "UnconnectedGradientError",
     "UnknownLayerError",
@@ -65,8 +72,11 @@ __all__ = [
     "apply",
     "clipped_gradients",
     "fisher_diagonal",
+    "ggn_vp",
+    "ggn_vp_over",
     "gradient_stats",
     "gradients",
+    "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
     "hvp",

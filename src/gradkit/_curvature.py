@@ -27,25 +27,37 @@ from gradkit._errors import (
     original_errors,
     received,
 )
+from gradkit._ggn import check_loss_on_outputs
 from gradkit._hvp import check_exact_second_order, checked_vector
 from gradkit._objective import check_mean_reduction
 from gradkit._request import check_connected, finish, result_dtype
 
 WHICH = {"largest": "LA", "smallest": "SA", "magnitude": "LM"}
 TRACE_METHODS = ("hutch++", "hutchinson")
+MATRICES = ("hessian", "ggn")
 
 
-class _DatasetHessian:
-    """H of the dataset objective as products: `product()` per variable, `matvec()` flat."""
+class DatasetHessian:
+    """H (or G) of the dataset objective as products: `product()` per variable, `matvec()`
+    flat. `matrix`: "hessian" (`hvp()`'s products) or "ggn" (`ggn_vp()`'s)."""
 
     def __init__(self, model: Any, data: Any, *, needed_by: str, keep: bool,
-                 strategy: Any = None, vector: Any = None, seed: Any = None, **options: Any):
+                 strategy: Any = None, vector: Any = None, seed: Any = None,
+                 matrix: str = "hessian", **options: Any):
+        if matrix not in MATRICES:
+            raise InvalidArgumentError(
+                f"matrix= must be one of {MATRICES}: the Hessian, or the generalized "
+                "Gauss-Newton matrix of the loss on the outputs. " + received(matrix=matrix))
         self.group = process_group(model, strategy, needed_by, others=False)
+        self.operation = matrix
 
         def prepared():
             request, stream = prepare_dataset(model, data, **options)
             check_mean_reduction(model, request.objective, needed_by)
-            check_exact_second_order(request)
+            if matrix == "ggn":
+                check_loss_on_outputs(request)
+            else:
+                check_exact_second_order(request)
             tangents = None if vector is None else checked_vector(request, vector)
             # A pass per product: keep the checked batches when there are many passes (a
             # generator can be read once); read the stream as it comes for a single one.
@@ -65,7 +77,7 @@ class _DatasetHessian:
         self.products = 0
 
     def product(self, tangents: list[np.ndarray]) -> list[np.ndarray]:
-        """Σ_b w_b H_b v per variable (float64), w_b = n_b / N, or 1 for target=; over
+        """Σ_b w_b H_b v (or G_b v) per variable (float64), w_b = n_b / N, or 1 for target=; over
         every process's batches under torch.distributed (a collective call)."""
         if self.budget is not None and self.products >= self.budget:
             raise _OutOfBudget
@@ -86,10 +98,12 @@ class _DatasetHessian:
         count = 0
         with original_errors():
             for index, batch in enumerate(batches):
-                _, parts = self.request.adapter.hvp(self.request.replace(batch=batch), tangents)
+                adapter, one = self.request.adapter, self.request.replace(batch=batch)
+                _, parts = adapter.hvp(one, tangents) if self.operation == "hessian" \
+                    else adapter.ggn_vp(one, tangents)
                 if index == 0:
                     check_connected(self.request.keys, [p is not None for p in parts],
-                                    what="Hessian")
+                                    what=self.operation + " product")
                 weight = float(batch.size) if weighted else 1.0
                 for sum_, part in zip(total, parts):
                     sum_ += weight * np.asarray(part, np.float64).reshape(sum_.shape)
@@ -137,10 +151,21 @@ def hvp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, target: A
     passing its own share of the data and the same ``vector``, all getting H v over the
     union (see ``accumulate()``).
     """
-    hessian = _DatasetHessian(model, data, needed_by="hvp_over()", keep=False,
-                              strategy=strategy, vector=vector, loss=loss, target=target,
-                              layers=layers, training=training, batch_size=batch_size)
+    hessian = DatasetHessian(model, data, needed_by="hvp_over()", keep=False,
+                             strategy=strategy, vector=vector, loss=loss, target=target,
+                             layers=layers, training=training, batch_size=batch_size)
     return finish(hessian.request, hessian.product(hessian.tangents))
+
+
+def ggn_vp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, layers: Any = None,
+                training: bool = False, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """``G v`` for the generalized Gauss-Newton matrix of the MEAN loss over every example of
+    `data` (G as in ``ggn_vp()``, batch b's product weighted by n_b / N; the loss must be
+    mean-reduced). Options, keys, order and dtypes as ``hvp_over()``; one pass over the
+    data; no model state changes."""
+    ggn = DatasetHessian(model, data, needed_by="ggn_vp_over()", keep=False, matrix="ggn",
+                         loss=loss, layers=layers, training=training, batch_size=batch_size)
+    return finish(ggn.request, ggn.product(checked_vector(ggn.request, vector)))
 
 
 @dataclass(frozen=True, repr=False)
@@ -161,13 +186,18 @@ class HessianEigen:
 
 def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "largest",
                         tol: float = 1e-4, max_hvps: int | None = None, loss: Any = None,
-                        layers: Any = None, batch_size: int | None = None,
+                        target: Any = None, layers: Any = None, training: bool = False,
+                        matrix: str = "hessian", batch_size: int | None = None,
                         seed: int = 0, strategy: Any = None) -> HessianEigen:
     """The `k` extreme eigenvalues of the Hessian of the mean loss over `data`, by Lanczos.
 
     H is the Hessian ``hvp_over()`` multiplies by (mean loss over every example, compiled
-    loss or ``loss=``, regularizers included; ``layers=`` gives a diagonal block; inference
-    mode). `data`: a tuple ``(x, y)`` or any source ``accumulate()`` takes; its batches are
+    loss or ``loss=``, regularizers included, or the SUM of a ``target=`` score; ``layers=``
+    gives a diagonal block; ``training`` as in ``hvp()``: with dropout, Keras 3 draws the
+    same masks for a batch in every product, tf-keras new ones, which Lanczos cannot use).
+    ``matrix="ggn"``: the generalized Gauss-Newton matrix of ``ggn_vp_over()`` instead
+    (positive semi-definite for a convex loss; no regularizers, no target=). `data`: a tuple
+    ``(x, y)`` or any source ``accumulate()`` takes; its batches are
     read once and kept in memory, since every product is a pass over them. ``which``:
     ``"largest"`` (algebraic, largest first), ``"smallest"`` (algebraic, smallest first:
     negative curvature) or ``"magnitude"`` (largest |λ| first). SciPy's ``eigsh`` (ARPACK)
@@ -180,9 +210,10 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     _check_eigen_options(k, which, tol, max_hvps)
-    hessian = _DatasetHessian(model, data, needed_by="hessian_eigenvalues()", keep=True,
-                              strategy=strategy, seed=seed, loss=loss, layers=layers,
-                              batch_size=batch_size)
+    hessian = DatasetHessian(model, data, needed_by="hessian_eigenvalues()", keep=True,
+                             strategy=strategy, seed=seed, matrix=matrix, loss=loss,
+                             target=target, layers=layers, training=training,
+                             batch_size=batch_size)
     if k >= hessian.size:
         raise InvalidArgumentError(
             f"k= must be below the number of selected weights ({hessian.size}); Lanczos finds "
@@ -209,7 +240,7 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
 
 
 def _check_eigen_options(k: Any, which: Any, tol: Any, max_hvps: Any) -> None:
-    _check_count("k", k, 1)
+    check_count("k", k, 1)
     if which not in WHICH:
         raise InvalidArgumentError(
             f"which= must be one of {tuple(WHICH)}. " + received(which=which))
@@ -218,7 +249,7 @@ def _check_eigen_options(k: Any, which: Any, tol: Any, max_hvps: Any) -> None:
             "tol= must be a number in (0, 1): the relative accuracy of the eigenvalues. "
             + received(tol=tol))
     if max_hvps is not None:
-        _check_count("max_hvps", max_hvps, 1)
+        check_count("max_hvps", max_hvps, 1)
 
 
 class TraceEstimate(NamedTuple):
@@ -229,10 +260,12 @@ class TraceEstimate(NamedTuple):
 
 
 def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "hutch++",
-                  seed: int | None = None, loss: Any = None, layers: Any = None,
+                  seed: int | None = None, loss: Any = None, target: Any = None,
+                  layers: Any = None, training: bool = False, matrix: str = "hessian",
                   batch_size: int | None = None, strategy: Any = None) -> TraceEstimate:
     """A randomized, unbiased estimate of the trace of the dataset Hessian, from `samples`
-    Hessian-vector products over `data` (H and `data` as in ``hessian_eigenvalues()``).
+    Hessian-vector products over `data` (H, ``matrix=`` and `data` as in
+    ``hessian_eigenvalues()``).
 
     ``method="hutchinson"``: the mean of zᵀHz over Rademacher probes z; standard error
     std / √samples. ``"hutch++"`` (Meyer, Musco, Musco and Woodruff, 2021): a third of the
@@ -248,10 +281,11 @@ def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "h
     if method not in TRACE_METHODS:
         raise InvalidArgumentError(
             f"method= must be one of {TRACE_METHODS}. " + received(method=method))
-    _check_count("samples", samples, 2 if method == "hutchinson" else 6)
-    hessian = _DatasetHessian(model, data, needed_by="hessian_trace()", keep=True,
-                              strategy=strategy, seed=seed, loss=loss, layers=layers,
-                              batch_size=batch_size)
+    check_count("samples", samples, 2 if method == "hutchinson" else 6)
+    hessian = DatasetHessian(model, data, needed_by="hessian_trace()", keep=True,
+                             strategy=strategy, seed=seed, matrix=matrix, loss=loss,
+                             target=target, layers=layers, training=training,
+                             batch_size=batch_size)
     shared = seed is None and hessian.group is not None
     rng = np.random.default_rng(hessian.group.shared_seed if shared else seed)
 
@@ -276,7 +310,7 @@ def _hutchinson(matvec, probes: np.ndarray, offset: float) -> TraceEstimate:
     return TraceEstimate(offset + float(np.mean(values)), error)
 
 
-def _check_count(name: str, value: Any, least: int) -> None:
+def check_count(name: str, value: Any, least: int) -> None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
             or value < least:
         raise InvalidArgumentError(

@@ -91,7 +91,7 @@ def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
             "target=k to differentiate the output score of class k. "
             + received(loss=None, target=None)
         )
-    if _has_compiled_loss(model):
+    if has_compiled_loss(model):
         _require_y(y, "the compiled loss")
     warn_custom_train_step(model)
     return Objective("compiled", compiled_with=compiled_loss_object(model))
@@ -156,7 +156,7 @@ def _is_compiled(model: Any) -> bool:
     return bool(getattr(model, "_is_compiled", False))  # tf-keras
 
 
-def _has_compiled_loss(model: Any) -> bool:
+def has_compiled_loss(model: Any) -> bool:
     """Was a loss on the outputs compiled? (tf-keras stores "no loss" as an empty dict.)"""
     loss = getattr(model, "loss", None)
     if isinstance(loss, dict):

@@ -72,6 +72,10 @@ class Adapter(Protocol):
     def hvp(self, request: Any, vectors: list) -> tuple[float, list]:
         """(loss, [Hessian-vector product block or None per selected variable])."""
 
+    def ggn_vp(self, request: Any, vectors: list) -> tuple[float, list]:
+        """(loss, [generalized Gauss-Newton product Jᵀ H_L J v or None per selected
+        variable]): J of the model's outputs, H_L of the loss with respect to them."""
+
     def per_example_parts(self, request: Any) -> list:
         """Per selected variable: a gradkit._factors.Factor or an (n, *shape) array."""
 

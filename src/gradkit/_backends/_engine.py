@@ -47,6 +47,11 @@ class Primitives(Protocol):
     def hvp(self, f: Callable) -> Callable:
         """``h(primals, tangents) -> (aux, [H·tangents or None per primal])``."""
 
+    def linearize(self, f: Callable) -> Callable:
+        """``lin(primals, tangents) -> (outputs, [J·tangents per output], aux, pullback)`` of
+        ``f(primals) -> ([output arrays], aux)``, J its Jacobian, from one forward pass;
+        ``pullback(cotangents) -> [Jᵀ·cotangents or None per primal]`` (None: no path)."""
+
     def vectorize(self, fn: Callable) -> Callable:
         """`fn` of one example mapped over the leading axis of its one (dict) argument."""
 
@@ -106,6 +111,31 @@ class Engine(Operations):
             return f
 
         return objective_of, lambda values: [values[0][i] for i in selected]
+
+    def output_objective(self, request, scaled: bool):
+        """(forward_of, loss_of, chosen_of) for `run_ggn`: the objective split at the model's
+        outputs, ``forward_of(values, data)(chosen) -> (y_pred, forward-pass losses)`` and
+        ``loss_of(values, data, scale, losses)(y_pred) -> (scaled value, loss)``."""
+        model_ref, training = weakref.ref(request.model), request.training
+        objective = k3.prepare_objective(request.objective)
+        selected = k3.selected_indices(request.model, request.variables)
+
+        def forward_of(values, data):
+            trainable, non_trainable, _ = values
+            return lambda chosen: k3.forward(model_ref(), training,
+                                             replaced(trainable, selected, chosen),
+                                             non_trainable, data["x"])
+
+        def loss_of(values, data, scale, losses):
+            def f(y_pred):
+                loss = k3.objective_of_predictions(
+                    model_ref(), objective, training, *values, data["x"], data.get("y"),
+                    y_pred, data.get("sample_weight"), losses)
+                return scaled_value(loss, scale, scaled), loss
+
+            return f
+
+        return forward_of, loss_of, lambda values: [values[0][i] for i in selected]
 
     # --- gradients with respect to the inputs and to layer outputs (taps)
 

@@ -99,6 +99,22 @@ class JaxPrimitives:
 
         return h
 
+    def linearize(self, f: Callable) -> Callable:
+        """`jax.linearize` for J·tangents and its transpose for Jᵀ (one linearization)."""
+        def lin(primals, tangents):
+            tangents = [t.astype(p.dtype) for p, t in zip(primals, tangents)]
+            outputs, jvp, aux = jax.linearize(f, primals, has_aux=True)
+            transpose = jax.linear_transpose(jvp, primals)
+            (connected,) = reaching(lambda p: sum(jnp.sum(o) for o in f(p)[0]), (primals,))
+
+            def pullback(cotangents):
+                (grads,) = transpose([c.astype(o.dtype) for c, o in zip(cotangents, outputs)])
+                return [g if ok else None for g, ok in zip(grads, connected)]
+
+            return outputs, jvp(tangents), aux, pullback
+
+        return lin
+
     def vectorize(self, fn: Callable) -> Callable:
         return jax.vmap(fn)
 

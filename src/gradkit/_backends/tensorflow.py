@@ -108,6 +108,32 @@ class TensorFlowPrimitives:
 
         return h
 
+    def linearize(self, f: Callable) -> Callable:
+        """Double reverse: J·tangents = ∇_r ⟨Jᵀ r, tangents⟩ (Jᵀ r is linear in r), on one
+        recorded forward pass that also serves the pullback. (ForwardAccumulator, forward
+        mode proper, fails on the while loops of recurrent layers.)"""
+        def lin(primals, tangents):
+            primals = [watchable(p) for p in primals]
+            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+                tape.watch(primals)
+                outputs, aux = f(primals)
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                probes = [tf.zeros_like(o) for o in outputs]
+                outer.watch(probes)
+                pulled = dense(tape.gradient(outputs, primals, output_gradients=probes))
+                pairs = [tf.reduce_sum(g * tf.cast(t, g.dtype))
+                         for g, t in zip(pulled, tangents) if g is not None]
+                inner = tf.add_n(pairs) if pairs else tf.constant(0.0)
+            jvps = outer.gradient(inner, probes,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+            def pullback(cotangents):
+                return dense(tape.gradient(outputs, primals, output_gradients=cotangents))
+
+            return outputs, dense(jvps), aux, pullback
+
+        return lin
+
     def vectorize(self, fn: Callable) -> Callable:
         return lambda data: tf.vectorized_map(fn, data)
 

@@ -85,6 +85,25 @@ class TfKerasAdapter(Operations):
         return (lambda values, data, scale: lambda perturb, chosen: f(data, scale),
                 lambda values: variables)
 
+    def output_objective(self, request, scaled: bool):
+        """(forward_of, loss_of, chosen_of) as `run_ggn` wants them, on the variables."""
+        model_ref, training = weakref.ref(request.model), request.training
+        objective, variables = prepare_objective(request.objective), list(request.variables)
+
+        def forward_of(values, data):
+            return lambda chosen: (model_ref()(data["x"], training=training), None)
+
+        def loss_of(values, data, scale, losses):
+            def f(y_pred):
+                loss = objective_value(model_ref(), objective, data["x"], data.get("y"),
+                                       data.get("sample_weight"), y_pred)
+                value = tf.cast(loss, tf.float32)
+                return (value * scale if scaled else value), loss
+
+            return f
+
+        return forward_of, loss_of, lambda values: variables
+
     def tapped_objective(self, request):
         f = self._objective(request, True)
         return lambda values, data, scale, x: f(data, scale, x)

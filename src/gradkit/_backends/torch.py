@@ -106,6 +106,38 @@ class TorchPrimitives:
 
         return h
 
+    def linearize(self, f: Callable) -> Callable:
+        """Double backward: J·tangents = ∇_r ⟨Jᵀ r, tangents⟩ (Jᵀ r is linear in r), on one
+        forward graph that also serves the pullback. (Forward-mode dual tensors lack rules
+        for some ops, scaled_dot_product_attention among them.)"""
+        def lin(primals, tangents):
+            primals = [p.detach().requires_grad_(True) for p in primals]
+            outputs, aux = f(primals)
+            live = [i for i, o in enumerate(outputs) if o.requires_grad]
+            probes = [torch.zeros_like(outputs[i], requires_grad=True) for i in live]
+            pulled = torch.autograd.grad([outputs[i] for i in live], primals, probes,
+                                         create_graph=True, allow_unused=True) \
+                if live else [None] * len(primals)
+            inner = sum((g * t.to(g.dtype)).sum() for g, t in zip(pulled, tangents)
+                        if g is not None and g.requires_grad)
+            found = torch.autograd.grad(inner, probes, allow_unused=True) \
+                if torch.is_tensor(inner) else [None] * len(live)
+            jvps = [torch.zeros_like(o) for o in outputs]
+            for i, jvp in zip(live, found):
+                if jvp is not None:
+                    jvps[i] = jvp
+
+            def pullback(cotangents):
+                if not live:
+                    return [None] * len(primals)
+                return list(torch.autograd.grad(
+                    [outputs[i] for i in live], primals,
+                    [cotangents[i].to(outputs[i].dtype) for i in live], allow_unused=True))
+
+            return [o.detach() for o in outputs], jvps, aux, pullback
+
+        return lin
+
     def vectorize(self, fn: Callable) -> Callable:
         vmapped = torch.func.vmap(fn, randomness="same")
 
