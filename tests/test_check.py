@@ -132,6 +132,7 @@ def test_catches_injected_gradient_bugs(keras, flavour):
         assert found[bug][2] > 0.3, found  # off by a sign, a factor n=3 or a half
 
 
+@pytest.mark.filterwarnings("ignore:check_gradients:RuntimeWarning")
 def test_the_model_is_untouched(keras, flavour):
     model, x, y = trained_stateful_model(keras)
     before = state_snapshot(model)

@@ -64,8 +64,8 @@ def model_copy(model: Any, flavour: str, dtype: str | None) -> Any:
     keras = _keras(flavour)
 
     def clone_layer(layer: Any) -> Any:
-        config = layer.get_config()
-        return layer.__class__.from_config(with_dtype(config, dtype) if dtype else config)
+        config = with_dtype(layer.get_config(), dtype)
+        return layer.__class__.from_config(config)
 
     options = {} if flavour == "tf_keras" else {"recursive": True}
     try:
@@ -88,13 +88,17 @@ def model_copy(model: Any, flavour: str, dtype: str | None) -> Any:
     return copy
 
 
-def with_dtype(config: Any, dtype: str) -> Any:
-    """`config` with every floating-point ``"dtype"`` entry (nested ones too) set to `dtype`."""
+def with_dtype(config: Any, dtype: str | None) -> Any:
+    """`config` with every floating-point ``"dtype"`` entry (nested ones too) set to `dtype`
+    (None: kept), and every initializer "zeros": the weights are copied in anyway, and random
+    initializers cost JAX a compilation per new shape and dtype."""
     if isinstance(config, dict):
-        return {key: dtype if key == "dtype" and _is_float_policy(value)
+        return {key: dtype if key == "dtype" and dtype and _is_float_policy(value)
+                else "zeros" if key.endswith("initializer") and value is not None
                 else with_dtype(value, dtype) for key, value in config.items()}
     if isinstance(config, (list, tuple)):
-        return type(config)(with_dtype(value, dtype) for value in config)
+        values = [with_dtype(value, dtype) for value in config]
+        return tuple(values) if isinstance(config, tuple) else values
     return config
 
 
