@@ -28,8 +28,9 @@ from gradkit._request import prepare
 
 __all__ = ["GradientCheck", "VariableCheck", "check_gradients"]
 
-#: Relative rounding noise of the objective above which the copy counts as float32.
-FLOAT64_NOISE = 1e-11
+#: Relative rounding noise of the objective above which the copy counts as float32 (float32
+#: ops give 1e-9 to 1e-7; float64 with ReLU kinks in the probe's reach about 1e-13).
+FLOAT64_NOISE = 1e-10
 
 
 def check_gradients(model: Any, x: Any, y: Any = None, *, loss: Any = None, target: Any = None,
@@ -119,10 +120,12 @@ class _Plan:
                 return request.adapter.gradients(value_request)[0]
 
         origins = [np.array(v.numpy()) for v in chosen]
-        noise, base = rounding_noise(chosen, origins, value)
-        precision = "float64" if dtype and noise <= FLOAT64_NOISE * base else "float32"
+        noise, base, quantized = rounding_noise(chosen, origins, value)
+        precision = "float64" if dtype and not quantized and noise <= FLOAT64_NOISE * base \
+            else "float32"
         if dtype and precision == "float32":
-            note = (f"the float64 copy rounds like float32 (relative noise {noise / base:.1e}): "
+            note = (f"the float64 copy rounds like float32 (relative noise {noise / base:.1e}"
+                    f"{', values on a float32 grid' if quantized else ''}): "
                     "an op inside computes in float32 (Keras 3 on JAX and torch rounds some "
                     "float64 ops to float32); float32 steps and tolerance used")
             warnings.warn("check_gradients: " + note, RuntimeWarning, stacklevel=3)
@@ -146,14 +149,16 @@ def _assign(variable: Any, array: np.ndarray, like: np.ndarray) -> None:
     variable.assign(np.asarray(array, dtype=like.dtype))
 
 
-def rounding_noise(variables: list, origins: list, value: Callable) -> tuple[float, float]:
-    """(σ, reference): the standard deviation of the objective's rounding noise, from the
-    residuals of a cubic fit to 7 values along a tiny step (1e-6 of the weights' norm) in a
-    fixed random direction, and the objective's magnitude."""
+def rounding_noise(variables: list, origins: list, value: Callable) -> tuple:
+    """(σ, reference, quantized): the standard deviation of the objective's rounding noise,
+    from the residuals of a cubic fit to 7 values along a tiny step (1e-7 of the weights'
+    norm) in a fixed random direction; the objective's magnitude; whether the values sit on
+    a float32 grid (all exactly float32, or fewer than 4 distinct: a float32 loss, or a
+    float32 op inside that the tiny step does not move)."""
     rng = np.random.default_rng(0)
     direction = [rng.standard_normal(o.shape) for o in origins]
     size = max(np.sqrt(sum(float(np.sum(np.square(o, dtype=np.float64))) for o in origins)), 1.0)
-    step = 1e-6 * size / np.sqrt(sum(float(np.sum(d * d)) for d in direction))
+    step = 1e-7 * size / np.sqrt(sum(float(np.sum(d * d)) for d in direction))
     values = []
     for k in range(-3, 4):
         for variable, origin, d in zip(variables, origins, direction):
@@ -161,11 +166,13 @@ def rounding_noise(variables: list, origins: list, value: Callable) -> tuple[flo
         values.append(value())
     for variable, origin in zip(variables, origins):
         _assign(variable, origin, origin)
-    values = np.array(values) - values[3]
+    raw = np.array(values, np.float64)
+    quantized = bool(np.all(raw.astype(np.float32) == raw) or len(set(raw.tolist())) < 4)
+    shifted = raw - raw[3]
     ks = np.arange(-3.0, 4.0)
-    residual = values - np.polyval(np.polyfit(ks, values, 3), ks)
+    residual = shifted - np.polyval(np.polyfit(ks, shifted, 3), ks)
     sigma = float(np.sqrt(np.sum(residual ** 2) / 3))
-    return sigma, max(abs(value()), float(np.max(np.abs(values))), 1e-300)
+    return sigma, max(float(np.max(np.abs(raw))), 1e-300), quantized
 
 
 def _differences(variable, origin, grad, directions, value, steps) -> tuple:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 #: (large step, small step) relative to max(‖w‖, 1), and the relative tolerance, per precision
-STEPS = {"float64": (1e-3, 1e-4), "float32": (1e-1, 1e-2)}
+STEPS = {"float64": (1e-5, 1e-6), "float32": (1e-1, 1e-2)}
 RTOL = {"float64": 1e-5, "float32": 3e-2}
 #: Autodiff's own rounding, relative to the largest directional derivative of the check: a
 #: variable whose true derivative is 0 (an invariance) gets roundoff from both sides.
