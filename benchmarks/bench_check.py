@@ -19,7 +19,15 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import FLAVOURS, emit, markdown_table, median, run_worker, setup_flavour, timed  # noqa: E402
+from _common import (  # noqa: E402
+    FLAVOURS,
+    emit,
+    markdown_table,
+    median,
+    run_worker,
+    setup_flavour,
+    timed,
+)
 from bench_gradients import build_model  # noqa: E402
 
 
