@@ -4,7 +4,7 @@ For a variable w, D random unit directions d_j and two steps h > h' (relative to
 
     autodiff    a_j = ⟨∇L, d_j⟩                         (gradkit's gradient, i.e. the framework's)
     central     c_j(h) = (L(w + h d_j) − L(w − h d_j)) / 2h
-    estimate    c*_j = (100 c_j(h') − c_j(h)) / 99      (Richardson: the h² error removed, h = 10 h')
+    estimate    c*_j = (100 c_j(h') − c_j(h)) / 99      (Richardson, h = 10 h': no h² error)
     one-sided   s_j(h) = (L(w + h d_j) − 2 L(w) + L(w − h d_j)) / h   (≈ h L'' where L is smooth)
 
 Norms are over the D directions, relative to ``scale`` = the largest of ‖a‖, ‖c(h)‖, ‖c(h')‖ plus
