@@ -10,6 +10,11 @@ from gradkit import transforms as transforms
 from gradkit._accumulate import accumulate as accumulate
 from gradkit._activation_gradients import activation_gradients as activation_gradients
 from gradkit._apply import apply as apply
+from gradkit._check import (
+    GradientCheck as GradientCheck,
+    VariableCheck as VariableCheck,
+    check_gradients as check_gradients,
+)
 from gradkit._clipped import clipped_gradients as clipped_gradients
 from gradkit._curvature import (
     HessianEigen as HessianEigen,
@@ -53,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CustomTrainStepWarning",
     "DataShapeError",
+    "GradientCheck",
     "GradientStats",
     "GradkitError",
     "GradkitFileError",
@@ -67,9 +73,11 @@ __all__ = [
     "UnconnectedGradientError",
     "UnknownLayerError",
     "UnsupportedModelError",
+    "VariableCheck",
     "accumulate",
     "activation_gradients",
     "apply",
+    "check_gradients",
     "clipped_gradients",
     "fisher_diagonal",
     "ggn_vp",

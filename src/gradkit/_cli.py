@@ -1,4 +1,5 @@
-"""The `gradkit` command line: ``gradkit grads MODEL DATA -o OUT.npz`` and ``gradkit demo``.
+"""The `gradkit` command line: ``gradkit grads MODEL DATA -o OUT.npz``, ``gradkit check``,
+``gradkit hessian`` and ``gradkit demo``.
 
 Keras (and so the framework) is imported only after the arguments are parsed and the backend
 is chosen (``--backend`` sets ``KERAS_BACKEND``). Every expected failure prints one line,
@@ -33,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gradkit._cli_check import add_check_command, add_hessian_command
     from gradkit._cli_grads import add_grads_command
 
     parser = _Parser(prog="gradkit", description="Concrete NumPy gradients of Keras models.")
@@ -43,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "KERAS_BACKEND or ~/.keras/keras.json)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                     metavar="{grads,demo}")
+                                     metavar="{grads,check,hessian,demo}")
     add_grads_command(commands, common)
+    add_check_command(commands, common)
+    add_hessian_command(commands, common)
     _add_demo_command(commands, common)
     return parser
 

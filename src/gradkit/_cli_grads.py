@@ -14,9 +14,11 @@ Cheap checks (files, keys, output folder) run before Keras is imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +55,12 @@ def add_grads_command(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_grads(args: argparse.Namespace) -> int:
-    from gradkit._cli import checked_output, import_keras
+    from gradkit._cli import checked_output
     from gradkit._io import save
     from gradkit._table import summary
 
     out = checked_output(args.output)
-    check_model_file(Path(args.model))
-    x, y, sample_weight = load_data(Path(args.data))
-    keras = import_keras()
-    model = load_model(keras, Path(args.model))
-    x, y = _match_names(model, x, y)
-    _check_loss_available(model, args.loss, y)
+    keras, model, x, y, sample_weight = load_inputs(args)
     loss, grads, size = _loss_and_gradients(model, x, y, sample_weight, args)
     what = (f"loss {args.loss!r} plus regularization losses" if args.loss else
             "the compiled loss as fit() differentiates it")
@@ -77,6 +74,20 @@ def run_grads(args: argparse.Namespace) -> int:
     written = save(out, grads)
     print(f"\nwrote {len(grads)} gradient arrays to {written}")
     return 0
+
+
+def load_inputs(args: argparse.Namespace) -> tuple:
+    """(keras, model, x, y, sample_weight) from ``args.model``, ``args.data`` and
+    ``args.loss``, every cheap check first; one clear error for anything wrong."""
+    from gradkit._cli import import_keras
+
+    check_model_file(Path(args.model))
+    x, y, sample_weight = load_data(Path(args.data))
+    keras = import_keras()
+    model = load_model(keras, Path(args.model))
+    x, y = _match_names(model, x, y)
+    _check_loss_available(model, args.loss, y)
+    return keras, model, x, y, sample_weight
 
 
 def load_data(path: Path) -> tuple[Any, Any, Any]:
@@ -221,10 +232,9 @@ def _loss_and_gradients(model: Any, x: Any, y: Any, sample_weight: Any, args) ->
     """(loss value, gradient dict, example count) from gradkit.loss_and_gradients, or with
     --batch-size (None, gradkit.accumulate's gradient, example count)."""
     from gradkit import accumulate, loss_and_gradients
-    from gradkit._cli import describe
     from gradkit._data import leaves
 
-    try:
+    with data_refusals(x, y):
         if args.batch_size is not None:
             data = (x, y) if sample_weight is None else (x, y, sample_weight)
             loss, grads = None, accumulate(model, data, loss=args.loss, layers=args.layers,
@@ -234,15 +244,24 @@ def _loss_and_gradients(model: Any, x: Any, y: Any, sample_weight: Any, args) ->
             loss, grads = loss_and_gradients(model, x, y, loss=args.loss,
                                              sample_weight=sample_weight, layers=args.layers,
                                              training=args.training)
+    return loss, grads, len(leaves(x)[0])
+
+
+@contextlib.contextmanager
+def data_refusals(x: Any, y: Any) -> Iterator[None]:
+    """Turn the framework refusing the data (y or the loss do not fit) into a DataShapeError."""
+    from gradkit._cli import describe
+
+    try:
+        yield
     except (ValueError, TypeError, RuntimeError, _tf_op_error()) as exc:
         if isinstance(exc, GradkitError):
             raise
-        raise DataShapeError(  # the framework refused the data: y or the loss do not fit
+        raise DataShapeError(
             f"The model could not compute the loss on DATA ({describe(exc)}). Check that y "
             "(and sample_weight) fit the model's outputs and the loss. "
             + received(x=_shapes(x), y=_shapes(y))
         ) from None
-    return loss, grads, len(leaves(x)[0])
 
 
 def _tf_op_error() -> type:
