@@ -34,6 +34,7 @@ from gradkit._gradients import gradients as gradients, loss_and_gradients as los
 from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
+from gradkit._monitor._callback import GradientMonitor as GradientMonitor
 from gradkit._norms import per_example_norms as per_example_norms
 from gradkit._per_example import per_example_gradients as per_example_gradients
 from gradkit._stats import GradientStats as GradientStats, gradient_stats as gradient_stats
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataShapeError",
+    "GradientMonitor",
     "GradientStats",
     "GradkitError",
     "GradkitFileError",

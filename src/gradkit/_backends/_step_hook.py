@@ -1,0 +1,238 @@
+"""A hook inside the optimizer step that `fit` compiles: see or change the applied gradients.
+
+    hook = install(optimizer, fn, stage="before_clip")    # fn(grads, variables, step)
+    ...model.fit(...)...                                     # fn runs inside every update
+    hook.remove()                                            # the optimizer is as it was
+
+`fn(grads, variables, step)` receives framework tensors, inside the compiled train step
+(`tf.function`, `jax.jit` through ``stateless_apply``, torch eager), once per applied update:
+
+- ``grads``: at true scale (a LossScaleOptimizer's scale and ``loss_scale_factor`` already
+  divided out: the hook sits on the inner optimizer), global (under a TF distribution strategy
+  summed over the replicas first), and under ``gradient_accumulation_steps`` the averaged
+  accumulated gradient of the update step only (on the other steps ``fn`` is not called on TF
+  and torch, and on JAX, which runs every branch, ``is_update`` is false: see `Step`).
+- ``stage="before_clip"``: before the optimizer's ``clipnorm``/``global_clipnorm``/
+  ``clipvalue``; ``"after_clip"``: what the update rule receives.
+- It returns new gradients (a list like ``grads``; they are then clipped, for "before_clip")
+  or None to leave them untouched bit for bit. Under a TF strategy returned gradients are
+  divided by the replica count, so that Keras' own all-reduce sums them back to exactly them
+  (clipping then acts on each replica's share, as Keras clips before its all-reduce).
+- ``step``: a `Step` of tensors: ``index`` (the update's number, optimizer.iterations),
+  ``micro`` (the raw batch counter) and ``is_update``.
+
+Variables ``fn`` writes must be made with `add_state` (on JAX they travel with the optimizer
+state the trainer carries through the step) and read with `read_state`. Call `refresh(model)`
+after installing or removing so that a compiled train function is traced again.
+Nothing is imported from a framework until a hook is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+STAGES = ("before_clip", "after_clip")
+_ATTR = "_gradkit_step_hooks"
+
+
+class Step(NamedTuple):
+    """The update being taken, as tensors: see the module docstring."""
+
+    index: Any
+    micro: Any
+    is_update: Any
+
+
+class Hook:
+    """One installed function; `remove()` takes it out (the last removal restores methods)."""
+
+    def __init__(self, optimizer: Any, fn: Callable, stage: str) -> None:
+        self.optimizer, self.fn, self.stage = optimizer, fn, stage
+
+    def remove(self) -> None:
+        hooks = vars(self.optimizer).get(_ATTR)
+        if hooks is None or self not in hooks:
+            return
+        hooks.remove(self)
+        if not hooks:
+            for name in ("_clip_gradients", "_backend_apply_gradients", "apply_gradients",
+                         "_transform_gradients", _ATTR):
+                vars(self.optimizer).pop(name, None)
+
+
+def target(optimizer: Any) -> Any:
+    """The optimizer that receives true-scale gradients (a LossScaleOptimizer's inner one)."""
+    if "LossScaleOptimizer" not in type(optimizer).__name__:
+        return optimizer
+    return getattr(optimizer, "inner_optimizer", None) or optimizer._optimizer
+
+
+def kind(optimizer: Any) -> str:
+    """"keras3", "tf_keras" (the optimizer.Optimizer) or "tf_keras_legacy" (optimizer_v2)."""
+    modules = [c.__module__ for c in type(optimizer).__mro__]
+    if any(m.startswith("keras.src") for m in modules):
+        return "keras3"
+    return "tf_keras_legacy" if any("optimizer_v2" in m for m in modules) else "tf_keras"
+
+
+def install(optimizer: Any, fn: Callable, *, stage: str = "before_clip") -> Hook:
+    """Run `fn` inside each update `optimizer` applies; return the `Hook`."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}; received stage={stage!r}")
+    opt = target(optimizer)
+    hooks = vars(opt).get(_ATTR)
+    if hooks is None:
+        hooks = vars(opt)[_ATTR] = []
+        _patch(opt, kind(opt), hooks)
+    hook = Hook(opt, fn, stage)
+    hooks.append(hook)
+    return hook
+
+
+def _patch(opt: Any, flavour: str, hooks: list) -> None:
+    seen: dict = {}
+    if flavour == "tf_keras_legacy":
+        original = opt._transform_gradients
+
+        def transform(grads_and_vars):
+            grads_and_vars = list(grads_and_vars)
+            variables = [v for _, v in grads_and_vars]
+            grads = _run(hooks, "before_clip", [g for g, _ in grads_and_vars], variables, opt)
+            out = original(list(zip(grads, variables)))
+            grads = _run(hooks, "after_clip", [g for g, _ in out], variables, opt)
+            return list(zip(grads, variables))
+
+        vars(opt)["_transform_gradients"] = transform
+        return
+    clip = opt._clip_gradients
+    outer_name = "_backend_apply_gradients" if flavour == "keras3" else "apply_gradients"
+    outer = getattr(opt, outer_name)
+
+    if flavour == "keras3":
+        def outer_wrapper(grads, trainable_variables):  # remembers the grads' variables
+            seen["variables"] = list(trainable_variables)
+            return outer(grads, trainable_variables)
+    else:  # tf-keras: apply_gradients takes an iterator of pairs; list it once
+        def outer_wrapper(grads_and_vars, *args, **kwargs):
+            grads_and_vars = list(grads_and_vars)
+            seen["variables"] = [v for g, v in grads_and_vars if g is not None]
+            return outer(grads_and_vars, *args, **kwargs)
+
+    def clip_wrapper(grads):
+        variables = seen["variables"]
+        grads = _run(hooks, "before_clip", list(grads), variables, opt)
+        grads = clip(grads)
+        return _run(hooks, "after_clip", list(grads), variables, opt)
+
+    vars(opt)[outer_name] = outer_wrapper
+    vars(opt)["_clip_gradients"] = clip_wrapper
+
+
+def _run(hooks: list, stage: str, grads: list, variables: list, opt: Any) -> list:
+    chosen = [h for h in hooks if h.stage == stage]
+    if not chosen:
+        return grads
+    step = _step(opt)
+    for hook in chosen:
+        reduced, replicas = replica_sum(grads)
+        new = hook.fn(reduced, variables, step)
+        if new is not None:
+            grads = list(new) if replicas == 1 else [g / replicas for g in new]
+    return grads
+
+
+def _step(opt: Any) -> Step:
+    if kind(opt) != "keras3":
+        it = opt.iterations
+        return Step(it, it, True)
+    from keras import ops
+
+    micro = opt._iterations
+    n = opt.gradient_accumulation_steps
+    if not n:
+        return Step(micro, micro, True)
+    return Step(ops.floor_divide(micro, n), micro, ops.equal(ops.mod(micro + 1, n), 0))
+
+
+def replica_sum(grads: list) -> tuple[list, int]:
+    """(grads summed over a TF strategy's replicas, replica count); as they are elsewhere."""
+    import sys
+
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return grads, 1
+    ctx = tf.distribute.get_replica_context()
+    n = ctx.num_replicas_in_sync
+    if n == 1:
+        return grads, 1
+    return list(ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)), n
+
+
+def add_state(model: Any, optimizer: Any, shape: tuple, name: str, dtype: str = "float32") -> Any:
+    """A zero-filled variable a hook may assign inside the step (carried by the JAX trainer)."""
+    opt = target(optimizer)
+    flavour = kind(opt)
+    if flavour == "keras3":
+        import keras
+
+        if keras.backend.backend() == "jax":
+            return opt.add_variable(shape, dtype=dtype, name=name)
+        with _strategy_scope(model):
+            return keras.Variable(keras.ops.zeros(shape, dtype), trainable=False, name=name,
+                                  aggregation="only_first_replica")
+    import tensorflow as tf
+
+    with _strategy_scope(model):
+        return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name,
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def remove_state(optimizer: Any, variables: list) -> None:
+    """Forget `variables` made by `add_state` (JAX: drop them from the optimizer's state)."""
+    opt = target(optimizer)
+    ids = {id(v) for v in variables}
+    tracked = getattr(opt, "_variables", None)
+    if kind(opt) == "keras3" and tracked is not None:
+        for i in reversed([i for i, v in enumerate(tracked) if id(v) in ids]):
+            del tracked[i]
+
+
+def read_state(model: Any, variables: list) -> list:
+    """NumPy copies of `variables` (state, optimizer or trainable variables), also in the
+    middle of a JAX `fit`, where the current values live in the state the trainer carries."""
+    import numpy as np
+
+    state = getattr(model, "_jax_state", None)
+    if state and not getattr(model, "_jax_state_synced", True):
+        found = {}
+        for group, owner in (("optimizer_variables", model.optimizer.variables),
+                             ("trainable_variables", model.trainable_variables)):
+            values = state.get(group) or []
+            found.update({id(v): x for v, x in zip(owner, values)})
+        return [np.array(found[id(v)]) for v in variables]
+    if kind(target(model.optimizer)) == "keras3":
+        import keras
+
+        return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
+    return [np.array(v.numpy()) for v in variables]
+
+
+def refresh(model: Any) -> None:
+    """Make `fit` trace its train function again (it then sees installed or removed hooks)."""
+    model.train_function = None
+    model.make_train_function(force=True)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _strategy_scope(model: Any) -> Any:
+    strategy = getattr(model, "distribute_strategy", None) or getattr(
+        model, "_distribute_strategy", None)
+    return strategy.scope() if strategy is not None else _Null()

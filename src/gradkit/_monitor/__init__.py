@@ -1,0 +1,10 @@
+"""Watching gradients during `fit`: the callback, its in-step recorder, history, writers, plots.
+
+    _step_hook (gradkit._backends)  the interception inside the optimizer's step
+    _ingraph     statistics in framework ops, computed inside the step
+    _recorder    the hooks and state variables of one monitor
+    _history     records (flat dicts) and the NumPy history
+    _writers     JSON Lines, CSV, TensorBoard files
+    _callback    GradientMonitor
+    _plots       plot_gradient_flow, plot_histograms
+"""
