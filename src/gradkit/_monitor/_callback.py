@@ -101,12 +101,11 @@ class GradientMonitor:
         flavour_of(model)
         self.chosen = select_variables(model, self.layers)
         self.keys = unique_keys(self.chosen)
-        self.sizes = [int(np.prod(v.shape)) for v in self.chosen]
         opt = step_hook.target(model.optimizer)
         self._acc = getattr(opt, "gradient_accumulation_steps", None) or 1
         self._counter = opt._iterations if step_hook.kind(opt) == "keras3" else opt.iterations
         self._writers = open_writers(self.log_dir, self.writer_names) if self.log_dir else []
-        self._recorder = Recorder(model, self.chosen, self.every, self.bins)
+        self._recorder = Recorder(model, self.chosen, self.every)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
         self._epoch, self._epoch_start, self._before = 0, self._micro, None
         self._reported = False
@@ -148,12 +147,12 @@ class GradientMonitor:
         return update and (self._micro // self._acc) % self.every == 0
 
     def _record(self, index: int, batch: int) -> None:
-        rows, clipped = self._recorder.read_rows()
+        grads, clipped = self._recorder.read_grads()
         weights = None
         if self._before is not None:
             weights = (self._before, step_hook.read_state(self.model, self.chosen))
             self._before = None
-        per_variable = variable_stats(rows, clipped, self.sizes, weights)
+        per_variable = variable_stats(grads, clipped, self.bins, weights)
         meta = {"step": index, "epoch": self._epoch, "batch": batch}
         record = flat_record(meta, self.keys, per_variable, self.stats)
         self.records.append(record)
@@ -165,7 +164,7 @@ class GradientMonitor:
             return
         self._reported = True
         rows = self._recorder.read_alarm()
-        bad = {k: (int(r[5]), int(r[6])) for k, r in zip(self.keys, rows) if r[5] or r[6]}
+        bad = {k: (int(r[0]), int(r[1])) for k, r in zip(self.keys, rows) if r[0] or r[1]}
         alarm = {"step": int(meta[2]), "batch": int(meta[1]) - self._epoch_start,
                  "epoch": self._epoch, "variables": bad}
         self.alarms.append(alarm)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from gradkit._monitor._ingraph import COLUMNS
 from gradkit._stats import layer_of
 
 STATS = ("norm", "max_abs", "mean", "std", "zero_fraction", "nan_count", "inf_count",
@@ -27,24 +26,34 @@ STATS = ("norm", "max_abs", "mean", "std", "zero_fraction", "nan_count", "inf_co
 META = ("step", "epoch", "batch")
 
 
-def variable_stats(rows: np.ndarray, clipped: Any, sizes: list, weights: Any) -> list[dict]:
-    """Per variable: the statistics of one record from the in-step rows (float64)."""
-    col = {name: i for i, name in enumerate(COLUMNS)}
+def variable_stats(grads: list, clipped: Any, bins: int, weights: Any) -> list[dict]:
+    """Per variable: the statistics of one record, in float64 from the step's gradients.
+
+    Over the FINITE entries (NaN and Inf are counted, never dropped silently): norm, max_abs,
+    mean, std (population), zero_fraction (exact zeros / size); the histogram has `bins`
+    equal bins from this record's min to max of that variable (``histogram_range``).
+    """
     out = []
-    for i, row in enumerate(rows.astype(np.float64)):
-        s = {name: row[col[name]] for name in ("norm", "max_abs", "mean", "std", "nan_count",
-                                               "inf_count")}
-        s["zero_fraction"] = row[col["zero_count"]] / sizes[i]
-        s["finite"] = sizes[i] - s["nan_count"] - s["inf_count"]
-        s["histogram"] = row[len(COLUMNS):]
-        s["histogram_range"] = row[[col["min"], col["max"]]]
+    for i, g in enumerate(grads):
+        g = np.asarray(g, dtype=np.float64).ravel()
+        fin = np.isfinite(g)
+        f = g[fin]
+        s = {"nan_count": float(np.isnan(g).sum()), "inf_count": float(np.isinf(g).sum()),
+             "finite": float(f.size), "size": float(g.size),
+             "zero_fraction": float(np.count_nonzero(g == 0) / max(g.size, 1))}
+        s["norm"] = float(np.sqrt(np.dot(f, f)))
+        s["max_abs"] = float(np.abs(f).max()) if f.size else 0.0
+        s["mean"] = float(f.mean()) if f.size else 0.0
+        s["std"] = float(f.std()) if f.size else 0.0
+        lo, hi = (float(f.min()), float(f.max())) if f.size else (0.0, 0.0)
+        s["histogram"] = np.histogram(f, bins=bins, range=(lo, hi))[0].astype(np.float64)
+        s["histogram_range"] = np.array([lo, hi])
         if clipped is not None:
             s["clipped_norm"], s["clipped_max_abs"] = (float(x) for x in clipped[i])
         if weights is not None:
             before, after = weights[0][i].astype(np.float64), weights[1][i].astype(np.float64)
             s["weight_norm"] = float(np.linalg.norm(before))
             s["update_sq"] = float(np.sum((after - before) ** 2))
-        s["size"] = sizes[i]
         out.append(s)
     return out
 

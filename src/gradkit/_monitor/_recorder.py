@@ -1,13 +1,12 @@
-"""The in-step half of the monitor: hooks that write statistics into state variables.
+"""The in-step half of the monitor: hooks that write into state variables.
 
-On every applied update the hook checks the gradients for NaN/Inf (one pass); on recorded
-updates (``index % every == 0``) and on the first non-finite one it computes the full rows
-(`_ingraph.full_row`) under a ``cond``, so that other steps pay only the check. State:
+Every applied update is checked for NaN/Inf. On recorded updates (``index % every == 0``)
+and on the first non-finite one the gradients are copied into ``grads`` (one float32
+variable per watched variable) under a ``cond``, so other updates pay only the check. State:
 
-- ``rows`` (n, len(COLUMNS) + bins) and, when the optimizer clips, ``clipped`` (n, 2);
+- ``grads``, and when the optimizer clips ``clipped`` (n, 2): norm and max |g| after it;
 - ``meta`` int32 [last recorded update + 1, first non-finite batch counter + 1,
-  its update + 1] (0 = none yet);
-- ``alarm`` (n, len(COLUMNS) + bins): the rows of that first non-finite update.
+  its update + 1] (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
 """
 
 from __future__ import annotations
@@ -17,24 +16,30 @@ from typing import Any
 import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
-from gradkit._monitor._ingraph import COLUMNS, clipped_row, full_row, namespace, ordered
+from gradkit._monitor._ingraph import (
+    all_finite,
+    clipped_rows,
+    namespace,
+    nonfinite_counts,
+    ordered,
+)
 
 
 class Recorder:
     """Hooks and state for `chosen` variables on `model.optimizer`; `remove()` undoes all."""
 
-    def __init__(self, model: Any, chosen: list, every: int, bins: int) -> None:
-        self.model, self.chosen, self.every, self.bins = model, chosen, every, bins
+    def __init__(self, model: Any, chosen: list, every: int) -> None:
+        self.model, self.chosen, self.every = model, chosen, every
         opt = model.optimizer
         self.kind = step_hook.kind(step_hook.target(opt))
         self.clips = any(getattr(step_hook.target(opt), name, None) for name in
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
                           "_global_clipnorm", "_clipvalue"))
-        width, n = len(COLUMNS) + bins, len(chosen)
+        n = len(chosen)
         add = lambda shape, name, dtype="float32": step_hook.add_state(  # noqa: E731
             model, opt, shape, f"gradkit_monitor_{name}", dtype)
-        self.rows, self.alarm = add((n, width), "rows"), add((n, width), "alarm")
-        self.meta = add((3,), "meta", "int32")
+        self.grads = [add(tuple(v.shape), f"grad_{i}") for i, v in enumerate(chosen)]
+        self.alarm, self.meta = add((n, 2), "alarm"), add((3,), "meta", "int32")
         self.clipped = add((n, 2), "clipped") if self.clips else None
         self.hooks = [step_hook.install(opt, self._before, stage="before_clip")]
         if self.clips:
@@ -43,19 +48,18 @@ class Recorder:
 
     def _before(self, grads: list, variables: list, step: Any) -> None:
         xp = namespace(self.kind)
-        grads = ordered(grads, variables, self.chosen)
-        present = [g for g in grads if g is not None]
-        finite = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in present]))
+        grads = ordered(grads, variables, self.chosen, xp)
         meta = xp.value(self.meta)
         index = xp.cast(step.index, "int32")
-        first = xp.logical_and(xp.logical_not(finite), xp.equal(meta[1], 0))
+        first = xp.logical_and(xp.logical_not(all_finite(xp, grads)), xp.equal(meta[1], 0))
         first = xp.logical_and(first, step.is_update)
         record = xp.logical_or(self._due(xp, step, index), first)
-        rows = xp.cond(record, lambda: self._rows(xp, grads),
-                       lambda: xp.value(self.rows))
-        self.rows.assign(rows)
+        kept = xp.cond(record, lambda: list(grads), lambda: [xp.value(b) for b in self.grads])
+        for buffer, value in zip(self.grads, kept):
+            buffer.assign(value)
+        self.alarm.assign(xp.cond(first, lambda: nonfinite_counts(xp, grads),
+                                  lambda: xp.value(self.alarm)))
         micro = xp.cast(step.micro, "int32")
-        self.alarm.assign(xp.where(first, rows, xp.value(self.alarm)))
         self.meta.assign(xp.stack([xp.where(record, index + 1, meta[0]),
                                    xp.where(first, micro + 1, meta[1]),
                                    xp.where(first, index + 1, meta[2])]))
@@ -63,29 +67,22 @@ class Recorder:
 
     def _after(self, grads: list, variables: list, step: Any) -> None:
         xp = namespace(self.kind)
-        grads = ordered(grads, variables, self.chosen)
-        index = xp.cast(step.index, "int32")
-        rows = xp.cond(self._due(xp, step, index), lambda: xp.stack(
-            [clipped_row(xp, g) if g is not None else xp.zeros((2,)) for g in grads]),
-            lambda: xp.value(self.clipped))
-        self.clipped.assign(rows)
+        grads = ordered(grads, variables, self.chosen, xp)
+        due = self._due(xp, step, xp.cast(step.index, "int32"))
+        self.clipped.assign(xp.cond(due, lambda: clipped_rows(xp, grads),
+                                    lambda: xp.value(self.clipped)))
         return None
 
     def _due(self, xp: Any, step: Any, index: Any) -> Any:
         return xp.logical_and(step.is_update, xp.equal(xp.mod(index, self.every), 0))
 
-    def _rows(self, xp: Any, grads: list) -> Any:
-        width = len(COLUMNS) + self.bins
-        return xp.stack([full_row(xp, g, self.bins) if g is not None else xp.zeros((width,))
-                         for g in grads])
-
     def read_meta(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.meta])[0] - 1
 
-    def read_rows(self) -> tuple[np.ndarray, np.ndarray | None]:
-        states = [self.rows] + ([self.clipped] if self.clips else [])
+    def read_grads(self) -> tuple[list, np.ndarray | None]:
+        states = self.grads + ([self.clipped] if self.clips else [])
         values = step_hook.read_state(self.model, states)
-        return values[0], (values[1] if self.clips else None)
+        return values[: len(self.grads)], (values[-1] if self.clips else None)
 
     def read_alarm(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.alarm])[0]
@@ -93,6 +90,6 @@ class Recorder:
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        states = [s for s in (self.rows, self.alarm, self.meta, self.clipped) if s is not None]
+        states = [*self.grads, self.alarm, self.meta] + ([self.clipped] if self.clips else [])
         step_hook.remove_state(self.model.optimizer, states)
         step_hook.refresh(self.model)
