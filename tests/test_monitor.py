@@ -240,3 +240,17 @@ def test_bad_options_raise():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert gk.GradientMonitor().mode == "step"
+
+
+@pytest.mark.flavours("tensorflow")
+def test_mirrored_strategy_records_global_gradients():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_monitor_mirrored_worker.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    done = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
