@@ -147,13 +147,14 @@ def test_loss_scaling_is_undone(keras, flavour):
             assert _rel(h["variables"]["norm"][key][r], np.linalg.norm(gv)) < 1e-3, key
 
 
-def test_watching_never_changes_training(keras):
+def test_watching_never_changes_training(keras, tmp_path):
     x, y = _data()
     finals = []
     for watch in (False, True):
         keras.utils.set_random_seed(0)
         model = _model(keras, keras.optimizers.Adam(1e-2, clipnorm=1.0), dropout=True)
-        callbacks = [gk.GradientMonitor(every=2, writers=())] if watch else []
+        callbacks = [gk.GradientMonitor(every=2, log_dir=tmp_path, writers=("jsonl",))
+                     ] if watch else []
         model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
                   callbacks=callbacks)
         finals.append([to_numpy(v) for v in model.variables])
@@ -164,9 +165,11 @@ def test_watching_never_changes_training(keras):
         np.testing.assert_array_equal(a, b)
     assert "_clip_gradients" not in vars(model.optimizer)
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # still trains, hook gone
-    again = gk.GradientMonitor(every=1, writers=())
+    again = gk.GradientMonitor(every=1, log_dir=tmp_path, writers=("jsonl",))
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[again])
     assert len(again.records) == STEPS
+    lines = (tmp_path / "gradients.jsonl").read_text().splitlines()  # appended: 4 + 4
+    assert [json.loads(line)["step"] for line in lines] == [0, 2, 4, 6, 12, 13, 14, 15]
 
 
 @pytest.mark.parametrize("action", ["warn", "stop", "raise"])
@@ -228,9 +231,18 @@ def test_writers_round_trip(keras, tmp_path):
     hist = acc.Histograms(f"variables/histogram/{key}")
     np.testing.assert_array_equal(hist[1].histogram_value.bucket,
                                   h["variables"]["histogram"][key][1])
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-              callbacks=[gk.GradientMonitor(every=2, log_dir=tmp_path, writers=("jsonl",))])
-    assert len((tmp_path / "gradients.jsonl").read_text().splitlines()) == 4
+    from gradkit._cli import main
+
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "flow.png")]) == 0
+    assert _png_size(tmp_path / "flow.png") == (800, 700)
+    gk.plot_histograms(monitor, path=tmp_path / "hist.png")
+    assert _png_size(tmp_path / "hist.png") == (1200, 6 * 100)
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def test_bad_options_raise():
