@@ -27,6 +27,13 @@ from gradkit._select import select_variables, unique_keys
 _ACTIONS = ("warn", "stop", "raise")
 
 
+def _default_noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+_default_noop._is_default = True  # type: ignore[attr-defined]
+
+
 class GradientMonitor:
     """Record, every `every` updates, statistics of the gradients the optimizer applies in `fit`.
 
@@ -74,6 +81,9 @@ class GradientMonitor:
         self.records: list[dict] = []
         self.alarms: list[dict] = []
         self._recorder: Any = None
+        self._current: Any = None
+        # Keras 3 keeps async dispatch only for callbacks whose on_train_batch_end is default
+        self.on_train_batch_end = _default_noop if on_nonfinite == "warn" else self._step_end
 
     @property
     def history(self) -> dict:
@@ -107,30 +117,26 @@ class GradientMonitor:
         self._writers = open_writers(self.log_dir, self.writer_names) if self.log_dir else []
         self._recorder = Recorder(model, self.chosen, self.every)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
-        self._epoch, self._epoch_start, self._before = 0, self._micro, None
+        self._epoch, self._epoch_start, self._before, self._current = 0, self._micro, None, None
         self._reported = False
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch, self._epoch_start = epoch, self._micro
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        if self._due() and ({"weight_norm", "update_ratio"} & set(self.stats)):
+        self._settle()  # the previous step, whose state is complete now
+        due = self._due()
+        if due and ({"weight_norm", "update_ratio"} & set(self.stats)):
             self._before = step_hook.read_state(self.model, self.chosen)
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        due, index = self._due(), self._micro // self._acc
+        self._current = (due, self._micro // self._acc, batch)
         self._micro += 1
-        if not due and self.on_nonfinite == "warn":
-            return
-        meta = self._recorder.read_meta()
-        if due and meta[0] == index:
-            self._record(index, batch)
-        elif due:  # the update did not happen (a LossScaleOptimizer skipped it): resync
-            self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
-        self._check_alarm(meta)
+
+    def _step_end(self, batch: int, logs: Any = None) -> None:
+        self._settle()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self._recorder is not None:
+            self._settle()
             self._check_alarm(self._recorder.read_meta())
 
     def on_train_end(self, logs: Any = None) -> None:
@@ -145,6 +151,26 @@ class GradientMonitor:
     def _due(self) -> bool:
         update = (self._micro + 1) % self._acc == 0
         return update and (self._micro // self._acc) % self.every == 0
+
+    def _settle(self) -> None:
+        """Read what the last step recorded, if it was due (or alarms are checked each step).
+
+        In "warn" mode this runs at the start of the next step, so that `fit` keeps its
+        asynchronous dispatch of on_train_batch_end (Keras 3 syncs every step for a
+        callback that implements it); "stop" and "raise" must act after the step itself.
+        """
+        if self._current is None:
+            return
+        due, index, batch = self._current
+        self._current = None
+        if not due and self.on_nonfinite == "warn":
+            return
+        meta = self._recorder.read_meta()
+        if due and meta[0] == index:
+            self._record(index, batch)
+        elif due:  # the update did not happen (a LossScaleOptimizer skipped it): resync
+            self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
+        self._check_alarm(meta)
 
     def _record(self, index: int, batch: int) -> None:
         grads, clipped = self._recorder.read_grads()
