@@ -35,27 +35,46 @@ def variable_stats(grads: list, clipped: Any, bins: int, weights: Any) -> list[d
     """
     out = []
     for i, g in enumerate(grads):
-        g = np.asarray(g, dtype=np.float64).ravel()
+        g = np.asarray(g).ravel()
         fin = np.isfinite(g)
-        f = g[fin]
-        s = {"nan_count": float(np.isnan(g).sum()), "inf_count": float(np.isinf(g).sum()),
+        f = g if fin.all() else g[fin]
+        s = {"nan_count": float(np.isnan(g).sum()) if f.size < g.size else 0.0,
+             "inf_count": float(np.isinf(g).sum()) if f.size < g.size else 0.0,
              "finite": float(f.size), "size": float(g.size),
-             "zero_fraction": float(np.count_nonzero(g == 0) / max(g.size, 1))}
-        s["norm"] = float(np.sqrt(np.dot(f, f)))
-        s["max_abs"] = float(np.abs(f).max()) if f.size else 0.0
-        s["mean"] = float(f.mean()) if f.size else 0.0
-        s["std"] = float(f.std()) if f.size else 0.0
-        lo, hi = (float(f.min()), float(f.max())) if f.size else (0.0, 0.0)
-        s["histogram"] = np.histogram(f, bins=bins, range=(lo, hi))[0].astype(np.float64)
-        s["histogram_range"] = np.array([lo, hi])
+             "zero_fraction": float(g.size - np.count_nonzero(g)) / max(g.size, 1)}
+        s.update(_moments(f, bins))
         if clipped is not None:
             s["clipped_norm"], s["clipped_max_abs"] = (float(x) for x in clipped[i])
         if weights is not None:
-            before, after = weights[0][i].astype(np.float64), weights[1][i].astype(np.float64)
-            s["weight_norm"] = float(np.linalg.norm(before))
-            s["update_sq"] = float(np.sum((after - before) ** 2))
+            s["weight_norm"] = _norm(weights[0][i])
+            s["update_sq"] = _norm(np.subtract(weights[1][i], weights[0][i])) ** 2
         out.append(s)
     return out
+
+
+def _norm(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    return float(np.sqrt(np.dot(a, a)))
+
+
+def _moments(f: np.ndarray, bins: int) -> dict:
+    """norm, max_abs, mean, std (float64 accumulation) and the histogram of finite `f`."""
+    if not f.size:
+        return {"norm": 0.0, "max_abs": 0.0, "mean": 0.0, "std": 0.0,
+                "histogram": np.zeros(bins), "histogram_range": np.zeros(2)}
+    f64 = f.astype(np.float64)
+    mean = float(f64.sum() / f.size)
+    dev = f64 - mean
+    lo, hi = float(f.min()), float(f.max())
+    if hi > lo:  # bin i holds [lo + i w, lo + (i + 1) w), the last one closed, as np.histogram
+        index = np.minimum(((f64 - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1)
+        counts = np.bincount(index, minlength=bins).astype(np.float64)
+    else:
+        counts = np.zeros(bins)
+        counts[-1] = f.size
+    return {"norm": float(np.sqrt(np.dot(f64, f64))), "max_abs": max(-lo, hi),
+            "mean": mean, "std": float(np.sqrt(np.dot(dev, dev) / f.size)),
+            "histogram": counts, "histogram_range": np.array([lo, hi])}
 
 
 def combine(parts: list[dict]) -> dict:
