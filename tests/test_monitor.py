@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import FLAVOUR, to_numpy
+from conftest import to_numpy
 
 import gradkit as gk
 
@@ -126,7 +126,7 @@ def test_gradient_accumulation_records_the_averaged_update(keras):
         _check_record(h, r, grads_seq[r], weights_seq[r])
 
 
-def test_loss_scaling_is_undone(keras, flavour):
+def test_loss_scaling_is_undone(keras):
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
