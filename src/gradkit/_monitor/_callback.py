@@ -178,7 +178,8 @@ class GradientMonitor:
         if self._before is not None:
             weights = (self._before, step_hook.read_state(self.model, self.chosen))
             self._before = None
-        per_variable = variable_stats(grads, clipped, self.bins, weights)
+        bins = self.bins if "histogram" in self.stats else 0
+        per_variable = variable_stats(grads, clipped, bins, weights)
         meta = {"step": index, "epoch": self._epoch, "batch": batch}
         record = flat_record(meta, self.keys, per_variable, self.stats)
         self.records.append(record)

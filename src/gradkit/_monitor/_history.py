@@ -31,7 +31,8 @@ def variable_stats(grads: list, clipped: Any, bins: int, weights: Any) -> list[d
 
     Over the FINITE entries (NaN and Inf are counted, never dropped silently): norm, max_abs,
     mean, std (population), zero_fraction (exact zeros / size); the histogram has `bins`
-    equal bins from this record's min to max of that variable (``histogram_range``).
+    equal bins from this record's min to max of that variable (``histogram_range``);
+    ``bins=0`` skips it.
     """
     out = []
     for i, g in enumerate(grads):
@@ -60,21 +61,23 @@ def _norm(a: np.ndarray) -> float:
 def _moments(f: np.ndarray, bins: int) -> dict:
     """norm, max_abs, mean, std (float64 accumulation) and the histogram of finite `f`."""
     if not f.size:
-        return {"norm": 0.0, "max_abs": 0.0, "mean": 0.0, "std": 0.0,
-                "histogram": np.zeros(bins), "histogram_range": np.zeros(2)}
+        empty = {"histogram": np.zeros(bins), "histogram_range": np.zeros(2)} if bins else {}
+        return {"norm": 0.0, "max_abs": 0.0, "mean": 0.0, "std": 0.0, **empty}
     f64 = f.astype(np.float64)
     mean = float(f64.sum() / f.size)
     dev = f64 - mean
     lo, hi = float(f.min()), float(f.max())
+    out = {"norm": float(np.sqrt(np.dot(f64, f64))), "max_abs": max(-lo, hi),
+           "mean": mean, "std": float(np.sqrt(np.dot(dev, dev) / f.size))}
+    if not bins:  # histograms not asked for
+        return out
     if hi > lo:  # bin i holds [lo + i w, lo + (i + 1) w), the last one closed, as np.histogram
         index = np.minimum(((f64 - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1)
         counts = np.bincount(index, minlength=bins).astype(np.float64)
     else:
         counts = np.zeros(bins)
         counts[-1] = f.size
-    return {"norm": float(np.sqrt(np.dot(f64, f64))), "max_abs": max(-lo, hi),
-            "mean": mean, "std": float(np.sqrt(np.dot(dev, dev) / f.size)),
-            "histogram": counts, "histogram_range": np.array([lo, hi])}
+    return dict(out, histogram=counts, histogram_range=np.array([lo, hi]))
 
 
 def combine(parts: list[dict]) -> dict:
