@@ -48,6 +48,11 @@ from gradkit._gradients import gradients as gradients, loss_and_gradients as los
 from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
+from gradkit._monitor._callback import GradientMonitor as GradientMonitor
+from gradkit._monitor._plots import (
+    plot_gradient_flow as plot_gradient_flow,
+    plot_histograms as plot_histograms,
+)
 from gradkit._norms import per_example_norms as per_example_norms
 from gradkit._per_example import per_example_gradients as per_example_gradients
 from gradkit._stats import GradientStats as GradientStats, gradient_stats as gradient_stats
@@ -59,6 +64,7 @@ __all__ = [
     "CustomTrainStepWarning",
     "DataShapeError",
     "GradientCheck",
+    "GradientMonitor",
     "GradientStats",
     "GradkitError",
     "GradkitFileError",
@@ -94,6 +100,8 @@ __all__ = [
     "loss_and_gradients",
     "per_example_gradients",
     "per_example_norms",
+    "plot_gradient_flow",
+    "plot_histograms",
     "save",
     "summary",
     "transforms",

@@ -1,5 +1,5 @@
 """The `gradkit` command line: ``gradkit grads MODEL DATA -o OUT.npz``, ``gradkit check``,
-``gradkit hessian`` and ``gradkit demo``.
+``gradkit hessian``, ``gradkit demo`` and ``gradkit plot LOG_DIR -o flow.png``.
 
 Keras (and so the framework) is imported only after the arguments are parsed and the backend
 is chosen (``--backend`` sets ``KERAS_BACKEND``). Every expected failure prints one line,
@@ -45,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "KERAS_BACKEND or ~/.keras/keras.json)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                     metavar="{grads,check,hessian,demo}")
+                                     metavar="{grads,check,hessian,demo,plot}")
     add_grads_command(commands, common)
     add_check_command(commands, common)
     add_hessian_command(commands, common)
     _add_demo_command(commands, common)
+    _add_plot_command(commands, common)
     return parser
 
 
@@ -62,6 +63,33 @@ def _add_demo_command(commands: Any, common: argparse.ArgumentParser) -> None:
                       help="where to write the gradients (default: ./gradkit-demo.npz, never "
                            "replacing a file that is not a gradkit demo output)")
     demo.set_defaults(run=_run_demo)
+
+
+def _add_plot_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    plot = commands.add_parser(
+        "plot", parents=[common], help="plot the gradients a GradientMonitor logged",
+        description="Draw the per-layer gradient norms over steps and a layer x step heat "
+                    "map (or the histograms) from the gradients.jsonl a GradientMonitor "
+                    "wrote into LOG_DIR.")
+    plot.add_argument("log_dir", metavar="LOG_DIR", help="the monitor's log_dir")
+    plot.add_argument("-o", "--output", metavar="OUT.png", default="gradient-flow.png",
+                      help="image to write (format from the suffix; default "
+                           "gradient-flow.png)")
+    plot.add_argument("--kind", choices=("flow", "histograms"), default="flow")
+    plot.set_defaults(run=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from gradkit._monitor._plots import plot_gradient_flow, plot_histograms
+
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise GradkitFileError(f"Cannot write {str(out)!r}: its folder does not exist. "
+                               + received(output=args.output))
+    draw = plot_gradient_flow if args.kind == "flow" else plot_histograms
+    draw(args.log_dir, path=out)
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

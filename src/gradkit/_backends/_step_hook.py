@@ -79,7 +79,10 @@ def kind(optimizer: Any) -> str:
 def install(optimizer: Any, fn: Callable, *, stage: str = "before_clip") -> Hook:
     """Run `fn` inside each update `optimizer` applies; return the `Hook`."""
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}; received stage={stage!r}")
+        from gradkit._errors import InvalidArgumentError, received
+
+        raise InvalidArgumentError(f"stage= must be one of {STAGES}: where in the step the "
+                                   "hook runs. " + received(stage=stage))
     opt = target(optimizer)
     hooks = vars(opt).get(_ATTR)
     if hooks is None:

@@ -1,0 +1,218 @@
+"""`GradientMonitor`: statistics of the gradients `fit` applies, recorded inside its train step.
+
+The callback works for Keras 3 (every backend) and tf-keras models alike: it defines every
+hook both Keras' callback lists call, so one class serves both.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from gradkit._backends import _step_hook as step_hook
+from gradkit._detect import flavour_of
+from gradkit._errors import (
+    InvalidArgumentError,
+    NonFiniteGradientError,
+    NonFiniteGradientWarning,
+    received,
+)
+from gradkit._monitor._history import STATS, flat_record, history_of, variable_stats
+from gradkit._monitor._recorder import Recorder
+from gradkit._monitor._writers import open_writers
+from gradkit._select import select_variables, unique_keys
+
+_ACTIONS = ("warn", "stop", "raise")
+
+
+def _default_noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+_default_noop._is_default = True  # type: ignore[attr-defined]
+
+
+class GradientMonitor:
+    """Record, every `every` updates, statistics of the gradients the optimizer applies in `fit`.
+
+    The gradients are those of the step `fit` takes (its batch, dropout mask and weights),
+    captured inside the compiled step without a second backward pass: at true scale (loss
+    scaling undone), summed over the replicas of a TF strategy, the averaged gradient of the
+    update step under ``gradient_accumulation_steps``, and, when the optimizer clips, also
+    after clipping (``clipped_norm``, ``clipped_max_abs``). Statistics per variable, per layer
+    and in total (`stats=`, see ``STATS``) end up in ``monitor.history`` (NumPy arrays by
+    step), and with `log_dir` in files (`writers=`: "jsonl", "csv", "tensorboard").
+    ``weight_norm`` is of the weights the gradient was taken at; ``update_ratio`` is
+    ||Δw|| / ||w|| of that update (read on the host on recorded updates only).
+
+    Every update is checked for NaN/Inf: the first one is reported with its variables and
+    their counts, its update and batch: ``on_nonfinite="warn"`` (a `NonFiniteGradientWarning`
+    at the next recorded update or at the end of the epoch), ``"stop"`` (ends `fit` after that
+    step, like TerminateOnNaN) or ``"raise"`` (`NonFiniteGradientError` after that step);
+    "stop" and "raise" read one flag per step. The optimizer is restored at the end of `fit`.
+    ``monitor.mode`` is "step" (the step's own gradients; on every flavour for `fit`).
+    """
+
+    mode = "step"
+    _supports_tf_logs = False
+    async_safe = False
+
+    def __init__(self, every: int = 100, *, layers: Any = None, log_dir: Any = None,
+                 writers: tuple = ("jsonl", "tensorboard"), histogram_bins: int = 30,
+                 on_nonfinite: str = "warn", stats: tuple = STATS) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise InvalidArgumentError("every= must be a positive int (record every that many "
+                                       "updates). " + received(every=every))
+        if on_nonfinite not in _ACTIONS:
+            raise InvalidArgumentError(f"on_nonfinite= must be one of {_ACTIONS}. "
+                                       + received(on_nonfinite=on_nonfinite))
+        unknown = [s for s in stats if s not in STATS]
+        if unknown or not isinstance(histogram_bins, int) or histogram_bins < 1:
+            raise InvalidArgumentError(
+                f"stats= takes names from {STATS} and histogram_bins= a positive int. "
+                + received(stats=stats, histogram_bins=histogram_bins))
+        self.every, self.layers, self.log_dir = every, layers, log_dir
+        self.writer_names, self.bins = tuple(writers), histogram_bins
+        self.on_nonfinite, self.stats = on_nonfinite, tuple(stats)
+        self.model: Any = None
+        self.params: dict = {}
+        self.records: list[dict] = []
+        self.alarms: list[dict] = []
+        self._recorder: Any = None
+        self._current: Any = None
+        # Keras 3 keeps async dispatch only for callbacks whose on_train_batch_end is default
+        self.on_train_batch_end = _default_noop if on_nonfinite == "warn" else self._step_end
+
+    @property
+    def history(self) -> dict:
+        """NumPy arrays by recorded update (see `gradkit._monitor._history`)."""
+        return history_of(self.records)
+
+    # Keras' callback protocol ---------------------------------------------------------
+    def set_model(self, model: Any) -> None:
+        self.model = model
+
+    def set_params(self, params: dict) -> None:
+        self.params = params
+
+    def _implements_train_batch_hooks(self) -> bool:
+        return True
+
+    def _implements_test_batch_hooks(self) -> bool:
+        return False
+
+    def _implements_predict_batch_hooks(self) -> bool:
+        return False
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        model = self.model
+        flavour_of(model)
+        self.chosen = select_variables(model, self.layers)
+        self.keys = unique_keys(self.chosen)
+        opt = step_hook.target(model.optimizer)
+        self._acc = getattr(opt, "gradient_accumulation_steps", None) or 1
+        self._counter = opt._iterations if step_hook.kind(opt) == "keras3" else opt.iterations
+        self._writers = open_writers(self.log_dir, self.writer_names) if self.log_dir else []
+        self._recorder = Recorder(model, self.chosen, self.every)
+        self._micro = int(step_hook.read_state(model, [self._counter])[0])
+        self._epoch, self._epoch_start, self._before, self._current = 0, self._micro, None, None
+        self._reported = False
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch, self._epoch_start = epoch, self._micro
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self._settle()  # the previous step, whose state is complete now
+        due = self._due()
+        if due and ({"weight_norm", "update_ratio"} & set(self.stats)):
+            self._before = step_hook.read_state(self.model, self.chosen)
+        self._current = (due, self._micro // self._acc, batch)
+        self._micro += 1
+
+    def _step_end(self, batch: int, logs: Any = None) -> None:
+        self._settle()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self._recorder is not None:
+            self._settle()
+            self._check_alarm(self._recorder.read_meta())
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._close()
+
+    def __getattr__(self, name: str) -> Any:  # every other on_* hook: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    # internals ---------------------------------------------------------------------------
+    def _due(self) -> bool:
+        update = (self._micro + 1) % self._acc == 0
+        return update and (self._micro // self._acc) % self.every == 0
+
+    def _settle(self) -> None:
+        """Read what the last step recorded, if it was due (or alarms are checked each step).
+
+        In "warn" mode this runs at the start of the next step, so that `fit` keeps its
+        asynchronous dispatch of on_train_batch_end (Keras 3 syncs every step for a
+        callback that implements it); "stop" and "raise" must act after the step itself.
+        """
+        if self._current is None:
+            return
+        due, index, batch = self._current
+        self._current = None
+        if not due and self.on_nonfinite == "warn":
+            return
+        meta = self._recorder.read_meta()
+        if due and meta[0] == index:
+            self._record(index, batch)
+        elif due:  # the update did not happen (a LossScaleOptimizer skipped it): resync
+            self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
+        self._check_alarm(meta)
+
+    def _record(self, index: int, batch: int) -> None:
+        grads, clipped = self._recorder.read_grads()
+        weights = None
+        if self._before is not None:
+            weights = (self._before, step_hook.read_state(self.model, self.chosen))
+            self._before = None
+        bins = self.bins if "histogram" in self.stats else 0
+        per_variable = variable_stats(grads, clipped, bins, weights)
+        meta = {"step": index, "epoch": self._epoch, "batch": batch}
+        record = flat_record(meta, self.keys, per_variable, self.stats)
+        self.records.append(record)
+        for writer in self._writers:
+            writer.write(record)
+
+    def _check_alarm(self, meta: np.ndarray) -> None:
+        if meta[1] < 0 or self._reported:
+            return
+        self._reported = True
+        rows = self._recorder.read_alarm()
+        bad = {k: (int(r[0]), int(r[1])) for k, r in zip(self.keys, rows) if r[0] or r[1]}
+        alarm = {"step": int(meta[2]), "batch": int(meta[1]) - self._epoch_start,
+                 "epoch": self._epoch, "variables": bad}
+        self.alarms.append(alarm)
+        names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])
+        text = (f"The gradient of update {alarm['step']} (epoch {alarm['epoch']}, batch "
+                f"{alarm['batch']}) holds NaN/Inf in {names}. Lower the learning rate, clip "
+                "the gradients, or check the data of that batch.")
+        if self.on_nonfinite == "warn":
+            warnings.warn(text, NonFiniteGradientWarning, stacklevel=2)
+        elif self.on_nonfinite == "stop":
+            self.model.stop_training = True
+            warnings.warn(text + " fit stops (on_nonfinite='stop').",
+                          NonFiniteGradientWarning, stacklevel=2)
+        else:
+            self._close()
+            raise NonFiniteGradientError(text + " " + received(on_nonfinite="raise"))
+
+    def _close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+        for writer in getattr(self, "_writers", []):
+            writer.close()
+        self._writers = []

@@ -1,0 +1,149 @@
+"""Records of the monitor, pure NumPy: one flat dict per recorded update, and the history.
+
+A record is flat: ``{"step", "epoch", "batch", "<scope>/<stat>/<key>": value}`` with scope
+``variables`` (key = variable path), ``layers`` (key = the path without its last part) or
+``total`` (no key). Histograms (variables only) are ``variables/histogram/<key>`` (counts)
+and ``variables/histogram_range/<key>`` ([min, max] of that record). The writers store
+records as they are; `history_of` turns a list of them into NumPy arrays by step::
+
+    history["step"]                                  (R,) update index (optimizer.iterations)
+    history["variables"]["norm"]["dense/kernel"]     (R,)
+    history["layers"]["norm"]["dense"]               (R,)
+    history["total"]["norm"]                         (R,)
+    history["variables"]["histogram"]["dense/kernel"]  (R, bins)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradkit._stats import layer_of
+
+STATS = ("norm", "max_abs", "mean", "std", "zero_fraction", "nan_count", "inf_count",
+         "weight_norm", "update_ratio", "histogram")
+META = ("step", "epoch", "batch")
+
+
+def variable_stats(grads: list, clipped: Any, bins: int, weights: Any) -> list[dict]:
+    """Per variable: the statistics of one record, in float64 from the step's gradients.
+
+    Over the FINITE entries (NaN and Inf are counted, never dropped silently): norm, max_abs,
+    mean, std (population), zero_fraction (exact zeros / size); the histogram has `bins`
+    equal bins from this record's min to max of that variable (``histogram_range``);
+    ``bins=0`` skips it.
+    """
+    out = []
+    for i, g in enumerate(grads):
+        g = np.asarray(g).ravel()
+        fin = np.isfinite(g)
+        f = g if fin.all() else g[fin]
+        s = {"nan_count": float(np.isnan(g).sum()) if f.size < g.size else 0.0,
+             "inf_count": float(np.isinf(g).sum()) if f.size < g.size else 0.0,
+             "finite": float(f.size), "size": float(g.size),
+             "zero_fraction": float(g.size - np.count_nonzero(g)) / max(g.size, 1)}
+        s.update(_moments(f, bins))
+        if clipped is not None:
+            s["clipped_norm"], s["clipped_max_abs"] = (float(x) for x in clipped[i])
+        if weights is not None:
+            s["weight_norm"] = _norm(weights[0][i])
+            s["update_sq"] = _norm(np.subtract(weights[1][i], weights[0][i])) ** 2
+        out.append(s)
+    return out
+
+
+def _norm(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    return float(np.sqrt(np.dot(a, a)))
+
+
+def _moments(f: np.ndarray, bins: int) -> dict:
+    """norm, max_abs, mean, std (float64 accumulation) and the histogram of finite `f`."""
+    if not f.size:
+        empty = {"histogram": np.zeros(bins), "histogram_range": np.zeros(2)} if bins else {}
+        return {"norm": 0.0, "max_abs": 0.0, "mean": 0.0, "std": 0.0, **empty}
+    f64 = f.astype(np.float64)
+    mean = float(f64.sum() / f.size)
+    dev = f64 - mean
+    lo, hi = float(f.min()), float(f.max())
+    out = {"norm": float(np.sqrt(np.dot(f64, f64))), "max_abs": max(-lo, hi),
+           "mean": mean, "std": float(np.sqrt(np.dot(dev, dev) / f.size))}
+    if not bins:  # histograms not asked for
+        return out
+    if hi > lo:  # bin i holds [lo + i w, lo + (i + 1) w), the last one closed, as np.histogram
+        index = np.minimum(((f64 - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1)
+        counts = np.bincount(index, minlength=bins).astype(np.float64)
+    else:
+        counts = np.zeros(bins)
+        counts[-1] = f.size
+    return dict(out, histogram=counts, histogram_range=np.array([lo, hi]))
+
+
+def combine(parts: list[dict]) -> dict:
+    """The statistics of several variables taken together (exact pooled mean and std)."""
+    n = np.array([p["finite"] for p in parts])
+    means = np.array([p["mean"] for p in parts])
+    total = max(n.sum(), 1.0)
+    mean = float(np.sum(n * means) / total)
+    var = np.sum(n * (np.array([p["std"] for p in parts]) ** 2 + (means - mean) ** 2)) / total
+    out = {"norm": float(np.sqrt(sum(p["norm"] ** 2 for p in parts))),
+           "max_abs": max(p["max_abs"] for p in parts), "mean": mean, "std": float(np.sqrt(var)),
+           "zero_fraction": sum(p["zero_fraction"] * p["size"] for p in parts)
+           / sum(p["size"] for p in parts),
+           "nan_count": sum(p["nan_count"] for p in parts),
+           "inf_count": sum(p["inf_count"] for p in parts)}
+    if "clipped_norm" in parts[0]:
+        out["clipped_norm"] = float(np.sqrt(sum(p["clipped_norm"] ** 2 for p in parts)))
+        out["clipped_max_abs"] = max(p["clipped_max_abs"] for p in parts)
+    if "weight_norm" in parts[0]:
+        out["weight_norm"] = float(np.sqrt(sum(p["weight_norm"] ** 2 for p in parts)))
+        out["update_sq"] = sum(p["update_sq"] for p in parts)
+    return out
+
+
+def flat_record(meta: dict, keys: list, per_variable: list[dict], stats: tuple) -> dict:
+    """One flat record: `meta` then the chosen `stats` per variable, per layer and in total."""
+    record: dict[str, Any] = dict(meta)
+    groups: dict[str, list] = {}
+    for key, s in zip(keys, per_variable):
+        groups.setdefault(layer_of(key), []).append(s)
+        _put(record, "variables", key, s, stats)
+    for layer, parts in groups.items():
+        _put(record, "layers", layer, combine(parts), stats)
+    _put(record, "total", None, combine(per_variable), stats)
+    return record
+
+
+def _put(record: dict, scope: str, key: Any, s: dict, stats: tuple) -> None:
+    if "update_sq" in s and s.get("weight_norm", 0) > 0:
+        s = dict(s, update_ratio=float(np.sqrt(s["update_sq"]) / s["weight_norm"]))
+    names = [n for n in stats if n != "histogram"]
+    names += [f"clipped_{n}" for n in ("norm", "max_abs") if n in stats]
+    if "histogram" in stats and scope == "variables":
+        names += ["histogram", "histogram_range"]
+    suffix = "" if key is None else "/" + key
+    for name in names:
+        if name in s:
+            value = s[name]
+            record[f"{scope}/{name}{suffix}"] = (
+                [float(x) for x in value] if np.ndim(value) else float(value))
+
+
+def history_of(records: list[dict]) -> dict:
+    """The nested history of NumPy arrays (see the module docstring) from flat records."""
+    history: dict[str, Any] = {m: np.array([r[m] for r in records], dtype=np.int64)
+                               for m in META}
+    history.update(variables={}, layers={}, total={})
+    names = list(records[0]) if records else []
+    for name in names:
+        if name in META:
+            continue
+        scope, _, rest = name.partition("/")
+        stat, _, key = rest.partition("/")
+        values = np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
+        if scope == "total":
+            history["total"][stat] = values
+        else:
+            history[scope].setdefault(stat, {})[key] = values
+    return history

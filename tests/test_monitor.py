@@ -1,0 +1,268 @@
+"""GradientMonitor records the gradients `fit` applies: checked against gradkit.gradients of
+the same batch at the same weights, the weights followed by an independent SGD loop."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+import gradkit as gk
+
+LR, BATCH, STEPS = 0.1, 8, 4
+
+
+def _data():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH * STEPS, 5)).astype("float32")
+    y = rng.normal(size=(BATCH * STEPS, 3)).astype("float32")
+    return x, y
+
+
+def _model(keras, optimizer=None, dropout=False):
+    layers = [keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="d1")]
+    layers += [keras.layers.Dropout(0.3, name="drop")] if dropout else []
+    model = keras.Sequential(layers + [keras.layers.Dense(3, name="d2")], name="m")
+    model.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse")
+    return model
+
+
+def _reference(keras, model, x, y, n_batch, clip=None):
+    """(gradient sets per update, weights before each update) by an SGD loop on a copy."""
+    ref = _model(keras)
+    ref.set_weights([to_numpy(v) for v in model.trainable_variables])
+    grads_seq, weights_seq = [], []
+    for k in range(STEPS * BATCH // n_batch):
+        sl = slice(k * n_batch, (k + 1) * n_batch)
+        g = gk.gradients(ref, x[sl], y[sl], training=True)
+        w = [to_numpy(v) for v in ref.trainable_variables]
+        grads_seq.append(g)
+        weights_seq.append(w)
+        applied = clip(g) if clip else list(g.values())
+        ref.set_weights([wi - LR * gi for wi, gi in zip(w, applied)])
+    return grads_seq, weights_seq
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _check_record(h, r, g, w, clipped=None):
+    for i, (key, gv) in enumerate(g.items()):
+        v = gv.astype(np.float64)
+        var = h["variables"]
+        assert _rel(var["norm"][key][r], np.linalg.norm(v)) < 1e-5, key
+        assert _rel(var["max_abs"][key][r], np.abs(v).max()) < 1e-5, key
+        assert abs(var["mean"][key][r] - v.mean()) < 1e-5 * np.abs(v).max()
+        assert _rel(var["std"][key][r], v.std()) < 1e-4, key
+        assert _rel(var["weight_norm"][key][r], np.linalg.norm(w[i])) < 1e-6
+        lo, hi = var["histogram_range"][key][r]
+        assert _rel(lo, v.min()) < 1e-5 and _rel(hi, v.max()) < 1e-5
+        expected = np.histogram(v, bins=30, range=(v.min(), v.max()))[0]
+        np.testing.assert_array_equal(var["histogram"][key][r], expected, err_msg=key)
+        if clipped is not None:
+            assert _rel(var["clipped_norm"][key][r], np.linalg.norm(clipped[i])) < 1e-5, key
+    total = np.sqrt(sum(np.sum(gv.astype(np.float64) ** 2) for gv in g.values()))
+    assert _rel(h["total"]["norm"][r], total) < 1e-5
+    layer = np.sqrt(sum(np.sum(gv.astype(np.float64) ** 2)
+                        for k, gv in g.items() if k.rsplit("/", 1)[0].endswith("d1")))
+    d1 = next(k for k in h["layers"]["norm"] if k.endswith("d1"))
+    assert _rel(h["layers"]["norm"][d1][r], layer) < 1e-5
+
+
+def _clip_norm(c):
+    return lambda g: [v * min(1.0, c / np.linalg.norm(v)) for v in g.values()]
+
+
+def _clip_global(c):
+    def clip(g):
+        total = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+        return [v * min(1.0, c / total) for v in g.values()]
+    return clip
+
+
+CASES = {"plain": ({}, None), "clipnorm": ({"clipnorm": 0.3}, _clip_norm(0.3)),
+         "global_clipnorm": ({"global_clipnorm": 0.4}, _clip_global(0.4))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_records_are_the_applied_gradients(keras, case):
+    options, clip = CASES[case]
+    x, y = _data()
+    model = _model(keras, keras.optimizers.SGD(LR, **options))
+    grads_seq, weights_seq = _reference(keras, model, x, y, BATCH, clip)
+    monitor = gk.GradientMonitor(every=1)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    h = monitor.history
+    np.testing.assert_array_equal(h["step"], np.arange(STEPS))
+    for r in range(STEPS):
+        g = grads_seq[r]
+        _check_record(h, r, g, weights_seq[r], clip(g) if clip else None)
+        ratio = LR * np.sqrt(sum(np.sum(c.astype(np.float64) ** 2)
+                                 for c in (clip(g) if clip else g.values())))
+        ratio /= np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in weights_seq[r]))
+        assert _rel(h["total"]["update_ratio"][r], ratio) < 1e-4
+    if clip is None:
+        assert "clipped_norm" not in h["total"]
+    final = [to_numpy(v) for v in model.trainable_variables]
+    expected = [w - LR * gi for w, gi in zip(weights_seq[-1], (
+        clip(grads_seq[-1]) if clip else grads_seq[-1].values()))]
+    for a, b in zip(final, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.flavours("tensorflow", "jax", "torch")
+def test_gradient_accumulation_records_the_averaged_update(keras):
+    x, y = _data()
+    model = _model(keras, keras.optimizers.SGD(LR, gradient_accumulation_steps=2))
+    grads_seq, weights_seq = _reference(keras, model, x, y, 2 * BATCH)  # mean of 2 = concat
+    monitor = gk.GradientMonitor(every=1, writers=())
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    h = monitor.history
+    np.testing.assert_array_equal(h["step"], [0, 1])
+    np.testing.assert_array_equal(h["batch"], [1, 3])
+    for r in range(2):
+        _check_record(h, r, grads_seq[r], weights_seq[r])
+
+
+def test_loss_scaling_is_undone(keras):
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x, y = _data()
+        opt = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(LR))
+        model = _model(keras, opt)
+        grads_seq, _ = _reference(keras, model, x, y, BATCH)
+        monitor = gk.GradientMonitor(every=1, writers=())
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[monitor])
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    h = monitor.history
+    np.testing.assert_array_equal(h["step"], np.arange(STEPS))
+    for r in range(STEPS):
+        for key, gv in grads_seq[r].items():
+            # float16 forward passes: the reference and fit round alike but not bitwise
+            assert _rel(h["variables"]["norm"][key][r], np.linalg.norm(gv)) < 1e-3, key
+
+
+def test_watching_never_changes_training(keras, tmp_path):
+    x, y = _data()
+    finals = []
+    for watch in (False, True):
+        keras.utils.set_random_seed(0)
+        model = _model(keras, keras.optimizers.Adam(1e-2, clipnorm=1.0), dropout=True)
+        callbacks = [gk.GradientMonitor(every=2, log_dir=tmp_path, writers=("jsonl",))
+                     ] if watch else []
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+        finals.append([to_numpy(v) for v in model.variables])
+        n_opt = len(model.optimizer.variables() if callable(model.optimizer.variables)
+                    else model.optimizer.variables)
+        finals[-1].append(np.array(n_opt))
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a, b)
+    assert "_clip_gradients" not in vars(model.optimizer)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # still trains, hook gone
+    again = gk.GradientMonitor(every=1, log_dir=tmp_path, writers=("jsonl",))
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[again])
+    assert len(again.records) == STEPS
+    lines = (tmp_path / "gradients.jsonl").read_text().splitlines()  # appended: 4 + 4
+    assert [json.loads(line)["step"] for line in lines] == [0, 2, 4, 6, 12, 13, 14, 15]
+
+
+@pytest.mark.parametrize("action", ["warn", "stop", "raise"])
+def test_nonfinite_gradient_is_reported_at_its_step(keras, action):
+    x, y = _data()
+    x[2 * BATCH + 1, 0] = np.nan  # batch 2 -> update 2
+    model = _model(keras)
+    seen = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(batch)
+
+    monitor = gk.GradientMonitor(every=100, on_nonfinite=action, writers=())
+    fit = lambda: model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False,  # noqa: E731
+                            verbose=0, callbacks=[monitor, Count()])
+    if action == "raise":
+        with pytest.raises(gk.NonFiniteGradientError, match="update 2"):
+            fit()
+        assert "_clip_gradients" not in vars(model.optimizer)
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit()
+        ours = [str(w.message) for w in caught if w.category is gk.NonFiniteGradientWarning]
+        assert len(ours) == 1 and "update 2 (epoch 0, batch 2)" in ours[0]
+    alarm = monitor.alarms[0]
+    assert alarm["step"] == 2 and alarm["batch"] == 2
+    d1 = [k for k in alarm["variables"] if "d1" in k]
+    assert sorted(d1) and alarm["variables"][d1[0]][0] > 0
+    assert seen == {"warn": [0, 1, 2, 3], "stop": [0, 1, 2], "raise": [0, 1]}[action]
+
+
+def test_writers_round_trip(keras, tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    x, y = _data()
+    model = _model(keras)
+    monitor = gk.GradientMonitor(every=2, log_dir=tmp_path,
+                                 writers=("jsonl", "csv", "tensorboard"))
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    lines = (tmp_path / "gradients.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == monitor.records
+    rows = (tmp_path / "gradients.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for line, record in zip(rows[1:], monitor.records):
+        for name, cell in zip(header, line.split(",")):
+            assert float(cell) == record[name]
+    h = monitor.history
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    key = next(iter(h["variables"]["norm"]))
+    events = acc.Scalars(f"variables/norm/{key}")
+    assert [e.step for e in events] == [0, 2]
+    np.testing.assert_allclose([e.value for e in events], h["variables"]["norm"][key],
+                               rtol=1e-6)
+    np.testing.assert_allclose([e.value for e in acc.Scalars("total/norm")],
+                               h["total"]["norm"], rtol=1e-6)
+    hist = acc.Histograms(f"variables/histogram/{key}")
+    np.testing.assert_array_equal(hist[1].histogram_value.bucket,
+                                  h["variables"]["histogram"][key][1])
+    from gradkit._cli import main
+
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "flow.png")]) == 0
+    assert _png_size(tmp_path / "flow.png") == (800, 700)
+    gk.plot_histograms(monitor, path=tmp_path / "hist.png")
+    assert _png_size(tmp_path / "hist.png") == (1200, 6 * 100)
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_bad_options_raise():
+    for options in ({"every": 0}, {"on_nonfinite": "ignore"}, {"stats": ("norms",)}):
+        with pytest.raises(gk.InvalidArgumentError, match="Received"):
+            gk.GradientMonitor(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gk.GradientMonitor().mode == "step"
+
+
+@pytest.mark.flavours("tensorflow")
+def test_mirrored_strategy_records_global_gradients():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_monitor_mirrored_worker.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    done = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
