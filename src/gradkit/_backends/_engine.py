@@ -31,8 +31,8 @@ class Primitives(Protocol):
 
     #: factor_arrays' reshape/cast/concat in the framework's own calls
     ops: Ops
-    #: errors of the vectorizer that mean "cannot vectorize this model" (fall back to a loop)
-    vectorize_errors: tuple
+    #: op types the vectorizer is known to crash on or get wrong (none: `hazard` is not called)
+    hazardous_ops: tuple
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (),
                 pad: Any = None) -> Callable:
@@ -49,6 +49,10 @@ class Primitives(Protocol):
 
     def vectorize(self, fn: Callable) -> Callable:
         """`fn` of one example mapped over the leading axis of its one (dict) argument."""
+
+    def hazard(self, run: Any) -> str | None:
+        """The first of `hazardous_ops` in the traced compiled function `run`, named (the
+        layer and op), or None."""
 
     def all_finite(self, g: Any) -> Any: ...
 

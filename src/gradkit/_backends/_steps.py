@@ -36,6 +36,15 @@ class Operations:
         return run_tapped(self, request, OutputTaps(layers, keys),
                           self.tapped_objective(request), keep_outputs=return_activations)
 
+    def vectorize_hazard(self, request):
+        """Why the vectorizer must not run this model (an op it is known to crash on, seen
+        in the compiled gradient, which this traces and caches), or None."""
+        if not self.p.hazardous_ops:
+            return None
+        self.gradients(request)
+        entry = compiled(request, self.scale_of(request.model), "gradients", None)
+        return self.p.hazard(entry)
+
     def accumulator(self, request, skip_nonfinite: bool):
         from gradkit._backends._accumulator import Accumulator
 
@@ -96,10 +105,7 @@ def run_per_example(adapter, request, planned: list, make: Callable) -> list:
 
     scale = adapter.scale_of(request.model)
     connected, run = compiled(request, scale, "per_example", build)
-    try:
-        arrays, grads = run(data_of(request.batch), scale)
-    except adapter.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
-        raise NotImplementedError(f"vectorizing failed: {error}") from error
+    arrays, grads = run(data_of(request.batch), scale)  # a vectorizer's gap raises
     parts = assemble(count, planned, arrays, grads)
     return [part if ok else None for part, ok in zip(parts, connected)]
 

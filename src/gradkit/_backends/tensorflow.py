@@ -35,8 +35,9 @@ class TensorFlowPrimitives:
 
     ops = Ops(tf.reshape, tf.cast,
               lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
-    #: pfor's converters have gaps (grouped convolutions): the caller falls back to a loop
-    vectorize_errors = (tf.errors.InvalidArgumentError,)
+    #: pfor over these ops crashes the process or returns wrong rows with TensorFlow's
+    #: oneDNN kernels (TF 2.21: the kernel gradient of EinsumDense, so MultiHeadAttention)
+    hazardous_ops = ("Einsum",)
 
     def __init__(self, values: Callable[[Any], Any]) -> None:
         self.values = values  # model -> the values the compiled functions get
@@ -105,6 +106,16 @@ class TensorFlowPrimitives:
 
     def vectorize(self, fn: Callable) -> Callable:
         return lambda data: tf.vectorized_map(fn, data)
+
+    def hazard(self, run) -> str | None:
+        for fn in run.functions.values():
+            graph = fn.get_concrete_function().graph.as_graph_def()
+            nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+            for node in nodes:
+                if node.op in self.hazardous_ops:
+                    return (f"op {node.op} at {node.name!r}: tf.vectorized_map over it crashes "
+                            "or returns wrong rows with TensorFlow's oneDNN kernels")
+        return None
 
     # array verbs for gradkit._backends._accumulator
     zeros, stack, where, all = staticmethod(tf.zeros), staticmethod(tf.stack), \

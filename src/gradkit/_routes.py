@@ -1,0 +1,125 @@
+"""How per-example work runs for one model and selection: chosen once, remembered.
+
+Two routes give the same rows. "vectorized" is the adapter's ``per_example_parts`` (factors
+and the framework's vectorizer inside one compiled function); "loop" runs the adapter's
+compiled, cached single-example gradient once per example. Per model, variables, objective
+and training mode (one `Route` in the model's cache of compiled functions) gradkit remembers:
+
+- a hazard: the framework's vectorizer is known to crash the process or return wrong rows on
+  an op the model uses (``adapter.vectorize_hazard``: TensorFlow's pfor over Einsum kernels
+  under oneDNN). The vectorized route is never taken;
+- a failure: the vectorized route raised once (a converter gap, e.g. TensorFlow's while
+  loops of recurrent layers). It is never retried;
+- a timing, per operation (rows, norms): one chunk of an already compiled size is timed on
+  the vectorized route, then one chunk on the (compiled) loop; the faster is kept.
+
+A hazard or failure is logged once per Route on the ``"gradkit"`` logger, with its reason:
+the framework's own first meaningful line, or the op.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from gradkit._backends import _cache
+from gradkit._errors import GradkitError, original_errors
+
+logger = logging.getLogger("gradkit")
+_NOISE = re.compile(r"^(in user code:|Traceback|File |Exception encountered when calling|"
+                    r"Arguments received by|•|\^+$|~+$|During handling|The above exception|"
+                    r"Graph execution error|Detected at node|\[\[|vectorizing failed:$)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Route:
+    """What was learnt about one model and selection (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None  # why the vectorized route is not taken
+        self.hazard_checked = False
+        self.chosen: dict[str, str] = {}  # operation -> "vectorized" | "loop"
+        self.sizes: dict[str, set] = {}  # operation -> chunk sizes run vectorized
+        self.vector_cost: dict[str, float] = {}  # operation -> seconds per example
+
+
+def route_of(request: Any) -> Route:
+    """The Route of `request`'s model and selection (created on first use)."""
+    return _cache.cached(request.model, ("per_example_route", request.cache_key()), Route)
+
+
+def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: int,
+              loop: Callable, check: Callable) -> None:
+    """Compute the parts of the chunk `request` (examples ``start:stop`` of the call) on the
+    route chosen for `operation` and hand them to ``store(start, stop, parts)``; `loop` is the
+    loop route, `check(parts)` runs before anything is stored."""
+    route, n = route_of(request), stop - start
+    if route.reason is None and not route.hazard_checked:
+        route.hazard_checked = True
+        hazard = request.adapter.vectorize_hazard(request)
+        if hazard is not None:
+            _give_up(route, request, hazard)
+    choice = "loop" if route.reason is not None else route.chosen.get(operation)
+    if choice is None and operation in route.vector_cost:  # the loop's turn to be timed
+        begin = time.perf_counter()
+        _stored(loop(request), start, stop, store, check)
+        loop_cost = (time.perf_counter() - begin) / n
+        route.chosen[operation] = "loop" if loop_cost < route.vector_cost[operation] \
+            else "vectorized"
+        logger.debug("gradkit: per-example %s of model %r: %s route (%.2g s per example "
+                     "vectorized, %.2g s loop)", operation, request.model.name,
+                     route.chosen[operation], route.vector_cost[operation], loop_cost)
+        return
+    if choice == "loop":
+        return _stored(loop(request), start, stop, store, check)
+    timed = choice is None and n in route.sizes.setdefault(operation, set())
+    begin = time.perf_counter()
+    try:
+        with original_errors():
+            parts = list(request.adapter.per_example_parts(request))
+    except Exception as error:  # noqa: BLE001 - any vectorizer gap: the loop gives the rows
+        if isinstance(error, GradkitError):
+            raise
+        _give_up(route, request, first_line(error))
+        return _stored(loop(request), start, stop, store, check)
+    _stored(parts, start, stop, store, check)
+    route.sizes[operation].add(n)
+    if timed:
+        route.vector_cost[operation] = (time.perf_counter() - begin) / n
+
+
+def _stored(parts: list, start: int, stop: int, store: Callable, check: Callable) -> None:
+    check(parts)
+    store(start, stop, parts)
+
+
+def _give_up(route: Route, request: Any, reason: str) -> None:
+    route.reason = reason
+    logger.warning(
+        "gradkit: per-example gradients of model %r are computed with a loop over examples "
+        "of the compiled single-example gradient, not the %s vectorizer (%s). Same values; "
+        "decided once for this model and selection.", request.model.name, request.flavour,
+        reason)
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: message``: the first meaningful line of `error` or of what caused it (not
+    TensorFlow's "in user code:" nor Keras' "Exception encountered when calling ...")."""
+    seen = error
+    while seen is not None:
+        frame_indent = None  # below a "File ..." line, its more indented source line
+        for raw in _ANSI.sub("", str(seen)).splitlines():
+            line, indent = raw.strip(), len(raw) - len(raw.lstrip())
+            if frame_indent is not None and indent > frame_indent and line:
+                frame_indent = None
+                continue
+            frame_indent = indent if line.startswith("File ") else None
+            if line and frame_indent is None and not _NOISE.match(line):
+                name = type(seen).__name__
+                return (line if line.startswith(name) else f"{name}: {line}")[:240]
+        seen = seen.__cause__ or seen.__context__
+    return type(error).__name__
