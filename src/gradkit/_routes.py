@@ -11,7 +11,8 @@ and training mode (one `Route` in the model's cache of compiled functions) gradk
 - a failure: the vectorized route raised once (a converter gap, e.g. TensorFlow's while
   loops of recurrent layers). It is never retried;
 - a timing, per operation (rows, norms): one chunk of an already compiled size is timed on
-  the vectorized route, then one chunk on the (compiled) loop; the faster is kept.
+  the vectorized route, then, after one untimed chunk that compiles it, one chunk on the
+  loop; the faster is kept. Every chunk computed meanwhile is a real result.
 
 A hazard or failure is logged once per Route on the ``"gradkit"`` logger, with its reason:
 the framework's own first meaningful line, or the op.
@@ -45,6 +46,7 @@ class Route:
         self.chosen: dict[str, str] = {}  # operation -> "vectorized" | "loop"
         self.sizes: dict[str, set] = {}  # operation -> chunk sizes run vectorized
         self.vector_cost: dict[str, float] = {}  # operation -> seconds per example
+        self.loop_warm: set[str] = set()  # operations whose loop has run once
 
 
 def route_of(request: Any) -> Route:
@@ -64,10 +66,13 @@ def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: i
         if hazard is not None:
             _give_up(route, request, hazard)
     choice = "loop" if route.reason is not None else route.chosen.get(operation)
-    if choice is None and operation in route.vector_cost:  # the loop's turn to be timed
-        begin = time.perf_counter()
+    if choice is None and operation in route.vector_cost:  # the loop's turn: warm, then timed
+        warm, begin = operation in route.loop_warm, time.perf_counter()
         _stored(loop(request), start, stop, store, check)
         loop_cost = (time.perf_counter() - begin) / n
+        route.loop_warm.add(operation)
+        if not warm:  # this call compiled the single-example gradient
+            return
         route.chosen[operation] = "loop" if loop_cost < route.vector_cost[operation] \
             else "vectorized"
         logger.debug("gradkit: per-example %s of model %r: %s route (%.2g s per example "

@@ -31,8 +31,8 @@ class Primitives(Protocol):
 
     #: factor_arrays' reshape/cast/concat in the framework's own calls
     ops: Ops
-    #: op types the vectorizer is known to crash on or get wrong (none: `hazard` is not called)
-    hazardous_ops: tuple
+    #: op type -> why the vectorizer must not run it (empty: `hazard` is never called)
+    hazardous_ops: dict
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (),
                 pad: Any = None) -> Callable:

@@ -42,8 +42,9 @@ class Operations:
         if not self.p.hazardous_ops:
             return None
         self.gradients(request)
-        entry = compiled(request, self.scale_of(request.model), "gradients", None)
-        return self.p.hazard(entry)
+        cache = _cache.for_model(request.model)  # no entry: not compiled (tf-keras graph mode)
+        key = ("gradients", request.cache_key(), self.scale_of(request.model) != 1.0)
+        return self.p.hazard(cache[key]) if key in cache else None
 
     def accumulator(self, request, skip_nonfinite: bool):
         from gradkit._backends._accumulator import Accumulator

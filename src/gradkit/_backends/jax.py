@@ -33,7 +33,7 @@ class JaxPrimitives:
 
     ops = Ops(jnp.reshape, lambda x, dtype: x.astype(dtype),
               lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
-    hazardous_ops = ()
+    hazardous_ops: dict = {}
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         jitted = jax.jit(fn, donate_argnums=tuple(i + 1 for i in donate))

@@ -41,7 +41,7 @@ class TorchPrimitives:
     #: Plain torch calls (keras.ops adds a conversion check to each).
     ops = Ops(torch.reshape, _cast,
               lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-    hazardous_ops = ()
+    hazardous_ops: dict = {}
 
     def __init__(self) -> None:
         self._vectorizing = False
