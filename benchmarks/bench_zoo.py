@@ -155,7 +155,7 @@ def worker(flavour: str, names: list[str], batch: int, repeats: int) -> dict:
 
         fns = {"loop": loop, "rows": lambda: gradkit.per_example_gradients(model, x, y),
                "norms": lambda: gradkit.per_example_norms(model, x, y)}
-        times = samples(fns, repeats, warmup=4)
+        times = samples(fns, repeats, warmup=7)  # gradkit decides its route in 6 calls
         request = gradkit._request.prepare(model, x, y)
         route = _routes.route_of(request)
         taken = "loop" if route.reason else "/".join(

@@ -10,9 +10,10 @@ and training mode (one `Route` in the model's cache of compiled functions) gradk
   under oneDNN). The vectorized route is never taken;
 - a failure: the vectorized route raised once (a converter gap, e.g. TensorFlow's while
   loops of recurrent layers). It is never retried;
-- a timing, per operation (rows, norms): one chunk of an already compiled size is timed on
-  the vectorized route, then, after one untimed chunk that compiles it, one chunk on the
-  loop; the faster is kept. Every chunk computed meanwhile is a real result.
+- a timing, per operation (rows, norms): `TIMINGS` chunks of an already compiled size are
+  timed on the vectorized route, then, after one untimed chunk that compiles it, as many on
+  the loop; the faster by its best time is kept. Every chunk computed meanwhile is a real
+  result.
 
 A hazard or failure is logged once per Route on the ``"gradkit"`` logger, with its reason:
 the framework's own first meaningful line, or the op.
@@ -34,6 +35,8 @@ logger = logging.getLogger("gradkit")
 _NOISE = re.compile(r"^(in user code:|Traceback|File |Exception encountered when calling|"
                     r"Arguments received by|•|\^+$|~+$|During handling|The above exception|"
                     r"Graph execution error|Detected at node|\[\[|vectorizing failed:$)")
+#: Timed chunks per route before the faster is kept (the best of them counts: load spikes)
+TIMINGS = 2
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -45,8 +48,8 @@ class Route:
         self.hazard_checked = False
         self.chosen: dict[str, str] = {}  # operation -> "vectorized" | "loop"
         self.sizes: dict[str, set] = {}  # operation -> chunk sizes run vectorized
-        self.vector_cost: dict[str, float] = {}  # operation -> seconds per example
-        self.loop_warm: set[str] = set()  # operations whose loop has run once
+        self.vector_cost: dict[str, list] = {}  # operation -> seconds per example, timed
+        self.loop_cost: dict[str, list] = {}  # the same in the loop (absent: not compiled)
 
 
 def route_of(request: Any) -> Route:
@@ -59,29 +62,28 @@ def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: i
     """Compute the parts of the chunk `request` (examples ``start:stop`` of the call) on the
     route chosen for `operation` and hand them to ``store(start, stop, parts)``; `loop` is the
     loop route, `check(parts)` runs before anything is stored."""
-    route, n = route_of(request), stop - start
+    route = route_of(request)
     if route.reason is None and not route.hazard_checked:
         route.hazard_checked = True
         hazard = request.adapter.vectorize_hazard(request)
         if hazard is not None:
             _give_up(route, request, hazard)
     choice = "loop" if route.reason is not None else route.chosen.get(operation)
-    if choice is None and operation in route.vector_cost:  # the loop's turn: warm, then timed
-        warm, begin = operation in route.loop_warm, time.perf_counter()
-        _stored(loop(request), start, stop, store, check)
-        loop_cost = (time.perf_counter() - begin) / n
-        route.loop_warm.add(operation)
-        if not warm:  # this call compiled the single-example gradient
-            return
-        route.chosen[operation] = "loop" if loop_cost < route.vector_cost[operation] \
-            else "vectorized"
-        logger.debug("gradkit: per-example %s of model %r: %s route (%.2g s per example "
-                     "vectorized, %.2g s loop)", operation, request.model.name,
-                     route.chosen[operation], route.vector_cost[operation], loop_cost)
-        return
+    if choice is None and len(route.vector_cost.get(operation, ())) == TIMINGS:
+        return _loop_trial(route, request, operation, lambda: _stored(
+            loop(request), start, stop, store, check), stop - start)
     if choice == "loop":
         return _stored(loop(request), start, stop, store, check)
-    timed = choice is None and n in route.sizes.setdefault(operation, set())
+    _vectorized(route, request, operation, choice is None,
+                lambda parts: _stored(parts, start, stop, store, check),
+                lambda: _stored(loop(request), start, stop, store, check), stop - start)
+
+
+def _vectorized(route: Route, request: Any, operation: str, trial: bool, stored: Callable,
+                looped: Callable, n: int) -> None:
+    """The vectorized route; timed when on trial and the chunk size ran before (compiled)."""
+    timed = trial and n in route.sizes.setdefault(operation, set())
+    timed = timed and len(route.vector_cost.setdefault(operation, [])) < TIMINGS
     begin = time.perf_counter()
     try:
         with original_errors():
@@ -90,11 +92,28 @@ def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: i
         if isinstance(error, GradkitError):
             raise
         _give_up(route, request, first_line(error))
-        return _stored(loop(request), start, stop, store, check)
-    _stored(parts, start, stop, store, check)
+        return looped()
+    stored(parts)
     route.sizes[operation].add(n)
     if timed:
-        route.vector_cost[operation] = (time.perf_counter() - begin) / n
+        route.vector_cost[operation].append((time.perf_counter() - begin) / n)
+
+
+def _loop_trial(route: Route, request: Any, operation: str, looped: Callable, n: int) -> None:
+    """The loop's turn: once untimed (it compiles the single-example gradient), then timed
+    TIMINGS times; the faster route by its best time is kept for `operation`."""
+    costs, begin = route.loop_cost.get(operation), time.perf_counter()
+    looped()
+    if costs is None:  # this call compiled the single-example gradient: not timed
+        route.loop_cost[operation] = []
+        return
+    costs.append((time.perf_counter() - begin) / n)
+    if len(costs) == TIMINGS:
+        loop, vector = min(costs), min(route.vector_cost[operation])
+        route.chosen[operation] = "loop" if loop < vector else "vectorized"
+        logger.debug("gradkit: per-example %s of model %r: the %s route (%.3g s per example "
+                     "vectorized, %.3g s in the loop)", operation, request.model.name,
+                     route.chosen[operation], vector, loop)
 
 
 def _stored(parts: list, start: int, stop: int, store: Callable, check: Callable) -> None:
