@@ -12,7 +12,9 @@ inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map``
 small factors (layer input, pre-activation gradient; see ``gradkit._factors``) whose
 product is written once, straight into the preallocated NumPy result (in parallel blocks, by
 each kind's rows writer); other variables come back as arrays and are copied in. The batch is
-processed in chunks, so peak memory is the result plus one chunk.
+processed in chunks, so peak memory is the result plus one chunk. Where the vectorizer must not
+or cannot run, or is slower, a loop of the compiled single-example gradient gives the same
+rows (``gradkit._routes`` chooses once per model and selection).
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ def per_example_gradients(
     Embedding and Conv layers come back as (layer input, output gradient) factors whose rows are
     written once, straight into the result. The batch runs in chunks of ``chunk_size``
     examples (default: as many as fit ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak
-    memory is the B-row result plus at most one chunk. If the vectorizer cannot handle a
-    layer, a Python loop over examples is used instead, and a warning is logged on the
-    ``"gradkit"`` logger (slower, same values).
+    memory is the B-row result plus at most one chunk; if that cannot fit in the memory
+    available now, ResultTooLargeError (a MemoryError) says so before anything is allocated.
+    Where the vectorizer is known to crash or fails, or is timed slower than a loop of the
+    compiled single-example gradient on this model, that loop is used (same values; chosen
+    once per model and selection, a fallback logged once on the ``"gradkit"`` logger: see
+    gradkit._routes).
 
     ``out=``: a dict with the result's keys of writeable C-contiguous arrays of the result's
     shapes and dtypes (e.g. this function's earlier result, reused): the rows are written into
