@@ -84,6 +84,7 @@ class Engine(Operations):
         self.pad_chunks = pad_chunks
         self.kernel_rows = getattr(primitives, "kernel_rows", None)
         self.scale_of = scale_of
+        self.layers_module = keras.layers
 
     # --- the batch gradient (hvp, taps and accumulation: `Operations`)
 

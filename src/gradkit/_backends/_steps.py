@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
-from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
+from gradkit._factors import LayerTaps, assemble, factor_arrays, rest, unfactored_convolution
 from gradkit._taps import OutputTaps
 
 
@@ -24,6 +24,7 @@ class Operations:
 
     pad_chunks = False
     kernel_rows = None
+    layers_module: Any = None  # keras.layers or tf_keras.layers (gradkit._factors.plan)
 
     def hvp(self, request, vectors: list):
         return run_hvp(self, request, vectors)
@@ -37,10 +38,12 @@ class Operations:
                           self.tapped_objective(request), keep_outputs=return_activations)
 
     def vectorize_hazard(self, request):
-        """Why the vectorizer must not run this model (an op it is known to crash on, seen
-        in the compiled gradient, which this traces and caches), or None."""
-        if not self.p.hazardous_ops:
-            return None
+        """Why the vectorizer must not run this model, or None: a convolution it would make
+        slow (`unfactored_convolution`), or an op it is known to crash on, seen in the
+        compiled gradient (which this traces and caches)."""
+        slow = unfactored_convolution(request.model, request.variables, self.layers_module)
+        if slow is not None or not self.p.hazardous_ops:
+            return slow
         self.gradients(request)
         cache = _cache.for_model(request.model)  # no entry: not compiled (tf-keras graph mode)
         key = ("gradients", request.cache_key(), self.scale_of(request.model) != 1.0)
