@@ -121,8 +121,8 @@ def single_gradient(flavour: str, keras, model, loss):
             y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
             return loss(y, y_pred)
 
-        step = jax.jit(jax.grad(objective))
-        return lambda x, y: jax.device_get(step(
+        jitted = jax.jit(jax.grad(objective))
+        return lambda x, y: jax.device_get(jitted(
             [v.value for v in model.trainable_variables],
             [v.value for v in model.non_trainable_variables], x, y))
     import torch

@@ -26,8 +26,6 @@ import re
 import time
 from typing import Any, Callable
 
-import numpy as np
-
 from gradkit._backends import _cache
 from gradkit._errors import GradkitError, original_errors
 
