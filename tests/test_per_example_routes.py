@@ -9,6 +9,8 @@ gradient, on every flavour.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from _per_example_models import N, sequence, text
@@ -105,3 +107,24 @@ def test_torch_routes(keras, flavour, monkeypatch):
                         batch_mixing(keras, flavour)):
         assert not batched.rows_independent(other, False)
         gk.per_example_gradients(other, x, y)
+
+
+def test_the_faster_route_is_timed_once_and_kept(keras, flavour, monkeypatch):
+    """A vectorized route slower than the loop is timed twice, then never called again;
+    every call, timed or not, returns the real rows."""
+    from gradkit import _backends
+
+    model, x, y = plain_mlp(keras)
+    expected = loop_reference(model, x, y)
+    adapter, calls = _backends.for_flavour(flavour), []
+    vectorized = adapter.per_example_parts
+
+    def slow(request):
+        calls.append(request.batch.size)
+        time.sleep(0.05 * request.batch.size)
+        return vectorized(request)
+
+    monkeypatch.setattr(adapter, "per_example_parts", slow)
+    for _ in range(8):
+        assert_same_sets(gk.per_example_gradients(model, x, y), expected)
+    assert len(calls) == 3  # compiled once, timed twice; then the loop, timed faster, kept

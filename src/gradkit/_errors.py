@@ -11,6 +11,7 @@ without knowing gradkit::
     │   └── UnknownLayerError (KeyError)      layers= names nothing in the model
     ├── UnconnectedGradientError (ValueError) a selected variable does not affect the loss
     ├── NonFiniteGradientError (FloatingPointError)  a batch's gradient holds NaN/Inf
+    ├── ResultTooLargeError (MemoryError)     a result would not fit in the available memory
     ├── NotConvergedError (ArithmeticError)   an iterative method ran out of its budget
     ├── ProcessGroupError (RuntimeError)      another process of a collective call failed
     └── GradkitFileError (OSError)            a gradient or model file is missing or corrupt
@@ -54,6 +55,10 @@ class UnconnectedGradientError(GradkitError, ValueError):
 
 class NonFiniteGradientError(GradkitError, FloatingPointError):
     """A gradient holds NaN or Inf where the caller asked for an error (on_nonfinite="raise")."""
+
+
+class ResultTooLargeError(GradkitError, MemoryError):
+    """A result (per-example gradients: B x parameters) would not fit in available memory."""
 
 
 class NotConvergedError(GradkitError, ArithmeticError):

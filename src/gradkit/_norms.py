@@ -21,7 +21,6 @@ from gradkit._per_example import (
     check_independent,
     for_each_chunk,
     resolve_chunk_size,
-    vectorized_or_loop,
 )
 from gradkit._request import prepare, report_nonfinite, result_dtype
 from gradkit._select import layer_of, unique_keys
@@ -75,7 +74,7 @@ def per_example_norms(
             squared[j][start:stop] = squared_rows(part, stop - start)
 
     chunk = resolve_chunk_size(None, variables, batch.size)
-    for_each_chunk(vectorized_or_loop(request), request, chunk, store)
+    for_each_chunk(request, chunk, store, "norms")
     return _combine(variables, squared, bool(by_layer), batch)
 
 

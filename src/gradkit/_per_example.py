@@ -12,32 +12,28 @@ inside its compiled function (``jax.vmap`` in ``jax.jit``, ``tf.vectorized_map``
 small factors (layer input, pre-activation gradient; see ``gradkit._factors``) whose
 product is written once, straight into the preallocated NumPy result (in parallel blocks, by
 each kind's rows writer); other variables come back as arrays and are copied in. The batch is
-processed in chunks, so peak memory is the result plus one chunk.
+processed in chunks, so peak memory is the result plus one chunk. Where the vectorizer must not
+or cannot run, or is slower, a loop of the compiled single-example gradient gives the same
+rows (``gradkit._routes`` chooses once per model and selection).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import numpy as np
 
 from gradkit._data import Batch, leaves, map_structure
-from gradkit._errors import (
-    GradkitError,
-    InvalidArgumentError,
-    UnconnectedGradientError,
-    original_errors,
-    received,
-)
+from gradkit._errors import InvalidArgumentError, UnconnectedGradientError, received
 from gradkit._factors import write_rows
+from gradkit._memory import check_fits
 from gradkit._request import Request, prepare, report_nonfinite, result_dtype
+from gradkit._routes import run_chunk
 from gradkit._select import walk_layers
 
 #: Bytes of per-example result one chunk may hold when chunk_size=None (256 MiB).
 CHUNK_BUDGET_BYTES = 256 * 2**20
 _COUPLING_LAYERS = ("BatchNormalization", "SyncBatchNormalization")
-logger = logging.getLogger("gradkit")
 
 
 def per_example_gradients(
@@ -69,9 +65,12 @@ def per_example_gradients(
     Embedding and Conv layers come back as (layer input, output gradient) factors whose rows are
     written once, straight into the result. The batch runs in chunks of ``chunk_size``
     examples (default: as many as fit ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak
-    memory is the B-row result plus at most one chunk. If the vectorizer cannot handle a
-    layer, a Python loop over examples is used instead, and a warning is logged on the
-    ``"gradkit"`` logger (slower, same values).
+    memory is the B-row result plus at most one chunk; if that cannot fit in the memory
+    available now, ResultTooLargeError (a MemoryError) says so before anything is allocated.
+    Where the vectorizer is known to crash or fails, or is timed slower than a loop of the
+    compiled single-example gradient on this model, that loop is used (same values; chosen
+    once per model and selection, a fallback logged once on the ``"gradkit"`` logger: see
+    gradkit._routes).
 
     ``out=``: a dict with the result's keys of writeable C-contiguous arrays of the result's
     shapes and dtypes (e.g. this function's earlier result, reused): the rows are written into
@@ -90,6 +89,8 @@ def per_example_gradients(
     chunk = resolve_chunk_size(chunk_size, variables, batch.size)
     shapes = {key: ((batch.size, *tuple(v.shape)), result_dtype(v))
               for key, v in zip(keys, variables)}
+    row_bytes = sum(int(np.prod(shape[1:])) * dtype.itemsize for shape, dtype in shapes.values())
+    check_fits(0 if out is not None else row_bytes * batch.size, row_bytes * chunk, batch.size)
     result = checked_out(out, shapes) if out is not None else {
         key: np.empty(shape, dtype) for key, (shape, dtype) in shapes.items()}
     bad: set[str] = set()
@@ -101,7 +102,7 @@ def per_example_gradients(
             if not write_rows(part, result[key][start:stop], adapter.kernel_rows):
                 bad.add(key)
 
-    for_each_chunk(vectorized_or_loop(request), request, chunk, store)
+    for_each_chunk(request, chunk, store, "rows")
     warn_nonfinite(result, bad, batch)
     return result
 
@@ -187,8 +188,9 @@ def slice_batch(batch: Batch, start: int, stop: int, pad_to: int | None = None) 
     )
 
 
-def for_each_chunk(compute: Callable, request: Request, chunk: int, store: Callable) -> None:
-    """Run `compute` on each chunk and hand its parts to ``store(start, stop, parts)``.
+def for_each_chunk(request: Request, chunk: int, store: Callable, operation: str) -> None:
+    """Compute each chunk's parts on the route chosen for `operation` of this model
+    (gradkit._routes) and hand them to ``store(start, stop, parts)``.
 
     Where the adapter compiles per shape (``pad_chunks``), a short last chunk is padded to the
     chunk size when every array is NumPy, so no new program is compiled for it.
@@ -199,38 +201,14 @@ def for_each_chunk(compute: Callable, request: Request, chunk: int, store: Calla
         isinstance(a, np.ndarray) for a in arrays)
     for start in range(0, batch.size, chunk):
         stop = min(start + chunk, batch.size)
-        parts = list(compute(request.replace(
-            batch=slice_batch(batch, start, stop, chunk if pad else None))))
-        check_connected(request, parts)
-        store(start, stop, parts)
-
-
-def vectorized_or_loop(request: Request) -> Callable[[Request], list]:
-    """compute(request of one chunk) -> parts: the adapter's vectorized per-example parts,
-    or a loop over examples when it cannot vectorize (logged once, with the reason)."""
-    fallback: list[str] = []
-
-    def compute(part: Request) -> list:
-        if not fallback:
-            try:
-                with original_errors():
-                    return part.adapter.per_example_parts(part)
-            except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
-                if isinstance(error, GradkitError):
-                    raise
-                fallback.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-            logger.warning(
-                "gradkit: the %s vectorizer cannot handle model %r (%s); per-example "
-                "gradients are computed with a Python loop over examples instead (same "
-                "values, slower).", part.flavour, part.model.name, fallback[0],
-            )
-        return loop_over_examples(part)
-
-    return compute
+        part = request.replace(batch=slice_batch(batch, start, stop, chunk if pad else None))
+        run_chunk(part, operation, store, start, stop, loop_over_examples,
+                  lambda parts: check_connected(request, parts))
 
 
 def loop_over_examples(part: Request) -> list:
-    """The documented fallback: one gradient call per example, stacked (None: unconnected)."""
+    """The loop route: the compiled single-example gradient per example, stacked (None:
+    unconnected); rows of padding (``part.batch.size`` < the arrays' length) are skipped."""
     rows = [part.adapter.gradients(part.replace(batch=slice_batch(part.batch, i, i + 1)))[1]
             for i in range(part.batch.size)]
     return [None if rows[0][j] is None else np.stack([row[j] for row in rows])

@@ -31,8 +31,8 @@ class Primitives(Protocol):
 
     #: factor_arrays' reshape/cast/concat in the framework's own calls
     ops: Ops
-    #: errors of the vectorizer that mean "cannot vectorize this model" (fall back to a loop)
-    vectorize_errors: tuple
+    #: op type -> why the vectorizer must not run it (empty: `hazard` is never called)
+    hazardous_ops: dict
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (),
                 pad: Any = None) -> Callable:
@@ -54,6 +54,10 @@ class Primitives(Protocol):
 
     def vectorize(self, fn: Callable) -> Callable:
         """`fn` of one example mapped over the leading axis of its one (dict) argument."""
+
+    def hazard(self, run: Any) -> str | None:
+        """The first of `hazardous_ops` in the traced compiled function `run`, named (the
+        layer and op), or None."""
 
     def all_finite(self, g: Any) -> Any: ...
 
@@ -85,6 +89,7 @@ class Engine(Operations):
         self.pad_chunks = pad_chunks
         self.kernel_rows = getattr(primitives, "kernel_rows", None)
         self.scale_of = scale_of
+        self.layers_module = keras.layers
 
     # --- the batch gradient (hvp, taps and accumulation: `Operations`)
 

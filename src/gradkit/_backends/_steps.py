@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
-from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
+from gradkit._factors import LayerTaps, assemble, factor_arrays, rest, unfactored_convolution
 from gradkit._taps import OutputTaps
 
 
@@ -26,6 +26,7 @@ class Operations:
 
     pad_chunks = False
     kernel_rows = None
+    layers_module: Any = None  # keras.layers or tf_keras.layers (gradkit._factors.plan)
 
     def hvp(self, request, vectors: list):
         return run_hvp(self, request, vectors)
@@ -40,6 +41,18 @@ class Operations:
     def activation_gradients(self, request, layers, keys, return_activations: bool):
         return run_tapped(self, request, OutputTaps(layers, keys),
                           self.tapped_objective(request), keep_outputs=return_activations)
+
+    def vectorize_hazard(self, request):
+        """Why the vectorizer must not run this model, or None: a convolution it would make
+        slow (`unfactored_convolution`), or an op it is known to crash on, seen in the
+        compiled gradient (which this traces and caches)."""
+        slow = unfactored_convolution(request.model, request.variables, self.layers_module)
+        if slow is not None or not self.p.hazardous_ops:
+            return slow
+        self.gradients(request)
+        cache = _cache.for_model(request.model)  # no entry: not compiled (tf-keras graph mode)
+        key = ("gradients", request.cache_key(), self.scale_of(request.model) != 1.0)
+        return self.p.hazard(cache[key]) if key in cache else None
 
     def accumulator(self, request, skip_nonfinite: bool):
         from gradkit._backends._accumulator import Accumulator
@@ -102,10 +115,7 @@ def run_per_example(adapter, request, planned: list, make: Callable) -> list:
 
     scale = adapter.scale_of(request.model)
     connected, run = compiled(request, scale, "per_example", build)
-    try:
-        arrays, grads = run(data_of(request.batch, request.seed), scale)
-    except adapter.p.vectorize_errors as error:  # a vectorizer's gap: the caller loops
-        raise NotImplementedError(f"vectorizing failed: {error}") from error
+    arrays, grads = run(data_of(request.batch, request.seed), scale)  # a vectorizer's gap raises
     parts = assemble(count, planned, arrays, grads)
     return [part if ok else None for part, ok in zip(parts, connected)]
 

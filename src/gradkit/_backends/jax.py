@@ -33,7 +33,7 @@ class JaxPrimitives:
 
     ops = Ops(jnp.reshape, lambda x, dtype: x.astype(dtype),
               lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
-    vectorize_errors = ()
+    hazardous_ops: dict = {}
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)
@@ -121,6 +121,9 @@ class JaxPrimitives:
     # array verbs for gradkit._backends._accumulator
     zeros, stack, where, all = staticmethod(jnp.zeros), staticmethod(jnp.stack), \
         staticmethod(jnp.where), staticmethod(jnp.all)
+
+    def hazard(self, run) -> None:
+        return None
 
     def all_finite(self, g):
         return jnp.all(jnp.isfinite(g))

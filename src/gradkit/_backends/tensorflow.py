@@ -8,6 +8,7 @@ signature with the batch axis left open (None), so a new batch size does not ret
 from __future__ import annotations
 
 import itertools
+import logging
 import weakref
 from contextlib import nullcontext
 from typing import Any, Callable
@@ -36,8 +37,15 @@ class TensorFlowPrimitives:
 
     ops = Ops(tf.reshape, tf.cast,
               lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
-    #: pfor's converters have gaps (grouped convolutions): the caller falls back to a loop
-    vectorize_errors = (tf.errors.InvalidArgumentError,)
+    #: What pfor does with these ops: crashes the process or returns wrong rows with oneDNN
+    #: (TF 2.21: the kernel gradient of EinsumDense, so MultiHeadAttention), or fails after a
+    #: long trace (the TensorArrays of recurrent layers' while loops)
+    hazardous_ops = {
+        "Einsum": "tf.vectorized_map over it crashes or returns wrong rows with TensorFlow's "
+                  "oneDNN kernels",
+        "While": "tf.vectorized_map cannot convert while loops over TensorArrays",
+        "StatelessWhile": "tf.vectorized_map cannot convert while loops over TensorArrays",
+    }
 
     def __init__(self, values: Callable[[Any], Any], seeding: tuple) -> None:
         self.values = values  # model -> the values the compiled functions get
@@ -135,7 +143,25 @@ class TensorFlowPrimitives:
         return lin
 
     def vectorize(self, fn: Callable) -> Callable:
-        return lambda data: tf.vectorized_map(fn, data)
+        def run(data):
+            tf_logger = logging.getLogger("tensorflow")
+            level = tf_logger.level  # pfor logs every op it cannot convert; the caller
+            tf_logger.setLevel(logging.CRITICAL)  # reports the error it raises, once
+            try:
+                return tf.vectorized_map(fn, data)
+            finally:
+                tf_logger.setLevel(level)
+
+        return run
+
+    def hazard(self, run) -> str | None:
+        for fn in run.functions.values():
+            graph = fn.get_concrete_function().graph.as_graph_def()
+            nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+            for node in nodes:
+                if node.op in self.hazardous_ops:
+                    return f"op {node.op} at {node.name!r}: {self.hazardous_ops[node.op]}"
+        return None
 
     # array verbs for gradkit._backends._accumulator
     zeros, stack, where, all = staticmethod(tf.zeros), staticmethod(tf.stack), \

@@ -62,6 +62,7 @@ class TfKerasAdapter(Operations):
 
     def __init__(self) -> None:
         self.p = TfKerasPrimitives()
+        self.layers_module = tf_keras.layers
 
     @staticmethod
     def scale_of(model) -> np.float32:

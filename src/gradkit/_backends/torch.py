@@ -42,7 +42,7 @@ class TorchPrimitives:
     #: Plain torch calls (keras.ops adds a conversion check to each).
     ops = Ops(torch.reshape, _cast,
               lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-    vectorize_errors = ()
+    hazardous_ops: dict = {}
 
     def __init__(self) -> None:
         self._vectorizing = False
@@ -157,6 +157,9 @@ class TorchPrimitives:
     def zeros(self, shape: tuple, dtype: Any):
         dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
         return torch.zeros(shape, dtype=dtype, device=keras.ops.zeros(()).device)
+
+    def hazard(self, run) -> None:
+        return None
 
     def all_finite(self, g):
         """On CPU a plain sum (NaN/Inf propagate) decides in one fast pass; isfinite().all(),

@@ -34,6 +34,7 @@ from gradkit._factors._registry import Role as Role
 from gradkit._factors._registry import plan as plan
 from gradkit._factors._registry import rest as rest
 from gradkit._factors._registry import squared_rows as squared_rows
+from gradkit._factors._registry import unfactored_convolution as unfactored_convolution
 from gradkit._factors._registry import weighted_sum as weighted_sum
 from gradkit._factors._registry import write_rows as write_rows
 from gradkit._factors._taps import LayerTaps as LayerTaps
@@ -55,6 +56,7 @@ __all__ = [
     "plan",
     "rest",
     "squared_rows",
+    "unfactored_convolution",
     "weighted_sum",
     "write_rows",
 ]

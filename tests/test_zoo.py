@@ -1,0 +1,101 @@
+"""Every built-in layer a user trains, on every flavour: per-example rows equal a loop of
+single-example gradients(), norms equal those rows' norms, and nothing crashes the process.
+
+TensorFlow's vectorizer crashes (or returns wrong rows) through EinsumDense and
+MultiHeadAttention with its oneDNN kernels on: that case runs in a subprocess with oneDNN on,
+so a crash fails one test, not the suite. Sizes are tiny: the point is coverage, not speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _zoo_models import attention, images, mobilenet, recurrent, volumes
+
+import gradkit as gk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def check_against_loop(model, x, y, rtol=1e-4, atol=1e-5):
+    """Rows against one gradients() call per example; norms against the rows' norms."""
+    rows = gk.per_example_gradients(model, x, y)
+    n = len(y)
+    for i in range(n):
+        xi = [a[i:i + 1] for a in x] if isinstance(x, list) else x[i:i + 1]
+        one = gk.gradients(model, xi, y[i:i + 1])
+        assert list(one) == list(rows)
+        for key, value in one.items():
+            np.testing.assert_allclose(rows[key][i], value, rtol=rtol, atol=atol, err_msg=key)
+    expected = np.sqrt(sum((v.reshape(n, -1).astype("float64") ** 2).sum(1)
+                           for v in rows.values()))
+    np.testing.assert_allclose(gk.per_example_norms(model, x, y), expected, rtol=1e-4)
+    return rows
+
+
+@pytest.mark.parametrize("builder", [images, volumes], ids=lambda b: b.__name__)
+def test_convolutions_pooling_and_normalization(keras, builder):
+    check_against_loop(*builder(keras))
+
+
+def test_recurrent_layers_decide_their_route_once(keras, flavour, caplog):
+    model, x, y = recurrent(keras)
+    with caplog.at_level(logging.WARNING, logger="gradkit"):
+        check_against_loop(model, x, y)
+        gk.per_example_norms(model, x, y)
+    falls_back = [r for r in caplog.records if "loop over examples" in r.getMessage()]
+    # TensorFlow's pfor cannot convert the while loops: decided up front, logged once
+    assert len(falls_back) == (1 if flavour in ("tensorflow", "tf_keras") else 0)
+    if falls_back:
+        assert "op While" in falls_back[0].getMessage()
+    assert not [r for r in caplog.records if r.name == "tensorflow"]
+
+
+@pytest.mark.flavours("jax", "torch")
+def test_attention_layers(keras):
+    check_against_loop(*attention(keras))
+
+
+@pytest.mark.flavours("tensorflow", "tf_keras")
+def test_attention_with_onednn_on_runs_in_a_subprocess(flavour):
+    """At a size where TF 2.21's pfor crashes with oneDNN, gradkit takes the loop (logged)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p)
+    code = ("import sys, test_zoo, _zoo_models as z; "
+            f"test_zoo.attention_worker({flavour!r})")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ZOO OK" in done.stdout and "op Einsum" in done.stderr
+
+
+def attention_worker(flavour):
+    import conftest  # noqa: F401 - sets the backend (KERAS_BACKEND) for this flavour
+
+    keras = conftest.keras_module
+    logging.basicConfig(level=logging.WARNING)
+    check_against_loop(*attention(keras, batch=16, length=16, width=32))
+    print("ZOO OK", flush=True)
+
+
+@pytest.mark.flavours("torch")  # the compiling flavours take 45-90 s to compile it
+def test_keras_applications_model(keras):
+    check_against_loop(*mobilenet(keras), rtol=1e-3, atol=1e-5)
+
+
+def test_rows_that_cannot_fit_are_refused_with_the_size(keras, monkeypatch):
+    from gradkit import _memory
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="d")])
+    model.compile(loss="mse")
+    x, y = np.ones((3, 4), "float32"), np.ones((3, 8), "float32")
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 500)  # needs 2 x 3 x 40 floats
+    with pytest.raises(gk.ResultTooLargeError, match="per_example_norms.*layers=") as error:
+        gk.per_example_gradients(model, x, y)
+    assert isinstance(error.value, MemoryError) and "GiB" in str(error.value)
+    assert gk.per_example_norms(model, x, y).shape == (3,)  # norms keep no rows
