@@ -19,12 +19,7 @@ import numpy as np
 
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import plan, rest, squared_rows, weighted_sum
-from gradkit._per_example import (
-    check_independent,
-    for_each_chunk,
-    resolve_chunk_size,
-    vectorized_or_loop,
-)
+from gradkit._per_example import check_independent, for_each_chunk, resolve_chunk_size
 from gradkit._request import finish, prepare, result_dtype
 from gradkit._transforms._base import number
 
@@ -55,7 +50,8 @@ def clipped_gradients(
     MEAN of the clipped gradients, the scale of ``gradients()``. ``sample_weight`` scales
     each example's gradient BEFORE clipping (a weight of 0 removes the example from the sum,
     not from B). The noise is drawn in float64 by NumPy from ``seed`` (an int: the same
-    noise on every call; None: fresh noise), one standard normal per weight in key order.
+    noise on every call; None: fresh noise), one standard normal per weight in key order;
+    with ``training=True`` the same ``seed`` also draws the dropout masks.
 
     ``training=True`` runs dropout (one mask per example) as in ``per_example_gradients``;
     layers that couple examples (BatchNormalization in training) raise. Returns a gradient
@@ -66,7 +62,7 @@ def clipped_gradients(
     sigma = number(noise_multiplier, "noise_multiplier", low=0.0)
     _check_seed(seed)
     request = prepare(model, x, y, loss=loss, sample_weight=sample_weight, layers=layers,
-                      training=training)
+                      training=training, seed=seed if training else None)
     check_independent(model, request.training)
     shapes = [tuple(v.shape) for v in request.variables]
     sums = [np.zeros(shape, np.float64) for shape in shapes]
@@ -83,7 +79,7 @@ def clipped_gradients(
             part, parts[j] = parts[j], None
             sums[j] += weighted_sum(part, weights, shape)
 
-    for_each_chunk(vectorized_or_loop(request), request, chunk, store)
+    for_each_chunk(request, chunk, store, "clipped")
     if sigma > 0:
         rng = np.random.default_rng(seed)
         for total in sums:
