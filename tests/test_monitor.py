@@ -266,3 +266,38 @@ def test_mirrored_strategy_records_global_gradients():
     done = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_exploding_rising_and_vanishing_norms_are_warned_once_per_layer(keras):
+    x, y = _data()
+    y[3 * BATCH:] *= 1e4  # update 3: the error, so every layer's gradient, jumps ~1e4-fold
+    model = _model(keras, optimizer=keras.optimizers.SGD(0.0))  # weights stay put
+    monitor = gk.GradientMonitor(every=1, writers=(), thresholds={
+        "explode": None, "growth": 100.0, "vanish": None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[monitor])
+    layers = sorted(monitor.history["layers"]["norm"])
+    assert [a["kind"] for a in monitor.alarms] == ["growth"] * len(layers) == ["growth"] * 2
+    assert sorted(a["layer"] for a in monitor.alarms) == layers
+    assert {a["step"] for a in monitor.alarms} == {3}  # not again in the second epoch
+    for layer in layers:
+        norms = monitor.history["layers"]["norm"][layer]
+        assert norms[3] > 100 * norms[2]
+    ours = [str(w.message) for w in caught if w.category is gk.GradientNormWarning]
+    assert len(ours) == 2 and all("update 3" in text for text in ours)
+
+    for kind, bound in (("explode", 1e-9), ("vanish", 1e9)):  # every layer, once each
+        monitor = gk.GradientMonitor(every=1, writers=(), thresholds={
+            "explode": None, "growth": None, "vanish": None, kind: bound})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
+        assert sorted(a["layer"] for a in monitor.alarms) == layers
+        assert {a["kind"] for a in monitor.alarms} == {kind}
+        assert sum(w.category is gk.GradientNormWarning for w in caught) == len(layers)
+    with pytest.raises(gk.InvalidArgumentError, match="thresholds"):
+        gk.GradientMonitor(thresholds={"explode": -1.0})
+    with pytest.raises(gk.InvalidArgumentError, match="thresholds"):
+        gk.GradientMonitor(thresholds={"exploding": 1.0})

@@ -31,6 +31,7 @@ from gradkit._density import (
 from gradkit._errors import (
     CustomTrainStepWarning as CustomTrainStepWarning,
     DataShapeError as DataShapeError,
+    GradientNormWarning as GradientNormWarning,
     GradkitError as GradkitError,
     GradkitFileError as GradkitFileError,
     InvalidArgumentError as InvalidArgumentError,
@@ -66,6 +67,7 @@ __all__ = [
     "DataShapeError",
     "GradientCheck",
     "GradientMonitor",
+    "GradientNormWarning",
     "GradientStats",
     "GradkitError",
     "GradkitFileError",

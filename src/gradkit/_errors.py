@@ -77,6 +77,11 @@ class NonFiniteGradientWarning(RuntimeWarning):
     """A gradient holds NaN or Inf; the message names the variables."""
 
 
+class GradientNormWarning(RuntimeWarning):
+    """A layer's gradient norm crossed a `GradientMonitor` threshold (exploding, a sudden
+    rise, or vanishing)."""
+
+
 class CustomTrainStepWarning(UserWarning):
     """The model overrides ``train_step``: gradkit differentiates ``compute_loss`` instead."""
 

@@ -19,6 +19,7 @@ from gradkit._errors import (
     NonFiniteGradientWarning,
     received,
 )
+from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms
 from gradkit._monitor._history import STATS, flat_record, history_of, variable_stats
 from gradkit._monitor._recorder import Recorder
 from gradkit._monitor._writers import open_writers
@@ -52,6 +53,9 @@ class GradientMonitor:
     at the next recorded update or at the end of the epoch), ``"stop"`` (ends `fit` after that
     step, like TerminateOnNaN) or ``"raise"`` (`NonFiniteGradientError` after that step);
     "stop" and "raise" read one flag per step. The optimizer is restored at the end of `fit`.
+    Exploding, suddenly rising and vanishing layer norms (`thresholds=`, checked on recorded
+    updates with "norm" in `stats`; see `gradkit._monitor._alarms`) are warned about once per
+    layer with a `GradientNormWarning`. ``monitor.alarms`` lists every alarm as a dict.
     ``monitor.mode`` is "step" (the step's own gradients; on every flavour for `fit`).
     """
 
@@ -61,7 +65,8 @@ class GradientMonitor:
 
     def __init__(self, every: int = 100, *, layers: Any = None, log_dir: Any = None,
                  writers: tuple = ("jsonl", "tensorboard"), histogram_bins: int = 30,
-                 on_nonfinite: str = "warn", stats: tuple = STATS) -> None:
+                 on_nonfinite: str = "warn", stats: tuple = STATS,
+                 thresholds: dict | None = DEFAULT_THRESHOLDS) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise InvalidArgumentError("every= must be a positive int (record every that many "
                                        "updates). " + received(every=every))
@@ -76,6 +81,7 @@ class GradientMonitor:
         self.every, self.layers, self.log_dir = every, layers, log_dir
         self.writer_names, self.bins = tuple(writers), histogram_bins
         self.on_nonfinite, self.stats = on_nonfinite, tuple(stats)
+        self._norm_alarms = NormAlarms(thresholds)
         self.model: Any = None
         self.params: dict = {}
         self.records: list[dict] = []
@@ -185,6 +191,7 @@ class GradientMonitor:
         self.records.append(record)
         for writer in self._writers:
             writer.write(record)
+        self.alarms.extend(self._norm_alarms.check(record))
 
     def _check_alarm(self, meta: np.ndarray) -> None:
         if meta[1] < 0 or self._reported:
@@ -192,7 +199,7 @@ class GradientMonitor:
         self._reported = True
         rows = self._recorder.read_alarm()
         bad = {k: (int(r[0]), int(r[1])) for k, r in zip(self.keys, rows) if r[0] or r[1]}
-        alarm = {"step": int(meta[2]), "batch": int(meta[1]) - self._epoch_start,
+        alarm = {"kind": "nonfinite", "step": int(meta[2]), "batch": int(meta[1]) - self._epoch_start,
                  "epoch": self._epoch, "variables": bad}
         self.alarms.append(alarm)
         names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])

@@ -1,0 +1,93 @@
+"""Exploding and vanishing gradients: thresholds on each layer's gradient norm, warned once.
+
+On every recorded update, for each layer's gradient L2 norm ``n`` (``layers/norm/<layer>``):
+
+    explode:  n > thresholds["explode"]                       (an absolute bound)
+    growth:   n > thresholds["growth"] · (n at the previous record)   (a sudden rise)
+    vanish:   n < thresholds["vanish"]                        (zero included)
+
+Each kind is warned about once per layer (a `GradientNormWarning` naming the layer, the
+update and the norm) and listed in ``monitor.alarms``. Non-finite norms are left to the NaN
+alarm. A threshold of None turns its check off; ``thresholds=None`` turns all off.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from gradkit._errors import GradientNormWarning, InvalidArgumentError, received
+
+DEFAULT_THRESHOLDS = {"explode": 1e3, "growth": 1e2, "vanish": 1e-7}
+_PREFIX = "layers/norm/"
+
+
+class NormAlarms:
+    """Checks each record's per-layer norms against `thresholds` (see the module docstring)."""
+
+    def __init__(self, thresholds: Any) -> None:
+        self.thresholds = _checked(thresholds)
+        self._previous: dict[str, float] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    def check(self, record: dict) -> list[dict]:
+        """The new alarms of `record` (each warned about once), as dicts."""
+        found = []
+        for name, norm in record.items():
+            if not name.startswith(_PREFIX) or not math.isfinite(norm):
+                continue
+            layer = name[len(_PREFIX):]
+            previous = self._previous.get(layer)
+            self._previous[layer] = norm
+            for kind in self._kinds(norm, previous):
+                if (layer, kind) not in self._warned:
+                    self._warned.add((layer, kind))
+                    found.append({"kind": kind, "layer": layer, "step": record["step"],
+                                  "epoch": record["epoch"], "norm": norm})
+        for alarm in found:
+            warnings.warn(_message(alarm), GradientNormWarning, stacklevel=3)
+        return found
+
+    def _kinds(self, norm: float, previous: float | None) -> list[str]:
+        t, kinds = self.thresholds, []
+        if t.get("explode") is not None and norm > t["explode"]:
+            kinds.append("explode")
+        if (t.get("growth") is not None and previous is not None and previous > 0
+                and norm > t["growth"] * previous):
+            kinds.append("growth")
+        if t.get("vanish") is not None and norm < t["vanish"]:
+            kinds.append("vanish")
+        return kinds
+
+
+def _message(alarm: dict) -> str:
+    what = {"explode": "is exploding", "growth": "jumped", "vanish": "is vanishing"}
+    advice = {"explode": "Lower the learning rate or clip the gradients "
+                         "(clipnorm / gradkit.transforms.clip_by_global_norm).",
+              "growth": "Watch the next updates; lower the learning rate or clip if it grows.",
+              "vanish": "Check the initialization, the activations (saturated or dead units) "
+                        "and whether the layer is still connected to the loss."}
+    return (f"The gradient of layer {alarm['layer']!r} {what[alarm['kind']]} at update "
+            f"{alarm['step']} (epoch {alarm['epoch']}): norm {alarm['norm']:.3g}. "
+            f"{advice[alarm['kind']]} (Warned once per layer; GradientMonitor(thresholds=) "
+            "sets the bounds.)")
+
+
+def _checked(thresholds: Any) -> dict:
+    if thresholds is None:
+        return {}
+    if not isinstance(thresholds, dict) or set(thresholds) - set(DEFAULT_THRESHOLDS):
+        raise InvalidArgumentError(
+            f"thresholds= takes a dict with keys from {tuple(DEFAULT_THRESHOLDS)} (values: "
+            "positive numbers or None), or None to turn the checks off. "
+            + received(thresholds=thresholds))
+    merged = dict(DEFAULT_THRESHOLDS, **thresholds)
+    for key, value in merged.items():
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                               and math.isfinite(value) and value > 0)
+        if not ok:
+            raise InvalidArgumentError(
+                f"thresholds[{key!r}] must be a positive finite number or None. "
+                + received(**{key: value}))
+    return merged
