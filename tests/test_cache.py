@@ -118,4 +118,5 @@ def test_new_loss_per_call_keeps_the_per_example_caches_bounded(keras, flavour, 
         # training=True (no layer depends on it) takes torch's vmap route, which caches
         got = gk.per_example_gradients(model, x, y, loss=loss, training=True)["dense/kernel"]
         np.testing.assert_allclose(got, (i % 6 + 1) * expected, rtol=1e-4, atol=1e-5)
-        assert len(_cache.for_model(model)) == min(i + 1, 3)
+        # each loss adds its compiled functions and its per-example route: never past 3
+        assert 1 <= len(_cache.for_model(model)) <= 3

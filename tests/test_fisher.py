@@ -123,9 +123,9 @@ def test_true_same_seed_same_result(keras):
     first = gk.fisher_diagonal(model, _batches(), kind="true", samples=3, seed=7)
     again = gk.fisher_diagonal(model, _batches(), kind="true", samples=3, seed=7)
     other = gk.fisher_diagonal(model, _batches(), kind="true", samples=3, seed=8)
-    for key in first:
-        np.testing.assert_array_equal(first[key], again[key])
-    assert any(not np.array_equal(first[k], other[k]) for k in first)
+    for key in first:  # the same labels; the per-example route may round differently
+        np.testing.assert_allclose(first[key], again[key], rtol=1e-6, atol=1e-9)
+    assert any(not np.allclose(first[k], other[k], rtol=1e-3) for k in first)
 
 
 def test_true_refuses_non_probability_outputs(keras):
