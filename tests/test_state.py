@@ -69,15 +69,18 @@ def test_dropout_seed(keras, flavour):
                                                  **kw)[key],
     }
     for name, call in calls.items():
+        for _ in range(8):  # per-example: the route trial (vectorized, then the compiled loop)
+            call(training=True, seed=5)
         same = [call(training=True, seed=7) for _ in range(2)]
         traced = len(traces)
         fresh = [call(training=True) for _ in range(2)]
         other = call(training=True, seed=8)
         if flavour != "torch":  # the seed is an input of the compiled function
             assert len(traces) == traced, f"{name}: retraced for a new seed"
-        np.testing.assert_array_equal(same[0], same[1], err_msg=name)
-        assert not np.array_equal(fresh[0], fresh[1]), name
-        assert not np.array_equal(same[0], other), name
+        # the same masks agree to rounding (routes may differ); other masks differ plainly
+        np.testing.assert_allclose(same[0], same[1], rtol=1e-5, atol=1e-7, err_msg=name)
+        assert not np.allclose(fresh[0], fresh[1], rtol=1e-3), name
+        assert not np.allclose(same[0], other, rtol=1e-3), name
     assert_same_state(before, state_snapshot(model))
     if flavour == "torch":
         assert torch.equal(rng_before, torch.get_rng_state())
