@@ -17,7 +17,8 @@ Timed against, in the same rounds:
 - loop (every flavour): the compiled single-example gradient of bench_gradients.py on each
   example, clipped and summed in NumPy: what a user without a vectorizer writes.
 
-Times are medians of `--repeats` rounds in random order after a warm-up; each ratio is the
+Times are medians of `--repeats` rounds in random order after a warm-up of 8 rounds (in
+which gradkit's per-example route is timed and chosen); each ratio is the
 median over rounds of the two times measured in the same round. Agreement: the recipes and
 gradkit with the noise off must agree to 1e-4 (relative to the largest entry).
 """
@@ -114,7 +115,7 @@ def worker(flavour: str, batch: int, repeats: int) -> dict:
     result["max_rel_diff"] = max(
         float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
         for other in others for a, b in zip(other, reference))
-    rounds = samples(fns, repeats, warmup=3)
+    rounds = samples(fns, repeats, warmup=8)  # per-example routes settle in a few calls
     result.update({f"{k}_ms": median(v) * 1e3 for k, v in rounds.items()})
     result["ratios"] = {name: paired_ratio(rounds["ours"], rounds[name])
                         for name in fns if name != "ours"}

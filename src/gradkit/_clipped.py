@@ -49,8 +49,9 @@ def clipped_gradients(
     ``(Σᵢ clip(gᵢ, C) + N(0, σ²C²·I)) / B`` with σ = ``noise_multiplier``: with σ = 0 the
     MEAN of the clipped gradients, the scale of ``gradients()``. ``sample_weight`` scales
     each example's gradient BEFORE clipping (a weight of 0 removes the example from the sum,
-    not from B). The noise is drawn in float64 by NumPy from ``seed`` (an int: the same
-    noise on every call; None: fresh noise), one standard normal per weight in key order;
+    not from B). The noise is drawn by NumPy from ``seed`` (an int: the same noise on every
+    call; None: fresh noise), one standard normal per weight in key order, in the result
+    dtype (float32, float64 for float64 variables);
     with ``training=True`` the same ``seed`` also draws the dropout masks.
 
     ``training=True`` runs dropout (one mask per example) as in ``per_example_gradients``;
@@ -82,8 +83,10 @@ def clipped_gradients(
     for_each_chunk(request, chunk, store, "clipped")
     if sigma > 0:
         rng = np.random.default_rng(seed)
-        for total in sums:
-            total += rng.standard_normal(total.shape) * (sigma * clip)
+        for total, variable in zip(sums, request.variables):
+            noise = rng.standard_normal(total.shape, dtype=result_dtype(variable))
+            noise *= sigma * clip
+            total += noise
     result = finish(request, [total / request.batch.size for total in sums])
     if not return_norms:
         return result
