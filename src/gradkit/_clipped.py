@@ -12,7 +12,6 @@ needed; other variables are materialized a chunk at a time, as in `per_example_n
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
@@ -97,9 +96,8 @@ def clipped_gradients(
 def _materialized(request: Any) -> list:
     """The selected variables whose per-example rows are formed (not factored): they alone
     fill the chunk's memory budget, since the factors of the others are never multiplied out."""
-    layers = importlib.import_module(
-        "tf_keras.layers" if request.flavour == "tf_keras" else "keras.layers")
-    index = rest(plan(request.model, request.variables, layers), len(request.variables))
+    planned = plan(request.model, request.variables, request.adapter.layers_module)
+    index = rest(planned, len(request.variables))
     return [request.variables[j] for j in index]
 
 
