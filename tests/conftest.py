@@ -7,6 +7,7 @@ GRADKIT_FLAVOUR: tensorflow | jax | torch (Keras 3 on that backend) | tf_keras (
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,14 @@ def assert_same_state(before, after):
     assert len(before) == len(after)
     for i, (a, b) in enumerate(zip(before, after)):
         np.testing.assert_array_equal(a, b, err_msg=f"state entry {i} changed")
+
+
+@pytest.fixture(scope="session")
+def cross_flavour_results(tmp_path_factory) -> Path:
+    """The folder where tests/_cross_backend_worker.py wrote its results on every flavour
+    (run once per test session, in the process that first asks)."""
+    worker = Path(__file__).with_name("_cross_backend_worker.py")
+    return run_on_every_flavour(worker, tmp_path_factory.mktemp("cross_flavour"))
 
 
 def run_on_every_flavour(worker, out, flavours=("tensorflow", "jax", "torch", "tf_keras")):

@@ -1,8 +1,9 @@
 """The same model, weights and batch give the same gradients on every flavour.
 
 One subprocess per flavour (Keras fixes its backend at import) runs
-tests/_cross_backend_worker.py, which writes its gradients with gradkit.save; the files are
-then compared here. Run on the tensorflow flavour only: the test covers all four itself.
+tests/_cross_backend_worker.py (the session fixture `cross_flavour_results`), which writes its
+gradients with gradkit.save; the files are then compared here. Run on the tensorflow flavour
+only: the test covers all four itself.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ import numpy as np
 import pytest
 
 import gradkit as gk
-from conftest import run_on_every_flavour
-
 FLAVOURS = ("tensorflow", "jax", "torch", "tf_keras")
 RUNS = ("compiled_training", "compiled_inference", "target")
-WORKER = Path(__file__).with_name("_cross_backend_worker.py")
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    return run_on_every_flavour(WORKER, tmp_path_factory.mktemp("cross_backend"))
+@pytest.fixture
+def written(cross_flavour_results) -> Path:
+    return cross_flavour_results
 
 
 @pytest.mark.flavours("tensorflow")

@@ -16,7 +16,6 @@ import pytest
 import gradkit as gk
 from conftest import (
     assert_same_state,
-    run_on_every_flavour,
     state_snapshot,
     to_numpy,
     trained_stateful_model,
@@ -387,12 +386,11 @@ def test_bad_vector_raises(keras):
 # ---------------------------------------------------------------------- cross-backend
 
 FLAVOURS = ("tensorflow", "jax", "torch", "tf_keras")
-WORKER = Path(__file__).with_name("_hvp_worker.py")
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory) -> Path:
-    return run_on_every_flavour(WORKER, tmp_path_factory.mktemp("hvp_cross_backend"))
+@pytest.fixture
+def written(cross_flavour_results) -> Path:
+    return cross_flavour_results  # written by tests/_cross_backend_worker.py
 
 
 @pytest.mark.flavours("tensorflow")
@@ -401,11 +399,11 @@ def written(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("other", ("tensorflow", "torch", "tf_keras"))
 def test_same_hvp_on_every_flavour(written, run, other):
     if run == "compiled_training" and other in ("tensorflow", "tf_keras"):
-        refused = (written / f"{other}-{run}.refused").read_text()
+        refused = (written / f"{other}-hvp-{run}.refused").read_text()
         assert "BatchNormalization" in refused and "Received: " in refused
         return
-    reference = gk.load(written / f"jax-{run}.npz")  # TensorFlow refuses one run
-    got = gk.load(written / f"{other}-{run}.npz")
+    reference = gk.load(written / f"jax-hvp-{run}.npz")  # TensorFlow refuses one run
+    got = gk.load(written / f"{other}-hvp-{run}.npz")
     assert list(got) == list(reference)
     assert len(reference) == (2 if run == "loss_layers" else 7)
     for key, expected in reference.items():
