@@ -19,11 +19,10 @@ from gradkit._clipped import clipped_gradients as clipped_gradients
 from gradkit._curvature import (
     HessianEigen as HessianEigen,
     TraceEstimate as TraceEstimate,
-    ggn_vp_over as ggn_vp_over,
     hessian_eigenvalues as hessian_eigenvalues,
     hessian_trace as hessian_trace,
-    hvp_over as hvp_over,
 )
+from gradkit._dataset_hessian import ggn_vp_over as ggn_vp_over, hvp_over as hvp_over
 from gradkit._density import (
     SpectralDensity as SpectralDensity,
     hessian_density as hessian_density,

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gradkit._curvature import DatasetHessian, check_count
-from gradkit._errors import InvalidArgumentError, received
+from gradkit._dataset_hessian import DatasetHessian
+from gradkit._errors import InvalidArgumentError, check_count, received
 
 
 @dataclass(frozen=True, repr=False)

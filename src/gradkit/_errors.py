@@ -23,6 +23,7 @@ without knowing gradkit::
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 
@@ -120,3 +121,10 @@ def original_errors() -> Iterator[None]:
             seen.add(id(inner))
             inner = inner.__context__ or inner.__cause__
         raise
+
+
+def check_count(name: str, value: object, least: int) -> None:
+    """Raise unless `value` is an int (not a bool) of at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise InvalidArgumentError(
+            f"{name}= must be an int of at least {least}. " + received(**{name: value}))
