@@ -7,6 +7,7 @@ alike, and reports the median of many repetitions.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -72,6 +73,40 @@ def run_worker(script: str, flavour: str, args: Sequence[str], threads: int = 0)
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def benchmark_parser(doc: str, **defaults: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --flavours, the hidden --worker, and an int option
+    per keyword (``repeats=30`` gives ``--repeats``, default 30; ``threads`` means compute
+    threads per framework, 0 for the framework's own)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--flavours", default=",".join(FLAVOURS))
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_flavours(script: str, args: argparse.Namespace, options: Sequence[str],
+                 extra: Sequence[str] = ()) -> tuple[list[tuple[str, dict]], bool]:
+    """Run `script`'s worker once per flavour of ``args.flavours``, passing the named
+    options of `args` (and `extra`); return ([(flavour, result)], whether one failed), each
+    failure printed on stderr."""
+    threads = getattr(args, "threads", 0)
+    forwarded = [item for name in options for item in (f"--{name}", str(getattr(args, name)))]
+    results, failed = [], False
+    for flavour in [f for f in args.flavours.split(",") if f]:
+        r = run_worker(os.path.abspath(script), flavour, [*forwarded, *extra], threads)
+        if "error" in r:
+            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
+            failed = True
+            continue
+        results.append((flavour, r))
+    return results, failed
+
+
+def threads_label(threads: int) -> str:
+    return f"{threads} thread(s)" if threads else "default threads"
 
 
 def emit(result: dict) -> None:

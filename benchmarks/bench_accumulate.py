@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     markdown_table,
     peak_rss_mib,
@@ -39,12 +39,7 @@ from _common import (  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--examples", type=int, default=60000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = benchmark_parser(__doc__, examples=60000, batch=256, rounds=3)
     parser.add_argument("--mode", default="speed", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -12,7 +12,6 @@ precision the check reached (float64, or the float32 fallback) and whether it pa
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -20,42 +19,30 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     markdown_table,
     median,
-    run_worker,
+    run_flavours,
     setup_flavour,
+    threads_label,
     timed,
 )
 from bench_gradients import build_model  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--directions", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, repeats=3, directions=3, batch=256,
+                            threads=0).parse_args(argv)
     if args.worker:
         emit(worker(args.worker, args.batch, args.repeats, args.directions, args.threads))
         return 0
-    rows, failed = [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats),
-                        "--directions", str(args.directions), "--threads", str(args.threads)],
-                       args.threads)
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    rows = []
+    results, failed = run_flavours(__file__, args, ("batch", "repeats", "directions", "threads"))
+    for flavour, r in results:
         rows.append([flavour, f"{r['check_s']:.2f}", f"{r['gradients_ms']:.1f}",
                      r["precision"], "yes" if r["ok"] else "NO"])
-    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    threads = threads_label(args.threads)
     print(f"MLP 784-512-512-10, batch {args.batch}, {args.directions} directions, median of "
           f"{args.repeats} calls, {threads}\n")
     print(markdown_table(["flavour", "check_gradients s", "gradients ms", "precision", "ok"],

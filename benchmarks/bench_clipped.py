@@ -25,19 +25,18 @@ gradkit with the noise off must agree to 1e-4 (relative to the largest entry).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     markdown_table,
     median,
     paired_ratio,
-    run_worker,
+    run_flavours,
     samples,
     setup_flavour,
 )
@@ -48,23 +47,13 @@ TARGETS = {"gradients": 2.5, "recipe": 0.3}
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, batch=256, repeats=20).parse_args(argv)
     if args.worker:
         emit(worker(args.worker, args.batch, args.repeats))
         return 0
-    times, ratios, failed = [], [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats)])
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    times, ratios = [], []
+    results, failed = run_flavours(__file__, args, ("batch", "repeats"))
+    for flavour, r in results:
         recipe = r.get("recipe_ms")
         times.append([flavour, f"{r['ours_ms']:.1f}", f"{r['gradients_ms']:.1f}",
                       f"{recipe:.1f} ({r['recipe']})" if recipe else "-", f"{r['loop_ms']:.1f}"])

@@ -20,21 +20,21 @@ cross-entropy), one batch of `--batch` examples; each flavour in its own process
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     markdown_table,
     median,
     paired_ratio,
-    run_worker,
+    run_flavours,
     samples,
     setup_flavour,
+    threads_label,
     timed,
 )
 from bench_gradients import build_model  # noqa: E402
@@ -43,26 +43,13 @@ TOL, REFERENCE_TOL = 1e-3, 1e-8
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="compute threads per framework (default: the framework's own)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, repeats=30, batch=256, threads=0).parse_args(argv)
     if args.worker:
         emit(worker(args.worker, args.batch, args.repeats, args.threads))
         return 0
-    products, eigen, failed = [], [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats),
-                        "--threads", str(args.threads)], args.threads)
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    products, eigen = [], []
+    results, failed = run_flavours(__file__, args, ("batch", "repeats", "threads"))
+    for flavour, r in results:
         products.append([flavour, f"{r['gradients_ms']:.2f}", f"{r['ggn_ms']:.2f}",
                          f"{r['hvp_ms']:.2f}", f"{r['ggn_ratio']:.2f}",
                          f"{r['hvp_ratio']:.2f}"])
@@ -71,7 +58,7 @@ def main(argv: list[str]) -> int:
             eigen.append([flavour, matrix, f"{e['value']:.6g}", str(e["hvps"]),
                           f"{e['seconds']:.2f}", f"{e['error']:.1e}",
                           str(e["reference_hvps"]), str(e["lanczos_steps"])])
-    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    threads = threads_label(args.threads)
     print(f"MLP 784-512-512-10, batch {args.batch}, {threads}; median of {args.repeats} "
           "interleaved rounds, ratios paired by round\n")
     print(markdown_table(["flavour", "gradients ms", "ggn_vp ms", "hvp ms",

@@ -41,18 +41,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, interleaved, markdown_table, run_worker  # noqa: E402
-
-FLAVOURS = ("tensorflow", "jax", "tf_keras", "torch")
+from _common import (  # noqa: E402
+    benchmark_parser,
+    emit,
+    interleaved,
+    markdown_table,
+    run_flavours,
+)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--examples", type=int, default=60000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = benchmark_parser(__doc__, examples=60000, batch=256, repeats=3)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -66,13 +65,9 @@ def main(argv: list[str]) -> int:
     if args.worker:
         emit(worker(args.worker, args.examples, args.batch, args.repeats))
         return 0
-    rows, failed = [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour, options)
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    rows = []
+    results, failed = run_flavours(__file__, args, ("examples", "batch", "repeats"))
+    for flavour, r in results:
         rows.append([flavour, f"{r['none']:,.0f}", f"{r['one']:,.0f}", f"{r['two']:,.0f}",
                      f"{r['two'] / r['one']:.2f}x", f"{r['rel_diff']:.1e}"])
     print(f"accumulate over {args.examples} examples, batch {args.batch}, "

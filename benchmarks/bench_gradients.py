@@ -21,22 +21,22 @@ process) those calls cause are counted; torch runs eagerly and never compiles.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     markdown_table,
     median,
     paired_ratio,
-    run_worker,
+    run_flavours,
     samples,
     setup_flavour,
     tf_tracing_count,
+    threads_label,
     timed,
 )
 
@@ -44,32 +44,19 @@ OTHER_SIZES = (1, 3, 17, 32, 50, 100, 128, 177, 200, 255)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="compute threads per framework (default: the framework's own)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, repeats=200, batch=256, threads=0).parse_args(argv)
     if args.worker:
         emit(worker(args.worker, args.batch, args.repeats, args.threads))
         return 0
-    rows, failed = [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats),
-                        "--threads", str(args.threads)], args.threads)
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    rows = []
+    results, failed = run_flavours(__file__, args, ("batch", "repeats", "threads"))
+    for flavour, r in results:
         rows.append([flavour, f"{r['baseline_ms']:.2f}", f"{r['gradkit_ms']:.2f}",
                      f"{r['ratio']:.3f}", r["retraces"]])
         print(f"{flavour}: max relative difference to the baseline {r['max_rel_diff']:.1e}; "
               f"first call at a new batch size: baseline {r['new_shape_ms']:.0f} ms",
               file=sys.stderr)
-    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    threads = threads_label(args.threads)
     print(f"MLP 784-512-512-10, batch {args.batch}, median of {args.repeats} interleaved runs, "
           f"{threads}; retraces over batch sizes {list(OTHER_SIZES)}\n")
     print(markdown_table(

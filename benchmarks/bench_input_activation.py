@@ -21,18 +21,17 @@ those calls cause are counted; torch runs eagerly and never compiles.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     interleaved,
     markdown_table,
-    run_worker,
+    run_flavours,
     setup_flavour,
     tf_tracing_count,
 )
@@ -42,23 +41,13 @@ OTHER_SIZES = (1, 17, 100, 200, 255)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, repeats=100, batch=256).parse_args(argv)
     if args.worker:
         emit(worker(args.worker, args.batch, args.repeats))
         return 0
-    rows, failed = [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats)])
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    rows = []
+    results, failed = run_flavours(__file__, args, ("batch", "repeats"))
+    for flavour, r in results:
         for what in ("input", "activation"):
             base, ours = r[what]["baseline_ms"], r[what]["gradkit_ms"]
             rows.append([flavour, what, f"{base:.2f}", f"{ours:.2f}", f"{ours / base:.3f}",
@@ -87,8 +76,8 @@ def worker(flavour: str, batch: int, repeats: int) -> dict:
     counter = COUNTERS[flavour]()
     ours = {
         "input": lambda xx, yy: gradkit.input_gradients(model, xx, yy),
-        "activation": lambda xx, yy: gradkit.activation_gradients(
-            model, xx, yy, layers=first)[first.name],
+        "activation": lambda xx, yy: next(iter(gradkit.activation_gradients(
+            model, xx, yy, layers=first).values())),  # one layer: one key
     }
     result = {}
     for what, base in (("input", input_base), ("activation", act_base)):

@@ -32,7 +32,6 @@ included; its floor is the same np.ones.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import os
@@ -42,35 +41,25 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    FLAVOURS,
+    benchmark_parser,
     emit,
     markdown_table,
     median,
     paired_ratio,
-    run_worker,
+    run_flavours,
     samples,
     setup_flavour,
 )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavours", default=",".join(FLAVOURS))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, batch=64, repeats=10).parse_args(argv)
     if args.worker:
         emit(worker(args.worker, args.batch, args.repeats))
         return 0
-    time_rows, memory_rows, failed = [], [], False
-    for flavour in [f for f in args.flavours.split(",") if f]:
-        r = run_worker(os.path.abspath(__file__), flavour,
-                       ["--batch", str(args.batch), "--repeats", str(args.repeats)])
-        if "error" in r:
-            print(f"{flavour}: FAILED {r['error']}", file=sys.stderr)
-            failed = True
-            continue
+    time_rows, memory_rows = [], []
+    results, failed = run_flavours(__file__, args, ("batch", "repeats"))
+    for flavour, r in results:
         time_rows.append(_time_row(flavour, r))
         memory_rows.append(_memory_row(flavour, r))
         print(f"{flavour}: max relative difference to the loop {r['max_rel_diff']:.1e}, "
