@@ -55,7 +55,8 @@ def test_dropout_seed(keras, flavour):
     # seed state (seed generators, torch's global generator) never moves either way.
     traces: list = []
     model, x, y = _dropout_model(keras, traces)
-    key = next(k for k in gk.gradients(model, x, y) if k.endswith("d1/kernel"))
+    vector = gk.gradients(model, x, y)
+    key = next(k for k in vector if k.endswith("d1/kernel"))
     before = state_snapshot(model)
     if flavour == "torch":
         import torch
@@ -67,6 +68,11 @@ def test_dropout_seed(keras, flavour):
         "inputs": lambda **kw: gk.input_gradients(model, x, y, **kw),
         "accumulate": lambda **kw: gk.accumulate(model, (x, y), batch_size=2, progress=False,
                                                  **kw)[key],
+        "stats": lambda **kw: gk.gradient_stats(model, (x, y), batch_size=3, progress=False,
+                                                **kw).variance[key],
+        "ggn_vp": lambda **kw: gk.ggn_vp(model, x, y, vector=vector, **kw)[key],
+        "hvp_over": lambda **kw: gk.hvp_over(model, (x, y), vector=vector, batch_size=2,
+                                             **kw)[key],
     }
     for name, call in calls.items():
         for _ in range(8):  # per-example: the route trial (vectorized, then the compiled loop)
@@ -88,6 +94,8 @@ def test_dropout_seed(keras, flavour):
         gk.gradients(model, x, y, seed=3)
     with pytest.raises(gk.GradkitError, match="Received: seed=1.5"):
         gk.gradients(model, x, y, training=True, seed=1.5)
+    with pytest.raises(gk.GradkitError, match="training=True"):
+        gk.hvp_over(model, (x, y), vector=vector, seed=3)
 
 
 @pytest.mark.flavours("torch")

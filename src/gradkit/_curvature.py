@@ -60,7 +60,9 @@ def hessian_eigenvalues(model: Any, data: Any, *, k: int = 1, which: str = "larg
     ``"largest"`` (algebraic, largest first), ``"smallest"`` (algebraic, smallest first:
     negative curvature) or ``"magnitude"`` (largest |λ| first). SciPy's ``eigsh`` (ARPACK)
     runs on the products, to relative accuracy ``tol``, from a start vector drawn with
-    ``seed``. ``max_hvps``: the most products it may use (None: ARPACK's own limit);
+    ``seed`` (with ``training=True`` it also draws the dropout masks, the same for every
+    product: one fixed matrix). ``max_hvps``: the most products it may use (None: ARPACK's
+    own limit);
     past it, NotConvergedError. Returns a `HessianEigen`; no model state changes.
     ``strategy=``: torch.distributed, as in ``hvp_over()``; every process runs the same
     Lanczos iteration on the same all-reduced products, so all get the same result.
@@ -122,7 +124,7 @@ def hessian_trace(model: Any, data: Any, *, samples: int = 100, method: str = "h
                   layers: Any = None, training: bool = False, matrix: str = "hessian",
                   batch_size: int | None = None, strategy: Any = None) -> TraceEstimate:
     """A randomized, unbiased estimate of the trace of the dataset Hessian, from `samples`
-    Hessian-vector products over `data` (H, ``matrix=`` and `data` as in
+    Hessian-vector products over `data` (H, ``matrix=``, `data` and what ``seed`` draws as in
     ``hessian_eigenvalues()``).
 
     ``method="hutchinson"``: the mean of zᵀHz over Rademacher probes z; standard error

@@ -29,13 +29,16 @@ from gradkit._ggn import check_loss_on_outputs
 from gradkit._hvp import check_exact_second_order, checked_vector
 from gradkit._objective import check_mean_reduction
 from gradkit._request import check_connected, finish, result_dtype
+from gradkit._seeds import resolve_seed
 
 MATRICES = ("hessian", "ggn")
 
 
 class DatasetHessian:
     """H (or G) of the dataset objective as products: `product()` per variable, `matvec()`
-    flat. `matrix`: "hessian" (`hvp()`'s products) or "ggn" (`ggn_vp()`'s)."""
+    flat. `matrix`: "hessian" (`hvp()`'s products) or "ggn" (`ggn_vp()`'s). With
+    ``training=True`` every product of one operator uses the same dropout masks (drawn from
+    `seed`, or from one fresh seed when it is None): one fixed matrix."""
 
     def __init__(self, model: Any, data: Any, *, needed_by: str, keep: bool,
                  strategy: Any = None, vector: Any = None, seed: Any = None,
@@ -48,7 +51,8 @@ class DatasetHessian:
         self.operation = matrix
 
         def prepared():
-            request, stream = prepare_dataset(model, data, **options)
+            dropout = seed if options.get("training") else None
+            request, stream = prepare_dataset(model, data, seed=dropout, **options)
             check_mean_reduction(model, request.objective, needed_by)
             if matrix == "ggn":
                 check_loss_on_outputs(request)
@@ -133,32 +137,37 @@ class OutOfBudget(Exception):
 
 
 def hvp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, target: Any = None,
-             layers: Any = None, training: bool = False, batch_size: int | None = None,
-             strategy: Any = None) -> dict[str, np.ndarray]:
+             layers: Any = None, training: bool = False, seed: int | None = None,
+             batch_size: int | None = None, strategy: Any = None) -> dict[str, np.ndarray]:
     """``H v`` for the Hessian of the objective over every example of `data`.
 
     With a loss, H is the Hessian of the MEAN loss over all N examples (what ``hvp()`` would
     return on the whole dataset as one batch): batch b's product weighted by n_b / N; the
     loss must be mean-reduced, as in ``accumulate()``. With ``target=`` it is the SUM over
     every example. `data`: any source ``accumulate()`` takes (a tuple of arrays is cut into
-    batches of ``batch_size``). ``vector``, ``layers``, ``training``, keys, order and dtypes
-    as in ``hvp()``; one pass over the data; no model state changes. ``strategy=``:
+    batches of ``batch_size``). ``vector``, ``layers``, ``training``, ``seed``, keys, order
+    and dtypes as in ``hvp()``; one pass over the data; no model state changes. ``strategy=``:
     ``"torch.distributed"`` or a process group (torch only): a COLLECTIVE call, each process
     passing its own share of the data and the same ``vector``, all getting H v over the
     union (see ``accumulate()``).
     """
+    resolve_seed(seed, training)  # seed= without training=True raises, as in hvp()
     hessian = DatasetHessian(model, data, needed_by="hvp_over()", keep=False,
-                             strategy=strategy, vector=vector, loss=loss, target=target,
-                             layers=layers, training=training, batch_size=batch_size)
+                             strategy=strategy, vector=vector, seed=seed, loss=loss,
+                             target=target, layers=layers, training=training,
+                             batch_size=batch_size)
     return finish(hessian.request, hessian.product(hessian.tangents))
 
 
 def ggn_vp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, layers: Any = None,
-                training: bool = False, batch_size: int | None = None) -> dict[str, np.ndarray]:
+                training: bool = False, seed: int | None = None,
+                batch_size: int | None = None) -> dict[str, np.ndarray]:
     """``G v`` for the generalized Gauss-Newton matrix of the MEAN loss over every example of
     `data` (G as in ``ggn_vp()``, batch b's product weighted by n_b / N; the loss must be
     mean-reduced). Options, keys, order and dtypes as ``hvp_over()``; one pass over the
     data; no model state changes."""
+    resolve_seed(seed, training)  # seed= without training=True raises, as in ggn_vp()
     ggn = DatasetHessian(model, data, needed_by="ggn_vp_over()", keep=False, matrix="ggn",
-                         loss=loss, layers=layers, training=training, batch_size=batch_size)
+                         seed=seed, loss=loss, layers=layers, training=training,
+                         batch_size=batch_size)
     return finish(ggn.request, ggn.product(checked_vector(ggn.request, vector)))

@@ -65,7 +65,8 @@ def hessian_density(model: Any, data: Any, *, iterations: int = 80, runs: int = 
     H (or ``matrix="ggn"``), `data`, ``loss``, ``target``, ``layers``, ``training`` as in
     ``hessian_eigenvalues()``. Each of `runs` runs is `iterations` Lanczos steps (one product
     each; at most P, the number of selected weights) with full reorthogonalization, from a
-    normalized Rademacher vector drawn with ``seed``. ``sigma``: the width of the Gaussian
+    normalized Rademacher vector drawn with ``seed`` (and, with ``training=True``, the
+    dropout masks, as in ``hessian_eigenvalues()``). ``sigma``: the width of the Gaussian
     around each node (None: 1 % of the range of the nodes). ``grid``: a number of points
     spanning the nodes ± 5 sigma, or the points themselves. Returns a `SpectralDensity`
     (with ``.plot()``); no model state changes.

@@ -31,6 +31,7 @@ def ggn_vp(
     sample_weight: Any = None,
     layers: Any = None,
     training: bool = False,
+    seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The generalized Gauss-Newton product ``G v = Jᵀ H_L J v``.
 
@@ -51,10 +52,10 @@ def ggn_vp(
     Hessian-vector product of the loss alone, a vector-Jacobian product), compiled and
     cached. ``training=True`` is allowed on every backend, BatchNormalization included (with
     batch statistics J couples the examples; only first derivatives of the network are
-    needed); no model state changes.
+    needed); ``seed`` (its dropout masks) as in ``gradients()``; no model state changes.
     """
     request = prepare(model, x, y, loss=loss, sample_weight=sample_weight, layers=layers,
-                      training=training)
+                      training=training, seed=seed)
     check_loss_on_outputs(request)
     tangents = checked_vector(request, vector)
     with original_errors():

@@ -30,6 +30,7 @@ from gradkit._objective import resolve_objective
 from gradkit._per_example import per_example_gradients
 from gradkit._progress import Progress
 from gradkit._request import floatx, result_dtype
+from gradkit._seeds import fold, resolve_seed
 from gradkit._select import layer_of
 from gradkit._sources import BatchStream
 
@@ -190,6 +191,7 @@ def gradient_stats(
     loss: Any = None,
     layers: Any = None,
     training: bool = False,
+    seed: int | None = None,
     progress: bool = True,
     batch_size: int | None = None,
 ) -> GradientStats:
@@ -209,16 +211,19 @@ def gradient_stats(
 
     `data` as in ``accumulate()``; merged batch by batch with Chan's parallel Welford
     update in float64, so memory holds one batch of per-example gradients. Needs at least
-    two examples. No model state changes.
+    two examples. ``seed``: with ``training=True``, the dropout masks as in ``accumulate()``
+    (each batch its own, drawn from it; None: fresh). No model state changes.
     """
     flavour = flavour_of(model)
     stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
     resolve_objective(model, loss, None, stream.first[1].y)  # fail before any work
+    call_seed = resolve_seed(seed, training)
     moments = MomentAccumulator()
     with Progress(stream.total, progress, description="gradkit.gradient_stats") as bar:
-        for _, batch in stream:
+        for index, (_, batch) in enumerate(stream):
             moments.update(per_example_gradients(
                 model, batch.x, batch.y, loss=loss, layers=layers,
-                sample_weight=batch.sample_weight, training=training))
+                sample_weight=batch.sample_weight, training=training,
+                seed=fold(call_seed, index)))
             bar.update(batch.size)
     return moments.result()

@@ -190,7 +190,7 @@ def run_ggn(adapter, request, vectors: list) -> tuple:
 
     scale = adapter.scale_of(request.model)
     run = compiled(request, scale, "ggn", build)
-    return host(adapter.p, *run(data_of(request.batch), scale, list(vectors)))
+    return host(adapter.p, *run(data_of(request.batch, request.seed), scale, list(vectors)))
 
 
 def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:
