@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     if args.worker:
         emit(worker(args.worker, args.examples, args.batch, args.repeats))
         return 0
-    rows, failed = [], False
+    rows, failed, load = [], False, os.getloadavg()[0]
     for flavour in [f for f in args.flavours.split(",") if f]:
         r = run_worker(os.path.abspath(__file__), flavour, options)
         if "error" in r:
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
                      f"{r['max_diff']:.1e}"])
     print(f"One epoch of fit, MLP 784-512-512-10, {args.examples} examples, batch "
           f"{args.batch}; medians of {args.repeats} rounds (s); load average "
-          f"{os.getloadavg()[0]:.2f}\n")
+          f"{load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end\n")
     print(markdown_table(["flavour", "global_clipnorm", "wrap(clip_by_global_norm)", "ratio",
                           "range", "CPU-time ratio", f"<= {TARGET}", "weights differ by"],
                          rows))
