@@ -125,6 +125,9 @@ class TfKerasAdapter(Operations):
         return f
 
     def per_example_parts(self, request):
+        return self.parts(request, mapped=False)
+
+    def parts(self, request, mapped: bool):
         planned = plan(request.model, request.variables, tf_keras.layers)
         direct = [request.variables[j] for j in rest(planned, len(request.variables))]
 
@@ -133,7 +136,7 @@ class TfKerasAdapter(Operations):
             return (lambda values, example, scale: lambda perturb, _: f(
                 map_structure(lambda a: a[None], example), scale)), lambda values: direct
 
-        return run_per_example(self, request, planned, make)
+        return run_per_example(self, request, planned, make, mapped)
 
     def distributed_sum(self, request, batches, strategy):
         from gradkit._backends import tf_distribute
