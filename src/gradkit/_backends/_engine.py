@@ -20,8 +20,13 @@ import numpy as np
 from gradkit._backends import _keras3 as k3
 from gradkit._data import map_structure
 from gradkit._objective import data_loss
-from gradkit._backends._steps import Operations, run_gradients, run_per_example
-from gradkit._factors import Ops, plan, rest
+from gradkit._backends._steps import (
+    Operations,
+    planned_layers,
+    run_gradients,
+    run_per_example,
+)
+from gradkit._factors import Ops, rest
 
 
 class Primitives(Protocol):
@@ -167,7 +172,7 @@ class Engine(Operations):
 
     def parts(self, request, mapped: bool):
         """`per_example_parts`, vectorized or (`mapped`) from the compiled loop."""
-        planned = plan(request.model, request.variables, keras.layers)
+        planned = planned_layers(self, request, mapped)
         count = len(request.variables)
         batched = getattr(self.p, "batched_factors", None)
         if batched is not None and not mapped and not rest(planned, count):

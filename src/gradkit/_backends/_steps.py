@@ -14,7 +14,14 @@ from typing import Any, Callable
 
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
-from gradkit._factors import LayerTaps, assemble, factor_arrays, rest, unfactored_convolution
+from gradkit._factors import (
+    LayerTaps,
+    assemble,
+    factor_arrays,
+    plan,
+    rest,
+    unfactored_convolution,
+)
 from gradkit._taps import OutputTaps
 
 
@@ -110,6 +117,14 @@ def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable
     if not keep_outputs:  # no copy to the host of what the caller will not read
         outputs = [None] * len(outputs)
     return host(adapter.p, loss, grads, outputs)
+
+
+def planned_layers(adapter, request, mapped: bool) -> list:
+    """The factored layers of `request` (gradkit._factors.plan). In the compiled loop
+    (`mapped`) convolutions are not factored: the framework's own kernel gradient there is
+    faster than forming it from the factors on the host."""
+    planned = plan(request.model, request.variables, adapter.layers_module)
+    return [entry for entry in planned if not (mapped and entry.kind == "conv")]
 
 
 def run_per_example(adapter, request, planned: list, make: Callable,

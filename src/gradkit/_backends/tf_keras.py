@@ -19,11 +19,16 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends._steps import Operations, run_gradients, run_per_example
+from gradkit._backends._steps import (
+    Operations,
+    planned_layers,
+    run_gradients,
+    run_per_example,
+)
 from gradkit._backends.tensorflow import TensorFlowPrimitives
 from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
-from gradkit._factors import plan, rest
+from gradkit._factors import rest
 from gradkit._objective import Objective, data_loss, target_scores
 from gradkit._seeds import split_seed, with_rows
 
@@ -128,7 +133,7 @@ class TfKerasAdapter(Operations):
         return self.parts(request, mapped=False)
 
     def parts(self, request, mapped: bool):
-        planned = plan(request.model, request.variables, tf_keras.layers)
+        planned = planned_layers(self, request, mapped)
         direct = [request.variables[j] for j in rest(planned, len(request.variables))]
 
         def make(scaled):
