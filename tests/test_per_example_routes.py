@@ -128,3 +128,37 @@ def test_the_faster_route_is_timed_once_and_kept(keras, flavour, monkeypatch):
     for _ in range(8):
         assert_same_sets(gk.per_example_gradients(model, x, y), expected)
     assert len(calls) == 3  # compiled once, timed twice; then the loop, timed faster, kept
+
+
+@pytest.mark.flavours("tensorflow", "jax", "tf_keras")  # torch has no compiled loop
+def test_the_compiled_loop_and_its_fallback(keras, flavour, monkeypatch, caplog):
+    """With the vectorizer failing, the loop compiled over the chunk gives the rows; when it
+    fails too, the plain loop does. Each failure is tried and logged once."""
+    import logging
+
+    from gradkit import _backends
+
+    model, x, y = plain_mlp(keras)
+    expected = loop_reference(model, x, y)
+    adapter, tries = _backends.for_flavour(flavour), []
+
+    def failing(name):
+        def failed(request):
+            tries.append(name)
+            raise NotImplementedError(f"no {name} here")
+        return failed
+
+    monkeypatch.setattr(adapter, "per_example_parts", failing("vectorized"))
+    for _ in range(2):
+        assert_same_sets(gk.per_example_gradients(model, x, y, chunk_size=2), expected)
+    assert tries == ["vectorized"]  # then the compiled loop, chunk after chunk
+    model, x, y = plain_mlp(keras)
+    expected, tries[:] = loop_reference(model, x, y), []
+    monkeypatch.setattr(adapter, "mapped_parts", failing("mapped"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradkit"):
+        for _ in range(2):
+            assert_same_sets(gk.per_example_gradients(model, x, y), expected)
+    assert tries == ["vectorized", "mapped"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2 and "no mapped here" in messages[1], messages

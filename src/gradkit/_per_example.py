@@ -13,8 +13,9 @@ small factors (layer input, pre-activation gradient; see ``gradkit._factors``) w
 product is written once, straight into the preallocated NumPy result (in parallel blocks, by
 each kind's rows writer); other variables come back as arrays and are copied in. The batch is
 processed in chunks, so peak memory is the result plus one chunk. Where the vectorizer must not
-or cannot run, or is slower, a loop of the compiled single-example gradient gives the same
-rows (``gradkit._routes`` chooses once per model and selection).
+or cannot run, or is slower, a loop over the examples compiled into the same function
+(``tf.map_fn``, ``jax.lax.map``) or a Python loop of the compiled single-example gradient gives
+the same rows (``gradkit._routes`` chooses once per model and selection).
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def per_example_gradients(
     examples (default: as many as fit ``CHUNK_BUDGET_BYTES`` = 256 MiB of result), so peak
     memory is the B-row result plus at most one chunk; if that cannot fit in the memory
     available now, ResultTooLargeError (a MemoryError) says so before anything is allocated.
-    Where the vectorizer is known to crash or fails, or is timed slower than a loop of the
-    compiled single-example gradient on this model, that loop is used (same values; chosen
-    once per model and selection, a fallback logged once on the ``"gradkit"`` logger: see
-    gradkit._routes).
+    Where the vectorizer is known to crash or fails, or is timed slower than a loop on this
+    model, a loop compiled into the function (TensorFlow, JAX) or a loop of the compiled
+    single-example gradient is used (same values; chosen once per model and selection, a
+    fallback logged once on the ``"gradkit"`` logger: see gradkit._routes).
 
     ``out=``: a dict with the result's keys of writeable C-contiguous arrays of the result's
     shapes and dtypes (e.g. this function's earlier result, reused): the rows are written into

@@ -1,19 +1,22 @@
 """How per-example work runs for one model and selection: chosen once, remembered.
 
-Two routes give the same rows. "vectorized" is the adapter's ``per_example_parts`` (factors
-and the framework's vectorizer inside one compiled function); "loop" runs the adapter's
-compiled, cached single-example gradient once per example. Per model, variables, objective
-and training mode (one `Route` in the model's cache of compiled functions) gradkit remembers:
+Three routes give the same rows: "vectorized", the adapter's ``per_example_parts`` (factors
+and the framework's vectorizer inside one compiled function); "mapped", its ``mapped_parts``
+(the same function with a loop over the chunk's examples compiled into it: ``tf.map_fn``,
+``jax.lax.map``; absent on torch); and "loop", the adapter's compiled, cached single-example
+gradient called once per example. Per model, variables, objective and training mode (one
+`Route` in the model's cache of compiled functions) gradkit remembers:
 
 - a hazard: the framework's vectorizer is known to crash the process or return wrong rows on
   an op the model uses (``adapter.vectorize_hazard``: TensorFlow's pfor over Einsum kernels
-  under oneDNN). The vectorized route is never taken;
-- a failure: the vectorized route raised once (a converter gap, e.g. TensorFlow's while
+  under oneDNN), or to be slow (per-example depthwise convolutions). The vectorized route is
+  never taken;
+- a failure: a route raised once (a converter gap, e.g. TensorFlow's pfor through the while
   loops of recurrent layers). It is never retried;
-- a timing, per operation (rows, norms): `TIMINGS` chunks of an already compiled size are
-  timed on the vectorized route, then, after one untimed chunk that compiles it, as many on
-  the loop; the faster by its best time is kept. Every chunk computed meanwhile is a real
-  result.
+- a timing, per operation (rows, norms, clipped): each route still open, in the order above,
+  runs one untimed chunk that compiles it, then `TIMINGS` timed chunks of an already compiled
+  size (one, if it is over `DROP` times the best route timed so far); the fastest by its best
+  time is kept. Every chunk computed meanwhile is a real result.
 
 A hazard or failure is logged once per Route on the ``"gradkit"`` logger, with its reason:
 the framework's own first meaningful line, or the op.
@@ -33,8 +36,11 @@ logger = logging.getLogger("gradkit")
 _NOISE = re.compile(r"^(in user code:|Traceback|File |Exception encountered when calling|"
                     r"Arguments received by|•|\^+$|~+$|During handling|The above exception|"
                     r"Graph execution error|Detected at node|\[\[|vectorizing failed:$)")
-#: Timed chunks per route before the faster is kept (the best of them counts: load spikes)
+#: Timed chunks per route before the fastest is kept (the best of them counts: load spikes)
 TIMINGS = 2
+#: A route timed this many times slower than the best so far is not timed again
+DROP = 2.0
+ROUTES = ("vectorized", "mapped", "loop")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -42,12 +48,16 @@ class Route:
     """What was learnt about one model and selection (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.reason: str | None = None  # why the vectorized route is not taken
+        self.reasons: dict[str, str] = {}  # route -> why it is not taken
         self.hazard_checked = False
-        self.chosen: dict[str, str] = {}  # operation -> "vectorized" | "loop"
-        self.sizes: dict[str, set] = {}  # operation -> chunk sizes run vectorized
-        self.vector_cost: dict[str, list] = {}  # operation -> seconds per example, timed
-        self.loop_cost: dict[str, list] = {}  # the same in the loop (absent: not compiled)
+        self.chosen: dict[str, str] = {}  # operation -> the route kept
+        self.sizes: dict[tuple, set] = {}  # (operation, route) -> chunk sizes run (compiled)
+        self.costs: dict[tuple, list] = {}  # (operation, route) -> seconds per example, timed
+
+    @property
+    def reason(self) -> str | None:
+        """Why the vectorized route is not taken (None: it may be)."""
+        return self.reasons.get("vectorized")
 
 
 def route_of(request: Any) -> Route:
@@ -61,71 +71,76 @@ def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: i
     route chosen for `operation` and hand them to ``store(start, stop, parts)``; `loop` is the
     loop route, `check(parts)` runs before anything is stored."""
     route = route_of(request)
-    if route.reason is None and not route.hazard_checked:
+    if not route.hazard_checked:
         route.hazard_checked = True
+        if not request.adapter.maps_examples:
+            route.reasons["mapped"] = "no compiled loop on this backend"
         hazard = request.adapter.vectorize_hazard(request)
         if hazard is not None:
-            _give_up(route, request, hazard)
-    choice = "loop" if route.reason is not None else route.chosen.get(operation)
-    if choice is None and len(route.vector_cost.get(operation, ())) == TIMINGS:
-        return _loop_trial(route, request, operation, lambda: _stored(
-            loop(request), start, stop, store, check), stop - start)
-    if choice == "loop":
-        return _stored(loop(request), start, stop, store, check)
-    _vectorized(route, request, operation, choice is None,
-                lambda parts: _stored(parts, start, stop, store, check),
-                lambda: _stored(loop(request), start, stop, store, check), stop - start)
-
-
-def _vectorized(route: Route, request: Any, operation: str, trial: bool, stored: Callable,
-                looped: Callable, n: int) -> None:
-    """The vectorized route; timed when on trial and the chunk size ran before (compiled)."""
-    timed = trial and n in route.sizes.setdefault(operation, set())
-    timed = timed and len(route.vector_cost.setdefault(operation, [])) < TIMINGS
-    begin = time.perf_counter()
-    try:
-        with original_errors():
-            parts = list(request.adapter.per_example_parts(request))
-    except Exception as error:  # noqa: BLE001 - any vectorizer gap: the loop gives the rows
-        if isinstance(error, GradkitError):
-            raise
-        _give_up(route, request, first_line(error))
-        return looped()
-    stored(parts)
-    route.sizes[operation].add(n)
-    if timed:
-        route.vector_cost[operation].append((time.perf_counter() - begin) / n)
-
-
-def _loop_trial(route: Route, request: Any, operation: str, looped: Callable, n: int) -> None:
-    """The loop's turn: once untimed (it compiles the single-example gradient), then timed
-    TIMINGS times; the faster route by its best time is kept for `operation`."""
-    costs, begin = route.loop_cost.get(operation), time.perf_counter()
-    looped()
-    if costs is None:  # this call compiled the single-example gradient: not timed
-        route.loop_cost[operation] = []
-        return
-    costs.append((time.perf_counter() - begin) / n)
-    if len(costs) == TIMINGS:
-        loop, vector = min(costs), min(route.vector_cost[operation])
-        route.chosen[operation] = "loop" if loop < vector else "vectorized"
-        logger.debug("gradkit: per-example %s of model %r: the %s route (%.3g s per example "
-                     "vectorized, %.3g s in the loop)", operation, request.model.name,
-                     route.chosen[operation], vector, loop)
-
-
-def _stored(parts: list, start: int, stop: int, store: Callable, check: Callable) -> None:
+            _give_up(route, request, "vectorized", hazard)
+    if all(name in route.reasons for name in ROUTES[:-1]):
+        route.chosen[operation] = "loop"  # nothing to compare it with
+    runs = {"vectorized": request.adapter.per_example_parts,
+            "mapped": request.adapter.mapped_parts, "loop": loop}
+    name = route.chosen.get(operation) or _on_trial(route, operation)
+    while True:
+        compiled = stop - start in route.sizes.setdefault((operation, name), set())
+        timed = compiled and operation not in route.chosen
+        begin = time.perf_counter()
+        try:
+            with original_errors():
+                parts = list(runs[name](request))
+            break
+        except Exception as error:  # noqa: BLE001 - any gap: the next route gives the rows
+            if isinstance(error, GradkitError) or name == "loop":
+                raise
+            _give_up(route, request, name, first_line(error))
+            route.chosen.pop(operation, None)
+            name = _on_trial(route, operation)
     check(parts)
-    store(start, stop, parts)
+    store(start, stop, parts)  # timed too: on JAX this is where the host waits for the rows
+    seconds = (time.perf_counter() - begin) / (stop - start)
+    route.sizes[(operation, name)].add(stop - start)
+    if timed:
+        _timed(route, request, operation, name, seconds)
 
 
-def _give_up(route: Route, request: Any, reason: str) -> None:
-    route.reason = reason
-    logger.warning(
-        "gradkit: per-example gradients of model %r are computed with a loop over examples "
-        "of the compiled single-example gradient, not the %s vectorizer (%s). Same values; "
-        "decided once for this model and selection.", request.model.name, request.flavour,
-        reason)
+def _on_trial(route: Route, operation: str) -> str:
+    """The first open route still to be timed for `operation`, else the fastest timed."""
+    timed = {name: route.costs.get((operation, name), [])
+             for name in ROUTES if name not in route.reasons}
+    best = min((min(c) for c in timed.values() if c), default=None)
+    for name, costs in timed.items():
+        if len(costs) < TIMINGS and not (costs and min(costs) > DROP * best):
+            return name
+    return min((name for name in timed if timed[name]), key=lambda n: min(timed[n]),
+               default="loop")
+
+
+def _timed(route: Route, request: Any, operation: str, name: str, seconds: float) -> None:
+    """Record a timing; once every open route is timed (or dropped), keep the fastest."""
+    route.costs.setdefault((operation, name), []).append(seconds)
+    pick = _on_trial(route, operation)
+    if len(route.costs.get((operation, pick), [])) >= TIMINGS:
+        route.chosen[operation] = pick
+        logger.debug("gradkit: per-example %s of model %r: the %s route (seconds per example: "
+                     "%s)", operation, request.model.name, pick,
+                     {key[1]: min(c) for key, c in route.costs.items()
+                      if key[0] == operation and c})
+
+
+def _give_up(route: Route, request: Any, name: str, reason: str) -> None:
+    route.reasons[name] = reason
+    if name == "vectorized":
+        logger.warning(
+            "gradkit: per-example gradients of model %r are computed with a loop over "
+            "examples, not the %s vectorizer (%s). Same values; decided once for this model "
+            "and selection.", request.model.name, request.flavour, reason)
+    else:
+        logger.warning(
+            "gradkit: the compiled loop over examples failed on model %r (%s); each "
+            "example's gradient is computed by its own call instead. Same values; decided "
+            "once for this model and selection.", request.model.name, reason)
 
 
 def first_line(error: BaseException) -> str:

@@ -76,8 +76,14 @@ class Adapter(Protocol):
         """(loss, [generalized Gauss-Newton product Jᵀ H_L J v or None per selected
         variable]): J of the model's outputs, H_L of the loss with respect to them."""
 
+    #: Whether `mapped_parts` has a loop over examples compiled into one function.
+    maps_examples: bool
+
     def per_example_parts(self, request: Any) -> list:
         """Per selected variable: a gradkit._factors.Factor or an (n, *shape) array."""
+
+    def mapped_parts(self, request: Any) -> list:
+        """`per_example_parts`' result from a compiled loop over the examples (no vectorizer)."""
 
     def accumulator(self, request: Any, skip_nonfinite: bool) -> Accumulator:
         """A fresh running sum (request.batch is None)."""

@@ -20,8 +20,13 @@ import numpy as np
 from gradkit._backends import _keras3 as k3
 from gradkit._data import map_structure
 from gradkit._objective import data_loss
-from gradkit._backends._steps import Operations, run_gradients, run_per_example
-from gradkit._factors import Ops, plan, rest
+from gradkit._backends._steps import (
+    Operations,
+    planned_layers,
+    run_gradients,
+    run_per_example,
+)
+from gradkit._factors import Ops, rest
 
 
 class Primitives(Protocol):
@@ -54,6 +59,9 @@ class Primitives(Protocol):
 
     def vectorize(self, fn: Callable) -> Callable:
         """`fn` of one example mapped over the leading axis of its one (dict) argument."""
+
+    # optional: map_examples(fn), like `vectorize` but a loop compiled into the function
+    # (absent: the loop route calls the compiled single-example gradient per example)
 
     def hazard(self, run: Any) -> str | None:
         """The first of `hazardous_ops` in the traced compiled function `run`, named (the
@@ -160,10 +168,14 @@ class Engine(Operations):
 
     def per_example_parts(self, request):
         """Per selected variable: a Factor, an (n, *shape) array, or None if unconnected."""
-        planned = plan(request.model, request.variables, keras.layers)
+        return self.parts(request, mapped=False)
+
+    def parts(self, request, mapped: bool):
+        """`per_example_parts`, vectorized or (`mapped`) from the compiled loop."""
+        planned = planned_layers(self, request, mapped)
         count = len(request.variables)
         batched = getattr(self.p, "batched_factors", None)
-        if batched is not None and not rest(planned, count):
+        if batched is not None and not mapped and not rest(planned, count):
             parts = batched(self, request, planned)
             if parts is not None:
                 return parts
@@ -174,7 +186,7 @@ class Engine(Operations):
             return (lambda values, example, scale: objective_of(values, one_example(example),
                                                                 scale), chosen_of)
 
-        return run_per_example(self, request, planned, make)
+        return run_per_example(self, request, planned, make, mapped)
 
     # --- streaming sums (gradkit.accumulate) and distribution
 

@@ -14,7 +14,14 @@ from typing import Any, Callable
 
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
-from gradkit._factors import LayerTaps, assemble, factor_arrays, rest, unfactored_convolution
+from gradkit._factors import (
+    LayerTaps,
+    assemble,
+    factor_arrays,
+    plan,
+    rest,
+    unfactored_convolution,
+)
 from gradkit._taps import OutputTaps
 
 
@@ -53,6 +60,16 @@ class Operations:
         cache = _cache.for_model(request.model)  # no entry: not compiled (tf-keras graph mode)
         key = ("gradients", request.cache_key(), self.scale_of(request.model) != 1.0)
         return self.p.hazard(cache[key]) if key in cache else None
+
+    @property
+    def maps_examples(self) -> bool:
+        """Whether `mapped_parts` compiles the loop over examples (else it is not called)."""
+        return getattr(self.p, "map_examples", None) is not None
+
+    def mapped_parts(self, request):
+        """`per_example_parts`' result from a loop over the examples compiled into one
+        function (``p.map_examples``: ``tf.map_fn``, ``jax.lax.map``), not the vectorizer."""
+        return self.parts(request, mapped=True)
 
     def accumulator(self, request, skip_nonfinite: bool):
         from gradkit._backends._accumulator import Accumulator
@@ -102,19 +119,30 @@ def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable
     return host(adapter.p, loss, grads, outputs)
 
 
-def run_per_example(adapter, request, planned: list, make: Callable) -> list:
+def planned_layers(adapter, request, mapped: bool) -> list:
+    """The factored layers of `request` (gradkit._factors.plan). In the compiled loop
+    (`mapped`) convolutions are not factored: the framework's own kernel gradient there is
+    faster than forming it from the factors on the host."""
+    planned = plan(request.model, request.variables, adapter.layers_module)
+    return [entry for entry in planned if not (mapped and entry.kind == "conv")]
+
+
+def run_per_example(adapter, request, planned: list, make: Callable,
+                    mapped: bool = False) -> list:
     """Per selected variable: a Factor, an (n, *shape) array, or None if unconnected, from
-    `per_example_fn` compiled and cached; ``make(scaled) -> (objective_of, chosen_of)``."""
+    `per_example_fn` compiled and cached; ``make(scaled) -> (objective_of, chosen_of)``.
+    `mapped`: a loop over the examples compiled into the function (``p.map_examples``)
+    instead of the vectorizer."""
     count = len(request.variables)
 
     def build(scaled):
         (objective_of, chosen_of), connected = make(scaled), []
         return connected, adapter.p.compile(per_example_fn(
             adapter.p, planned, count, objective_of, chosen_of, connected, scaled,
-            request.cache_key()), request.model)
+            request.cache_key(), mapped), request.model)
 
     scale = adapter.scale_of(request.model)
-    connected, run = compiled(request, scale, "per_example", build)
+    connected, run = compiled(request, scale, "per_example", build, mapped)
     arrays, grads = run(data_of(request.batch, request.seed), scale)  # a vectorizer's gap raises
     parts = assemble(count, planned, arrays, grads)
     return [part if ok else None for part, ok in zip(parts, connected)]
@@ -228,9 +256,10 @@ def tapped_fn(p, taps: OutputTaps | None, template: Any, objective_of: Callable)
 
 
 def per_example_fn(p, planned: list, count: int, objective_of: Callable, chosen_of: Callable,
-                   connected: list, scaled: bool, key: Any) -> Callable:
+                   connected: list, scaled: bool, key: Any, mapped: bool = False) -> Callable:
     """fn -> (factor arrays per planned layer, per-example gradients of the other selected
-    variables): the framework's vectorizer over each example's own objective, differentiated
+    variables): the framework's vectorizer (or, `mapped`, its compiled loop) over each
+    example's own objective, differentiated
     w.r.t. zero perturbations at the planned layers' pre-activations (gradkit._factors) and
     the unplanned variables ``chosen_of(values)``. ``objective_of(values, example, scale)``
     gives ``f(perturb, chosen)`` for one example (no batch axis). Per selected variable,
@@ -260,7 +289,7 @@ def per_example_fn(p, planned: list, count: int, objective_of: Callable, chosen_
             return by_layer, [p.zeros(tuple(c.shape), c.dtype) if g is None else g
                               for g, c in zip(grads, chosen)], inputs
 
-        deltas, grads, inputs = p.vectorize(one)(data)
+        deltas, grads, inputs = (p.map_examples if mapped else p.vectorize)(one)(data)
         arrays = factor_arrays(planned, inputs, deltas, p.ops, scale if scaled else None)
         return arrays, unscaled(p, grads, scale, scaled)
 

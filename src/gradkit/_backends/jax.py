@@ -118,6 +118,10 @@ class JaxPrimitives:
     def vectorize(self, fn: Callable) -> Callable:
         return jax.vmap(fn)
 
+    def map_examples(self, fn: Callable) -> Callable:
+        """`fn` of one example run for each example in a loop compiled into the program."""
+        return lambda data: jax.lax.map(fn, data)
+
     # array verbs for gradkit._backends._accumulator
     zeros, stack, where, all = staticmethod(jnp.zeros), staticmethod(jnp.stack), \
         staticmethod(jnp.where), staticmethod(jnp.all)

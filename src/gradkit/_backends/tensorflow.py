@@ -21,6 +21,8 @@ from gradkit._factors import Ops
 
 
 _ENTRIES = itertools.count()
+#: Examples `map_examples` runs at once (tf.map_fn's parallel_iterations)
+MAP_PARALLEL = 4
 
 
 def adapter():
@@ -151,6 +153,20 @@ class TensorFlowPrimitives:
                 return tf.vectorized_map(fn, data)
             finally:
                 tf_logger.setLevel(level)
+
+        return run
+
+    def map_examples(self, fn: Callable) -> Callable:
+        """`fn` of one example run for each example in a `tf.map_fn` loop of the compiled
+        graph (no pfor: no converter gaps, no oneDNN hazards). `fn` is traced once, as a
+        function of its own, whose outputs give the loop's signature."""
+        def run(data):
+            one = tf.function(fn, autograph=False)
+            element = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
+            outputs = one.get_concrete_function(element).structured_outputs
+            signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), outputs)
+            return tf.map_fn(one, data, fn_output_signature=signature,
+                             parallel_iterations=MAP_PARALLEL)
 
         return run
 

@@ -19,11 +19,16 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends._steps import Operations, run_gradients, run_per_example
+from gradkit._backends._steps import (
+    Operations,
+    planned_layers,
+    run_gradients,
+    run_per_example,
+)
 from gradkit._backends.tensorflow import TensorFlowPrimitives
 from gradkit._data import map_structure
 from gradkit._errors import InvalidArgumentError, UnsupportedModelError, received
-from gradkit._factors import plan, rest
+from gradkit._factors import rest
 from gradkit._objective import Objective, data_loss, target_scores
 from gradkit._seeds import split_seed, with_rows
 
@@ -125,7 +130,10 @@ class TfKerasAdapter(Operations):
         return f
 
     def per_example_parts(self, request):
-        planned = plan(request.model, request.variables, tf_keras.layers)
+        return self.parts(request, mapped=False)
+
+    def parts(self, request, mapped: bool):
+        planned = planned_layers(self, request, mapped)
         direct = [request.variables[j] for j in rest(planned, len(request.variables))]
 
         def make(scaled):
@@ -133,7 +141,7 @@ class TfKerasAdapter(Operations):
             return (lambda values, example, scale: lambda perturb, _: f(
                 map_structure(lambda a: a[None], example), scale)), lambda values: direct
 
-        return run_per_example(self, request, planned, make)
+        return run_per_example(self, request, planned, make, mapped)
 
     def distributed_sum(self, request, batches, strategy):
         from gradkit._backends import tf_distribute
