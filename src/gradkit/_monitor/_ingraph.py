@@ -5,12 +5,13 @@ non-finite; exact NaN/Inf counts are taken only when a sum is). Recorded updates
 watched variable, a few float32 sums and int32 counts in a handful of passes, and the host
 receives only these small arrays (`_history` derives every statistic from them in float64):
 
-    ROW     lo, hi (finite min, max), shift (about the mean), scale (1 / max|g|),
+    ROW     lo, hi (finite min, max), shift (about the mean), scale (1 / max|g|, or 1),
             d1 = Σ d, d2 = Σ d² with d = (g - shift)·scale over the finite entries, w2 = Σ w²
     counts  exact zeros, NaN, Inf, then `bins` histogram counts of the finite entries
 
-Scaling by 1/max|g| keeps squares of huge or tiny gradients in float32 range; the shift keeps
-the variance free of cancellation. The histogram bins [lo, hi] into equal bins (bin index
+Scaling by 1/max|g| keeps squares of huge or tiny gradients in float32 range (when all are
+finite and 1e-17 < max|g| < 1e17 no scaling is needed: scale = 1 and d1 = 0, as shift is the
+mean to rounding); the shift keeps the variance free of cancellation. The histogram bins [lo, hi] into equal bins (bin index
 computed in float32 or float64 by the backend, so a value within rounding of an edge may land
 in the neighbouring bin). Updates: Σ (w_after - w_before)², taken around the optimizer's apply.
 """
@@ -38,9 +39,11 @@ def namespace(kind: str) -> SimpleNamespace:
             cond=ops.cond, reshape=ops.reshape, mod=ops.mod, maximum=ops.maximum,
             minimum=ops.minimum, logical_or=ops.logical_or, logical_and=ops.logical_and,
             logical_not=ops.logical_not, zeros=ops.zeros, vdot=ops.vdot,
-            count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value)
+            count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value,
+            squares=_squares, zero_count=lambda g: int(g.shape[0]) - ops.cast(
+                ops.count_nonzero(g), "int32"))
         if backend == "tensorflow":
-            xp.cond = _tf_cond
+            xp.cond, xp.squares, xp.zero_count = _tf_cond, _tf_squares, _tf_zero_count
         return xp
     import tensorflow as tf
 
@@ -52,7 +55,28 @@ def namespace(kind: str) -> SimpleNamespace:
         maximum=tf.maximum, minimum=tf.minimum, logical_or=tf.logical_or,
         logical_and=tf.logical_and, logical_not=tf.logical_not, zeros=tf.zeros,
         vdot=lambda a, b: tf.tensordot(a, b, 1), count_nonzero=tf.math.count_nonzero,
-        copy=tf.identity, value=tf.convert_to_tensor)
+        copy=tf.identity, value=tf.convert_to_tensor, squares=_tf_squares,
+        zero_count=_tf_zero_count)
+
+
+def _squares(g: Any, shift: Any) -> Any:
+    """Σ (g - shift)²."""
+    from keras import ops
+
+    d = g - shift
+    return ops.vdot(d, d)
+
+
+def _tf_squares(g: Any, shift: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.reduce_sum(tf.math.squared_difference(g, shift))
+
+
+def _tf_zero_count(g: Any) -> Any:  # faster than tf.math.count_nonzero (int64)
+    import tensorflow as tf
+
+    return tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.int32))
 
 
 def _tf_cond(pred: Any, true_fn: Any, false_fn: Any) -> Any:
@@ -85,22 +109,28 @@ def variable_rows(xp: SimpleNamespace, grads: list, weights: list, sums: list, f
         g, w = flat(xp, g), flat(xp, w)
         row, count = xp.cond(finite, lambda g=g, s=s: _fast(xp, g, s, bins),
                              lambda g=g: _masked(xp, g, bins))
-        rows.append(xp.concatenate([row, xp.reshape(xp.vdot(w, w), [1])], 0))
+        rows.append(xp.concatenate([row, xp.reshape(xp.squares(w, 0.0), [1])], 0))
         counts.append(count)
     return xp.stack(rows), xp.stack(counts)
 
 
 def _fast(xp: SimpleNamespace, g: Any, total: Any, bins: int) -> tuple[Any, Any]:
-    """Every entry finite: no masks."""
+    """Every entry finite: no masks, and no scaling while squares stay in float32 range."""
     size = int(g.shape[0])
     lo, hi = xp.min(g), xp.max(g)
-    scale = _scale(xp, lo, hi)
-    shift = total / size
-    d = (g - shift) * scale
-    zeros = size - xp.cast(xp.count_nonzero(g), "int32")
-    none = xp.cast(0 * zeros, "int32")
-    return (xp.stack([lo, hi, shift, scale, xp.sum(d), xp.vdot(d, d)]),
-            xp.concatenate([xp.stack([zeros, none, none]), histogram(xp, g, lo, hi, bins)], 0))
+    biggest = xp.maximum(hi, -lo)
+    safe = xp.logical_or(xp.equal(biggest, 0.0),
+                         xp.logical_and(biggest > 1e-17, biggest < 1e17))
+
+    def plain():
+        shift = total / size
+        zeros = xp.zero_count(g)
+        none = xp.cast(0 * zeros, "int32")
+        row = xp.stack([lo, hi, shift, 1.0 + 0 * shift, 0 * shift, xp.squares(g, shift)])
+        counts = xp.stack([zeros, none, none])
+        return row, xp.concatenate([counts, histogram(xp, g, lo, hi, bins)], 0)
+
+    return xp.cond(safe, plain, lambda: _masked(xp, g, bins))
 
 
 def _masked(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
@@ -116,7 +146,7 @@ def _masked(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
     gz = xp.where(fin, g, 0.0)
     shift = xp.sum(gz * (1.0 / size)) * (size / xp.maximum(count, 1.0))
     d = xp.where(fin, (g - shift) * scale, 0.0)
-    zeros = size - xp.cast(xp.count_nonzero(g), "int32")
+    zeros = xp.zero_count(g)
     hist = histogram(xp, xp.where(fin, g, lo), lo, hi, bins)  # non-finite: in bin 0 ...
     first = hist[:1] - nan - inf  # ... taken out again
     hist = xp.concatenate([first, hist[1:]], 0) if bins > 1 else first
@@ -164,8 +194,7 @@ def update_squares(xp: SimpleNamespace, old: list, variables: list) -> Any:
     """(n,) float32: Σ (w_after - w_before)² per variable."""
     out = []
     for before, v in zip(old, variables):
-        delta = flat(xp, xp.value(v)) - flat(xp, before)
-        out.append(xp.vdot(delta, delta))
+        out.append(xp.squares(flat(xp, xp.value(v)), flat(xp, before)))
     return xp.stack(out)
 
 
