@@ -301,3 +301,40 @@ def test_exploding_rising_and_vanishing_norms_are_warned_once_per_layer(keras):
         gk.GradientMonitor(thresholds={"explode": -1.0})
     with pytest.raises(gk.InvalidArgumentError, match="thresholds"):
         gk.GradientMonitor(thresholds={"exploding": 1.0})
+
+
+def test_in_step_sums_give_exact_statistics_of_awkward_gradients(flavour):
+    """NaN/Inf, huge, tiny and far-from-zero-mean gradients: the step's sums and counts give
+    the float64 NumPy statistics of the finite entries (masked and scaled paths)."""
+    from gradkit._monitor import _history, _ingraph
+
+    rng = np.random.default_rng(3)
+    huge = rng.normal(size=50) * 1e20
+    huge[[3, 7, 9]] = np.nan, np.inf, 0.0
+    cases = [[huge], [rng.normal(size=40) * 1e-25, rng.normal(size=(6, 5)) + 5.0]]
+    xp = _ingraph.namespace("tf_keras" if flavour == "tf_keras" else "keras3")
+    if flavour == "tf_keras":
+        import tensorflow as tf
+
+        tensor = tf.constant
+    else:
+        from keras import ops
+
+        tensor = ops.convert_to_tensor
+    for arrays in cases:
+        grads = [tensor(a.astype("float32")) for a in arrays]
+        sums, finite = _ingraph.finite_sums(xp, grads)
+        rows, counts = _ingraph.variable_rows(xp, grads, grads, sums, finite, 10)
+        rows, counts = (np.asarray(to_numpy(x)) for x in (rows, counts))
+        stats = _history.variable_stats(rows, counts, np.zeros(len(arrays)), None,
+                                        [a.size for a in arrays], True)
+        for a, s in zip(arrays, stats):
+            f = a.astype("float32").astype(np.float64).ravel()
+            fin = f[np.isfinite(f)]
+            assert (s["nan_count"], s["inf_count"]) == (np.isnan(f).sum(), np.isinf(f).sum())
+            assert s["zero_fraction"] == np.mean(f == 0)
+            for name, want in (("norm", np.linalg.norm(fin)), ("max_abs", np.abs(fin).max()),
+                               ("mean", fin.mean()), ("std", fin.std())):
+                assert _rel(s[name], want) < 1e-5, (name, s[name], want)
+            expected = np.histogram(fin, bins=10, range=(fin.min(), fin.max()))[0]
+            np.testing.assert_array_equal(s["histogram"], expected)

@@ -63,7 +63,7 @@ def _squares(g: Any, shift: Any) -> Any:
     """Σ (g - shift)²."""
     from keras import ops
 
-    d = g - shift
+    d = g if isinstance(shift, float) and shift == 0.0 else g - shift
     return ops.vdot(d, d)
 
 
