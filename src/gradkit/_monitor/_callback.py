@@ -46,7 +46,7 @@ class GradientMonitor:
     and in total (`stats=`, see ``STATS``) end up in ``monitor.history`` (NumPy arrays by
     step), and with `log_dir` in files (`writers=`: "jsonl", "csv", "tensorboard").
     ``weight_norm`` is of the weights the gradient was taken at; ``update_ratio`` is
-    ||Δw|| / ||w|| of that update (read on the host on recorded updates only).
+    ||Δw|| / ||w|| of that update (measured around the optimizer's apply).
 
     Every update is checked for NaN/Inf: the first one is reported with its variables and
     their counts, its update and batch: ``on_nonfinite="warn"`` (a `NonFiniteGradientWarning`
