@@ -298,13 +298,14 @@ def test_exploding_rising_and_vanishing_norms_are_warned_once_per_layer(keras):
     assert len(ours) == 2 and all("update 3" in text for text in ours)
 
     for kind, bound in (("explode", 1e-9), ("vanish", 1e9)):  # every layer, once each
-        monitor = gk.GradientMonitor(every=1, writers=(), thresholds={
+        monitor = gk.GradientMonitor(every=1, writers=(), stats=("norm",), thresholds={
             "explode": None, "growth": None, "vanish": None, kind: bound})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
         assert sorted(a["layer"] for a in monitor.alarms) == layers
         assert {a["kind"] for a in monitor.alarms} == {kind}
+        assert set(monitor.history["layers"]) == {"norm"}  # no update snapshots, histograms
         assert sum(w.category is gk.GradientNormWarning for w in caught) == len(layers)
     with pytest.raises(gk.InvalidArgumentError, match="thresholds"):
         gk.GradientMonitor(thresholds={"explode": -1.0})

@@ -122,7 +122,8 @@ class GradientMonitor:
         self._counter = opt._iterations if step_hook.kind(opt) == "keras3" else opt.iterations
         self._writers = open_writers(self.log_dir, self.writer_names) if self.log_dir else []
         self._recorder = Recorder(model, self.chosen, self.every,
-                                  self.bins if "histogram" in self.stats else 1)
+                                  self.bins if "histogram" in self.stats else 1,
+                                  "update_ratio" in self.stats)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
         self._epoch, self._epoch_start, self._current = 0, self._micro, None
         self._reported = False

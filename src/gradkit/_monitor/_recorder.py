@@ -25,7 +25,8 @@ from gradkit._monitor import _ingraph as ingraph
 class Recorder:
     """Hooks and state for `chosen` variables on `model.optimizer`; `remove()` undoes all."""
 
-    def __init__(self, model: Any, chosen: list, every: int, bins: int) -> None:
+    def __init__(self, model: Any, chosen: list, every: int, bins: int,
+                 updates: bool = True) -> None:
         self.model, self.chosen, self.every, self.bins = model, chosen, every, max(bins, 1)
         opt = model.optimizer
         self.kind = step_hook.kind(step_hook.target(opt))
@@ -42,10 +43,11 @@ class Recorder:
         self.clipped = add((n, 3), "clipped") if self.clips else None
         self.state = [self.rows, self.counts, self.updates, self.alarm, self.meta]
         self.state += [self.clipped] if self.clips else []
-        self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in (
-            ("before_apply", self._before_apply), ("after_apply", self._after_apply),
-            ("before_clip", self._before)) + ((("after_clip", self._after),) if self.clips
-                                              else ())]
+        stages = [("before_clip", self._before)] + ([("after_clip", self._after)]
+                                                    if self.clips else [])
+        if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
+            stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
+        self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in stages]
         self._local = threading.local()  # MirroredStrategy traces each replica in a thread
         self._saved = model.train_function  # restored as it was: no retrace afterwards
         step_hook.refresh(model)
