@@ -20,6 +20,9 @@
   (clipping then acts on each replica's share, as Keras clips before its all-reduce).
 - ``step``: a `Step` of tensors: ``index`` (the update's number, optimizer.iterations),
   ``micro`` (the raw batch counter) and ``is_update``.
+- ``stage="before_apply"`` / ``"after_apply"``: observers around the whole apply (weight decay,
+  update rule, accumulation), outside any cond Keras adds; the variables hold the values
+  before / after the update. ``grads`` is what apply received; the return value is ignored.
 
 Variables ``fn`` writes must be made with `add_state` (on JAX they travel with the optimizer
 state the trainer carries through the step) and read with `read_state`. Call `refresh(model)`
@@ -32,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-STAGES = ("before_clip", "after_clip")
+STAGES = ("before_clip", "after_clip", "before_apply", "after_apply")
 _ATTR = "_gradkit_step_hooks"
 
 
@@ -95,6 +98,27 @@ def install(optimizer: Any, fn: Callable, *, stage: str = "before_clip") -> Hook
 
 def _patch(opt: Any, flavour: str, hooks: list) -> None:
     seen: dict = {}
+    outer_name = "_backend_apply_gradients" if flavour == "keras3" else "apply_gradients"
+    outer = getattr(opt, outer_name)
+
+    if flavour == "keras3":
+        def outer_wrapper(grads, trainable_variables):  # remembers the grads' variables
+            seen["variables"] = variables = list(trainable_variables)
+            _observe(hooks, "before_apply", grads, variables, opt)
+            out = outer(grads, trainable_variables)
+            _observe(hooks, "after_apply", grads, variables, opt)
+            return out
+    else:  # tf-keras: apply_gradients takes an iterator of pairs; list it once
+        def outer_wrapper(grads_and_vars, *args, **kwargs):
+            grads_and_vars = list(grads_and_vars)
+            seen["variables"] = variables = [v for g, v in grads_and_vars if g is not None]
+            grads = [g for g, _ in grads_and_vars if g is not None]
+            _observe(hooks, "before_apply", grads, variables, opt)
+            out = outer(grads_and_vars, *args, **kwargs)
+            _observe(hooks, "after_apply", grads, variables, opt)
+            return out
+
+    vars(opt)[outer_name] = outer_wrapper
     if flavour == "tf_keras_legacy":
         original = opt._transform_gradients
 
@@ -109,18 +133,6 @@ def _patch(opt: Any, flavour: str, hooks: list) -> None:
         vars(opt)["_transform_gradients"] = transform
         return
     clip = opt._clip_gradients
-    outer_name = "_backend_apply_gradients" if flavour == "keras3" else "apply_gradients"
-    outer = getattr(opt, outer_name)
-
-    if flavour == "keras3":
-        def outer_wrapper(grads, trainable_variables):  # remembers the grads' variables
-            seen["variables"] = list(trainable_variables)
-            return outer(grads, trainable_variables)
-    else:  # tf-keras: apply_gradients takes an iterator of pairs; list it once
-        def outer_wrapper(grads_and_vars, *args, **kwargs):
-            grads_and_vars = list(grads_and_vars)
-            seen["variables"] = [v for g, v in grads_and_vars if g is not None]
-            return outer(grads_and_vars, *args, **kwargs)
 
     def clip_wrapper(grads):
         variables = seen["variables"]
@@ -128,8 +140,15 @@ def _patch(opt: Any, flavour: str, hooks: list) -> None:
         grads = clip(grads)
         return _run(hooks, "after_clip", list(grads), variables, opt)
 
-    vars(opt)[outer_name] = outer_wrapper
     vars(opt)["_clip_gradients"] = clip_wrapper
+
+
+def _observe(hooks: list, stage: str, grads: list, variables: list, opt: Any) -> None:
+    chosen = [h for h in hooks if h.stage == stage]
+    if chosen:
+        step = _step(opt)
+        for hook in chosen:
+            hook.fn(list(grads), variables, step)
 
 
 def _run(hooks: list, stage: str, grads: list, variables: list, opt: Any) -> list:

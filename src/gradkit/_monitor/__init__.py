@@ -1,9 +1,9 @@
 """Watching gradients during `fit`: the callback, its in-step recorder, history, writers, plots.
 
     _step_hook (gradkit._backends)  the interception inside the optimizer's step
-    _ingraph     the little that runs inside the step (finite check, copies, clipped norms)
+    _ingraph     what runs inside the step (finite check; sums and counts on recorded updates)
     _recorder    the hooks and state variables of one monitor
-    _history     the statistics (host, float64), records (flat dicts), the NumPy history
+    _history     the statistics (host, float64, from those sums), records, the NumPy history
     _writers     JSON Lines, CSV, TensorBoard files
     _callback    GradientMonitor
     _plots       plot_gradient_flow, plot_histograms

@@ -46,7 +46,7 @@ class GradientMonitor:
     and in total (`stats=`, see ``STATS``) end up in ``monitor.history`` (NumPy arrays by
     step), and with `log_dir` in files (`writers=`: "jsonl", "csv", "tensorboard").
     ``weight_norm`` is of the weights the gradient was taken at; ``update_ratio`` is
-    ||Δw|| / ||w|| of that update (read on the host on recorded updates only).
+    ||Δw|| / ||w|| of that update (measured around the optimizer's apply).
 
     Every update is checked for NaN/Inf: the first one is reported with its variables and
     their counts, its update and batch: ``on_nonfinite="warn"`` (a `NonFiniteGradientWarning`
@@ -121,9 +121,11 @@ class GradientMonitor:
         self._acc = getattr(opt, "gradient_accumulation_steps", None) or 1
         self._counter = opt._iterations if step_hook.kind(opt) == "keras3" else opt.iterations
         self._writers = open_writers(self.log_dir, self.writer_names) if self.log_dir else []
-        self._recorder = Recorder(model, self.chosen, self.every)
+        self._recorder = Recorder(model, self.chosen, self.every,
+                                  self.bins if "histogram" in self.stats else 1,
+                                  "update_ratio" in self.stats)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
-        self._epoch, self._epoch_start, self._before, self._current = 0, self._micro, None, None
+        self._epoch, self._epoch_start, self._current = 0, self._micro, None
         self._reported = False
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -131,10 +133,7 @@ class GradientMonitor:
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         self._settle()  # the previous step, whose state is complete now
-        due = self._due()
-        if due and ({"weight_norm", "update_ratio"} & set(self.stats)):
-            self._before = step_hook.read_state(self.model, self.chosen)
-        self._current = (due, self._micro // self._acc, batch)
+        self._current = (self._due(), self._micro // self._acc, batch)
         self._micro += 1
 
     def _step_end(self, batch: int, logs: Any = None) -> None:
@@ -179,13 +178,10 @@ class GradientMonitor:
         self._check_alarm(meta)
 
     def _record(self, index: int, batch: int) -> None:
-        grads, clipped = self._recorder.read_grads()
-        weights = None
-        if self._before is not None:
-            weights = (self._before, step_hook.read_state(self.model, self.chosen))
-            self._before = None
-        bins = self.bins if "histogram" in self.stats else 0
-        per_variable = variable_stats(grads, clipped, bins, weights)
+        rows, counts, updates, clipped = self._recorder.read()
+        sizes = [int(np.prod(v.shape)) for v in self.chosen]
+        per_variable = variable_stats(rows, counts, updates, clipped, sizes,
+                                      "histogram" in self.stats)
         meta = {"step": index, "epoch": self._epoch, "batch": batch}
         record = flat_record(meta, self.keys, per_variable, self.stats)
         self.records.append(record)

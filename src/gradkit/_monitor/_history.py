@@ -26,58 +26,42 @@ STATS = ("norm", "max_abs", "mean", "std", "zero_fraction", "nan_count", "inf_co
 META = ("step", "epoch", "batch")
 
 
-def variable_stats(grads: list, clipped: Any, bins: int, weights: Any) -> list[dict]:
-    """Per variable: the statistics of one record, in float64 from the step's gradients.
+def variable_stats(rows: np.ndarray, counts: np.ndarray, updates: np.ndarray, clipped: Any,
+                   sizes: list, histogram: bool) -> list[dict]:
+    """Per variable: the statistics of one record, in float64 from the step's sums and counts
+    (`_ingraph.ROW`; exact: the norm from the scaled sum of squares, mean and std from the
+    shifted sums).
 
     Over the FINITE entries (NaN and Inf are counted, never dropped silently): norm, max_abs,
-    mean, std (population), zero_fraction (exact zeros / size); the histogram has `bins`
-    equal bins from this record's min to max of that variable (``histogram_range``);
-    ``bins=0`` skips it.
+    mean, std (population), zero_fraction (exact zeros / size); the histogram has equal bins
+    from this record's min to max of that variable (``histogram_range``).
     """
     out = []
-    for i, g in enumerate(grads):
-        g = np.asarray(g).ravel()
-        fin = np.isfinite(g)
-        f = g if fin.all() else g[fin]
-        s = {"nan_count": float(np.isnan(g).sum()) if f.size < g.size else 0.0,
-             "inf_count": float(np.isinf(g).sum()) if f.size < g.size else 0.0,
-             "finite": float(f.size), "size": float(g.size),
-             "zero_fraction": float(g.size - np.count_nonzero(g)) / max(g.size, 1)}
-        s.update(_moments(f, bins))
+    for i, size in enumerate(sizes):
+        lo, hi, shift, scale, d1, d2, w2 = (float(x) for x in rows[i])
+        zeros, nan, inf = (float(x) for x in counts[i][:3])
+        n = size - nan - inf
+        s = {"nan_count": nan, "inf_count": inf, "finite": n, "size": float(size),
+             "zero_fraction": zeros / max(size, 1), "weight_norm": float(np.sqrt(w2)),
+             "update_sq": float(updates[i])}
+        if n:
+            scaled_sq = d2 + 2.0 * shift * scale * d1 + n * (shift * scale) ** 2
+            s.update(norm=float(np.sqrt(max(scaled_sq, 0.0))) / scale, max_abs=max(-lo, hi),
+                     mean=shift + d1 / scale / n,
+                     std=float(np.sqrt(max(d2 - d1 * d1 / n, 0.0) / n)) / scale)
+        else:
+            s.update(norm=0.0, max_abs=0.0, mean=0.0, std=0.0)
+        if histogram:
+            hist = counts[i][3:].astype(np.float64)
+            if n and hi == lo:  # one value: the last bin, as for any maximum
+                hist = np.zeros_like(hist)
+                hist[-1] = n
+            s.update(histogram=hist, histogram_range=np.array([lo, hi]))
         if clipped is not None:
-            s["clipped_norm"], s["clipped_max_abs"] = (float(x) for x in clipped[i])
-        if weights is not None:
-            s["weight_norm"] = _norm(weights[0][i])
-            s["update_sq"] = _norm(np.subtract(weights[1][i], weights[0][i])) ** 2
+            sq, big, c_scale = (float(x) for x in clipped[i])
+            s["clipped_norm"], s["clipped_max_abs"] = float(np.sqrt(sq)) / c_scale, big
         out.append(s)
     return out
-
-
-def _norm(a: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    return float(np.sqrt(np.dot(a, a)))
-
-
-def _moments(f: np.ndarray, bins: int) -> dict:
-    """norm, max_abs, mean, std (float64 accumulation) and the histogram of finite `f`."""
-    if not f.size:
-        empty = {"histogram": np.zeros(bins), "histogram_range": np.zeros(2)} if bins else {}
-        return {"norm": 0.0, "max_abs": 0.0, "mean": 0.0, "std": 0.0, **empty}
-    f64 = f.astype(np.float64)
-    mean = float(f64.sum() / f.size)
-    dev = f64 - mean
-    lo, hi = float(f.min()), float(f.max())
-    out = {"norm": float(np.sqrt(np.dot(f64, f64))), "max_abs": max(-lo, hi),
-           "mean": mean, "std": float(np.sqrt(np.dot(dev, dev) / f.size))}
-    if not bins:  # histograms not asked for
-        return out
-    if hi > lo:  # bin i holds [lo + i w, lo + (i + 1) w), the last one closed, as np.histogram
-        index = np.minimum(((f64 - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1)
-        counts = np.bincount(index, minlength=bins).astype(np.float64)
-    else:
-        counts = np.zeros(bins)
-        counts[-1] = f.size
-    return dict(out, histogram=counts, histogram_range=np.array([lo, hi]))
 
 
 def combine(parts: list[dict]) -> dict:

@@ -1,10 +1,19 @@
 """The part of the monitor that runs inside the train step, in framework ops.
 
-Only cheap work happens in the step: a finiteness check of every gradient (one pass), on
-recorded updates a copy of the gradients into state variables (the statistics are then
-computed on the host in float64, see `_history`), the norm and max |g| after clipping, and
-on the first non-finite update the NaN and Inf counts per variable. XLA on CPU compiles each
-reduction separately and slowly, so richer in-step statistics cost more than the copy.
+Every update pays one sum per gradient (a finiteness check: NaN or Inf anywhere makes the sum
+non-finite; exact NaN/Inf counts are taken only when a sum is). Recorded updates compute, per
+watched variable, a few float32 sums and int32 counts in a handful of passes, and the host
+receives only these small arrays (`_history` derives every statistic from them in float64):
+
+    ROW     lo, hi (finite min, max), shift (about the mean), scale (1 / max|g|, or 1),
+            d1 = Σ d, d2 = Σ d² with d = (g - shift)·scale over the finite entries, w2 = Σ w²
+    counts  exact zeros, NaN, Inf, then `bins` histogram counts of the finite entries
+
+Scaling by 1/max|g| keeps squares of huge or tiny gradients in float32 range (when all are
+finite and 1e-17 < max|g| < 1e17 no scaling is needed: scale = 1 and d1 = 0, as shift is the
+mean to rounding); the shift keeps the variance free of cancellation. The histogram bins [lo, hi] into equal bins (bin index
+computed in float32 or float64 by the backend, so a value within rounding of an edge may land
+in the neighbouring bin). Updates: Σ (w_after - w_before)², taken around the optimizer's apply.
 """
 
 from __future__ import annotations
@@ -12,46 +21,193 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+ROW = ("lo", "hi", "shift", "scale", "d1", "d2", "w2")
+COUNTS = ("zeros", "nan", "inf")
+
 
 def namespace(kind: str) -> SimpleNamespace:
-    """The few ops needed, for Keras 3 (keras.ops) or tf-keras (tf)."""
+    """The ops needed, for Keras 3 (keras.ops) or tf-keras (tf), and the backend's name."""
     if kind == "keras3":
+        import keras
         from keras import ops
 
-        return SimpleNamespace(
-            abs=ops.abs, sqrt=ops.sqrt, sum=ops.sum, max=ops.max, where=ops.where,
-            isfinite=ops.isfinite, isnan=ops.isnan, isinf=ops.isinf, cast=ops.cast,
-            stack=ops.stack, equal=ops.equal, cond=ops.cond, reshape=ops.reshape, all=ops.all,
-            mod=ops.mod, logical_or=ops.logical_or, logical_and=ops.logical_and,
-            logical_not=ops.logical_not, zeros=ops.zeros, value=lambda v: v.value)
+        backend = keras.backend.backend()
+        xp = SimpleNamespace(
+            backend=backend, abs=ops.abs, sum=ops.sum, max=ops.max, min=ops.min,
+            where=ops.where, isfinite=ops.isfinite, isnan=ops.isnan, isinf=ops.isinf,
+            cast=ops.cast, stack=ops.stack, concatenate=ops.concatenate, equal=ops.equal,
+            cond=ops.cond, reshape=ops.reshape, mod=ops.mod, maximum=ops.maximum,
+            minimum=ops.minimum, logical_or=ops.logical_or, logical_and=ops.logical_and,
+            logical_not=ops.logical_not, zeros=ops.zeros, vdot=ops.vdot,
+            count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value,
+            squares=_squares, zero_count=lambda g: int(g.shape[0]) - ops.cast(
+                ops.count_nonzero(g), "int32"))
+        if backend == "tensorflow":
+            xp.cond, xp.squares, xp.zero_count = _tf_cond, _tf_squares, _tf_zero_count
+        return xp
     import tensorflow as tf
 
     return SimpleNamespace(
-        abs=tf.abs, sqrt=tf.sqrt, sum=tf.reduce_sum, max=tf.reduce_max, where=tf.where,
-        isfinite=tf.math.is_finite, isnan=tf.math.is_nan, isinf=tf.math.is_inf, cast=tf.cast,
-        stack=tf.stack, equal=tf.equal, cond=lambda p, a, b: tf.cond(p, a, b),
-        reshape=tf.reshape, all=tf.reduce_all, mod=tf.math.floormod,
-        logical_or=tf.logical_or, logical_and=tf.logical_and, logical_not=tf.logical_not,
-        zeros=tf.zeros, value=tf.convert_to_tensor)
+        backend="tensorflow", abs=tf.abs, sum=tf.reduce_sum, max=tf.reduce_max,
+        min=tf.reduce_min, where=tf.where, isfinite=tf.math.is_finite, isnan=tf.math.is_nan,
+        isinf=tf.math.is_inf, cast=tf.cast, stack=tf.stack, concatenate=tf.concat,
+        equal=tf.equal, cond=_tf_cond, reshape=tf.reshape, mod=tf.math.floormod,
+        maximum=tf.maximum, minimum=tf.minimum, logical_or=tf.logical_or,
+        logical_and=tf.logical_and, logical_not=tf.logical_not, zeros=tf.zeros,
+        vdot=lambda a, b: tf.tensordot(a, b, 1), count_nonzero=tf.math.count_nonzero,
+        copy=tf.identity, value=tf.convert_to_tensor, squares=_tf_squares,
+        zero_count=_tf_zero_count)
 
 
-def all_finite(xp: SimpleNamespace, grads: list) -> Any:
-    return xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in grads]))
+def _squares(g: Any, shift: Any) -> Any:
+    """Σ (g - shift)²."""
+    from keras import ops
+
+    d = g if isinstance(shift, float) and shift == 0.0 else g - shift
+    return ops.vdot(d, d)
+
+
+def _tf_squares(g: Any, shift: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.reduce_sum(tf.math.squared_difference(g, shift))
+
+
+def _tf_zero_count(g: Any) -> Any:  # faster than tf.math.count_nonzero (int64)
+    import tensorflow as tf
+
+    return tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.int32))
+
+
+def _tf_cond(pred: Any, true_fn: Any, false_fn: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.cond(pred, true_fn, false_fn)
+
+
+def flat(xp: SimpleNamespace, x: Any) -> Any:
+    return xp.reshape(xp.cast(x, "float32"), [-1])
+
+
+def finite_sums(xp: SimpleNamespace, grads: list) -> tuple[list, Any]:
+    """(Σ g per gradient, whether every one is finite): the check every update pays."""
+    sums = [xp.sum(g) for g in grads]
+    return sums, xp.isfinite(sum(sums[1:], sums[0]))
 
 
 def nonfinite_counts(xp: SimpleNamespace, grads: list) -> Any:
-    """(n, 2) float32: NaN and Inf counts per gradient."""
-    return xp.stack([xp.stack([xp.sum(xp.cast(xp.isnan(g), "float32")),
-                               xp.sum(xp.cast(xp.isinf(g), "float32"))]) for g in grads])
+    """(n, 2) int32: NaN and Inf counts per gradient."""
+    return xp.stack([xp.stack([xp.sum(xp.cast(xp.isnan(g), "int32")),
+                               xp.sum(xp.cast(xp.isinf(g), "int32"))]) for g in grads])
+
+
+def variable_rows(xp: SimpleNamespace, grads: list, weights: list, sums: list, finite: Any,
+                  bins: int) -> tuple[Any, Any]:
+    """((n, len(ROW)) float32, (n, 3 + bins) int32): see the module docstring."""
+    rows, counts = [], []
+    for g, w, s in zip(grads, weights, sums):
+        g, w = flat(xp, g), flat(xp, w)
+        row, count = xp.cond(finite, lambda g=g, s=s: _fast(xp, g, s, bins),
+                             lambda g=g: _masked(xp, g, bins))
+        rows.append(xp.concatenate([row, xp.reshape(xp.squares(w, 0.0), [1])], 0))
+        counts.append(count)
+    return xp.stack(rows), xp.stack(counts)
+
+
+def _fast(xp: SimpleNamespace, g: Any, total: Any, bins: int) -> tuple[Any, Any]:
+    """Every entry finite: no masks, and no scaling while squares stay in float32 range."""
+    size = int(g.shape[0])
+    lo, hi = xp.min(g), xp.max(g)
+    biggest = xp.maximum(hi, -lo)
+    safe = xp.logical_or(xp.equal(biggest, 0.0),
+                         xp.logical_and(biggest > 1e-17, biggest < 1e17))
+
+    def plain():
+        shift = total / size
+        zeros = xp.zero_count(g)
+        none = xp.cast(0 * zeros, "int32")
+        row = xp.stack([lo, hi, shift, 1.0 + 0 * shift, 0 * shift, xp.squares(g, shift)])
+        counts = xp.stack([zeros, none, none])
+        return row, xp.concatenate([counts, histogram(xp, g, lo, hi, bins)], 0)
+
+    return xp.cond(safe, plain, lambda: _masked(xp, g, bins))
+
+
+def _masked(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
+    """Some entry NaN or Inf (or sums overflowing): statistics of the finite entries."""
+    size = int(g.shape[0])
+    fin = xp.isfinite(g)
+    nan, inf = (xp.sum(xp.cast(f(g), "int32")) for f in (xp.isnan, xp.isinf))
+    count = xp.cast(size - nan - inf, "float32")
+    lo = xp.min(xp.where(fin, g, float("inf")))
+    hi = xp.max(xp.where(fin, g, float("-inf")))
+    lo, hi = xp.where(count > 0, lo, 0.0), xp.where(count > 0, hi, 0.0)
+    scale = _scale(xp, lo, hi)
+    gz = xp.where(fin, g, 0.0)
+    shift = xp.sum(gz * (1.0 / size)) * (size / xp.maximum(count, 1.0))
+    d = xp.where(fin, (g - shift) * scale, 0.0)
+    zeros = xp.zero_count(g)
+    hist = histogram(xp, xp.where(fin, g, lo), lo, hi, bins)  # non-finite: in bin 0 ...
+    first = hist[:1] - nan - inf  # ... taken out again
+    hist = xp.concatenate([first, hist[1:]], 0) if bins > 1 else first
+    return (xp.stack([lo, hi, shift, scale, xp.sum(d), xp.vdot(d, d)]),
+            xp.concatenate([xp.stack([zeros, nan, inf]), hist], 0))
+
+
+def _scale(xp: SimpleNamespace, lo: Any, hi: Any) -> Any:
+    biggest = xp.maximum(hi, -lo)
+    return xp.where(biggest > 0, xp.minimum(1.0 / xp.maximum(biggest, 1e-38), 2.0 ** 126), 1.0)
+
+
+def histogram(xp: SimpleNamespace, g: Any, lo: Any, hi: Any, bins: int) -> Any:
+    """int32 counts of `bins` equal bins over [lo, hi] (the last closed); lo == hi: bin 0."""
+    width = hi - lo
+    top = xp.where(width > 0, hi, lo + xp.maximum(xp.abs(lo), 1.0))
+    if xp.backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.histogram_fixed_width(g, xp.stack([lo, top]), bins, dtype=tf.int32)
+    k = bins / (top - lo)
+    index = xp.cast(xp.minimum((g - lo) * k, bins - 1.0), "int32")
+    if xp.backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.bincount(index, length=bins).astype("int32")
+    import torch
+
+    return torch.bincount(index, minlength=bins).to(torch.int32)
+
+
+def snapshot(xp: SimpleNamespace, due: Any, variables: list) -> Any:
+    """The values of `variables` before an update, kept only when `due` (JAX: always free)."""
+    if xp.backend == "jax":
+        return [xp.value(v) for v in variables]
+    if xp.backend == "torch":
+        return [xp.copy(xp.value(v)) for v in variables] if bool(due) else None
+    import tensorflow as tf
+
+    return tf.cond(due, lambda: [tf.identity(xp.value(v)) for v in variables],
+                   lambda: [tf.zeros([0]) for _ in variables])
+
+
+def update_squares(xp: SimpleNamespace, old: list, variables: list) -> Any:
+    """(n,) float32: Σ (w_after - w_before)² per variable."""
+    out = []
+    for before, v in zip(old, variables):
+        out.append(xp.squares(flat(xp, xp.value(v)), flat(xp, before)))
+    return xp.stack(out)
 
 
 def clipped_rows(xp: SimpleNamespace, grads: list) -> Any:
-    """(n, 2): the norm and max |g| (finite entries) of what the update rule receives."""
+    """(n, 3) of what the update rule receives (finite entries): Σ (g·scale)², max |g|, scale;
+    the norm is sqrt(Σ (g·scale)²) / scale."""
     rows = []
     for g in grads:
-        g = xp.reshape(xp.cast(g, "float32"), [-1])
+        g = flat(xp, g)
         gz = xp.where(xp.isfinite(g), g, 0.0)
-        rows.append(xp.stack([xp.sqrt(xp.sum(gz * gz)), xp.max(xp.abs(gz))]))
+        big = xp.max(xp.abs(gz))
+        scale = _scale(xp, -big, big)
+        rows.append(xp.stack([xp.vdot(gz * scale, gz * scale), big, scale]))
     return xp.stack(rows)
 
 

@@ -1,35 +1,33 @@
-"""The in-step half of the monitor: hooks that write into state variables.
+"""The in-step half of the monitor: hooks that write small arrays into state variables.
 
-Every applied update is checked for NaN/Inf. On recorded updates (``index % every == 0``)
-and on the first non-finite one the gradients are copied into ``grads`` (one float32
-variable per watched variable) under a ``cond``, so other updates pay only the check. State:
+Every applied update is checked for NaN/Inf (one sum per gradient). On recorded updates
+(``index % every == 0``) the per-variable sums and counts of `_ingraph` are computed under a
+``cond``, so other updates pay only the check. State (n = watched variables):
 
-- ``grads``, and when the optimizer clips ``clipped`` (n, 2): norm and max |g| after it;
+- ``rows`` (n, len(ROW)) float32 and ``counts`` (n, 3 + bins) int32: see `_ingraph`;
+- ``updates`` (n,): Σ (Δw)² of the recorded update; ``clipped`` (n, 3) when the optimizer
+  clips: the same after clipping (see `_ingraph.clipped_rows`);
 - ``meta`` int32 [last recorded update + 1, first non-finite batch counter + 1,
   its update + 1] (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
-from gradkit._monitor._ingraph import (
-    all_finite,
-    clipped_rows,
-    namespace,
-    nonfinite_counts,
-    ordered,
-)
+from gradkit._monitor import _ingraph as ingraph
 
 
 class Recorder:
     """Hooks and state for `chosen` variables on `model.optimizer`; `remove()` undoes all."""
 
-    def __init__(self, model: Any, chosen: list, every: int) -> None:
-        self.model, self.chosen, self.every = model, chosen, every
+    def __init__(self, model: Any, chosen: list, every: int, bins: int,
+                 updates: bool = True) -> None:
+        self.model, self.chosen, self.every, self.bins = model, chosen, every, max(bins, 1)
         opt = model.optimizer
         self.kind = step_hook.kind(step_hook.target(opt))
         self.clips = any(getattr(step_hook.target(opt), name, None) for name in
@@ -38,40 +36,67 @@ class Recorder:
         n = len(chosen)
         add = lambda shape, name, dtype="float32": step_hook.add_state(  # noqa: E731
             model, opt, shape, f"gradkit_monitor_{name}", dtype)
-        self.grads = [add(tuple(v.shape), f"grad_{i}") for i, v in enumerate(chosen)]
-        self.alarm, self.meta = add((n, 2), "alarm"), add((3,), "meta", "int32")
-        self.clipped = add((n, 2), "clipped") if self.clips else None
-        self.hooks = [step_hook.install(opt, self._before, stage="before_clip")]
-        if self.clips:
-            self.hooks.append(step_hook.install(opt, self._after, stage="after_clip"))
+        self.rows = add((n, len(ingraph.ROW)), "rows")
+        self.counts = add((n, 3 + self.bins), "counts", "int32")
+        self.updates = add((n,), "updates")
+        self.alarm, self.meta = add((n, 2), "alarm", "int32"), add((3,), "meta", "int32")
+        self.clipped = add((n, 3), "clipped") if self.clips else None
+        self.state = [self.rows, self.counts, self.updates, self.alarm, self.meta]
+        self.state += [self.clipped] if self.clips else []
+        stages = [("before_clip", self._before)] + ([("after_clip", self._after)]
+                                                    if self.clips else [])
+        if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
+            stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
+        self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in stages]
+        self._local = threading.local()  # MirroredStrategy traces each replica in a thread
+        self._saved = model.train_function  # restored as it was: no retrace afterwards
         step_hook.refresh(model)
 
     def _before(self, grads: list, variables: list, step: Any) -> None:
-        xp = namespace(self.kind)
-        grads = ordered(grads, variables, self.chosen, xp)
+        xp = ingraph.namespace(self.kind)
+        grads = ingraph.ordered(grads, variables, self.chosen, xp)
         meta = xp.value(self.meta)
         index = xp.cast(step.index, "int32")
-        first = xp.logical_and(xp.logical_not(all_finite(xp, grads)), xp.equal(meta[1], 0))
-        first = xp.logical_and(first, step.is_update)
-        record = xp.logical_or(self._due(xp, step, index), first)
-        kept = xp.cond(record, lambda: list(grads), lambda: [xp.value(b) for b in self.grads])
-        for buffer, value in zip(self.grads, kept):
-            buffer.assign(value)
-        self.alarm.assign(xp.cond(first, lambda: nonfinite_counts(xp, grads),
-                                  lambda: xp.value(self.alarm)))
+        sums, finite = ingraph.finite_sums(xp, grads)
+        n = len(grads)
+        counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
+                         lambda: ingraph.nonfinite_counts(xp, grads))
+        bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
+        first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
+        due = self._due(xp, step, index)
+        rows, counts_now = xp.cond(
+            due, lambda: ingraph.variable_rows(
+                xp, grads, [xp.value(v) for v in self.chosen], sums, finite, self.bins),
+            lambda: (xp.value(self.rows), xp.value(self.counts)))
+        self.rows.assign(rows)
+        self.counts.assign(counts_now)
+        self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
         micro = xp.cast(step.micro, "int32")
-        self.meta.assign(xp.stack([xp.where(record, index + 1, meta[0]),
+        self.meta.assign(xp.stack([xp.where(due, index + 1, meta[0]),
                                    xp.where(first, micro + 1, meta[1]),
                                    xp.where(first, index + 1, meta[2])]))
         return None
 
     def _after(self, grads: list, variables: list, step: Any) -> None:
-        xp = namespace(self.kind)
-        grads = ordered(grads, variables, self.chosen, xp)
+        xp = ingraph.namespace(self.kind)
+        grads = ingraph.ordered(grads, variables, self.chosen, xp)
         due = self._due(xp, step, xp.cast(step.index, "int32"))
-        self.clipped.assign(xp.cond(due, lambda: clipped_rows(xp, grads),
+        self.clipped.assign(xp.cond(due, lambda: ingraph.clipped_rows(xp, grads),
                                     lambda: xp.value(self.clipped)))
         return None
+
+    def _before_apply(self, grads: list, variables: list, step: Any) -> None:
+        xp = ingraph.namespace(self.kind)
+        due = self._due(xp, step, xp.cast(step.index, "int32"))  # apply counts the update
+        self._local.kept = due, ingraph.snapshot(xp, due, self.chosen)
+
+    def _after_apply(self, grads: list, variables: list, step: Any) -> None:
+        xp = ingraph.namespace(self.kind)
+        (due, old), self._local.kept = self._local.kept, None
+        if old is None:  # torch, not due: nothing kept
+            return
+        self.updates.assign(xp.cond(due, lambda: ingraph.update_squares(xp, old, self.chosen),
+                                    lambda: xp.value(self.updates)))
 
     def _due(self, xp: Any, step: Any, index: Any) -> Any:
         return xp.logical_and(step.is_update, xp.equal(xp.mod(index, self.every), 0))
@@ -79,10 +104,11 @@ class Recorder:
     def read_meta(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.meta])[0] - 1
 
-    def read_grads(self) -> tuple[list, np.ndarray | None]:
-        states = self.grads + ([self.clipped] if self.clips else [])
-        values = step_hook.read_state(self.model, states)
-        return values[: len(self.grads)], (values[-1] if self.clips else None)
+    def read(self) -> tuple:
+        """(rows, counts, updates, clipped or None) of the last recorded update."""
+        values = step_hook.read_state(self.model, [self.rows, self.counts, self.updates] + (
+            [self.clipped] if self.clips else []))
+        return tuple(values) + ((None,) if not self.clips else ())
 
     def read_alarm(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.alarm])[0]
@@ -90,6 +116,5 @@ class Recorder:
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        states = [*self.grads, self.alarm, self.meta] + ([self.clipped] if self.clips else [])
-        step_hook.remove_state(self.model.optimizer, states)
-        step_hook.refresh(self.model)
+        step_hook.remove_state(self.model.optimizer, self.state)
+        self.model.train_function = self._saved
