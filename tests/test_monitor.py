@@ -112,6 +112,22 @@ def test_records_are_the_applied_gradients(keras, case):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.flavours("tensorflow", "tf_keras")
+def test_train_step_compiled_by_xla(keras):
+    """jit_compile=True (Keras' choice on a GPU): the in-step statistics compile with the step."""
+    x, y = _data()
+    model = _model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=True)
+    grads_seq, weights_seq = _reference(keras, model, x, y, BATCH)
+    monitor = gk.GradientMonitor(every=2, writers=())
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert getattr(model, "jit_compile", getattr(model, "_jit_compile", None)) is True
+    h = monitor.history
+    np.testing.assert_array_equal(h["step"], [0, 2])
+    for r, step in enumerate(h["step"]):
+        _check_record(h, r, grads_seq[step], weights_seq[step])
+
+
 @pytest.mark.flavours("tensorflow", "jax", "torch")
 def test_gradient_accumulation_records_the_averaged_update(keras):
     x, y = _data()

@@ -47,8 +47,15 @@ class Recorder:
                                                     if self.clips else [])
         if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
             stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
+        xp = ingraph.namespace(self.kind)
+        self._rows = ingraph.fused(xp, lambda grads, weights, sums, finite: ingraph.variable_rows(
+            xp, grads, weights, sums, finite, self.bins))
+        self._clipped_rows = ingraph.fused(xp, lambda grads: ingraph.clipped_rows(xp, grads))
+        self._update_squares = ingraph.fused(
+            xp, lambda old, new: ingraph.update_squares(xp, old, new))
         self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in stages]
         self._local = threading.local()  # MirroredStrategy traces each replica in a thread
+        self.xla = bool(getattr(model, "jit_compile", None) or getattr(model, "_jit_compile", None))
         self._saved = model.train_function  # restored as it was: no retrace afterwards
         step_hook.refresh(model)
 
@@ -65,8 +72,7 @@ class Recorder:
         first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
         due = self._due(xp, step, index)
         rows, counts_now = xp.cond(
-            due, lambda: ingraph.variable_rows(
-                xp, grads, [xp.value(v) for v in self.chosen], sums, finite, self.bins),
+            due, lambda: self._rows(grads, [xp.value(v) for v in self.chosen], sums, finite),
             lambda: (xp.value(self.rows), xp.value(self.counts)))
         self.rows.assign(rows)
         self.counts.assign(counts_now)
@@ -81,22 +87,22 @@ class Recorder:
         xp = ingraph.namespace(self.kind)
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
         due = self._due(xp, step, xp.cast(step.index, "int32"))
-        self.clipped.assign(xp.cond(due, lambda: ingraph.clipped_rows(xp, grads),
+        self.clipped.assign(xp.cond(due, lambda: self._clipped_rows(grads),
                                     lambda: xp.value(self.clipped)))
         return None
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = ingraph.namespace(self.kind)
         due = self._due(xp, step, xp.cast(step.index, "int32"))  # apply counts the update
-        self._local.kept = due, ingraph.snapshot(xp, due, self.chosen)
+        self._local.kept = due, ingraph.snapshot(xp, due, self.chosen, self.xla)
 
     def _after_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = ingraph.namespace(self.kind)
         (due, old), self._local.kept = self._local.kept, None
         if old is None:  # torch, not due: nothing kept
             return
-        self.updates.assign(xp.cond(due, lambda: ingraph.update_squares(xp, old, self.chosen),
-                                    lambda: xp.value(self.updates)))
+        new = lambda: self._update_squares(old, [xp.value(v) for v in self.chosen])  # noqa: E731
+        self.updates.assign(xp.cond(due, new, lambda: xp.value(self.updates)))
 
     def _due(self, xp: Any, step: Any, index: Any) -> Any:
         return xp.logical_and(step.is_update, xp.equal(xp.mod(index, self.every), 0))
