@@ -236,6 +236,8 @@ def read_state(model: Any, variables: list) -> list:
     if kind(target(model.optimizer)) == "keras3":
         import keras
 
+        if keras.backend.backend() == "tensorflow":
+            return [v.value.numpy() for v in variables]
         return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
     return [np.array(v.numpy()) for v in variables]
 

@@ -170,15 +170,16 @@ class GradientMonitor:
         self._current = None
         if not due and self.on_nonfinite == "warn":
             return
-        meta = self._recorder.read_meta()
+        read = self._recorder.read() if due else None
+        meta = read[0] if due else self._recorder.read_meta()
         if due and meta[0] == index:
-            self._record(index, batch)
+            self._record(index, batch, read[1:])
         elif due:  # the update did not happen (a LossScaleOptimizer skipped it): resync
             self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
         self._check_alarm(meta)
 
-    def _record(self, index: int, batch: int) -> None:
-        rows, counts, updates, clipped = self._recorder.read()
+    def _record(self, index: int, batch: int, read: tuple) -> None:
+        rows, counts, updates, clipped = read
         sizes = [int(np.prod(v.shape)) for v in self.chosen]
         per_variable = variable_stats(rows, counts, updates, clipped, sizes,
                                       "histogram" in self.stats)

@@ -15,10 +15,9 @@ mean to rounding); the shift keeps the variance free of cancellation. The histog
 computed in float32 or float64 by the backend, so a value within rounding of an edge may land
 in the neighbouring bin). Updates: Σ (w_after - w_before)², taken around the optimizer's apply.
 
-On TensorFlow the recorded statistics run as one XLA computation (`fused`): run op by op,
-each op is its own pass over the gradient (about ten, 7 ms a step on the MLP of the
-benchmark), and every op here has an XLA kernel, so the monitor also runs inside a train
-step compiled with ``jit_compile=True``.
+In a train step compiled by XLA (``jit_compile=True``, Keras' choice on a GPU) only ops with
+an XLA kernel are used (`namespace(kind, xla=True)`): the histogram by a bincount, and the
+weights kept before every update (the branches of an XLA conditional have equal shapes).
 """
 
 from __future__ import annotations
@@ -30,8 +29,9 @@ ROW = ("lo", "hi", "shift", "scale", "d1", "d2", "w2")
 COUNTS = ("zeros", "nan", "inf")
 
 
-def namespace(kind: str) -> SimpleNamespace:
-    """The ops needed, for Keras 3 (keras.ops) or tf-keras (tf), and the backend's name."""
+def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
+    """The ops needed, for Keras 3 (keras.ops) or tf-keras (tf), the backend's name, and
+    whether the step is compiled by XLA (`xla`)."""
     if kind == "keras3":
         import keras
         from keras import ops
@@ -49,6 +49,7 @@ def namespace(kind: str) -> SimpleNamespace:
                 ops.count_nonzero(g), "int32"))
         if backend == "tensorflow":
             xp.cond, xp.squares, xp.zero_count = _tf_cond, _tf_squares, _tf_zero_count
+        xp.xla = xla
         return xp
     import tensorflow as tf
 
@@ -61,17 +62,7 @@ def namespace(kind: str) -> SimpleNamespace:
         logical_and=tf.logical_and, logical_not=tf.logical_not, zeros=tf.zeros,
         vdot=lambda a, b: tf.tensordot(a, b, 1), count_nonzero=tf.math.count_nonzero,
         copy=tf.identity, value=tf.convert_to_tensor, squares=_tf_squares,
-        zero_count=_tf_zero_count)
-
-
-def fused(xp: SimpleNamespace, fn: Any) -> Any:
-    """`fn` compiled by XLA on TensorFlow (fused passes); as it is on JAX (already compiled
-    with the step) and torch (eager)."""
-    if xp.backend != "tensorflow":
-        return fn
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
+        zero_count=_tf_zero_count, xla=xla)
 
 
 def _squares(g: Any, shift: Any) -> Any:
@@ -178,9 +169,13 @@ def histogram(xp: SimpleNamespace, g: Any, lo: Any, hi: Any, bins: int) -> Any:
     """int32 counts of `bins` equal bins over [lo, hi] (the last closed); lo == hi: bin 0."""
     width = hi - lo
     top = xp.where(width > 0, hi, lo + xp.maximum(xp.abs(lo), 1.0))
+    if xp.backend == "tensorflow" and not xp.xla:
+        import tensorflow as tf
+
+        return tf.histogram_fixed_width(g, xp.stack([lo, top]), bins, dtype=tf.int32)
     k = bins / (top - lo)
     index = xp.cast(xp.minimum((g - lo) * k, bins - 1.0), "int32")
-    if xp.backend == "tensorflow":  # not histogram_fixed_width: XLA has no kernel for it
+    if xp.backend == "tensorflow":  # histogram_fixed_width has no XLA kernel
         import tensorflow as tf
 
         return tf.raw_ops.DenseBincount(input=index, size=bins, weights=tf.zeros([0], tf.int32))
@@ -193,12 +188,12 @@ def histogram(xp: SimpleNamespace, g: Any, lo: Any, hi: Any, bins: int) -> Any:
     return torch.bincount(index, minlength=bins).to(torch.int32)
 
 
-def snapshot(xp: SimpleNamespace, due: Any, variables: list, xla: bool = False) -> Any:
+def snapshot(xp: SimpleNamespace, due: Any, variables: list) -> Any:
     """The values of `variables` before an update, kept only when `due` (JAX, and a step
     compiled by XLA, whose branches must give equal shapes: always, a copy at most)."""
     if xp.backend == "jax":
         return [xp.value(v) for v in variables]
-    if xla:
+    if xp.xla:
         return [xp.copy(xp.value(v)) for v in variables]
     if xp.backend == "torch":
         return [xp.copy(xp.value(v)) for v in variables] if bool(due) else None

@@ -30,6 +30,8 @@ class Recorder:
         self.model, self.chosen, self.every, self.bins = model, chosen, every, max(bins, 1)
         opt = model.optimizer
         self.kind = step_hook.kind(step_hook.target(opt))
+        xla = bool(getattr(model, "jit_compile", None) or getattr(model, "_jit_compile", None))
+        self.xp = ingraph.namespace(self.kind, xla)  # a step compiled by XLA: XLA's ops only
         self.clips = any(getattr(step_hook.target(opt), name, None) for name in
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
                           "_global_clipnorm", "_clipvalue"))
@@ -47,74 +49,76 @@ class Recorder:
                                                     if self.clips else [])
         if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
             stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
-        xp = ingraph.namespace(self.kind)
-        self._rows = ingraph.fused(xp, lambda grads, weights, sums, finite: ingraph.variable_rows(
-            xp, grads, weights, sums, finite, self.bins))
-        self._clipped_rows = ingraph.fused(xp, lambda grads: ingraph.clipped_rows(xp, grads))
-        self._update_squares = ingraph.fused(
-            xp, lambda old, new: ingraph.update_squares(xp, old, new))
         self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in stages]
         self._local = threading.local()  # MirroredStrategy traces each replica in a thread
-        self.xla = bool(getattr(model, "jit_compile", None) or getattr(model, "_jit_compile", None))
         self._saved = model.train_function  # restored as it was: no retrace afterwards
         step_hook.refresh(model)
 
     def _before(self, grads: list, variables: list, step: Any) -> None:
-        xp = ingraph.namespace(self.kind)
+        xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
-        meta = xp.value(self.meta)
-        index = xp.cast(step.index, "int32")
+        rows, counts, alarm, meta = self._record_update(
+            grads, [xp.value(v) for v in self.chosen],
+            [xp.value(v) for v in (self.rows, self.counts, self.alarm, self.meta)],
+            [xp.cast(step.index, "int32"), xp.cast(step.micro, "int32"), step.is_update])
+        for variable, value in zip((self.rows, self.counts, self.alarm, self.meta),
+                                   (rows, counts, alarm, meta)):
+            variable.assign(value)
+
+    def _record_update(self, grads: list, weights: list, state: list, step: list) -> tuple:
+        """The state after this update: (rows, counts, alarm, meta); see the module docstring."""
+        xp = self.xp
+        (rows, counts, alarm, meta), (index, micro, is_update) = state, step
         sums, finite = ingraph.finite_sums(xp, grads)
         n = len(grads)
-        counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
-                         lambda: ingraph.nonfinite_counts(xp, grads))
-        bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
-        first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
-        due = self._due(xp, step, index)
-        rows, counts_now = xp.cond(
-            due, lambda: self._rows(grads, [xp.value(v) for v in self.chosen], sums, finite),
-            lambda: (xp.value(self.rows), xp.value(self.counts)))
-        self.rows.assign(rows)
-        self.counts.assign(counts_now)
-        self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
-        micro = xp.cast(step.micro, "int32")
-        self.meta.assign(xp.stack([xp.where(due, index + 1, meta[0]),
-                                   xp.where(first, micro + 1, meta[1]),
-                                   xp.where(first, index + 1, meta[2])]))
-        return None
+        bad_counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
+                             lambda: ingraph.nonfinite_counts(xp, grads))
+        bad = xp.logical_not(xp.equal(xp.sum(bad_counts), 0))
+        first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), is_update)
+        due = self._due(xp, is_update, index)
+        rows, counts = xp.cond(
+            due, lambda: ingraph.variable_rows(xp, grads, weights, sums, finite, self.bins),
+            lambda: (rows, counts))
+        meta = xp.stack([xp.where(due, index + 1, meta[0]), xp.where(first, micro + 1, meta[1]),
+                         xp.where(first, index + 1, meta[2])])
+        return rows, counts, xp.where(first, bad_counts, alarm), meta
 
     def _after(self, grads: list, variables: list, step: Any) -> None:
-        xp = ingraph.namespace(self.kind)
+        xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
-        due = self._due(xp, step, xp.cast(step.index, "int32"))
-        self.clipped.assign(xp.cond(due, lambda: self._clipped_rows(grads),
-                                    lambda: xp.value(self.clipped)))
-        return None
+        self.clipped.assign(self._clipped_rows(
+            grads, xp.value(self.clipped), xp.cast(step.index, "int32"), step.is_update))
+
+    def _clipped_rows(self, grads: list, clipped: Any, index: Any, is_update: Any) -> Any:
+        xp = self.xp
+        return xp.cond(self._due(xp, is_update, index),
+                       lambda: ingraph.clipped_rows(xp, grads), lambda: clipped)
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
-        xp = ingraph.namespace(self.kind)
-        due = self._due(xp, step, xp.cast(step.index, "int32"))  # apply counts the update
-        self._local.kept = due, ingraph.snapshot(xp, due, self.chosen, self.xla)
+        xp = self.xp
+        due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))  # apply counts it
+        self._local.kept = due, ingraph.snapshot(xp, due, self.chosen)
 
     def _after_apply(self, grads: list, variables: list, step: Any) -> None:
-        xp = ingraph.namespace(self.kind)
+        xp = self.xp
         (due, old), self._local.kept = self._local.kept, None
         if old is None:  # torch, not due: nothing kept
             return
-        new = lambda: self._update_squares(old, [xp.value(v) for v in self.chosen])  # noqa: E731
-        self.updates.assign(xp.cond(due, new, lambda: xp.value(self.updates)))
+        self.updates.assign(xp.cond(due, lambda: ingraph.update_squares(xp, old, [
+            xp.value(v) for v in self.chosen]), lambda: xp.value(self.updates)))
 
-    def _due(self, xp: Any, step: Any, index: Any) -> Any:
-        return xp.logical_and(step.is_update, xp.equal(xp.mod(index, self.every), 0))
+    def _due(self, xp: Any, is_update: Any, index: Any) -> Any:
+        return xp.logical_and(is_update, xp.equal(xp.mod(index, self.every), 0))
 
     def read_meta(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.meta])[0] - 1
 
     def read(self) -> tuple:
-        """(rows, counts, updates, clipped or None) of the last recorded update."""
-        values = step_hook.read_state(self.model, [self.rows, self.counts, self.updates] + (
-            [self.clipped] if self.clips else []))
-        return tuple(values) + ((None,) if not self.clips else ())
+        """(meta, rows, counts, updates, clipped or None) after the last update, in one read."""
+        values = step_hook.read_state(self.model, [
+            self.meta, self.rows, self.counts, self.updates] + ([self.clipped] if self.clips
+                                                                else []))
+        return (values[0] - 1,) + tuple(values[1:]) + ((None,) if not self.clips else ())
 
     def read_alarm(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.alarm])[0]
