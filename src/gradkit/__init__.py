@@ -49,6 +49,7 @@ from gradkit._gradients import gradients as gradients, loss_and_gradients as los
 from gradkit._hvp import hvp as hvp
 from gradkit._input_gradients import input_gradients as input_gradients
 from gradkit._io import load as load, save as save
+from gradkit._locate import locate_nonfinite as locate_nonfinite
 from gradkit._monitor._callback import GradientMonitor as GradientMonitor
 from gradkit._monitor._plots import (
     plot_gradient_flow as plot_gradient_flow,
@@ -100,6 +101,7 @@ __all__ = [
     "hvp_over",
     "input_gradients",
     "load",
+    "locate_nonfinite",
     "loss_and_gradients",
     "per_example_gradients",
     "per_example_norms",

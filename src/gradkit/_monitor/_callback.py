@@ -202,7 +202,8 @@ class GradientMonitor:
         names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])
         text = (f"The gradient of update {alarm['step']} (epoch {alarm['epoch']}, batch "
                 f"{alarm['batch']}) holds NaN/Inf in {names}. Lower the learning rate, clip "
-                "the gradients, or check the data of that batch.")
+                "the gradients, or check the data of that batch: gk.locate_nonfinite(model, "
+                "x, y) on it names the layer where they first appear.")
         if self.on_nonfinite == "warn":
             warnings.warn(text, NonFiniteGradientWarning, stacklevel=2)
         elif self.on_nonfinite == "stop":
