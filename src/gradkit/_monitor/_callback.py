@@ -196,8 +196,9 @@ class GradientMonitor:
         self._reported = True
         rows = self._recorder.read_alarm()
         bad = {k: (int(r[0]), int(r[1])) for k, r in zip(self.keys, rows) if r[0] or r[1]}
-        alarm = {"kind": "nonfinite", "step": int(meta[2]), "batch": int(meta[1]) - self._epoch_start,
-                 "epoch": self._epoch, "variables": bad}
+        alarm = {"kind": "nonfinite", "step": int(meta[2]),
+                 "batch": int(meta[1]) - self._epoch_start, "epoch": self._epoch,
+                 "variables": bad}
         self.alarms.append(alarm)
         names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])
         text = (f"The gradient of update {alarm['step']} (epoch {alarm['epoch']}, batch "
