@@ -57,10 +57,14 @@ class Recorder:
     def _before(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
+        index = xp.cast(step.index, "int32")
+        if xp.backend == "torch" and not bool(self._due(xp, step.is_update, index)) and bool(
+                ingraph.finite_sums(xp, grads)[1]):
+            return  # eager: an update neither recorded nor non-finite changes no state
         rows, counts, alarm, meta = self._record_update(
             grads, [xp.value(v) for v in self.chosen],
             [xp.value(v) for v in (self.rows, self.counts, self.alarm, self.meta)],
-            [xp.cast(step.index, "int32"), xp.cast(step.micro, "int32"), step.is_update])
+            [index, xp.cast(step.micro, "int32"), step.is_update])
         for variable, value in zip((self.rows, self.counts, self.alarm, self.meta),
                                    (rows, counts, alarm, meta)):
             variable.assign(value)
