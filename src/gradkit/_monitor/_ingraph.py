@@ -13,7 +13,8 @@ Scaling by 1/max|g| keeps squares of huge or tiny gradients in float32 range (wh
 finite and 1e-17 < max|g| < 1e17 no scaling is needed: scale = 1 and d1 = 0, as shift is the
 mean to rounding); the shift keeps the variance free of cancellation. The histogram bins
 [lo, hi] into equal bins (bin index computed in float32 or float64 by the backend, so a value
-within rounding of an edge may land in the neighbouring bin). Updates: Σ (w_after - w_before)², taken around the optimizer's apply.
+within rounding of an edge may land in the neighbouring bin). Updates: Σ (w_after - w_before)²,
+taken around the optimizer's apply.
 
 In a train step compiled by XLA (``jit_compile=True``, Keras' choice on a GPU) only ops with
 an XLA kernel are used (`namespace(kind, xla=True)`): the histogram by a bincount, and the
