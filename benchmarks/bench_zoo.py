@@ -11,7 +11,9 @@ compiled single-example gradient (`tf.function` over a GradientTape / `jax.jit` 
 `jax.value_and_grad` over `stateless_call` / torch autograd), each gradient to NumPy, then
 `np.stack`. Reported: gradkit's time divided by the loop's, for `per_example_gradients` and
 `per_example_norms`, medians over rounds of the ratio in the same round (after a warm-up in
-which gradkit chooses its route: see gradkit._routes), and the route taken.
+which gradkit chooses its route: see gradkit._routes), and the route taken. "batch floor" is
+the user's same compiled gradient called once on the whole batch, over the loop: per-example
+gradients sum to the batch gradient, so no per-example route can cost less than that.
 """
 
 from __future__ import annotations
@@ -55,16 +57,16 @@ def main(argv: list[str]) -> int:
                             "--repeats", str(args.repeats)])
             if "error" in r:
                 print(f"{flavour} {name}: FAILED {r['error']}", file=sys.stderr)
-                rows.append([name, flavour, "failed", "", "", ""])
+                rows.append([name, flavour, "failed", "", "", "", ""])
                 continue
             m = r[name]
             rows.append([name, flavour, f"{m['loop_ms']:.0f}", f"{m['rows']:.2f}",
-                         f"{m['norms']:.2f}", m["route"]])
+                         f"{m['norms']:.2f}", f"{m['floor']:.2f}", m["route"]])
             print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     print(f"batch {args.batch}; gradkit / loop of compiled single-example gradients (median "
           f"of {args.repeats} rounds)\n")
     print(markdown_table(["model", "flavour", "loop (ms)", "per_example_gradients",
-                          "per_example_norms", "route"], rows))
+                          "per_example_norms", "batch floor", "route"], rows))
     return 0
 
 
@@ -153,7 +155,8 @@ def worker(flavour: str, names: list[str], batch: int, repeats: int) -> dict:
             rows = [single(x[i:i + 1], y[i:i + 1]) for i in range(batch)]
             return [np.stack([row[j] for row in rows]) for j in range(len(rows[0]))]
 
-        fns = {"loop": loop, "rows": lambda: gradkit.per_example_gradients(model, x, y),
+        fns = {"loop": loop, "batch": lambda: single(x, y),
+               "rows": lambda: gradkit.per_example_gradients(model, x, y),
                "norms": lambda: gradkit.per_example_norms(model, x, y)}
         route = _routes.route_of(gradkit._request.prepare(model, x, y))
         for operation in ("rows", "norms"):  # gradkit decides its route in <= 9 calls
@@ -165,7 +168,8 @@ def worker(flavour: str, names: list[str], batch: int, repeats: int) -> dict:
         taken = "/".join(route.chosen.get(op, "?") for op in ("rows", "norms"))
         result[name] = {"loop_ms": float(np.median(times["loop"])) * 1e3,
                         "rows": paired_ratio(times["rows"], times["loop"]),
-                        "norms": paired_ratio(times["norms"], times["loop"]), "route": taken}
+                        "norms": paired_ratio(times["norms"], times["loop"]),
+                        "floor": paired_ratio(times["batch"], times["loop"]), "route": taken}
     return result
 
 
