@@ -170,16 +170,15 @@ class GradientMonitor:
         self._current = None
         if not due and self.on_nonfinite == "warn":
             return
-        read = self._recorder.read() if due else None
-        meta = read[0] if due else self._recorder.read_meta()
+        meta, *state = self._recorder.read() if due else (self._recorder.read_meta(),)
         if due and meta[0] == index:
-            self._record(index, batch, read[1:])
+            self._record(index, batch, state)
         elif due:  # the update did not happen (a LossScaleOptimizer skipped it): resync
             self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
         self._check_alarm(meta)
 
-    def _record(self, index: int, batch: int, read: tuple) -> None:
-        rows, counts, updates, clipped = read
+    def _record(self, index: int, batch: int, state: list) -> None:
+        rows, counts, updates, clipped = state
         sizes = [int(np.prod(v.shape)) for v in self.chosen]
         per_variable = variable_stats(rows, counts, updates, clipped, sizes,
                                       "histogram" in self.stats)

@@ -46,7 +46,7 @@ def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
             minimum=ops.minimum, logical_or=ops.logical_or, logical_and=ops.logical_and,
             logical_not=ops.logical_not, zeros=ops.zeros, vdot=ops.vdot,
             count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value,
-            squares=_squares, zero_count=lambda g: int(g.shape[0]) - ops.cast(
+            squares=_dot_squares(ops.vdot), zero_count=lambda g: int(g.shape[0]) - ops.cast(
                 ops.count_nonzero(g), "int32"))
         if backend == "tensorflow":
             xp.cond, xp.squares, xp.zero_count = _tf_cond, _tf_squares, _tf_zero_count
@@ -81,10 +81,6 @@ def _torch_ops() -> dict:
     def total(x: Any) -> Any:  # torch sums int32 into int64; keras.ops keeps int32
         return torch.sum(x, dtype=x.dtype) if x.dtype == torch.int32 else torch.sum(x)
 
-    def squares(g: Any, shift: Any) -> Any:  # one pass for Σ w², two for Σ (g - shift)²
-        d = g if isinstance(shift, float) and shift == 0.0 else g - shift
-        return torch.dot(d, d)
-
     return dict(
         abs=torch.abs, sum=total, max=torch.amax, min=torch.amin, where=torch.where,
         isfinite=torch.isfinite, isnan=torch.isnan, isinf=torch.isinf,
@@ -97,16 +93,17 @@ def _torch_ops() -> dict:
         logical_and=lambda a, b: torch.logical_and(tensor(a), tensor(b)),
         logical_or=lambda a, b: torch.logical_or(tensor(a), tensor(b)),
         logical_not=lambda a: torch.logical_not(tensor(a)), vdot=torch.dot, copy=torch.clone,
-        squares=squares,
+        squares=_dot_squares(torch.dot),
         zero_count=lambda g: torch.sum(g == 0, dtype=torch.int32))
 
 
-def _squares(g: Any, shift: Any) -> Any:
-    """Σ (g - shift)²."""
-    from keras import ops
+def _dot_squares(vdot: Any) -> Any:
+    """squares(g, shift) = Σ (g - shift)² as one dot product (no subtraction for shift 0.0)."""
+    def squares(g: Any, shift: Any) -> Any:
+        d = g if isinstance(shift, float) and shift == 0.0 else g - shift
+        return vdot(d, d)
 
-    d = g if isinstance(shift, float) and shift == 0.0 else g - shift
-    return ops.vdot(d, d)
+    return squares
 
 
 def _tf_squares(g: Any, shift: Any) -> Any:

@@ -58,45 +58,34 @@ class Recorder:
         xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
         index = xp.cast(step.index, "int32")
-        if xp.backend == "torch" and not bool(self._due(xp, step.is_update, index)) and bool(
-                ingraph.finite_sums(xp, grads)[1]):
-            return  # eager: an update neither recorded nor non-finite changes no state
-        rows, counts, alarm, meta = self._record_update(
-            grads, [xp.value(v) for v in self.chosen],
-            [xp.value(v) for v in (self.rows, self.counts, self.alarm, self.meta)],
-            [index, xp.cast(step.micro, "int32"), step.is_update])
-        for variable, value in zip((self.rows, self.counts, self.alarm, self.meta),
-                                   (rows, counts, alarm, meta)):
-            variable.assign(value)
-
-    def _record_update(self, grads: list, weights: list, state: list, step: list) -> tuple:
-        """The state after this update: (rows, counts, alarm, meta); see the module docstring."""
-        xp = self.xp
-        (rows, counts, alarm, meta), (index, micro, is_update) = state, step
+        due = self._due(xp, step.is_update, index)
         sums, finite = ingraph.finite_sums(xp, grads)
+        if xp.backend == "torch" and not bool(due) and bool(finite):
+            return  # eager: an update neither recorded nor non-finite changes no state
+        meta = xp.value(self.meta)
         n = len(grads)
-        bad_counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
-                             lambda: ingraph.nonfinite_counts(xp, grads))
-        bad = xp.logical_not(xp.equal(xp.sum(bad_counts), 0))
-        first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), is_update)
-        due = self._due(xp, is_update, index)
-        rows, counts = xp.cond(
-            due, lambda: ingraph.variable_rows(xp, grads, weights, sums, finite, self.bins),
-            lambda: (rows, counts))
-        meta = xp.stack([xp.where(due, index + 1, meta[0]), xp.where(first, micro + 1, meta[1]),
-                         xp.where(first, index + 1, meta[2])])
-        return rows, counts, xp.where(first, bad_counts, alarm), meta
+        counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
+                         lambda: ingraph.nonfinite_counts(xp, grads))
+        bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
+        first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
+        rows, counts_now = xp.cond(
+            due, lambda: ingraph.variable_rows(xp, grads, [xp.value(v) for v in self.chosen],
+                                               sums, finite, self.bins),
+            lambda: (xp.value(self.rows), xp.value(self.counts)))
+        self.rows.assign(rows)
+        self.counts.assign(counts_now)
+        self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
+        micro = xp.cast(step.micro, "int32")
+        self.meta.assign(xp.stack([xp.where(due, index + 1, meta[0]),
+                                   xp.where(first, micro + 1, meta[1]),
+                                   xp.where(first, index + 1, meta[2])]))
 
     def _after(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
-        self.clipped.assign(self._clipped_rows(
-            grads, xp.value(self.clipped), xp.cast(step.index, "int32"), step.is_update))
-
-    def _clipped_rows(self, grads: list, clipped: Any, index: Any, is_update: Any) -> Any:
-        xp = self.xp
-        return xp.cond(self._due(xp, is_update, index),
-                       lambda: ingraph.clipped_rows(xp, grads), lambda: clipped)
+        due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))
+        self.clipped.assign(xp.cond(due, lambda: ingraph.clipped_rows(xp, grads),
+                                    lambda: xp.value(self.clipped)))
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
