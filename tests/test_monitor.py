@@ -364,3 +364,46 @@ def test_in_step_sums_give_exact_statistics_of_awkward_gradients(flavour):
                 assert _rel(s[name], want) < 1e-5, (name, s[name], want)
             expected = np.histogram(fin, bins=10, range=(fin.min(), fin.max()))[0]
             np.testing.assert_array_equal(s["histogram"], expected)
+
+
+@pytest.mark.flavours("torch")
+def test_eager_torch_rows_equal_the_graph_rows():
+    """torch's eager statistics (`_eager.EagerStats`, the path every finite torch update
+    takes) give the same sums and counts as the backend-neutral `_ingraph` ones, bit for
+    bit, and the float64 NumPy statistics; its reused buffers do not leak between updates."""
+    import torch
+
+    from gradkit._monitor import _eager, _history, _ingraph
+
+    rng = np.random.default_rng(4)
+    relu_like = np.maximum(rng.normal(size=(300, 7)), 0.0) * 1e-3  # many exact zeros
+    arrays = [relu_like, rng.normal(size=40) + 5.0, rng.normal(size=25) * 1e-25,
+              np.zeros(9), np.full(6, -2.5), rng.normal(size=(4, 3)) * 1e20]
+    grads = [torch.tensor(a.astype("float32")) for a in arrays]
+    weights = [torch.tensor(rng.normal(size=a.shape).astype("float32")) for a in arrays]
+    xp = _ingraph.namespace("keras3")
+    eager = _eager.EagerStats(xp, 10)
+    for update in range(2):  # the second one runs on the buffers the first one left
+        if update:
+            grads, weights = grads[::-1], weights[::-1]
+        sums, finite = _ingraph.finite_sums(xp, grads)
+        want = _ingraph.variable_rows(xp, grads, weights, sums, finite, 10)
+        got = eager.rows([g.reshape(-1) for g in grads], [w.reshape(-1) for w in weights],
+                         sums)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    stats = _history.variable_stats(got[0].numpy(), got[1].numpy(), np.zeros(len(grads)),
+                                    None, [g.numel() for g in grads], True)
+    for g, s in zip(grads, stats):
+        f = g.numpy().astype(np.float64).ravel()
+        assert s["zero_fraction"] == np.mean(f == 0)
+        assert _rel(s["norm"], np.linalg.norm(f)) < 1e-5 and _rel(s["std"], f.std()) < 1e-4
+        expected = np.histogram(f, bins=10, range=(f.min(), f.max()))[0]
+        if f.min() == f.max():  # one value: counted in the last bin (see variable_stats)
+            expected = np.eye(10, dtype=int)[-1] * f.size
+        np.testing.assert_array_equal(s["histogram"], expected)
+    old = eager.snapshot(weights)
+    new = [w + 0.5 * i for i, w in enumerate(weights)]
+    expected = [np.sum((n.numpy().astype(np.float64) - w.numpy()) ** 2)
+                for n, w in zip(new, weights)]
+    np.testing.assert_allclose(eager.update_squares(old, new).numpy(), expected, rtol=1e-5)

@@ -2,6 +2,7 @@
 
     _step_hook (gradkit._backends)  the interception inside the optimizer's step
     _ingraph     what runs inside the step (finite check; sums and counts on recorded updates)
+    _eager       the same sums and counts on torch's eager step, with few calls and buffers
     _recorder    the hooks and state variables of one monitor
     _history     the statistics (host, float64, from those sums), records, the NumPy history
     _writers     JSON Lines, CSV, TensorBoard files

@@ -1,6 +1,7 @@
 """Exploding and vanishing gradients: thresholds on each layer's gradient norm, warned once.
 
-On every recorded update, for each layer's gradient L2 norm ``n`` (``layers/norm/<layer>``):
+On every recorded update, for each layer's gradient L2 norm ``n`` (``layers/norm/<layer>``
+of the record):
 
     explode:  n > thresholds["explode"]                       (an absolute bound)
     growth:   n > thresholds["growth"] · (n at the previous record)   (a sudden rise)
@@ -20,7 +21,6 @@ from typing import Any
 from gradkit._errors import GradientNormWarning, InvalidArgumentError, received
 
 DEFAULT_THRESHOLDS = {"explode": 1e3, "growth": 1e2, "vanish": 1e-7}
-_PREFIX = "layers/norm/"
 
 
 class NormAlarms:
@@ -31,20 +31,24 @@ class NormAlarms:
         self._previous: dict[str, float] = {}
         self._warned: set[tuple[str, str]] = set()
 
-    def check(self, record: dict) -> list[dict]:
-        """The new alarms of `record` (each warned about once), as dicts."""
+    @property
+    def active(self) -> bool:
+        return any(value is not None for value in self.thresholds.values())
+
+    def check(self, layer_norms: dict, meta: dict) -> list[dict]:
+        """The new alarms (each warned about once), as dicts, of one record's `layer_norms`
+        ({layer: norm}) and `meta` ({"step", "epoch", ...})."""
         found = []
-        for name, norm in record.items():
-            if not name.startswith(_PREFIX) or not math.isfinite(norm):
+        for layer, norm in layer_norms.items():
+            if not math.isfinite(norm):
                 continue
-            layer = name[len(_PREFIX):]
             previous = self._previous.get(layer)
             self._previous[layer] = norm
             for kind in self._kinds(norm, previous):
                 if (layer, kind) not in self._warned:
                     self._warned.add((layer, kind))
-                    found.append({"kind": kind, "layer": layer, "step": record["step"],
-                                  "epoch": record["epoch"], "norm": norm})
+                    found.append({"kind": kind, "layer": layer, "step": meta["step"],
+                                  "epoch": meta["epoch"], "norm": norm})
         for alarm in found:
             warnings.warn(_message(alarm), GradientNormWarning, stacklevel=3)
         return found

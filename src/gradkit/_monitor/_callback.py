@@ -20,10 +20,11 @@ from gradkit._errors import (
     received,
 )
 from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms
-from gradkit._monitor._history import STATS, flat_record, history_of, variable_stats
+from gradkit._monitor._history import STATS, flat_record, history_of, norms, variable_stats
 from gradkit._monitor._recorder import Recorder
 from gradkit._monitor._writers import open_writers
 from gradkit._select import select_variables, unique_keys
+from gradkit._stats import layer_of
 
 _ACTIONS = ("warn", "stop", "raise")
 
@@ -84,12 +85,22 @@ class GradientMonitor:
         self._norm_alarms = NormAlarms(thresholds)
         self.model: Any = None
         self.params: dict = {}
-        self.records: list[dict] = []
+        self._records: list[dict] = []
+        self._raw: list[tuple] = []  # recorded updates not yet turned into records
         self.alarms: list[dict] = []
         self._recorder: Any = None
         self._current: Any = None
         # Keras 3 keeps async dispatch only for callbacks whose on_train_batch_end is default
         self.on_train_batch_end = _default_noop if on_nonfinite == "warn" else self._step_end
+
+    @property
+    def records(self) -> list[dict]:
+        """One flat dict per recorded update (see `gradkit._monitor._history`), built from
+        the step's sums and counts when first asked for."""
+        if self._raw:
+            self._records.extend(self._flat(*raw) for raw in self._raw)
+            self._raw.clear()
+        return self._records
 
     @property
     def history(self) -> dict:
@@ -117,6 +128,10 @@ class GradientMonitor:
         flavour_of(model)
         self.chosen = select_variables(model, self.layers)
         self.keys = unique_keys(self.chosen)
+        self._sizes = np.array([int(np.prod(v.shape)) for v in self.chosen], np.float64)
+        layers = [layer_of(key) for key in self.keys]
+        self._layers = list(dict.fromkeys(layers))
+        self._layer_index = np.array([self._layers.index(layer) for layer in layers])
         opt = step_hook.target(model.optimizer)
         self._acc = getattr(opt, "gradient_accumulation_steps", None) or 1
         self._counter = opt._iterations if step_hook.kind(opt) == "keras3" else opt.iterations
@@ -178,16 +193,24 @@ class GradientMonitor:
         self._check_alarm(meta)
 
     def _record(self, index: int, batch: int, state: list) -> None:
-        rows, counts, updates, clipped = state
-        sizes = [int(np.prod(v.shape)) for v in self.chosen]
-        per_variable = variable_stats(rows, counts, updates, clipped, sizes,
-                                      "histogram" in self.stats)
+        """Keep the step's arrays; records are built when asked for or written."""
         meta = {"step": index, "epoch": self._epoch, "batch": batch}
-        record = flat_record(meta, self.keys, per_variable, self.stats)
-        self.records.append(record)
-        for writer in self._writers:
-            writer.write(record)
-        self.alarms.extend(self._norm_alarms.check(record))
+        self._raw.append((meta, state))
+        if self._writers:
+            record = self.records[-1]
+            for writer in self._writers:
+                writer.write(record)
+        if "norm" in self.stats and self._norm_alarms.active:
+            squares = np.bincount(self._layer_index, norms(state[0], state[1], self._sizes) ** 2,
+                                  len(self._layers))
+            self.alarms.extend(self._norm_alarms.check(
+                dict(zip(self._layers, np.sqrt(squares).tolist())), meta))
+
+    def _flat(self, meta: dict, state: list) -> dict:
+        rows, counts, updates, clipped = state
+        per_variable = variable_stats(rows, counts, updates, clipped, self._sizes.tolist(),
+                                      "histogram" in self.stats)
+        return flat_record(meta, self.keys, per_variable, self.stats)
 
     def _check_alarm(self, meta: np.ndarray) -> None:
         if meta[1] < 0 or self._reported:

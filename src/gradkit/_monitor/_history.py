@@ -64,6 +64,15 @@ def variable_stats(rows: np.ndarray, counts: np.ndarray, updates: np.ndarray, cl
     return out
 
 
+def norms(rows: np.ndarray, counts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(n,) float64: each variable's gradient norm, as `variable_stats` gives it, for all
+    variables of one record at once."""
+    lo, hi, shift, scale, d1, d2 = np.asarray(rows, np.float64)[:, :6].T
+    n = sizes - counts[:, 1] - counts[:, 2]
+    scaled_sq = d2 + 2.0 * shift * scale * d1 + n * (shift * scale) ** 2
+    return np.where(n > 0, np.sqrt(np.maximum(scaled_sq, 0.0)) / scale, 0.0)
+
+
 def combine(parts: list[dict]) -> dict:
     """The statistics of several variables taken together (exact pooled mean and std)."""
     n = np.array([p["finite"] for p in parts])

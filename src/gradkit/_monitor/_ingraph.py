@@ -147,7 +147,7 @@ def variable_rows(xp: SimpleNamespace, grads: list, weights: list, sums: list, f
     for g, w, s in zip(grads, weights, sums):
         g, w = flat(xp, g), flat(xp, w)
         row, count = xp.cond(finite, lambda g=g, s=s: _fast(xp, g, s, bins),
-                             lambda g=g: _masked(xp, g, bins))
+                             lambda g=g: masked_rows(xp, g, bins))
         rows.append(xp.concatenate([row, xp.reshape(xp.squares(w, 0.0), [1])], 0))
         counts.append(count)
     return xp.stack(rows), xp.stack(counts)
@@ -169,10 +169,10 @@ def _fast(xp: SimpleNamespace, g: Any, total: Any, bins: int) -> tuple[Any, Any]
         counts = xp.stack([zeros, none, none])
         return row, xp.concatenate([counts, histogram(xp, g, lo, hi, bins)], 0)
 
-    return xp.cond(safe, plain, lambda: _masked(xp, g, bins))
+    return xp.cond(safe, plain, lambda: masked_rows(xp, g, bins))
 
 
-def _masked(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
+def masked_rows(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
     """Some entry NaN or Inf (or sums overflowing): statistics of the finite entries."""
     size = int(g.shape[0])
     fin = xp.isfinite(g)
@@ -228,9 +228,7 @@ def snapshot(xp: SimpleNamespace, due: Any, variables: list) -> Any:
         return [xp.value(v) for v in variables]
     if xp.xla:
         return [xp.copy(xp.value(v)) for v in variables]
-    if xp.backend == "torch":
-        return [xp.copy(xp.value(v)) for v in variables] if bool(due) else None
-    import tensorflow as tf
+    import tensorflow as tf  # (torch: `_eager.EagerStats.snapshot`)
 
     return tf.cond(due, lambda: [tf.identity(xp.value(v)) for v in variables],
                    lambda: [tf.zeros([0]) for _ in variables])

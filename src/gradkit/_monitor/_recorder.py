@@ -20,6 +20,7 @@ import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
 from gradkit._monitor import _ingraph as ingraph
+from gradkit._monitor._eager import EagerStats
 
 
 class Recorder:
@@ -32,6 +33,7 @@ class Recorder:
         self.kind = step_hook.kind(step_hook.target(opt))
         xla = bool(getattr(model, "jit_compile", None) or getattr(model, "_jit_compile", None))
         self.xp = ingraph.namespace(self.kind, xla)  # a step compiled by XLA: XLA's ops only
+        self.eager = EagerStats(self.xp, self.bins) if self.xp.backend == "torch" else None
         self.clips = any(getattr(step_hook.target(opt), name, None) for name in
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
                           "_global_clipnorm", "_clipvalue"))
@@ -57,21 +59,19 @@ class Recorder:
     def _before(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
+        sums, finite = ingraph.finite_sums(xp, grads)
+        if self.eager and bool(finite):  # torch: Python branches, no state change if not due
+            return self._before_eager(grads, sums, step)
         index = xp.cast(step.index, "int32")
         due = self._due(xp, step.is_update, index)
-        sums, finite = ingraph.finite_sums(xp, grads)
-        if xp.backend == "torch" and not bool(due) and bool(finite):
-            return  # eager: an update neither recorded nor non-finite changes no state
         meta = xp.value(self.meta)
         n = len(grads)
         counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
                          lambda: ingraph.nonfinite_counts(xp, grads))
         bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
         first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
-        rows, counts_now = xp.cond(
-            due, lambda: ingraph.variable_rows(xp, grads, [xp.value(v) for v in self.chosen],
-                                               sums, finite, self.bins),
-            lambda: (xp.value(self.rows), xp.value(self.counts)))
+        rows, counts_now = xp.cond(due, lambda: self._rows(xp, grads, sums, finite),
+                                   lambda: (xp.value(self.rows), xp.value(self.counts)))
         self.rows.assign(rows)
         self.counts.assign(counts_now)
         self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
@@ -79,6 +79,25 @@ class Recorder:
         self.meta.assign(xp.stack([xp.where(due, index + 1, meta[0]),
                                    xp.where(first, micro + 1, meta[1]),
                                    xp.where(first, index + 1, meta[2])]))
+
+    def _rows(self, xp: Any, grads: list, sums: list, finite: Any) -> tuple:
+        return ingraph.variable_rows(xp, grads, [xp.value(v) for v in self.chosen], sums,
+                                     finite, self.bins)
+
+    def _before_eager(self, grads: list, sums: list, step: Any) -> None:
+        """`_before` of a finite torch update: the same state, written only when due."""
+        if not self._due_now(step):
+            return
+        index = int(step.index)
+        rows, counts = self.eager.rows([g.reshape(-1) for g in grads], [
+            self.xp.value(v).reshape(-1) for v in self.chosen], sums)
+        self.rows.assign(rows)
+        self.counts.assign(counts)
+        meta = self.xp.value(self.meta).tolist()
+        self.meta.assign([index + 1] + meta[1:])
+
+    def _due_now(self, step: Any) -> bool:
+        return bool(step.is_update) and int(step.index) % self.every == 0
 
     def _after(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
@@ -89,13 +108,21 @@ class Recorder:
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
-        due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))  # apply counts it
-        self._local.kept = due, ingraph.snapshot(xp, due, self.chosen)
+        if self.eager:
+            due = self._due_now(step)
+            old = self.eager.snapshot([xp.value(v) for v in self.chosen]) if due else None
+        else:
+            due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))  # apply counts
+            old = ingraph.snapshot(xp, due, self.chosen)
+        self._local.kept = due, old
 
     def _after_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
         (due, old), self._local.kept = self._local.kept, None
-        if old is None:  # torch, not due: nothing kept
+        if self.eager:
+            if due:
+                self.updates.assign(self.eager.update_squares(old, [xp.value(v) for v in
+                                                                    self.chosen]))
             return
         self.updates.assign(xp.cond(due, lambda: ingraph.update_squares(xp, old, [
             xp.value(v) for v in self.chosen]), lambda: xp.value(self.updates)))
