@@ -352,6 +352,10 @@ def test_in_step_sums_give_exact_statistics_of_awkward_gradients(flavour):
         sums, finite = _ingraph.finite_sums(xp, grads)
         rows, counts = _ingraph.variable_rows(xp, grads, grads, sums, finite, 10)
         rows, counts = (np.asarray(to_numpy(x)) for x in (rows, counts))
+        one_bin = np.asarray(to_numpy(_ingraph.variable_rows(xp, grads, grads, sums, finite,
+                                                             1)[1]))
+        finite_counts = [np.isfinite(a.astype("float32")).sum() for a in arrays]
+        np.testing.assert_array_equal(one_bin[:, 3], finite_counts)  # no pass, same count
         stats = _history.variable_stats(rows, counts, np.zeros(len(arrays)), None,
                                         [a.size for a in arrays], True)
         for a, s in zip(arrays, stats):
@@ -402,6 +406,9 @@ def test_eager_torch_rows_equal_the_graph_rows():
         if f.min() == f.max():  # one value: counted in the last bin (see variable_stats)
             expected = np.eye(10, dtype=int)[-1] * f.size
         np.testing.assert_array_equal(s["histogram"], expected)
+    one_bin = _eager.EagerStats(xp, 1).rows([g.reshape(-1) for g in grads],
+                                            [w.reshape(-1) for w in weights], sums)[1]
+    np.testing.assert_array_equal(one_bin[:, 3].numpy(), [g.numel() for g in grads])
     old = eager.snapshot(weights)
     new = [w + 0.5 * i for i, w in enumerate(weights)]
     expected = [np.sum((n.numpy().astype(np.float64) - w.numpy()) ** 2)

@@ -4,8 +4,8 @@ The same rows, counts and update squares as `_ingraph` (see its module docstring
 bit on the fast path, with as few torch calls and fresh tensors as the statistics allow: in
 an eager step every call costs its Python dispatch and every new megabyte tensor its page
 faults. So the per-variable minima and maxima are read to the host once (one sync), branches
-are Python ``if``s, and the bin index, the shifted gradient and the weights kept for
-``update_ratio`` live in buffers reused from one update to the next. A variable whose
+are Python ``if``s, and the bin index (uint8 for up to 256 bins), the shifted gradient and
+the weights kept for ``update_ratio`` live in buffers reused from one update to the next. A variable whose
 maximum |g| is outside (1e-17, 1e17) takes `_ingraph`'s scaled path.
 """
 
@@ -42,7 +42,8 @@ class EagerStats:
         torch = self.torch
         if self._float.numel() < size:
             self._float = torch.empty(size)
-            self._int = torch.empty(size, dtype=torch.int32)
+            small = self.bins <= 256  # bincount reads a uint8 index faster
+            self._int = torch.empty(size, dtype=torch.uint8 if small else torch.int32)
         return self._float[:size], self._int[:size]
 
     @_no_grad
@@ -68,10 +69,13 @@ class EagerStats:
             scratch, index = self._scratch(g.numel())
             d = torch.sub(g, shift_i, out=scratch)
             rows.append(torch.stack([lo_i, hi_i, shift_i, one, zero, torch.dot(d, d), w2]))
-            index.copy_(torch.sub(g, lo_i, out=scratch).mul_(k_i).clamp_(max=bins - 1.0))
             zeros = g.numel() - torch.count_nonzero(g)
-            counts.append(torch.cat([torch.stack([zeros, none, none]),
-                                     torch.bincount(index, minlength=bins)]))
+            if bins == 1:  # no histogram asked for: one bin holds every entry
+                hist = (zeros * 0 + g.numel()).reshape(1)
+            else:
+                index.copy_(torch.sub(g, lo_i, out=scratch).mul_(k_i).clamp_(max=bins - 1.0))
+                hist = torch.bincount(index, minlength=bins)
+            counts.append(torch.cat([torch.stack([zeros, none, none]), hist]))
         return torch.stack(rows), torch.stack(counts).to(torch.int32)
 
     @_no_grad

@@ -31,13 +31,16 @@ COUNTS = ("zeros", "nan", "inf")
 
 
 def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
-    """The ops needed, for Keras 3 (keras.ops) or tf-keras (tf), the backend's name, and
-    whether the step is compiled by XLA (`xla`)."""
+    """The ops needed, the backend's name, and whether the step is compiled by XLA (`xla`):
+    TensorFlow's own ops on Keras 3's TensorFlow backend and on tf-keras (keras.ops adds
+    conversions to the graph), keras.ops on JAX, torch's own ops on torch."""
     if kind == "keras3":
         import keras
         from keras import ops
 
         backend = keras.backend.backend()
+        if backend == "tensorflow":
+            return _tf_namespace(xla, value=lambda v: v.value)
         xp = SimpleNamespace(
             backend=backend, abs=ops.abs, sum=ops.sum, max=ops.max, min=ops.min,
             where=ops.where, isfinite=ops.isfinite, isnan=ops.isnan, isinf=ops.isinf,
@@ -48,12 +51,16 @@ def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
             count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value,
             squares=_dot_squares(ops.vdot), zero_count=lambda g: int(g.shape[0]) - ops.cast(
                 ops.count_nonzero(g), "int32"))
-        if backend == "tensorflow":
-            xp.cond, xp.squares, xp.zero_count = _tf_cond, _tf_squares, _tf_zero_count
         if backend == "torch":  # eager: keras.ops' conversions cost more than the passes
             vars(xp).update(_torch_ops())
         xp.xla = xla
         return xp
+    import tensorflow as tf
+
+    return _tf_namespace(xla, value=tf.convert_to_tensor)
+
+
+def _tf_namespace(xla: bool, value: Any) -> SimpleNamespace:
     import tensorflow as tf
 
     return SimpleNamespace(
@@ -64,8 +71,8 @@ def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
         maximum=tf.maximum, minimum=tf.minimum, logical_or=tf.logical_or,
         logical_and=tf.logical_and, logical_not=tf.logical_not, zeros=tf.zeros,
         vdot=lambda a, b: tf.tensordot(a, b, 1), count_nonzero=tf.math.count_nonzero,
-        copy=tf.identity, value=tf.convert_to_tensor, squares=_tf_squares,
-        zero_count=_tf_zero_count, xla=xla)
+        copy=tf.identity, value=value, squares=_tf_squares, zero_count=_tf_zero_count,
+        xla=xla)
 
 
 def _torch_ops() -> dict:
@@ -199,7 +206,10 @@ def _scale(xp: SimpleNamespace, lo: Any, hi: Any) -> Any:
 
 
 def histogram(xp: SimpleNamespace, g: Any, lo: Any, hi: Any, bins: int) -> Any:
-    """int32 counts of `bins` equal bins over [lo, hi] (the last closed); lo == hi: bin 0."""
+    """int32 counts of `bins` equal bins over [lo, hi] (the last closed); lo == hi: bin 0.
+    One bin (no histogram asked for) needs no pass: it holds every entry."""
+    if bins == 1:
+        return xp.zeros((1,), "int32") + int(g.shape[0])
     width = hi - lo
     top = xp.where(width > 0, hi, lo + xp.maximum(xp.abs(lo), 1.0))
     if xp.backend == "tensorflow" and not xp.xla:
