@@ -5,8 +5,8 @@ bit on the fast path, with as few torch calls and fresh tensors as the statistic
 an eager step every call costs its Python dispatch and every new megabyte tensor its page
 faults. So the per-variable minima and maxima are read to the host once (one sync), branches
 are Python ``if``s, and the bin index (uint8 for up to 256 bins), the shifted gradient and
-the weights kept for ``update_ratio`` live in buffers reused from one update to the next. A variable whose
-maximum |g| is outside (1e-17, 1e17) takes `_ingraph`'s scaled path.
+the weights kept for ``update_ratio`` live in buffers reused from one update to the next.
+A variable whose maximum |g| is outside (1e-17, 1e17) takes `_ingraph`'s scaled path.
 """
 
 from __future__ import annotations
