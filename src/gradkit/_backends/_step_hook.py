@@ -248,6 +248,43 @@ def refresh(model: Any) -> None:
     model.make_train_function(force=True)
 
 
+def fresh_train_function(model: Any) -> Any:
+    """A new train function of a Keras 3 `model`, traced on its first call apart from any
+    other (so a hook may trace differently into each); `model.train_function` is left set to
+    it."""
+    model.train_function = None
+    if _backend() != "jax":
+        model.make_train_function(force=True)  # a new tf.function: its own traces
+        return model.train_function
+    cls_step = type(model).train_step  # JAX shares traces between jits of equal functions
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        return cls_step(model, *args, **kwargs)
+
+    model.train_step = train_step
+    try:
+        model.make_train_function(force=True)
+    finally:
+        del model.train_step
+    return model.train_function
+
+
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def steps_per_call(model: Any) -> int:
+    """How many steps one call of `model.train_function` takes (steps_per_execution)."""
+    value = getattr(model, "steps_per_execution", None)
+    if value is None:
+        value = getattr(model, "_steps_per_execution", None)
+    if value is None:
+        return 1
+    return int(value.numpy() if hasattr(value, "numpy") else value)
+
+
 class _Null:
     def __enter__(self) -> None:
         return None

@@ -148,7 +148,9 @@ class GradientMonitor:
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         self._settle()  # the previous step, whose state is complete now
-        self._current = (self._due(), self._micro // self._acc, batch)
+        due = self._due()
+        self._recorder.use(due)
+        self._current = (due, self._micro // self._acc, batch)
         self._micro += 1
 
     def _step_end(self, batch: int, logs: Any = None) -> None:

@@ -233,10 +233,11 @@ def histogram(xp: SimpleNamespace, g: Any, lo: Any, hi: Any, bins: int) -> Any:
 
 def snapshot(xp: SimpleNamespace, due: Any, variables: list) -> Any:
     """The values of `variables` before an update, kept only when `due` (JAX, and a step
-    compiled by XLA, whose branches must give equal shapes: always, a copy at most)."""
+    compiled by XLA, whose branches must give equal shapes: always, a copy at most; `due`
+    True: a step traced for recorded updates)."""
     if xp.backend == "jax":
         return [xp.value(v) for v in variables]
-    if xp.xla:
+    if xp.xla or due is True:
         return [xp.copy(xp.value(v)) for v in variables]
     import tensorflow as tf  # (torch: `_eager.EagerStats.snapshot`)
 

@@ -54,7 +54,23 @@ class Recorder:
         self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in stages]
         self._local = threading.local()  # MirroredStrategy traces each replica in a thread
         self._saved = model.train_function  # restored as it was: no retrace afterwards
-        step_hook.refresh(model)
+        self.recording: bool | None = None  # what the train function being traced is for
+        self._functions = None
+        if self.kind == "keras3" and self.eager is None and step_hook.steps_per_call(model) == 1:
+            self._functions = [step_hook.fresh_train_function(model) for _ in range(2)]
+        else:
+            step_hook.refresh(model)
+
+    def use(self, recording: bool) -> None:
+        """Run the next step with the train function traced for a recorded update, or the
+        one traced for the others (no statistics, no conditional: just the NaN/Inf check).
+        Each is traced on its first call, after this has set `recording` for it. Without
+        the pair a `cond` in the step decides: torch's eager step, several steps per call,
+        and tf-keras, whose random ops keep a stream per traced function (two functions
+        would draw other dropout masks than `fit` alone)."""
+        if self._functions is not None:
+            self.recording = recording
+            self.model.train_function = self._functions[recording]
 
     def _before(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
@@ -70,14 +86,16 @@ class Recorder:
                          lambda: ingraph.nonfinite_counts(xp, grads))
         bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
         first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
-        rows, counts_now = xp.cond(due, lambda: self._rows(xp, grads, sums, finite),
-                                   lambda: (xp.value(self.rows), xp.value(self.counts)))
-        self.rows.assign(rows)
-        self.counts.assign(counts_now)
+        if due is not False:
+            rows, counts_now = self._when(xp, due, lambda: self._rows(xp, grads, sums, finite),
+                                          lambda: (xp.value(self.rows), xp.value(self.counts)))
+            self.rows.assign(rows)
+            self.counts.assign(counts_now)
         self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
         micro = xp.cast(step.micro, "int32")
-        self.meta.assign(xp.stack([xp.where(due, index + 1, meta[0]),
-                                   xp.where(first, micro + 1, meta[1]),
+        recorded = meta[0] if due is False else index + 1 if due is True else xp.where(
+            due, index + 1, meta[0])
+        self.meta.assign(xp.stack([recorded, xp.where(first, micro + 1, meta[1]),
                                    xp.where(first, index + 1, meta[2])]))
 
     def _rows(self, xp: Any, grads: list, sums: list, finite: Any) -> tuple:
@@ -103,8 +121,9 @@ class Recorder:
         xp = self.xp
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
         due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))
-        self.clipped.assign(xp.cond(due, lambda: ingraph.clipped_rows(xp, grads),
-                                    lambda: xp.value(self.clipped)))
+        if due is not False:
+            self.clipped.assign(self._when(xp, due, lambda: ingraph.clipped_rows(xp, grads),
+                                           lambda: xp.value(self.clipped)))
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
@@ -113,7 +132,7 @@ class Recorder:
             old = self.eager.snapshot([xp.value(v) for v in self.chosen]) if due else None
         else:
             due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))  # apply counts
-            old = ingraph.snapshot(xp, due, self.chosen)
+            old = None if due is False else ingraph.snapshot(xp, due, self.chosen)
         self._local.kept = due, old
 
     def _after_apply(self, grads: list, variables: list, step: Any) -> None:
@@ -124,11 +143,23 @@ class Recorder:
                 self.updates.assign(self.eager.update_squares(old, [xp.value(v) for v in
                                                                     self.chosen]))
             return
-        self.updates.assign(xp.cond(due, lambda: ingraph.update_squares(xp, old, [
+        if old is None:  # traced for an update that is not recorded
+            return
+        self.updates.assign(self._when(xp, due, lambda: ingraph.update_squares(xp, old, [
             xp.value(v) for v in self.chosen]), lambda: xp.value(self.updates)))
 
     def _due(self, xp: Any, is_update: Any, index: Any) -> Any:
+        """Whether this update is recorded: a Python bool where the trace is for one kind
+        (`use`), else a tensor (then `_when` is a `cond`)."""
+        if self.recording is not None:
+            return self.recording and is_update
         return xp.logical_and(is_update, xp.equal(xp.mod(index, self.every), 0))
+
+    @staticmethod
+    def _when(xp: Any, due: Any, then: Any, otherwise: Any) -> Any:
+        if isinstance(due, bool):
+            return then() if due else otherwise()
+        return xp.cond(due, then, otherwise)
 
     def read_meta(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.meta])[0] - 1
