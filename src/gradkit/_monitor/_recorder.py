@@ -56,7 +56,8 @@ class Recorder:
         self._saved = model.train_function  # restored as it was: no retrace afterwards
         self.recording: bool | None = None  # what the train function being traced is for
         self._functions = None
-        if self.kind == "keras3" and self.eager is None and step_hook.steps_per_call(model) == 1:
+        if (every > 1 and self.kind == "keras3" and self.eager is None
+                and step_hook.steps_per_call(model) == 1):
             self._functions = [step_hook.fresh_train_function(model) for _ in range(2)]
         else:
             step_hook.refresh(model)
@@ -64,8 +65,9 @@ class Recorder:
     def use(self, recording: bool) -> None:
         """Run the next step with the train function traced for a recorded update, or the
         one traced for the others (no statistics, no conditional: just the NaN/Inf check).
-        Each is traced on its first call, after this has set `recording` for it. Without
-        the pair a `cond` in the step decides: torch's eager step, several steps per call,
+        Each is traced on its first call, after this has set `recording` for it. With
+        every=1 one function records every update; without the pair a `cond` in the step
+        decides: torch's eager step, several steps per call,
         and tf-keras, whose random ops keep a stream per traced function (two functions
         would draw other dropout masks than `fit` alone)."""
         if self._functions is not None:
@@ -153,6 +155,8 @@ class Recorder:
         (`use`), else a tensor (then `_when` is a `cond`)."""
         if self.recording is not None:
             return self.recording and is_update
+        if self.every == 1:
+            return is_update
         return xp.logical_and(is_update, xp.equal(xp.mod(index, self.every), 0))
 
     @staticmethod
