@@ -1,8 +1,10 @@
 """The in-step half of the monitor: hooks that write small arrays into state variables.
 
 Every applied update is checked for NaN/Inf (one sum per gradient). On recorded updates
-(``index % every == 0``) the per-variable sums and counts of `_ingraph` are computed under a
-``cond``, so other updates pay only the check. State (n = watched variables):
+(``index % every == 0``) the per-variable sums and counts of `_ingraph` are computed, so that
+other updates pay only the check: in a train function traced for recorded updates (`use`;
+Keras 3 on TensorFlow and JAX), under a ``cond`` in the step (tf-keras, several steps per
+call), or behind a Python ``if`` (torch's eager step). State (n = watched variables):
 
 - ``rows`` (n, len(ROW)) float32 and ``counts`` (n, 3 + bins) int32: see `_ingraph`;
 - ``updates`` (n,): Σ (Δw)² of the recorded update; ``clipped`` (n, 3) when the optimizer
@@ -66,10 +68,9 @@ class Recorder:
         """Run the next step with the train function traced for a recorded update, or the
         one traced for the others (no statistics, no conditional: just the NaN/Inf check).
         Each is traced on its first call, after this has set `recording` for it. With
-        every=1 one function records every update; without the pair a `cond` in the step
-        decides: torch's eager step, several steps per call,
-        and tf-keras, whose random ops keep a stream per traced function (two functions
-        would draw other dropout masks than `fit` alone)."""
+        every=1 one function records every update. Without the pair a `cond` in the step
+        decides: torch's eager step, several steps per call, and tf-keras, whose random ops
+        keep a stream per traced function (two would draw other dropout masks than `fit`)."""
         if self._functions is not None:
             self.recording = recording
             self.model.train_function = self._functions[recording]
