@@ -414,3 +414,28 @@ def test_eager_torch_rows_equal_the_graph_rows():
     expected = [np.sum((n.numpy().astype(np.float64) - w.numpy()) ** 2)
                 for n, w in zip(new, weights)]
     np.testing.assert_allclose(eager.update_squares(old, new).numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.flavours("tensorflow", "jax")
+def test_updates_not_recorded_are_traced_without_statistics(keras, monkeypatch):
+    """On Keras 3 with TensorFlow or JAX the train step is traced once for recorded updates
+    and once for the others: only the first computes statistics, and neither holds a cond
+    for them (every `_when` sees a Python True)."""
+    from gradkit._monitor import _ingraph, _recorder
+
+    traced, whens, rows = [], [], _ingraph.variable_rows
+    before, when = _recorder.Recorder._before, _recorder.Recorder._when
+    monkeypatch.setattr(_recorder.Recorder, "_before", lambda self, *args: traced.append(
+        self.recording) or before(self, *args))
+    monkeypatch.setattr(_recorder.Recorder, "_when", staticmethod(
+        lambda xp, due, then, otherwise: whens.append(due) or when(xp, due, then, otherwise)))
+    monkeypatch.setattr(_ingraph, "variable_rows", lambda *args: traced.append("rows") or rows(
+        *args))
+    x, y = _data()
+    monitor = gk.GradientMonitor(every=2, writers=())
+    _model(keras).fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+                      callbacks=[monitor])
+    assert list(monitor.history["step"]) == [0, 2, 4, 6]
+    assert sorted(set(traced), key=str) == [False, True, "rows"]
+    assert whens and all(due is True for due in whens)
+    assert traced.count("rows") == traced.count(True)  # statistics in that trace only

@@ -53,6 +53,10 @@ def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
                 ops.count_nonzero(g), "int32"))
         if backend == "torch":  # eager: keras.ops' conversions cost more than the passes
             vars(xp).update(_torch_ops())
+        if backend == "jax":  # statistics outside a cond: keep XLA from fusing them into
+            import jax        # the step's own kernels (it would recompute those per pass)
+
+            xp.barrier = jax.lax.optimization_barrier
         xp.xla = xla
         return xp
     import tensorflow as tf
@@ -72,7 +76,7 @@ def _tf_namespace(xla: bool, value: Any) -> SimpleNamespace:
         logical_and=tf.logical_and, logical_not=tf.logical_not, zeros=tf.zeros,
         vdot=lambda a, b: tf.tensordot(a, b, 1), count_nonzero=tf.math.count_nonzero,
         copy=tf.identity, value=value, squares=_tf_squares, zero_count=_tf_zero_count,
-        xla=xla)
+        xla=xla, barrier=lambda x: x)
 
 
 def _torch_ops() -> dict:
@@ -100,7 +104,7 @@ def _torch_ops() -> dict:
         logical_and=lambda a, b: torch.logical_and(tensor(a), tensor(b)),
         logical_or=lambda a, b: torch.logical_or(tensor(a), tensor(b)),
         logical_not=lambda a: torch.logical_not(tensor(a)), vdot=torch.dot, copy=torch.clone,
-        squares=_dot_squares(torch.dot),
+        squares=_dot_squares(torch.dot), barrier=lambda x: x,
         zero_count=lambda g: torch.sum(g == 0, dtype=torch.int32))
 
 

@@ -102,6 +102,7 @@ class Recorder:
                                    xp.where(first, index + 1, meta[2])]))
 
     def _rows(self, xp: Any, grads: list, sums: list, finite: Any) -> tuple:
+        grads, sums = xp.barrier((grads, sums))
         return ingraph.variable_rows(xp, grads, [xp.value(v) for v in self.chosen], sums,
                                      finite, self.bins)
 
@@ -125,8 +126,8 @@ class Recorder:
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
         due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))
         if due is not False:
-            self.clipped.assign(self._when(xp, due, lambda: ingraph.clipped_rows(xp, grads),
-                                           lambda: xp.value(self.clipped)))
+            self.clipped.assign(self._when(xp, due, lambda: ingraph.clipped_rows(
+                xp, xp.barrier(grads)), lambda: xp.value(self.clipped)))
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
@@ -148,8 +149,9 @@ class Recorder:
             return
         if old is None:  # traced for an update that is not recorded
             return
-        self.updates.assign(self._when(xp, due, lambda: ingraph.update_squares(xp, old, [
-            xp.value(v) for v in self.chosen]), lambda: xp.value(self.updates)))
+        self.updates.assign(self._when(xp, due, lambda: ingraph.update_squares(
+            xp, old, xp.barrier([xp.value(v) for v in self.chosen])),
+            lambda: xp.value(self.updates)))
 
     def _due(self, xp: Any, is_update: Any, index: Any) -> Any:
         """Whether this update is recorded: a Python bool where the trace is for one kind
