@@ -71,7 +71,7 @@ class Recorder:
         every=1 one function records every update. Without the pair a `cond` in the step
         decides: torch's eager step, several steps per call, and tf-keras, whose random ops
         keep a stream per traced function (two would draw other dropout masks than `fit`)."""
-        if self._functions is not None:
+        if self._functions is not None and recording is not self.recording:
             self.recording = recording
             self.model.train_function = self._functions[recording]
 
