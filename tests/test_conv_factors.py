@@ -76,6 +76,82 @@ def test_conv_rows_and_norms_match_the_loop(keras, flavour):
                                    rtol=1e-5, err_msg=name)
 
 
+def with_moving_statistics(model):
+    """Moving means and variances away from 0 and 1, so the factors must use them."""
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            size = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(RNG.normal(size=size).astype("float32"))
+            layer.moving_variance.assign(RNG.uniform(0.3, 3.0, size=size).astype("float32"))
+    return model
+
+
+def depthwise_and_normalization_cases(keras, flavour):
+    L = keras.layers
+    dense_input = keras.Input((5,))
+    hidden = L.BatchNormalization(center=False, name="bn_flat")(L.Dense(4, name="d")(dense_input))
+    flat = keras.Model(dense_input, L.Dense(2, name="out")(hidden))
+    flat.compile(loss="mse")
+    found = {
+        "2d same stride 2, multiplier 2, BN": conv_model(
+            keras, (7, 6, 3), L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2,
+                                                activation="tanh", name="dw"),
+            L.BatchNormalization(name="bn")),
+        "2d valid dilated, bias, BN without scale": conv_model(
+            keras, (8, 7, 2), L.DepthwiseConv2D((2, 3), dilation_rate=2, use_bias=True,
+                                                activation="relu", name="dw"),
+            L.BatchNormalization(scale=False, name="bn")),
+        "2d shared": conv_model(keras, (6, 6, 2), L.DepthwiseConv2D(3, padding="same",
+                                                                    activation="tanh"),
+                                shared=True),
+        "BN after Dense": (flat, RNG.normal(size=(N, 5)).astype("float32"),
+                           RNG.normal(size=(N, 2)).astype("float32")),
+    }
+    if hasattr(L, "DepthwiseConv1D"):
+        found["1d same, multiplier 3"] = conv_model(
+            keras, (9, 2), L.DepthwiseConv1D(3, padding="same", depth_multiplier=3,
+                                             activation="tanh"))
+    if flavour in ("jax", "torch"):  # TensorFlow's CPU convolutions are channels-last only
+        found["2d channels_first, BN on axis 1"] = conv_model(
+            keras, (3, 6, 5), L.DepthwiseConv2D(3, strides=(1, 2), data_format="channels_first",
+                                                activation="tanh"),
+            L.BatchNormalization(axis=1))
+    return {name: (with_moving_statistics(model), x, y) for name, (model, x, y) in found.items()}
+
+
+def test_depthwise_and_normalization_rows_and_norms_match_the_loop(keras, flavour):
+    """Depthwise kernels and inference BatchNormalization come back as factors; rows, norms
+    and clipped sums from them equal gradients() on single examples."""
+    from gradkit._factors import Factor, write_rows
+    from gradkit._request import prepare
+
+    for name, (model, x, y) in depthwise_and_normalization_cases(keras, flavour).items():
+        reference = loop_reference(model, x, y)
+        request = prepare(model, x, y)
+        parts = request.adapter.per_example_parts(request)
+        factored = [type(layer).__name__ for layer in model.layers
+                    if type(layer).__name__ in ("DepthwiseConv1D", "DepthwiseConv2D",
+                                                "BatchNormalization")]
+        assert factored, name
+        for variable, part, key in zip(request.variables, parts, reference):
+            out = np.empty_like(reference[key])
+            assert isinstance(part, Factor), (name, key)
+            assert write_rows(part, out), (name, key)
+            np.testing.assert_allclose(out, reference[key], rtol=2e-5, atol=2e-6,
+                                       err_msg=f"{name}: {key}")
+        rows = gk.per_example_gradients(model, x, y)
+        assert_same_sets(rows, reference, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(gk.per_example_norms(model, x, y), materialized_norms(rows),
+                                   rtol=1e-5, err_msg=name)
+        clipped = gk.clipped_gradients(model, x, y, l2_norm_clip=0.1, noise_multiplier=0.0)
+        norms = materialized_norms(rows)
+        factor = np.minimum(1.0, 0.1 / norms)
+        for key, value in rows.items():
+            expected = np.tensordot(factor, value.astype("float64"), 1) / N
+            np.testing.assert_allclose(clipped[key], expected, rtol=1e-4, atol=1e-7,
+                                       err_msg=f"{name}: {key}")
+
+
 def test_grouped_and_regularized_convolutions_are_differentiated_directly(keras, flavour):
     conv2 = keras.layers.Conv2D
     model, x, y = conv_model(

@@ -88,6 +88,36 @@ def conv_bias(name):
     return Factor("conv_bias", None, d, geometry), summed
 
 
+def depthwise_kernel(name, multiplier):
+    """g_K[q, c, m] = Σ_calls Σ_p a[p*s + q*dil - before, c] δ[p, c*multiplier + m]."""
+    geometry, a, d, a_last, d_last, before = conv_case(name, filters=2 * multiplier)
+    expected = np.zeros((N, *geometry.kernel_size, 2, multiplier))
+    for call, p in itertools.product(range(a_last.shape[1]), np.ndindex(*d_last.shape[2:-1])):
+        for q in np.ndindex(*geometry.kernel_size):
+            at = [pi * s + qi * r - b for pi, qi, s, r, b in
+                  zip(p, q, geometry.strides, geometry.dilation, before)]
+            if all(0 <= x < n for x, n in zip(at, a_last.shape[2:-1])):
+                deltas = d_last[(slice(None), call, *p)].reshape(N, 2, multiplier)
+                expected[(slice(None), *q)] += a_last[(slice(None), call, *at)][..., None] * deltas
+    return Factor("depthwise_kernel", a, d, geometry), expected
+
+
+def batch_normalization(role, axis, shape=(2, 3, 4, 5)):
+    """(n, calls, *input shape) factors; channels on `axis` of the factors."""
+    from gradkit._factors._normalization import Moments
+
+    a, d = normal(N, *shape), normal(N, *shape)
+    channels = shape[axis - 1 if axis > 0 else axis]
+    mean, variance = RNG.normal(size=channels), RNG.uniform(0.5, 2.0, size=channels)
+    moments = Moments(axis, mean, variance, 1e-3)
+    a_last, d_last = (np.moveaxis(x, axis, -1).reshape(N, -1, channels).astype(np.float64)
+                      for x in (a, d))
+    if role == "bn_beta":
+        return Factor(role, None, d, moments), d_last.sum(axis=1)
+    normalized = (a_last - mean) / np.sqrt(variance + 1e-3)
+    return Factor(role, a, d, moments), (d_last * normalized).sum(axis=1)
+
+
 #: Per Factor.role, its cases: name -> () -> (factor, rows summed by hand).
 CASES = {
     "kernel": {"one position": lambda: dense_kernel(1), "Gram form": lambda: dense_kernel(3),
@@ -96,11 +126,20 @@ CASES = {
     "embeddings": {"repeated ids": embeddings},
     "conv_kernel": {name: lambda name=name: conv_kernel(name) for name in CONVS},
     "conv_bias": {name: lambda name=name: conv_bias(name) for name in CONVS},
+    "depthwise_kernel": {f"{name} x{m}": lambda name=name, m=m: depthwise_kernel(name, m)
+                         for name in CONVS for m in (1, 2)},
+    "bn_gamma": {f"axis {axis}": lambda axis=axis: batch_normalization("bn_gamma", axis)
+                 for axis in (-1, 2)},
+    "bn_beta": {f"axis {axis}": lambda axis=axis: batch_normalization("bn_beta", axis)
+                for axis in (-1, 2)},
 }
+#: Keras names a depthwise kernel's regularizer after the layer, not the attribute
+REGULARIZER_PREFIX = {"kernel": ("kernel", "depthwise"), "depthwise_kernel": ("depthwise",)}
 
 
 def test_every_kind_has_a_writer_and_a_squared_norm_per_role():
-    roles = [role for kind in KINDS.values() for role in kind.roles.values()]
+    roles = list({id(role): role for kind in KINDS.values()  # a role may serve two kinds
+                  for role in kind.roles.values()}.values())
     assert len({role.factor for role in roles}) == len(roles)  # a Factor.role names one rule
     assert set(ROLES) == {role.factor for role in roles} == set(CASES)  # and has cases here
     for name, kind in KINDS.items():
@@ -108,7 +147,8 @@ def test_every_kind_has_a_writer_and_a_squared_norm_per_role():
         for attribute, role in kind.roles.items():
             assert callable(role.rows) and callable(role.squared) and callable(role.summed), (
                 name, attribute)
-            assert role.regularizer.startswith(attribute), (name, attribute)
+            assert role.regularizer.startswith(
+                REGULARIZER_PREFIX.get(attribute, (attribute,))), (name, attribute)
 
 
 def test_every_kind_finds_its_classes(keras):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
 from gradkit._factors import (
+    KINDS,
     LayerTaps,
     assemble,
     factor_arrays,
@@ -125,10 +126,11 @@ def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable
 
 def planned_layers(adapter, request, mapped: bool) -> list:
     """The factored layers of `request` (gradkit._factors.plan). In the compiled loop
-    (`mapped`) convolutions are not factored: the framework's own kernel gradient there is
-    faster than forming it from the factors on the host."""
+    (`mapped`) only the kinds marked `compiled_loop` are factored: there the framework's own
+    gradient of a convolution or a normalization is faster than forming it from the factors
+    on the host."""
     planned = plan(request.model, request.variables, adapter.layers_module)
-    return [entry for entry in planned if not (mapped and entry.kind == "conv")]
+    return [entry for entry in planned if not mapped or KINDS[entry.kind].compiled_loop]
 
 
 def run_per_example(adapter, request, planned: list, make: Callable,

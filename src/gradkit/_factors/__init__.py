@@ -1,5 +1,5 @@
-"""Per-example gradients of Dense, Embedding and Conv layers as factors: layer input × output
-gradient.
+"""Per-example gradients of Dense, Embedding, Conv, DepthwiseConv and (inference)
+BatchNormalization layers as factors: layer input × output gradient.
 
 For a Dense layer ``z = a·W + b`` (then its activation), example i's gradients are
 
@@ -12,15 +12,17 @@ small per-example factors ``(a, δ)`` carry the whole gradient: the front door w
 ``a δᵀ`` straight into its NumPy result (one write of B × P numbers) or takes the norm from
 them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``). A convolution is the
 same sum over its output positions, with ``a_t`` the input patch under position t: its
-factors keep their spatial shape and its geometry (`_conv`).
+factors keep their spatial shape and its geometry (`_conv`); a depthwise convolution sums
+each channel's patches against that channel's deltas only. A BatchNormalization with its moving
+statistics is a fixed affine map per channel (`_normalization`).
 
 Each layer kind is one entry of the registry (`_registry.KINDS`): the classes it covers, its
 roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`), squared
 norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and where its δ is
 taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's objective with respect to zero
 perturbations at the planned layers' pre-activations inside its vectorizer. Layers not planned
-(other types; regularized, LoRA, quantized or customized Dense/Embedding/Conv, grouped
-convolutions) are differentiated directly. Framework-free: adapters pass their ops.
+(other types; regularized, LoRA, quantized or customized layers of these kinds, grouped,
+separable and transposed convolutions) are differentiated directly. Framework-free: adapters pass their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops

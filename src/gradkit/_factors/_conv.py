@@ -14,6 +14,7 @@ after ("same", as TensorFlow, XLA and Keras' torch backend), or all before ("cau
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -70,6 +71,62 @@ def kernel_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.nda
 
     _blockwise(inputs, deltas, geometry, store)
     return squared
+
+
+def depthwise_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarray) -> None:
+    """Write ``out[i] = g_K[i]`` (shape ``(n, *kernel_size, channels, multiplier)``) of a
+    depthwise convolution: channel c's kernel sees only input channel c, and output channel
+    ``c * multiplier + m`` is its m-th filter."""
+    def store(rows: slice, grads: np.ndarray) -> None:
+        out[rows] = grads
+
+    _depthwise_blockwise(inputs, deltas, geometry, out.shape[-1], store)
+
+
+def depthwise_squared_norms(inputs: Any, deltas: Any, geometry: Geometry,
+                            multiplier: int) -> np.ndarray:
+    """||g_K[i]||² per example of a depthwise convolution, a block of examples at a time."""
+    squared = np.empty(len(inputs), np.float64)
+
+    def store(rows: slice, grads: np.ndarray) -> None:
+        flat = grads.reshape(len(grads), -1)
+        squared[rows] = np.einsum("bk,bk->b", flat, flat, dtype=np.float64)
+
+    _depthwise_blockwise(inputs, deltas, geometry, multiplier, store)
+    return squared
+
+
+def _depthwise_blockwise(inputs: Any, deltas: Any, geometry: Geometry, multiplier: int,
+                         store: Callable) -> None:
+    """``store(rows, g_K[rows])`` (n, *kernel_size, channels, multiplier) for blocks of
+    examples: per kernel offset, the strided input under it dotted with the deltas over every
+    call and position, channel by channel (a few times faster than one einsum over the
+    windows, which NumPy cannot hand to BLAS)."""
+    a = _channels_last(np.asarray(inputs), geometry)
+    d = _channels_last(np.asarray(deltas), geometry)
+    channels = a.shape[-1]
+    windows = _patches(a, d.shape[2:-1], geometry)  # (n, calls, *positions, C, *kernel)
+    positions = "np" + "ijk"[:len(geometry.kernel_size)]
+    offsets = list(itertools.product(*(range(k) for k in geometry.kernel_size)))
+
+    def block(rows: slice) -> None:
+        d_rows = d[rows]
+        grads = np.empty((len(d_rows), *geometry.kernel_size, channels, multiplier), d.dtype)
+        if multiplier == 1:  # one dot per channel: no filter axis to carry
+            for offset in offsets:
+                grads[(slice(None), *offset, slice(None), 0)] = np.einsum(
+                    f"{positions}c,{positions}c->nc", windows[(rows, Ellipsis, *offset)], d_rows)
+        else:
+            d_rows = d_rows.reshape(*d_rows.shape[:-1], channels, multiplier)
+            for offset in offsets:
+                grads[(slice(None), *offset)] = np.einsum(
+                    f"{positions}c,{positions}cm->ncm", windows[(rows, Ellipsis, *offset)],
+                    d_rows)
+        store(rows, grads)
+
+    per_example = max(1, int(np.prod(d.shape[1:])) * (1 + int(np.prod(geometry.kernel_size)))
+                      * a.itemsize)
+    in_blocks(len(a), per_example * len(a), block, PATCH_BLOCK_BYTES // per_example)
 
 
 def _blockwise(inputs: Any, deltas: Any, geometry: Geometry, store: Callable) -> None:

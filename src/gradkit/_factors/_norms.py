@@ -7,7 +7,9 @@ them where a closed form is cheaper:
     ||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)        ||g_b||² = ||Σ_t δ_t||²
     ||g_E||² = Σ_{t,s} [id_t = id_s] (δ_t·δ_s)
 
-A convolution forms each example's (small) kernel gradient, a block of examples at a time.
+A convolution (depthwise too) forms each example's (small) kernel gradient, a block of
+examples at a time; a BatchNormalization's rows are (n, channels) and are formed
+(``gradkit._factors._normalization``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def conv_kernel(part: Any, n: int) -> np.ndarray:
     """A convolution's kernel gradients formed a block of examples at a time, then squared."""
     return conv.kernel_squared_norms(np.asarray(part.inputs)[:n],
                                      np.asarray(part.deltas)[:n], part.geometry)
+
+
+def depthwise_kernel(part: Any, n: int) -> np.ndarray:
+    """A depthwise convolution's kernel gradients formed a block of examples at a time."""
+    deltas = np.asarray(part.deltas)[:n]
+    channels = part.inputs.shape[2 if part.geometry.channels_first else -1]
+    multiplier = deltas.shape[2 if part.geometry.channels_first else -1] // channels
+    return conv.depthwise_squared_norms(np.asarray(part.inputs)[:n], deltas, part.geometry,
+                                        multiplier)
 
 
 def conv_bias(part: Any, n: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from gradkit._factors import _arrays, _norms, _rows, _sums
+from gradkit._factors import _arrays, _normalization, _norms, _rows, _sums
 from gradkit._factors._conv import conv_geometry
 from gradkit._select import walk_layers
 
@@ -39,22 +39,27 @@ class Kind(NamedTuple):
     arrays: Callable  # (input calls, delta calls, ops, dtype, scale) -> (a, d); see _arrays
     at_output: bool  # δ taken at the layer's output (else inside its activation, at z)
     geometry: Callable | None = None  # layer -> what its Factors carry as `geometry`
+    #: whether it is factored inside a loop over examples compiled into the function
+    #: (there the framework's own per-example gradient of a convolution or a normalization
+    #: is faster than forming it on the host from factors)
+    compiled_loop: bool = True
 
 
 class Planned(NamedTuple):
     layer: Any
-    kind: str  # a `Kind.name`: "dense" | "embedding" | "conv"
+    kind: str  # a `Kind.name`: "dense" | "embedding" | "conv" | "depthwise" | ...
     roles: dict  # "kernel" / "bias" / "embeddings" -> index into the selected variables
 
 
 class Factor(NamedTuple):
     """One variable's per-example gradient in factored form (see ``gradkit._factors``)."""
 
-    role: str  # a `Role.factor`: "kernel" | "bias" | "embeddings" | "conv_kernel" | "conv_bias"
+    role: str  # a `Role.factor`: "kernel" | "bias" | "embeddings" | "conv_kernel" | ...
     inputs: Any  # (n, T, fan_in) layer inputs, or (n, T) ids; None for a bias
     deltas: Any  # (n, T, fan_out) pre-activation gradients
-    #: a convolution's `gradkit._factors._conv.Geometry`; then inputs (n, calls, *input shape)
-    #: and deltas (n, calls, *output shape), both with the layer's channel axis
+    #: a convolution's `gradkit._factors._conv.Geometry` (a BatchNormalization's
+    #: `gradkit._factors._normalization.Moments`); then inputs (n, calls, *input shape) and
+    #: deltas (n, calls, *output shape), both with the layer's channel axis
     geometry: Any = None
 
 
@@ -82,10 +87,37 @@ CONV = Kind(
      "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias,
                   _sums.conv_bias)},
     lambda layer: _activated(layer) and getattr(layer, "groups", 1) == 1,  # not grouped
-    _arrays.spatial, at_output=False, geometry=conv_geometry)
+    _arrays.spatial, at_output=False, geometry=conv_geometry, compiled_loop=False)
+
+def _depthwise_classes(layers: Any) -> tuple:
+    return tuple(getattr(layers, name) for name in ("DepthwiseConv1D", "DepthwiseConv2D")
+                 if hasattr(layers, name))
+
+
+_DEPTHWISE_KERNEL = Role("depthwise_kernel", "depthwise_regularizer", True,
+                         _rows.depthwise_kernel, _norms.depthwise_kernel,
+                         _sums.depthwise_kernel)
+
+DEPTHWISE = Kind(
+    "depthwise", _depthwise_classes,
+    {"kernel": _DEPTHWISE_KERNEL,  # Keras 3's attribute
+     "depthwise_kernel": _DEPTHWISE_KERNEL,  # tf-keras'
+     "bias": CONV.roles["bias"]},
+    _activated, _arrays.spatial, at_output=False, geometry=conv_geometry)
+
+_SCALE, _OFFSET = _normalization.scale_rows64, _normalization.offset_rows64
+
+BATCH_NORMALIZATION = Kind(
+    "batch_normalization", lambda layers: (layers.BatchNormalization,),
+    {"gamma": Role("bn_gamma", "gamma_regularizer", True, _normalization.writer(_SCALE),
+                   _normalization.squared(_SCALE), _normalization.summed(_SCALE)),
+     "beta": Role("bn_beta", "beta_regularizer", False, _normalization.writer(_OFFSET),
+                  _normalization.squared(_OFFSET), _normalization.summed(_OFFSET))},
+    _normalization.plain, _arrays.spatial, at_output=True, geometry=_normalization.moments,
+    compiled_loop=False)
 
 #: Every kind, by name, in the order a layer's class is matched against them.
-KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV)}
+KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, DEPTHWISE, BATCH_NORMALIZATION)}
 #: Every role of every kind, by `Factor.role`.
 ROLES = {role.factor: role for kind in KINDS.values() for role in kind.roles.values()}
 
@@ -125,7 +157,7 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
-    """The first convolution-like layer (depthwise, separable, transposed, grouped) whose
+    """The first convolution-like layer (separable, transposed, grouped) whose
     selected kernel has no factors, named, or None. A vectorizer forms its per-example kernel
     gradients as one grouped convolution over the batch: many times slower than a loop of
     single-example gradients on CPU (JAX: 10x on MobileNetV2) and memory-hungry."""

@@ -60,6 +60,15 @@ def conv_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> 
     return finite(out)
 
 
+def depthwise_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """A depthwise convolution's kernel rows (``gradkit._factors._conv``); small, checked
+    directly."""
+    n = out.shape[0]
+    conv.depthwise_rows(np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n],
+                        part.geometry, out)
+    return finite(out)
+
+
 def conv_bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """``out[i] = Σ_t δ_it`` over every call and output position of a convolution."""
     np.sum(conv.bias_deltas(part.deltas, part.geometry)[:out.shape[0]], axis=1, out=out)

@@ -8,7 +8,7 @@ with `weights` of shape (n,) for the first n examples, and equals ``Σ_i weights
     Σ_i w_i Σ_t δ_it                            (a bias)
     Σ_i w_i Σ_t δ_it scattered into row id_it   (an embedding)
 
-A convolution's per-example kernel gradients are small: they are formed a block of examples at
+A convolution's (depthwise too) per-example kernel gradients are small: they are formed a block of examples at
 a time from the reweighted deltas and summed. The sums are float64.
 """
 
@@ -54,6 +54,15 @@ def conv_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     _, d = _weighted(part, weights, inputs=False)
     rows = np.empty((n, *shape), d.dtype)
     conv.kernel_rows(np.asarray(part.inputs)[:n].astype(d.dtype), d, part.geometry, rows)
+    return rows.sum(axis=0, dtype=np.float64)
+
+
+def depthwise_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """Per-example depthwise kernel gradients of the reweighted deltas, summed."""
+    n = len(weights)
+    _, d = _weighted(part, weights, inputs=False)
+    rows = np.empty((n, *shape), d.dtype)
+    conv.depthwise_rows(np.asarray(part.inputs)[:n].astype(d.dtype), d, part.geometry, rows)
     return rows.sum(axis=0, dtype=np.float64)
 
 
