@@ -439,3 +439,36 @@ def test_updates_not_recorded_are_traced_without_statistics(keras, monkeypatch):
     assert sorted(set(traced), key=str) == [False, True, "rows"]
     assert whens and all(due is True for due in whens)
     assert traced.count("rows") == traced.count(True)  # statistics in that trace only
+
+
+@pytest.mark.flavours("tensorflow", "tf_keras")
+def test_tensorflow_conditionals_stay_functional_if_ops():
+    """The monitor's conds in a TensorFlow step are kept as `If` ops (not lowered to
+    Switch/Merge, whose untaken branch costs every step), and they still pick the branch."""
+    import tensorflow as tf
+
+    from gradkit._monitor import _ingraph
+
+    xp = _ingraph.namespace("tf_keras")
+
+    @tf.function
+    def pick(flag, x):
+        return xp.cond(flag, lambda: xp.sum(x * x), lambda: xp.sum(x))
+
+    x = tf.constant([1.0, 2.0, 3.0])
+    assert float(pick(tf.constant(True), x)) == 14.0 and float(pick(tf.constant(False), x)) == 6.0
+    graph = pick.get_concrete_function(tf.constant(True), x).graph
+    ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert ifs and not any(lowered(op) for op in ifs)
+    outside = tf.function(lambda f: tf.cond(f, lambda: 1.0, lambda: 2.0))  # left as it was
+    plain = [op for op in outside.get_concrete_function(tf.constant(True)).graph
+             .get_operations() if op.type in ("If", "StatelessIf")]
+    assert plain and all(lowered(op) for op in plain)
+
+
+def lowered(op):
+    """Whether TensorFlow will lower this If op to Switch/Merge (the attr is absent if not)."""
+    try:
+        return bool(op.get_attr("_lower_using_switch_merge"))
+    except ValueError:
+        return False

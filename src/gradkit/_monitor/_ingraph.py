@@ -130,9 +130,24 @@ def _tf_zero_count(g: Any) -> Any:  # faster than tf.math.count_nonzero (int64)
 
 
 def _tf_cond(pred: Any, true_fn: Any, false_fn: Any) -> Any:
+    """``tf.cond`` kept as one functional ``If`` op: TensorFlow lowers a cond in a function to
+    Switch/Merge, whose untaken branch still passes a dead tensor through each of its ops on
+    every step; an ``If`` runs only the branch taken. (Falls back to the lowered cond where
+    TensorFlow's private switch is gone.)"""
     import tensorflow as tf
 
-    return tf.cond(pred, true_fn, false_fn)
+    try:
+        from tensorflow.python.ops import control_flow_util_v2 as util
+    except ImportError:
+        util = None
+    if not hasattr(util, "_DISABLE_LOWER_USING_SWITCH_MERGE"):
+        return tf.cond(pred, true_fn, false_fn)
+    saved = util._DISABLE_LOWER_USING_SWITCH_MERGE
+    util._DISABLE_LOWER_USING_SWITCH_MERGE = True
+    try:
+        return tf.cond(pred, true_fn, false_fn)
+    finally:
+        util._DISABLE_LOWER_USING_SWITCH_MERGE = saved
 
 
 def flat(xp: SimpleNamespace, x: Any) -> Any:
@@ -245,7 +260,7 @@ def snapshot(xp: SimpleNamespace, due: Any, variables: list) -> Any:
         return [xp.copy(xp.value(v)) for v in variables]
     import tensorflow as tf  # (torch: `_eager.EagerStats.snapshot`)
 
-    return tf.cond(due, lambda: [tf.identity(xp.value(v)) for v in variables],
+    return xp.cond(due, lambda: [tf.identity(xp.value(v)) for v in variables],
                    lambda: [tf.zeros([0]) for _ in variables])
 
 
