@@ -168,34 +168,49 @@ def nonfinite_counts(xp: SimpleNamespace, grads: list) -> Any:
 
 def variable_rows(xp: SimpleNamespace, grads: list, weights: list, sums: list, finite: Any,
                   bins: int) -> tuple[Any, Any]:
-    """((n, len(ROW)) float32, (n, 3 + bins) int32): see the module docstring."""
-    rows, counts = [], []
-    for g, w, s in zip(grads, weights, sums):
-        g, w = flat(xp, g), flat(xp, w)
-        row, count = xp.cond(finite, lambda g=g, s=s: _fast(xp, g, s, bins),
-                             lambda g=g: masked_rows(xp, g, bins))
-        rows.append(xp.concatenate([row, xp.reshape(xp.squares(w, 0.0), [1])], 0))
-        counts.append(count)
-    return xp.stack(rows), xp.stack(counts)
+    """((n, len(ROW)) float32, (n, 3 + bins) int32): see the module docstring.
+
+    One conditional for the whole update: when every gradient is finite and within the
+    unscaled range (the usual case) every variable takes the plain sums; otherwise each
+    variable picks its own (a conditional each: several cost every recorded step)."""
+    flats = [flat(xp, g) for g in grads]
+    extremes = [(xp.min(g), xp.max(g)) for g in flats]
+    plain = [xp.logical_and(finite, _in_range(xp, lo, hi)) for lo, hi in extremes]
+    everywhere = plain[0]
+    for ok in plain[1:]:
+        everywhere = xp.logical_and(everywhere, ok)
+
+    def all_plain() -> list:
+        return [_plain(xp, g, s, lo, hi, bins) for g, s, (lo, hi) in zip(flats, sums, extremes)]
+
+    def each_its_own() -> list:
+        return [xp.cond(ok, lambda g=g, s=s, e=e: _plain(xp, g, s, *e, bins),
+                        lambda g=g: masked_rows(xp, g, bins))
+                for g, s, e, ok in zip(flats, sums, extremes, plain)]
+
+    parts = xp.cond(everywhere, all_plain, each_its_own)
+    rows = [xp.concatenate([row, xp.reshape(xp.squares(flat(xp, w), 0.0), [1])], 0)
+            for (row, _), w in zip(parts, weights)]
+    return xp.stack(rows), xp.stack([count for _, count in parts])
 
 
-def _fast(xp: SimpleNamespace, g: Any, total: Any, bins: int) -> tuple[Any, Any]:
-    """Every entry finite: no masks, and no scaling while squares stay in float32 range."""
-    size = int(g.shape[0])
-    lo, hi = xp.min(g), xp.max(g)
+def _in_range(xp: SimpleNamespace, lo: Any, hi: Any) -> Any:
+    """Whether squares need no scaling: max|g| is 0 or within (1e-17, 1e17) (NaN: False)."""
     biggest = xp.maximum(hi, -lo)
-    safe = xp.logical_or(xp.equal(biggest, 0.0),
+    return xp.logical_or(xp.equal(biggest, 0.0),
                          xp.logical_and(biggest > 1e-17, biggest < 1e17))
 
-    def plain():
-        shift = total / size
-        zeros = xp.zero_count(g)
-        none = xp.cast(0 * zeros, "int32")
-        row = xp.stack([lo, hi, shift, 1.0 + 0 * shift, 0 * shift, xp.squares(g, shift)])
-        counts = xp.stack([zeros, none, none])
-        return row, xp.concatenate([counts, histogram(xp, g, lo, hi, bins)], 0)
 
-    return xp.cond(safe, plain, lambda: masked_rows(xp, g, bins))
+def _plain(xp: SimpleNamespace, g: Any, total: Any, lo: Any, hi: Any,
+           bins: int) -> tuple[Any, Any]:
+    """Every entry finite, squares in float32 range: no masks, no scaling."""
+    size = int(g.shape[0])
+    shift = total / size
+    zeros = xp.zero_count(g)
+    none = xp.cast(0 * zeros, "int32")
+    row = xp.stack([lo, hi, shift, 1.0 + 0 * shift, 0 * shift, xp.squares(g, shift)])
+    counts = xp.stack([zeros, none, none])
+    return row, xp.concatenate([counts, histogram(xp, g, lo, hi, bins)], 0)
 
 
 def masked_rows(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
