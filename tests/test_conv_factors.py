@@ -119,32 +119,55 @@ def depthwise_and_normalization_cases(keras, flavour):
     return {name: (with_moving_statistics(model), x, y) for name, (model, x, y) in found.items()}
 
 
-def test_depthwise_and_normalization_rows_and_norms_match_the_loop(keras, flavour):
-    """Depthwise kernels and inference BatchNormalization come back as factors; rows, norms
-    and clipped sums from them equal gradients() on single examples."""
+def einsum_and_layer_normalization_cases(keras):
+    from _zoo_models import attention
+
+    L = keras.layers
+    inputs = keras.Input((5, 4))
+    h = L.EinsumDense("abc,cd->abd", output_shape=(5, 6), bias_axes="d", activation="tanh",
+                      name="proj")(inputs)
+    h = L.LayerNormalization(name="ln")(h)
+    h = L.EinsumDense("abc,cde->abde", output_shape=(5, 2, 3), bias_axes="de",
+                      name="heads")(h)
+    h = L.EinsumDense("...b,bc->...c", output_shape=3, bias_axes="c", name="elided")(h)
+    h = L.LayerNormalization(center=False, name="ln_scale_only")(h)
+    sequence = keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(h)))
+    sequence.compile(loss="mse")
+    attention_model, x, y = attention(keras, batch=N)
+    return {"EinsumDense and LayerNormalization": (
+                sequence, RNG.normal(size=(N, 5, 4)).astype("float32"),
+                RNG.normal(size=(N, 2)).astype("float32")),
+            "MultiHeadAttention": (attention_model, x, y)}
+
+
+@pytest.mark.parametrize("cases", [depthwise_and_normalization_cases,
+                                   lambda keras, flavour: einsum_and_layer_normalization_cases(
+                                       keras)], ids=["depthwise/batchnorm", "einsum/layernorm"])
+def test_factored_layers_rows_norms_and_clipped_sums_match_the_loop(keras, flavour, cases):
+    """Depthwise kernels, inference BatchNormalization, EinsumDense and LayerNormalization
+    come back as factors (MultiHeadAttention's projections too); rows, norms and clipped
+    sums from them equal gradients() on single examples."""
     from gradkit._factors import Factor, write_rows
     from gradkit._request import prepare
 
-    for name, (model, x, y) in depthwise_and_normalization_cases(keras, flavour).items():
+    for name, (model, x, y) in cases(keras, flavour).items():
         reference = loop_reference(model, x, y)
         request = prepare(model, x, y)
         parts = request.adapter.per_example_parts(request)
-        factored = [type(layer).__name__ for layer in model.layers
-                    if type(layer).__name__ in ("DepthwiseConv1D", "DepthwiseConv2D",
-                                                "BatchNormalization")]
-        assert factored, name
-        for variable, part, key in zip(request.variables, parts, reference):
+        for part, key in zip(parts, reference):
             out = np.empty_like(reference[key])
             assert isinstance(part, Factor), (name, key)
             assert write_rows(part, out), (name, key)
-            np.testing.assert_allclose(out, reference[key], rtol=2e-5, atol=2e-6,
+            # float32 rounding through LayerNormalization's backward pass differs between
+            # the vectorized pass and a batch of one by up to 5e-5 (TensorFlow, tf-keras)
+            np.testing.assert_allclose(out, reference[key], rtol=1e-4, atol=1e-5,
                                        err_msg=f"{name}: {key}")
         rows = gk.per_example_gradients(model, x, y)
-        assert_same_sets(rows, reference, rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(gk.per_example_norms(model, x, y), materialized_norms(rows),
-                                   rtol=1e-5, err_msg=name)
-        clipped = gk.clipped_gradients(model, x, y, l2_norm_clip=0.1, noise_multiplier=0.0)
+        assert_same_sets(rows, reference, rtol=1e-4, atol=1e-5)
         norms = materialized_norms(rows)
+        np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5,
+                                   err_msg=name)
+        clipped = gk.clipped_gradients(model, x, y, l2_norm_clip=0.1, noise_multiplier=0.0)
         factor = np.minimum(1.0, 0.1 / norms)
         for key, value in rows.items():
             expected = np.tensordot(factor, value.astype("float64"), 1) / N

@@ -112,10 +112,74 @@ def batch_normalization(role, axis, shape=(2, 3, 4, 5)):
     moments = Moments(axis, mean, variance, 1e-3)
     a_last, d_last = (np.moveaxis(x, axis, -1).reshape(N, -1, channels).astype(np.float64)
                       for x in (a, d))
-    if role == "bn_beta":
+    if role == "norm_beta":
         return Factor(role, None, d, moments), d_last.sum(axis=1)
     normalized = (a_last - mean) / np.sqrt(variance + 1e-3)
     return Factor(role, a, d, moments), (d_last * normalized).sum(axis=1)
+
+
+def layer_normalization(axis, shape=(2, 3, 4, 5), epsilon=1e-3):
+    """g_γ[i] = Σ_calls Σ_positions δ ⊙ (a − mean) / √(var + ε), the moments per position."""
+    from gradkit._factors._normalization import Features
+
+    a, d = normal(N, *shape), normal(N, *shape)
+    last_a, last_d = (np.moveaxis(x, axis, -1).astype(np.float64) for x in (a, d))
+    expected = np.zeros((N, last_a.shape[-1]))
+    for i in range(N):
+        for position in np.ndindex(*last_a.shape[1:-1]):
+            row = last_a[(i, *position)]
+            normalized = (row - row.mean()) / np.sqrt(row.var() + epsilon)
+            expected[i] += last_d[(i, *position)] * normalized
+    return Factor("ln_gamma", a, d, Features(axis, epsilon)), expected
+
+
+#: (equation, input shape without the batch, output shape without it, bias shape or None)
+EINSUMS = {
+    "dense-like": ("abc,cd->abd", (3, 4), (3, 5), (5,)),
+    "heads": ("abc,cde->abde", (3, 4), (3, 2, 5), (2, 5)),
+    "output projection": ("abcd,cde->abe", (3, 2, 4), (3, 5), None),
+    "bias broadcast on an axis": ("abc,cde->abde", (3, 4), (3, 2, 5), (2, 1)),
+    "left ellipsis": ("...b,bc->...c", (2, 3, 4), (2, 3, 5), (5,)),
+}
+
+
+def einsum_case(name, calls=2):
+    from gradkit._factors._einsum import Einsum
+
+    equation, in_shape, out_shape, bias_shape = EINSUMS[name]
+    inputs, rest = equation.split(",")
+    kernel, output = rest.split("->")
+    a, d = normal(N, calls, *in_shape), normal(N, calls, *out_shape)
+    return Einsum(inputs, kernel, output, bias_shape), equation, a, d
+
+
+def einsum_kernel(name):
+    """Each example alone, as a batch of one: einsum(inputs, output -> kernel) per call."""
+    geometry, equation, a, d = einsum_case(name)
+    inputs, rest = equation.split(",")
+    kernel, output = rest.split("->")
+    alone = f"{inputs},{output}->{kernel}"
+
+    def one(x, delta):  # NumPy wants an ellipsis in the output: "...b,bc->...c" by hand
+        if inputs.startswith("..."):
+            return x.reshape(-1, x.shape[-1]).T @ delta.reshape(-1, delta.shape[-1])
+        return np.einsum(alone, x[None], delta[None])
+
+    expected = np.stack([sum(one(a[i, c], d[i, c]).astype(np.float64)
+                             for c in range(a.shape[1])) for i in range(N)])
+    return Factor("einsum_kernel", a, d, geometry), expected
+
+
+def einsum_bias(name):
+    geometry, _, a, d = einsum_case(name)
+    shape = geometry.bias_shape
+    expected = np.zeros((N, *shape))
+    for i, c in itertools.product(range(N), range(d.shape[1])):
+        for position in np.ndindex(*d.shape[2:]):  # δ added into its broadcast bias entry
+            target = tuple(0 if size == 1 else p
+                           for p, size in zip(position[len(position) - len(shape):], shape))
+            expected[(i, *target)] += d[(i, c, *position)]
+    return Factor("einsum_bias", None, d, geometry), expected
 
 
 #: Per Factor.role, its cases: name -> () -> (factor, rows summed by hand).
@@ -130,8 +194,12 @@ CASES = {
                          for name in CONVS for m in (1, 2)},
     "bn_gamma": {f"axis {axis}": lambda axis=axis: batch_normalization("bn_gamma", axis)
                  for axis in (-1, 2)},
-    "bn_beta": {f"axis {axis}": lambda axis=axis: batch_normalization("bn_beta", axis)
+    "norm_beta": {f"axis {axis}": lambda axis=axis: batch_normalization("norm_beta", axis)
                 for axis in (-1, 2)},
+    "ln_gamma": {f"axis {axis}": lambda axis=axis: layer_normalization(axis) for axis in (-1, 2)},
+    "einsum_kernel": {name: lambda name=name: einsum_kernel(name) for name in EINSUMS},
+    "einsum_bias": {name: lambda name=name: einsum_bias(name) for name in EINSUMS
+                    if EINSUMS[name][3] is not None},
 }
 #: Keras names a depthwise kernel's regularizer after the layer, not the attribute
 REGULARIZER_PREFIX = {"kernel": ("kernel", "depthwise"), "depthwise_kernel": ("depthwise",)}

@@ -1,12 +1,13 @@
 """torch's batched factor route for per-example gradients (a speciality of the torch backend).
 
 When every selected variable sits in a plain layer of a factored kind (Dense, Embedding, Conv,
-DepthwiseConv, BatchNormalization; ``gradkit._factors``) and the forward pass
-treats each row exactly as a batch of one would (`rows_independent`), ONE forward pass over
-the batch with zero perturbations at the pre-activations and ONE backward pass of the sum of
-the examples' own objectives give every example's factors: example i's objective depends on
-row i alone, so the gradient at row i of each perturbation is example i's own δ. This is
-several times faster on torch than `torch.func.vmap` of `torch.func.grad`.
+DepthwiseConv, EinsumDense, Layer- and BatchNormalization; ``gradkit._factors``) and the
+forward pass treats each row exactly as a batch of one would (`rows_independent`), ONE
+forward pass over the batch with zero perturbations at the pre-activations and ONE backward
+pass of the sum of the examples' own objectives give every example's factors: example i's
+objective depends on row i alone, so the gradient at row i of each perturbation is example
+i's own δ. This is several times faster on torch than `torch.func.vmap` of
+`torch.func.grad`.
 """
 
 from __future__ import annotations

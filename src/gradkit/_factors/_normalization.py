@@ -1,4 +1,5 @@
-"""BatchNormalization with its moving statistics: per-example γ and β gradients (NumPy).
+"""BatchNormalization (moving statistics) and LayerNormalization: per-example γ and β
+gradients (NumPy).
 
 In inference a BatchNormalization layer is a fixed affine map per channel,
 ``y = γ (a − μ) / √(σ² + ε) + β`` with the moving mean μ and variance σ², so example i's
@@ -10,12 +11,15 @@ The factors are the layer input ``a`` and δ at the layer's output, in the `spat
 (n, calls, *input shape), and the layer's `Moments`. They hold only where the moving
 statistics are used: per-example work refuses ``training=True`` through a trainable
 BatchNormalization (it couples the examples), so the factors are never taken in training.
+A LayerNormalization normalizes each position of each example by its own mean and variance
+over the feature axis, ``â = (a − mean(a)) / √(var(a) + ε)`` (no other example enters), so
+``g_γ[i] = Σ_t δ_it â_it`` with â recomputed from the recorded input, and β as above.
 Rows are (n, channels): every role forms them, small, in float64.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,6 +39,34 @@ def moments(layer: Any) -> Moments:
                    np.asarray(layer.moving_mean, np.float64).reshape(-1),
                    np.asarray(layer.moving_variance, np.float64).reshape(-1),
                    float(layer.epsilon))
+
+
+class Features(NamedTuple):
+    """A LayerNormalization's feature axis in the factors' layout, and its epsilon."""
+
+    axis: int
+    epsilon: float
+
+
+def features(layer: Any) -> Features:
+    axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else int(layer.axis)
+    return Features(axis + 1 if axis > 0 else axis, float(layer.epsilon))
+
+
+def plain_layer_normalization(layer: Any) -> bool:
+    """One feature axis and the centred form (not Keras 3's `rms_scaling`)."""
+    axis = layer.axis
+    single = not isinstance(axis, (list, tuple)) or len(axis) == 1
+    return single and not getattr(layer, "rms_scaling", False)
+
+
+def normalized_scale_rows64(part: Any, n: int) -> np.ndarray:
+    """(n, features) float64 ``g_γ`` of a LayerNormalization: â from the input itself."""
+    a = _channels_last(part.inputs, part.geometry, n).astype(np.float64)
+    centered = a - a.mean(axis=-1, keepdims=True)
+    normalized = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True)
+                                    + part.geometry.epsilon)
+    return np.einsum("ntc,ntc->nc", _channels_last(part.deltas, part.geometry, n), normalized)
 
 
 def plain(layer: Any) -> bool:
@@ -61,33 +93,7 @@ def offset_rows64(part: Any, n: int) -> np.ndarray:
     return _channels_last(part.deltas, part.geometry, n).sum(axis=1, dtype=np.float64)
 
 
-def writer(rows64: Callable) -> Callable:
-    """The role's rows writer ``(factor, out, product) -> finite``."""
-    def write(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
-        out[...] = rows64(part, out.shape[0]).reshape(out.shape)
-        return bool(np.isfinite(out).all())
-
-    return write
-
-
-def squared(rows64: Callable) -> Callable:
-    """The role's squared norms ``(factor, n) -> (n,)``."""
-    def norms(part: Any, n: int) -> np.ndarray:
-        rows = rows64(part, n)
-        return np.einsum("bc,bc->b", rows, rows)
-
-    return norms
-
-
-def summed(rows64: Callable) -> Callable:
-    """The role's weighted sum ``(factor, weights, shape) -> Σ_i w_i row_i``."""
-    def total(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
-        return (weights.astype(np.float64) @ rows64(part, len(weights))).reshape(shape)
-
-    return total
-
-
-def _channels_last(x: Any, geometry: Moments, n: int) -> np.ndarray:
+def _channels_last(x: Any, geometry: Any, n: int) -> np.ndarray:
     """(n, positions, channels) of the first n examples."""
     x = np.moveaxis(np.asarray(x)[:n], geometry.axis, -1)
     return x.reshape(n, -1, x.shape[-1])

@@ -14,7 +14,7 @@ examples at a time; a BatchNormalization's rows are (n, channels) and are formed
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -73,6 +73,15 @@ def conv_bias(part: Any, n: int) -> np.ndarray:
     """``||Σ_t δ_t||²`` over every call and output position of a convolution."""
     summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
     return np.einsum("bo,bo->b", summed, summed)
+
+
+def from_rows64(rows64: Callable) -> Callable:
+    """Squared norms of a role whose rows ``rows64(factor, n)`` are formed whole."""
+    def squared(part: Any, n: int) -> np.ndarray:
+        rows = rows64(part, n).reshape(n, -1)
+        return np.einsum("bp,bp->b", rows, rows)
+
+    return squared
 
 
 def gram(x: np.ndarray) -> np.ndarray:

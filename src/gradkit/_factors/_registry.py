@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from gradkit._factors import _arrays, _normalization, _norms, _rows, _sums
+from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
 from gradkit._factors._conv import conv_geometry
 from gradkit._select import walk_layers
 
@@ -105,19 +105,41 @@ DEPTHWISE = Kind(
      "bias": CONV.roles["bias"]},
     _activated, _arrays.spatial, at_output=False, geometry=conv_geometry)
 
-_SCALE, _OFFSET = _normalization.scale_rows64, _normalization.offset_rows64
+def _formed(name: str, regularizer: str, uses_inputs: bool, rows64: Callable,
+            summed: Callable | None = None) -> Role:
+    """A role whose (small) rows are formed whole by ``rows64(factor, n)``."""
+    return Role(name, regularizer, uses_inputs, _rows.from_rows64(rows64),
+                _norms.from_rows64(rows64), summed or _sums.from_rows64(rows64))
+
+
+_OFFSET = _formed("norm_beta", "beta_regularizer", False, _normalization.offset_rows64)
 
 BATCH_NORMALIZATION = Kind(
     "batch_normalization", lambda layers: (layers.BatchNormalization,),
-    {"gamma": Role("bn_gamma", "gamma_regularizer", True, _normalization.writer(_SCALE),
-                   _normalization.squared(_SCALE), _normalization.summed(_SCALE)),
-     "beta": Role("bn_beta", "beta_regularizer", False, _normalization.writer(_OFFSET),
-                  _normalization.squared(_OFFSET), _normalization.summed(_OFFSET))},
+    {"gamma": _formed("bn_gamma", "gamma_regularizer", True, _normalization.scale_rows64),
+     "beta": _OFFSET},
     _normalization.plain, _arrays.spatial, at_output=True, geometry=_normalization.moments,
     compiled_loop=False)
 
+LAYER_NORMALIZATION = Kind(
+    "layer_normalization", lambda layers: (layers.LayerNormalization,),
+    {"gamma": _formed("ln_gamma", "gamma_regularizer", True,
+                      _normalization.normalized_scale_rows64),
+     "beta": _OFFSET},
+    _normalization.plain_layer_normalization, _arrays.spatial, at_output=True,
+    geometry=_normalization.features, compiled_loop=False)
+
+EINSUM_DENSE = Kind(
+    "einsum_dense", lambda layers: (layers.EinsumDense,),
+    {"kernel": _formed("einsum_kernel", "kernel_regularizer", True, _einsum.kernel_rows64,
+                       summed=_einsum.kernel_summed),
+     "bias": _formed("einsum_bias", "bias_regularizer", False, _einsum.bias_rows64)},
+    lambda layer: _activated(layer) and _einsum.plain(layer), _arrays.spatial,
+    at_output=False, geometry=_einsum.einsum_geometry, compiled_loop=False)
+
 #: Every kind, by name, in the order a layer's class is matched against them.
-KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, DEPTHWISE, BATCH_NORMALIZATION)}
+KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, DEPTHWISE, BATCH_NORMALIZATION,
+                                      LAYER_NORMALIZATION, EINSUM_DENSE)}
 #: Every role of every kind, by `Factor.role`.
 ROLES = {role.factor: role for kind in KINDS.values() for role in kind.roles.values()}
 

@@ -75,6 +75,16 @@ def conv_bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bo
     return finite(out)
 
 
+def from_rows64(rows64: Callable) -> Callable:
+    """The writer of a role whose rows are small and formed whole: ``rows64(factor, n)``
+    gives them as (n, ...) float64 (normalization scales, EinsumDense kernels)."""
+    def write(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+        out[...] = rows64(part, out.shape[0]).reshape(out.shape)
+        return finite(out)
+
+    return write
+
+
 def kernel_rows(inputs: np.ndarray, deltas: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = Σ_t a_it δ_itᵀ`` for inputs (n, T, in) and deltas (n, T, out), in blocks."""
     if inputs.shape[1] == 1:  # a_i δ_iᵀ, written once, straight into the result

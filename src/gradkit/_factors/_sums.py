@@ -14,7 +14,7 @@ a time from the reweighted deltas and summed. The sums are float64.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -69,6 +69,15 @@ def depthwise_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray
 def conv_bias(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     deltas = conv.bias_deltas(part.deltas, part.geometry)[:len(weights)]
     return np.einsum("b,bto->o", weights, deltas.astype(np.float64)).reshape(shape)
+
+
+def from_rows64(rows64: Callable) -> Callable:
+    """The weighted sum of a role whose rows ``rows64(factor, n)`` are formed whole."""
+    def total(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+        rows = rows64(part, len(weights)).reshape(len(weights), -1)
+        return (weights.astype(np.float64) @ rows).reshape(shape)
+
+    return total
 
 
 def _weighted(part: Any, weights: np.ndarray, inputs: bool = True) -> tuple:
