@@ -134,18 +134,26 @@ def einsum_and_layer_normalization_cases(keras):
     sequence = keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(h)))
     sequence.compile(loss="mse")
     attention_model, x, y = attention(keras, batch=N)
+    images = keras.Input((6, 6, 2))
+    h = L.GroupNormalization(groups=2, name="gn")(L.Conv2D(4, 3, activation="relu")(images))
+    h = L.GroupNormalization(groups=1, center=False, name="gn_whole")(
+        L.Conv2D(2, 3, padding="same", activation="tanh")(h))
+    grouped = keras.Model(images, L.Dense(2, name="out")(L.GlobalAveragePooling2D()(h)))
+    grouped.compile(loss="mse")
     return {"EinsumDense and LayerNormalization": (
                 sequence, RNG.normal(size=(N, 5, 4)).astype("float32"),
                 RNG.normal(size=(N, 2)).astype("float32")),
-            "MultiHeadAttention": (attention_model, x, y)}
+            "MultiHeadAttention": (attention_model, x, y),
+            "GroupNormalization": (grouped, RNG.normal(size=(N, 6, 6, 2)).astype("float32"),
+                                   RNG.normal(size=(N, 2)).astype("float32"))}
 
 
 @pytest.mark.parametrize("cases", [depthwise_and_normalization_cases,
                                    lambda keras, flavour: einsum_and_layer_normalization_cases(
                                        keras)], ids=["depthwise/batchnorm", "einsum/layernorm"])
 def test_factored_layers_rows_norms_and_clipped_sums_match_the_loop(keras, flavour, cases):
-    """Depthwise kernels, inference BatchNormalization, EinsumDense and LayerNormalization
-    come back as factors (MultiHeadAttention's projections too); rows, norms and clipped
+    """Depthwise kernels, inference BatchNormalization, EinsumDense, Layer- and
+    GroupNormalization come back as factors (MultiHeadAttention's projections too); rows, norms and clipped
     sums from them equal gradients() on single examples."""
     from gradkit._factors import Factor, write_rows
     from gradkit._request import prepare

@@ -133,6 +133,24 @@ def layer_normalization(axis, shape=(2, 3, 4, 5), epsilon=1e-3):
     return Factor("ln_gamma", a, d, Features(axis, epsilon)), expected
 
 
+def group_normalization(axis, groups=2, shape=(2, 3, 4, 6), epsilon=1e-3):
+    """Per example and call, each group normalized over its positions and channels."""
+    from gradkit._factors._normalization import Groups
+
+    a, d = normal(N, *shape), normal(N, *shape)
+    last_a, last_d = (np.moveaxis(x, axis, -1).astype(np.float64) for x in (a, d))
+    channels = last_a.shape[-1]
+    size = channels // groups
+    expected = np.zeros((N, channels))
+    for i, call, group in itertools.product(range(N), range(shape[0]), range(groups)):
+        block = last_a[i, call, ..., group * size:(group + 1) * size]
+        normalized = (block - block.mean()) / np.sqrt(block.var() + epsilon)
+        deltas = last_d[i, call, ..., group * size:(group + 1) * size]
+        expected[i, group * size:(group + 1) * size] += (deltas * normalized).reshape(
+            -1, size).sum(axis=0)
+    return Factor("gn_gamma", a, d, Groups(axis, groups, epsilon)), expected
+
+
 #: (equation, input shape without the batch, output shape without it, bias shape or None)
 EINSUMS = {
     "dense-like": ("abc,cd->abd", (3, 4), (3, 5), (5,)),
@@ -197,6 +215,8 @@ CASES = {
     "norm_beta": {f"axis {axis}": lambda axis=axis: batch_normalization("norm_beta", axis)
                 for axis in (-1, 2)},
     "ln_gamma": {f"axis {axis}": lambda axis=axis: layer_normalization(axis) for axis in (-1, 2)},
+    "gn_gamma": {"axis -1, 2 groups": lambda: group_normalization(-1, groups=2),
+                 "axis 2, 3 groups of one": lambda: group_normalization(2, groups=3)},
     "einsum_kernel": {name: lambda name=name: einsum_kernel(name) for name in EINSUMS},
     "einsum_bias": {name: lambda name=name: einsum_bias(name) for name in EINSUMS
                     if EINSUMS[name][3] is not None},

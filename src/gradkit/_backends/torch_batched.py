@@ -1,7 +1,7 @@
 """torch's batched factor route for per-example gradients (a speciality of the torch backend).
 
 When every selected variable sits in a plain layer of a factored kind (Dense, Embedding, Conv,
-DepthwiseConv, EinsumDense, Layer- and BatchNormalization; ``gradkit._factors``) and the
+DepthwiseConv, EinsumDense, Layer-, Group- and BatchNormalization; ``gradkit._factors``) and the
 forward pass treats each row exactly as a batch of one would (`rows_independent`), ONE
 forward pass over the batch with zero perturbations at the pre-activations and ONE backward
 pass of the sum of the examples' own objectives give every example's factors: example i's

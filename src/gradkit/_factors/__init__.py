@@ -1,5 +1,5 @@
-"""Per-example gradients of Dense, EinsumDense, Embedding, Conv, DepthwiseConv,
-LayerNormalization and (inference) BatchNormalization layers as factors: layer input ×
+"""Per-example gradients of Dense, EinsumDense, Embedding, Conv, DepthwiseConv, Layer- and
+GroupNormalization and (inference) BatchNormalization layers as factors: layer input ×
 output gradient.
 
 For a Dense layer ``z = a·W + b`` (then its activation), example i's gradients are
@@ -15,8 +15,8 @@ them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``). A con
 same sum over its output positions, with ``a_t`` the input patch under position t: its
 factors keep their spatial shape and its geometry (`_conv`); a depthwise convolution sums
 each channel's patches against that channel's deltas only. A BatchNormalization with its moving
-statistics is a fixed affine map per channel, a LayerNormalization one per position
-(`_normalization`); an EinsumDense is its own einsum with the batch letter kept (`_einsum`).
+statistics is a fixed affine map per channel, a Layer- or GroupNormalization one per position
+or per group of each example (`_normalization`); an EinsumDense is its own einsum with the batch letter kept (`_einsum`).
 
 Each layer kind is one entry of the registry (`_registry.KINDS`): the classes it covers, its
 roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`), squared

@@ -14,7 +14,8 @@ BatchNormalization (it couples the examples), so the factors are never taken in 
 A LayerNormalization normalizes each position of each example by its own mean and variance
 over the feature axis, ``â = (a − mean(a)) / √(var(a) + ε)`` (no other example enters), so
 ``g_γ[i] = Σ_t δ_it â_it`` with â recomputed from the recorded input, and β as above.
-Rows are (n, channels): every role forms them, small, in float64.
+A GroupNormalization does the same per group of channels over every position of one call
+of one example. Rows are (n, channels): every role forms them, small, in float64.
 """
 
 from __future__ import annotations
@@ -67,6 +68,34 @@ def normalized_scale_rows64(part: Any, n: int) -> np.ndarray:
     normalized = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True)
                                     + part.geometry.epsilon)
     return np.einsum("ntc,ntc->nc", _channels_last(part.deltas, part.geometry, n), normalized)
+
+
+class Groups(NamedTuple):
+    """A GroupNormalization's channel axis in the factors' layout, groups and epsilon."""
+
+    axis: int
+    groups: int
+    epsilon: float
+
+
+def groups(layer: Any) -> Groups:
+    axis = int(layer.axis)
+    return Groups(axis + 1 if axis > 0 else axis, int(layer.groups), float(layer.epsilon))
+
+
+def grouped_scale_rows64(part: Any, n: int) -> np.ndarray:
+    """(n, channels) float64 ``g_γ`` of a GroupNormalization: each call of each example
+    normalized by its own moments per group (over its positions and the group's channels)."""
+    geometry = part.geometry
+    a = np.moveaxis(np.asarray(part.inputs)[:n], geometry.axis, -1).astype(np.float64)
+    channels, calls = a.shape[-1], a.shape[1]
+    a = a.reshape(n, calls, -1, geometry.groups, channels // geometry.groups)
+    centered = a - a.mean(axis=(2, 4), keepdims=True)
+    normalized = centered / np.sqrt((centered * centered).mean(axis=(2, 4), keepdims=True)
+                                    + geometry.epsilon)
+    d = np.moveaxis(np.asarray(part.deltas)[:n], geometry.axis, -1)
+    return np.einsum("nkpc,nkpc->nc", d.reshape(n, calls, -1, channels),
+                     normalized.reshape(n, calls, -1, channels))
 
 
 def plain(layer: Any) -> bool:

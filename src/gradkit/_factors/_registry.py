@@ -129,6 +129,14 @@ LAYER_NORMALIZATION = Kind(
     _normalization.plain_layer_normalization, _arrays.spatial, at_output=True,
     geometry=_normalization.features, compiled_loop=False)
 
+GROUP_NORMALIZATION = Kind(
+    "group_normalization", lambda layers: (layers.GroupNormalization,),
+    {"gamma": _formed("gn_gamma", "gamma_regularizer", True,
+                      _normalization.grouped_scale_rows64),
+     "beta": _OFFSET},
+    lambda layer: isinstance(layer.axis, int), _arrays.spatial, at_output=True,
+    geometry=_normalization.groups, compiled_loop=False)
+
 EINSUM_DENSE = Kind(
     "einsum_dense", lambda layers: (layers.EinsumDense,),
     {"kernel": _formed("einsum_kernel", "kernel_regularizer", True, _einsum.kernel_rows64,
@@ -139,7 +147,7 @@ EINSUM_DENSE = Kind(
 
 #: Every kind, by name, in the order a layer's class is matched against them.
 KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, DEPTHWISE, BATCH_NORMALIZATION,
-                                      LAYER_NORMALIZATION, EINSUM_DENSE)}
+                                      LAYER_NORMALIZATION, GROUP_NORMALIZATION, EINSUM_DENSE)}
 #: Every role of every kind, by `Factor.role`.
 ROLES = {role.factor: role for kind in KINDS.values() for role in kind.roles.values()}
 
