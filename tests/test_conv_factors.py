@@ -153,8 +153,8 @@ def einsum_and_layer_normalization_cases(keras):
                                        keras)], ids=["depthwise/batchnorm", "einsum/layernorm"])
 def test_factored_layers_rows_norms_and_clipped_sums_match_the_loop(keras, flavour, cases):
     """Depthwise kernels, inference BatchNormalization, EinsumDense, Layer- and
-    GroupNormalization come back as factors (MultiHeadAttention's projections too); rows, norms and clipped
-    sums from them equal gradients() on single examples."""
+    GroupNormalization come back as factors (MultiHeadAttention's projections too); rows,
+    norms and clipped sums from them equal gradients() on single examples."""
     from gradkit._factors import Factor, write_rows
     from gradkit._request import prepare
 

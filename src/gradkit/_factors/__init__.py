@@ -15,16 +15,18 @@ them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``). A con
 same sum over its output positions, with ``a_t`` the input patch under position t: its
 factors keep their spatial shape and its geometry (`_conv`); a depthwise convolution sums
 each channel's patches against that channel's deltas only. A BatchNormalization with its moving
-statistics is a fixed affine map per channel, a Layer- or GroupNormalization one per position
-or per group of each example (`_normalization`); an EinsumDense is its own einsum with the batch letter kept (`_einsum`).
+statistics is a fixed affine map per channel, a Layer- or GroupNormalization one per
+position or per group of each example (`_normalization`); an EinsumDense is its own einsum
+with the batch letter kept (`_einsum`).
 
 Each layer kind is one entry of the registry (`_registry.KINDS`): the classes it covers, its
 roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`), squared
 norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and where its δ is
-taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's objective with respect to zero
-perturbations at the planned layers' pre-activations inside its vectorizer. Layers not planned
-(other types; regularized, LoRA, quantized or customized layers of these kinds, grouped,
-separable and transposed convolutions) are differentiated directly. Framework-free: adapters pass their ops.
+taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's
+objective with respect to zero perturbations at the planned layers' pre-activations (or
+outputs) inside its vectorizer. Layers not planned (other types; regularized, LoRA, quantized
+or customized layers of these kinds, grouped, separable and transposed convolutions) are
+differentiated directly. Framework-free: adapters pass their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops
