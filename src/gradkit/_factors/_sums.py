@@ -52,19 +52,20 @@ def embeddings(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
 
 def conv_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     """Per-example kernel gradients of the reweighted deltas, summed."""
-    n = len(weights)
-    _, d = _weighted(part, weights, inputs=False)
-    rows = np.empty((n, *shape), d.dtype)
-    conv.kernel_rows(np.asarray(part.inputs)[:n].astype(d.dtype), d, part.geometry, rows)
-    return rows.sum(axis=0, dtype=np.float64)
+    return _summed_rows(conv.kernel_rows, part, weights, shape)
 
 
 def depthwise_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     """Per-example depthwise kernel gradients of the reweighted deltas, summed."""
+    return _summed_rows(conv.depthwise_rows, part, weights, shape)
+
+
+def _summed_rows(write: Any, part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """``write(inputs, w ⊙ deltas, geometry, rows)`` for the first n examples, summed."""
     n = len(weights)
     _, d = _weighted(part, weights, inputs=False)
     rows = np.empty((n, *shape), d.dtype)
-    conv.depthwise_rows(np.asarray(part.inputs)[:n].astype(d.dtype), d, part.geometry, rows)
+    write(np.asarray(part.inputs)[:n].astype(d.dtype), d, part.geometry, rows)
     return rows.sum(axis=0, dtype=np.float64)
 
 

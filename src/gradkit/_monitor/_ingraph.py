@@ -135,11 +135,8 @@ def _tf_cond(pred: Any, true_fn: Any, false_fn: Any) -> Any:
     every step; an ``If`` runs only the branch taken. (Falls back to the lowered cond where
     TensorFlow's private switch is gone.)"""
     import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util_v2 as util
 
-    try:
-        from tensorflow.python.ops import control_flow_util_v2 as util
-    except ImportError:
-        util = None
     if not hasattr(util, "_DISABLE_LOWER_USING_SWITCH_MERGE"):
         return tf.cond(pred, true_fn, false_fn)
     saved = util._DISABLE_LOWER_USING_SWITCH_MERGE
