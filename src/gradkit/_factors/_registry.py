@@ -57,9 +57,9 @@ class Factor(NamedTuple):
     role: str  # a `Role.factor`: "kernel" | "bias" | "embeddings" | "conv_kernel" | ...
     inputs: Any  # (n, T, fan_in) layer inputs, or (n, T) ids; None for a bias
     deltas: Any  # (n, T, fan_out) pre-activation gradients
-    #: a convolution's `gradkit._factors._conv.Geometry` (a BatchNormalization's
-    #: `gradkit._factors._normalization.Moments`); then inputs (n, calls, *input shape) and
-    #: deltas (n, calls, *output shape), both with the layer's channel axis
+    #: a convolution's `gradkit._factors._conv.Geometry`, a normalization's axis and constants
+    #: (`_normalization`) or an EinsumDense's subscripts (`_einsum`); then inputs
+    #: (n, calls, *input shape) and deltas (n, calls, *output shape), in the layer's layout
     geometry: Any = None
 
 
@@ -89,6 +89,7 @@ CONV = Kind(
     lambda layer: _activated(layer) and getattr(layer, "groups", 1) == 1,  # not grouped
     _arrays.spatial, at_output=False, geometry=conv_geometry, compiled_loop=False)
 
+
 def _depthwise_classes(layers: Any) -> tuple:
     return tuple(getattr(layers, name) for name in ("DepthwiseConv1D", "DepthwiseConv2D")
                  if hasattr(layers, name))
@@ -104,6 +105,7 @@ DEPTHWISE = Kind(
      "depthwise_kernel": _DEPTHWISE_KERNEL,  # tf-keras'
      "bias": CONV.roles["bias"]},
     _activated, _arrays.spatial, at_output=False, geometry=conv_geometry)
+
 
 def _formed(name: str, regularizer: str, uses_inputs: bool, rows64: Callable,
             summed: Callable | None = None) -> Role:
