@@ -66,6 +66,8 @@ class TensorFlowPrimitives:
         with_values.__code__ = with_values.__code__.replace(
             co_name=f"gradkit_{fn.__name__}_{next(_ENTRIES)}")
 
+        concrete: dict = {}  # its concrete function: a call skips tf.function's dispatch
+
         def run(data, scale, *extra):
             data = self.seed_data(model_ref(), data)
             signature = [map_structure(relaxed_spec, data), tf.TensorSpec([], tf.float32),
@@ -73,7 +75,8 @@ class TensorFlowPrimitives:
             key = repr(signature)
             if key not in traced:
                 traced[key] = tf.function(with_values, input_signature=signature)
-            return traced[key](data, scale, *extra)
+                concrete[key] = traced[key].get_concrete_function()
+            return concrete[key](data, scale, *extra)
 
         run.functions = traced  # one tf.function per input signature (for retrace checks)
         return run
