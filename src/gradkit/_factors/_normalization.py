@@ -1,5 +1,5 @@
-"""BatchNormalization (moving statistics) and LayerNormalization: per-example γ and β
-gradients (NumPy).
+"""BatchNormalization (moving statistics), Layer- and GroupNormalization: per-example γ and
+β gradients (NumPy).
 
 In inference a BatchNormalization layer is a fixed affine map per channel,
 ``y = γ (a − μ) / √(σ² + ε) + β`` with the moving mean μ and variance σ², so example i's
@@ -35,9 +35,7 @@ class Moments(NamedTuple):
 def moments(layer: Any) -> Moments:
     """The channel axis and moving statistics of a Keras (3 or 2) BatchNormalization layer,
     read now (the factors were taken at the same weights: gradkit changes no state)."""
-    axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else int(layer.axis)
-    return Moments(axis + 1 if axis > 0 else axis,  # the factors insert a calls axis
-                   np.asarray(layer.moving_mean, np.float64).reshape(-1),
+    return Moments(_factor_axis(layer), np.asarray(layer.moving_mean, np.float64).reshape(-1),
                    np.asarray(layer.moving_variance, np.float64).reshape(-1),
                    float(layer.epsilon))
 
@@ -50,15 +48,12 @@ class Features(NamedTuple):
 
 
 def features(layer: Any) -> Features:
-    axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else int(layer.axis)
-    return Features(axis + 1 if axis > 0 else axis, float(layer.epsilon))
+    return Features(_factor_axis(layer), float(layer.epsilon))
 
 
 def plain_layer_normalization(layer: Any) -> bool:
     """One feature axis and the centred form (not Keras 3's `rms_scaling`)."""
-    axis = layer.axis
-    single = not isinstance(axis, (list, tuple)) or len(axis) == 1
-    return single and not getattr(layer, "rms_scaling", False)
+    return _single_axis(layer) and not getattr(layer, "rms_scaling", False)
 
 
 def normalized_scale_rows64(part: Any, n: int) -> np.ndarray:
@@ -79,8 +74,7 @@ class Groups(NamedTuple):
 
 
 def groups(layer: Any) -> Groups:
-    axis = int(layer.axis)
-    return Groups(axis + 1 if axis > 0 else axis, int(layer.groups), float(layer.epsilon))
+    return Groups(_factor_axis(layer), int(layer.groups), float(layer.epsilon))
 
 
 def grouped_scale_rows64(part: Any, n: int) -> np.ndarray:
@@ -101,9 +95,7 @@ def grouped_scale_rows64(part: Any, n: int) -> np.ndarray:
 def plain(layer: Any) -> bool:
     """A single channel axis and none of the training-time variants (renorm, virtual
     batches, a custom adjustment) that tf-keras' inference path may still apply."""
-    axis = layer.axis
-    single = not isinstance(axis, (list, tuple)) or len(axis) == 1
-    return (single and not getattr(layer, "renorm", False)
+    return (_single_axis(layer) and not getattr(layer, "renorm", False)
             and getattr(layer, "virtual_batch_size", None) is None
             and getattr(layer, "adjustment", None) is None)
 
@@ -120,6 +112,17 @@ def scale_rows64(part: Any, n: int) -> np.ndarray:
 def offset_rows64(part: Any, n: int) -> np.ndarray:
     """(n, channels) float64 ``g_β``."""
     return _channels_last(part.deltas, part.geometry, n).sum(axis=1, dtype=np.float64)
+
+
+def _single_axis(layer: Any) -> bool:
+    return not isinstance(layer.axis, (list, tuple)) or len(layer.axis) == 1
+
+
+def _factor_axis(layer: Any) -> int:
+    """The layer's (single) channel axis in the factors' layout, which inserts a calls axis
+    after the examples' (negative axes count from the end and stay)."""
+    axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else int(layer.axis)
+    return axis + 1 if axis > 0 else axis
 
 
 def _channels_last(x: Any, geometry: Any, n: int) -> np.ndarray:
