@@ -1,8 +1,8 @@
 """Per-example gradients of models that take each adapter's special routes, against the loop.
 
-On torch, inference through Keras' own Dense/Embedding layers takes the batched route (one
-forward and one backward pass over the whole batch); everything else takes the vectorized
-one (`torch.func.vmap`). Models whose examples must run alone (a layer mixing the batch, an
+On every flavour, inference through Keras' own factored layers takes the one-pass route (one
+forward and one backward pass over the whole batch); everything else the vectorized one (the
+framework's vectorizer over each example's gradient), the compiled loop or the loop. Models whose examples must run alone (a layer mixing the batch, an
 activity loss that Keras divides by the batch size) must still give each example's own
 gradient, on every flavour.
 """
@@ -85,11 +85,14 @@ def test_a_loss_whose_weights_do_not_add_up_over_examples(keras):
     assert_same_sets(rows, loop_reference(model, x, y))
 
 
-@pytest.mark.flavours("torch")
-def test_torch_routes(keras, flavour, monkeypatch):
-    """Plain inference models never reach the vmap route; the others never the batched one."""
-    from gradkit._backends import torch_batched as batched
-    from gradkit._backends.torch import TorchPrimitives
+def test_inference_through_factored_layers_takes_one_pass(keras, flavour, monkeypatch):
+    """Plain inference models get every example's factors from one forward and one backward
+    pass over the batch (gradkit._backends._batched): the model itself is never vectorized
+    nor looped over. Training mode, or models whose rows are not independent, never take
+    that route. Every result equals the loop of single-example gradients."""
+    from gradkit import _request
+    from gradkit._backends import _batched, _steps
+    from gradkit._factors import Factor
 
     def refuse(name):
         def refused(*args, **kwargs):
@@ -99,14 +102,35 @@ def test_torch_routes(keras, flavour, monkeypatch):
     model, x, y = plain_mlp(keras)
     expected = loop_reference(model, x, y)
     with monkeypatch.context() as patch:
-        patch.setattr(TorchPrimitives, "vectorize", refuse("vectorized"))
+        patch.setattr(_steps, "per_example_fn", refuse("per-example"))
+        request = _request.prepare(model, x, y)
+        parts = request.adapter.per_example_parts(request)
+        assert all(isinstance(part, Factor) for part in parts)
         assert_same_sets(gk.per_example_gradients(model, x, y), expected)
-    monkeypatch.setattr(batched, "batched_factors", refuse("batched"))
+    monkeypatch.setattr(_batched, "run_batched", refuse("one-pass"))
     assert_same_sets(gk.per_example_gradients(model, x, y, training=True), expected)
     for other, x, y in (plain_mlp(keras, activity_regularizer=keras.regularizers.L2(0.3)),
                         batch_mixing(keras, flavour)):
-        assert not batched.rows_independent(other, False)
-        gk.per_example_gradients(other, x, y)
+        assert not _batched.rows_independent(other, False)
+        assert_same_sets(gk.per_example_gradients(other, x, y), loop_reference(other, x, y))
+
+
+def test_one_pass_with_an_unused_output_and_a_partly_unused_shared_layer(keras, flavour):
+    """A layer whose output does not reach the objective is named in an error, as on the
+    other routes; a shared layer with one call reaching the objective
+    and one not is left to the other routes, with the same rows."""
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    side = keras.layers.Dense(2, name="side")
+    h = shared(inputs)
+    unused = side(shared(h))  # the second call of `shared` reaches only the unused output
+    model = keras.Model(inputs, [keras.layers.Dense(3, name="out")(h), unused])
+    x = RNG.normal(size=(N, 4)).astype("float32")
+    first = lambda outputs: outputs[0][:, 1]  # noqa: E731
+    with pytest.raises(gk.UnconnectedGradientError, match="side/kernel"):
+        gk.per_example_gradients(model, x, target=first)
+    rows = gk.per_example_gradients(model, x, target=first, layers=["shared", "out"])
+    assert_same_sets(rows, loop_reference(model, x, target=first, layers=["shared", "out"]))
 
 
 def test_the_faster_route_is_timed_once_and_kept(keras, flavour, monkeypatch):

@@ -1,7 +1,9 @@
 """How per-example work runs for one model and selection: chosen once, remembered.
 
 Three routes give the same rows: "vectorized", the adapter's ``per_example_parts`` (factors
-and the framework's vectorizer inside one compiled function); "mapped", its ``mapped_parts``
+and the framework's vectorizer inside one compiled function; where every selected variable
+has factors and the model runs in inference, one forward and one backward pass over the
+whole batch instead, gradkit._backends._batched); "mapped", its ``mapped_parts``
 (the same function with a loop over the chunk's examples compiled into it: ``tf.map_fn``,
 ``jax.lax.map``; absent on torch); and "loop", the adapter's compiled, cached single-example
 gradient called once per example. Per model, variables, objective and training mode (one

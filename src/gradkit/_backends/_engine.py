@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 import keras
 import numpy as np
 
+from gradkit._backends import _batched as batched
 from gradkit._backends import _keras3 as k3
 from gradkit._data import map_structure
 from gradkit._objective import data_loss
@@ -76,6 +77,11 @@ class Primitives(Protocol):
     def where(self, condition: Any, x: Any, y: Any) -> Any: ...
 
     def all(self, x: Any) -> Any: ...
+
+    def sum(self, x: Any) -> Any: ...
+
+    def detached(self, x: Any) -> Any:
+        """`x` cut from the differentiation (no gradient flows back through it)."""
 
     def to_numpy(self, x: Any) -> np.ndarray: ...
 
@@ -174,11 +180,8 @@ class Engine(Operations):
         """`per_example_parts`, vectorized or (`mapped`) from the compiled loop."""
         planned = planned_layers(self, request, mapped)
         count = len(request.variables)
-        batched = getattr(self.p, "batched_factors", None)
-        if batched is not None and not mapped and not rest(planned, count):
-            parts = batched(self, request, planned)
-            if parts is not None:
-                return parts
+        if not mapped and batched.applies(request, planned):
+            return batched.run_batched(self, request, planned)
         direct = request.replace(variables=[request.variables[j] for j in rest(planned, count)])
 
         def make(scaled):

@@ -57,7 +57,12 @@ class Operations:
     def vectorize_hazard(self, request):
         """Why the vectorizer must not run this model, or None: a convolution it would make
         slow (`unfactored_convolution`), or an op it is known to crash on, seen in the
-        compiled gradient (which this traces and caches)."""
+        compiled gradient (which this traces and caches). None where the one-pass route
+        applies (gradkit._backends._batched): it vectorizes no layer."""
+        from gradkit._backends import _batched
+
+        if _batched.applies(request, planned_layers(self, request, False)):
+            return None
         slow = unfactored_convolution(request.model, request.variables, self.layers_module)
         if slow is not None or not self.p.hazardous_ops:
             return slow

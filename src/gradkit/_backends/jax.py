@@ -125,6 +125,7 @@ class JaxPrimitives:
     # array verbs for gradkit._backends._accumulator
     zeros, stack, where, all = staticmethod(jnp.zeros), staticmethod(jnp.stack), \
         staticmethod(jnp.where), staticmethod(jnp.all)
+    sum, detached = staticmethod(jnp.sum), staticmethod(jax.lax.stop_gradient)
 
     def hazard(self, run) -> None:
         return None

@@ -185,6 +185,7 @@ class TensorFlowPrimitives:
     # array verbs for gradkit._backends._accumulator
     zeros, stack, where, all = staticmethod(tf.zeros), staticmethod(tf.stack), \
         staticmethod(tf.where), staticmethod(tf.reduce_all)
+    sum, detached = staticmethod(tf.reduce_sum), staticmethod(tf.stop_gradient)
 
     def all_finite(self, g):
         return tf.reduce_all(tf.math.is_finite(g))

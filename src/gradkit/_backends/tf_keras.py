@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from gradkit._backends import _batched as batched
 from gradkit._backends._steps import (
     Operations,
     planned_layers,
@@ -134,6 +135,8 @@ class TfKerasAdapter(Operations):
 
     def parts(self, request, mapped: bool):
         planned = planned_layers(self, request, mapped)
+        if not mapped and batched.applies(request, planned):
+            return batched.run_batched(self, request, planned)
         direct = [request.variables[j] for j in rest(planned, len(request.variables))]
 
         def make(scaled):

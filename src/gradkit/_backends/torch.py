@@ -153,6 +153,7 @@ class TorchPrimitives:
     # array verbs for gradkit._backends._accumulator
     stack, where, all = staticmethod(torch.stack), staticmethod(torch.where), \
         staticmethod(torch.all)
+    sum, detached = staticmethod(torch.sum), staticmethod(torch.Tensor.detach)
 
     def zeros(self, shape: tuple, dtype: Any):
         dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
@@ -193,14 +194,6 @@ class TorchPrimitives:
             torch.mul(a[:, 0, :, None], d[:, 0, None, :], out=target)
         else:
             torch.matmul(a.transpose(1, 2), d, out=target)
-
-    def batched_factors(self, engine, request, planned):
-        """torch's one-pass factor route where it applies (gradkit._backends.torch_batched)."""
-        from gradkit._backends import torch_batched
-
-        if not torch_batched.rows_independent(request.model, request.training):
-            return None
-        return torch_batched.batched_factors(request, planned)
 
 
 def _autograd_grad(f: Callable) -> Callable:
