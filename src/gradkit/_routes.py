@@ -15,10 +15,10 @@ gradient called once per example. Per model, variables, objective and training m
   never taken;
 - a failure: a route raised once (a converter gap, e.g. TensorFlow's pfor through the while
   loops of recurrent layers). It is never retried;
-- a timing, per operation (rows, norms, clipped): each route still open, in the order above,
-  runs one untimed chunk that compiles it, then `TIMINGS` timed chunks of an already compiled
-  size (one, if it is over `DROP` times the best route timed so far); the fastest by its best
-  time is kept. Every chunk computed meanwhile is a real result.
+- a timing, per operation (rows, norms, clipped): the routes still open take turns, in the
+  order above: each runs one untimed chunk that compiles it, then `TIMINGS` timed chunks of
+  an already compiled size (fewer, once it is over `DROP` times the best route timed so far);
+  the fastest by its best time is kept. Every chunk computed meanwhile is a real result.
 
 A hazard or failure is logged once per Route on the ``"gradkit"`` logger, with its reason:
 the framework's own first meaningful line, or the op.
@@ -108,13 +108,17 @@ def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: i
 
 
 def _on_trial(route: Route, operation: str) -> str:
-    """The first open route still to be timed for `operation`, else the fastest timed."""
+    """The open route still to be timed for `operation` that has run the fewest chunks (the
+    first in `ROUTES` on a tie: the routes take turns, so a spell of load on a shared host
+    falls on all of them), else the fastest timed."""
     timed = {name: route.costs.get((operation, name), [])
              for name in ROUTES if name not in route.reasons}
     best = min((min(c) for c in timed.values() if c), default=None)
-    for name, costs in timed.items():
-        if len(costs) < TIMINGS and not (costs and min(costs) > DROP * best):
-            return name
+    pending = [name for name, costs in timed.items()
+               if len(costs) < TIMINGS and not (costs and min(costs) > DROP * best)]
+    if pending:
+        return min(pending, key=lambda name: len(timed[name])
+                   + bool(route.sizes.get((operation, name))))
     return min((name for name in timed if timed[name]), key=lambda n: min(timed[n]),
                default="loop")
 
