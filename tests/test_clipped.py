@@ -122,8 +122,8 @@ def test_noise_has_the_stated_distribution(keras):
     again = gk.clipped_gradients(model, x, y, l2_norm_clip=clip, noise_multiplier=sigma,
                                  seed=3)
     fresh = gk.clipped_gradients(model, x, y, l2_norm_clip=clip, noise_multiplier=sigma)
-    for key in clean:
-        np.testing.assert_array_equal(again[key], noisy[key])
+    for key in clean:  # the same noise (the clipped sum may come from another route)
+        np.testing.assert_allclose(again[key], noisy[key], rtol=1e-5, atol=1e-6)
         assert not np.allclose(fresh[key], noisy[key])
 
 
