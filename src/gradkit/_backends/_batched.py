@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from gradkit._backends import _cache
 from gradkit._backends._steps import compiled, data_of
 from gradkit._data import map_structure
 from gradkit._factors import LayerTaps, assemble, factor_arrays, rest
@@ -44,9 +45,10 @@ def rows_independent(model: Any, training: bool) -> bool:
 
 def applies(request: Any, planned: list) -> bool:
     """Whether `run_batched` gives `request`'s rows: every selected variable planned, rows
-    independent."""
-    return (not rest(planned, len(request.variables))
-            and rows_independent(request.model, request.training))
+    independent (decided once per model and mode)."""
+    model, training = request.model, request.training
+    return not rest(planned, len(request.variables)) and _cache.cached(
+        model, ("rows_independent", training), lambda: rows_independent(model, training))
 
 
 def run_batched(adapter: Any, request: Any, planned: list) -> list:

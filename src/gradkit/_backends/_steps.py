@@ -133,9 +133,12 @@ def planned_layers(adapter, request, mapped: bool) -> list:
     """The factored layers of `request` (gradkit._factors.plan). In the compiled loop
     (`mapped`) only the kinds marked `compiled_loop` are factored: there the framework's own
     gradient of a convolution or a normalization is faster than forming it from the factors
-    on the host."""
-    planned = plan(request.model, request.variables, adapter.layers_module)
-    return [entry for entry in planned if not mapped or KINDS[entry.kind].compiled_loop]
+    on the host. Planned once per model and selection (kept with its compiled functions)."""
+    def build():
+        planned = plan(request.model, request.variables, adapter.layers_module)
+        return [entry for entry in planned if not mapped or KINDS[entry.kind].compiled_loop]
+
+    return _cache.cached(request.model, ("planned", request.cache_key(), mapped), build)
 
 
 def run_per_example(adapter, request, planned: list, make: Callable,
