@@ -166,7 +166,8 @@ def _patches(a: np.ndarray, out_spatial: tuple, geometry: Geometry) -> np.ndarra
         pads.append((before, max(0, total - before)))
         spans.append(span)
         steps.append((s, dil, size_out))
-    a = np.pad(a, [(0, 0), (0, 0), *pads, (0, 0)])
+    if any(any(pad) for pad in pads):  # (np.pad copies even when it adds nothing)
+        a = np.pad(a, [(0, 0), (0, 0), *pads, (0, 0)])
     windows = sliding_window_view(a, spans, axis=tuple(range(2, 2 + len(spans))))
     index = (slice(None), slice(None),
              *[slice(0, (size - 1) * s + 1, s) for s, _, size in steps], slice(None),
