@@ -17,7 +17,6 @@ from typing import Any, Callable, Protocol
 import keras
 import numpy as np
 
-from gradkit._backends import _batched as batched
 from gradkit._backends import _keras3 as k3
 from gradkit._data import map_structure
 from gradkit._objective import data_loss
@@ -172,16 +171,10 @@ class Engine(Operations):
 
     # --- per-example gradients (gradkit.per_example_gradients, per_example_norms)
 
-    def per_example_parts(self, request):
-        """Per selected variable: a Factor, an (n, *shape) array, or None if unconnected."""
-        return self.parts(request, mapped=False)
-
     def parts(self, request, mapped: bool):
-        """`per_example_parts`, vectorized or (`mapped`) from the compiled loop."""
+        """`per_example_parts` from the vectorizer or (`mapped`) the compiled loop."""
         planned = planned_layers(self, request, mapped)
         count = len(request.variables)
-        if not mapped and batched.applies(request, planned):
-            return batched.run_batched(self, request, planned)
         direct = request.replace(variables=[request.variables[j] for j in rest(planned, count)])
 
         def make(scaled):

@@ -29,8 +29,9 @@ from gradkit._taps import OutputTaps
 class Operations:
     """The operations every adapter shares, over what the adapter supplies: ``p`` (its
     primitives), ``objective(request, scaled)`` (see `gradient_fn`),
-    ``output_objective(request, scaled)`` (see `_second_order.run_ggn`),
-    ``tapped_objective(request)`` (see `tapped_fn`) and ``scale_of(model)``."""
+    ``output_objective(request, scaled)`` (see `_second_order.run_ggn` and
+    `_batched.batched_fn`), ``tapped_objective(request)`` (see `tapped_fn`),
+    ``parts(request, mapped)`` (see `run_per_example`) and ``scale_of(model)``."""
 
     pad_chunks = False
     kernel_rows = None
@@ -58,10 +59,8 @@ class Operations:
         """Why the vectorizer must not run this model, or None: a convolution it would make
         slow (`unfactored_convolution`), or an op it is known to crash on, seen in the
         compiled gradient (which this traces and caches). None where the one-pass route
-        applies (gradkit._backends._batched): it vectorizes no layer."""
-        from gradkit._backends import _batched
-
-        if _batched.applies(request, planned_layers(self, request, False)):
+        applies: it vectorizes no layer."""
+        if self._one_pass(request) is not None:
             return None
         slow = unfactored_convolution(request.model, request.variables, self.layers_module)
         if slow is not None or not self.p.hazardous_ops:
@@ -75,6 +74,24 @@ class Operations:
     def maps_examples(self) -> bool:
         """Whether `mapped_parts` compiles the loop over examples (else it is not called)."""
         return getattr(self.p, "map_examples", None) is not None
+
+    def per_example_parts(self, request):
+        """Per selected variable: a Factor, an (n, *shape) array, or None if unconnected: from
+        one pass over the batch where that applies (gradkit._backends._batched), else from
+        the adapter's ``parts(request, mapped=False)`` (the vectorizer)."""
+        planned = self._one_pass(request)
+        if planned is not None:
+            from gradkit._backends import _batched
+
+            return _batched.run_batched(self, request, planned)
+        return self.parts(request, mapped=False)
+
+    def _one_pass(self, request) -> list | None:
+        """The planned layers if the one-pass route applies to `request`, else None."""
+        from gradkit._backends import _batched
+
+        planned = planned_layers(self, request, False)
+        return planned if _batched.applies(request, planned) else None
 
     def mapped_parts(self, request):
         """`per_example_parts`' result from a loop over the examples compiled into one

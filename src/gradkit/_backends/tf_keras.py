@@ -19,7 +19,6 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from gradkit._backends import _batched as batched
 from gradkit._backends._steps import (
     Operations,
     planned_layers,
@@ -130,13 +129,8 @@ class TfKerasAdapter(Operations):
 
         return f
 
-    def per_example_parts(self, request):
-        return self.parts(request, mapped=False)
-
     def parts(self, request, mapped: bool):
         planned = planned_layers(self, request, mapped)
-        if not mapped and batched.applies(request, planned):
-            return batched.run_batched(self, request, planned)
         direct = [request.variables[j] for j in rest(planned, len(request.variables))]
 
         def make(scaled):
