@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-FLAVOURS = ("jax", "tensorflow", "torch", "tf_keras")  # longest first
+FLAVOURS = ("jax", "tensorflow", "tf_keras", "torch")  # longest first
 ROOT = Path(__file__).resolve().parent.parent
 
 

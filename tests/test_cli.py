@@ -1,6 +1,7 @@
-"""The `gradkit` command end to end: `python -m gradkit` in a subprocess, on Keras 3 models
-saved to tmp_path, compared with closed forms and with `gradkit.gradients` computed
-in-process on the original (never saved) model. The CLI is Keras 3 only: skipped on tf_keras.
+"""The `gradkit` command end to end: `python -m gradkit` in a subprocess (or its `main` in
+this process, where start-up is not what is tested), on Keras 3 models saved to tmp_path,
+compared with closed forms and with `gradkit.gradients` computed in-process on the original
+(never saved) model. The CLI is Keras 3 only: skipped on tf_keras.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def run_cli(*args, cwd, backend=None, env_extra=None):
         [sys.executable, "-m", "gradkit", *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
+
+
+def run_in_process(*args, cwd, monkeypatch, capsys):
+    """`gradkit.main(args)` in this process (Keras already imported: no framework start-up,
+    which the subprocess tests cover): (exit code, stdout, stderr)."""
+    from gradkit._cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -78,7 +91,8 @@ def test_grads_writes_the_gradients_and_prints_the_table(mlp, tmp_path):
     assert "out.npz" in proc.stdout
 
 
-def test_loss_option_on_an_uncompiled_linear_model_matches_the_closed_form(keras, tmp_path):
+def test_loss_option_on_an_uncompiled_linear_model_matches_the_closed_form(keras, tmp_path,
+                                                                         monkeypatch, capsys):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
     rng = np.random.default_rng(2)
     w = rng.standard_normal((3, 2)).astype("float32")
@@ -87,16 +101,17 @@ def test_loss_option_on_an_uncompiled_linear_model_matches_the_closed_form(keras
     y = rng.standard_normal((5, 2)).astype("float32")
     model.save(tmp_path / "linear.keras")
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    proc = run_cli("grads", "linear.keras", "data.npz", "--loss", "mse", "-o", "g",
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = run_in_process("grads", "linear.keras", "data.npz", "--loss", "mse", "-o",
+                                  "g", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
     (grad,) = gradkit.load(tmp_path / "g.npz").values()
     x64, y64, w64 = (a.astype(np.float64) for a in (x, y, w))
     closed_form = 2.0 / y.size * x64.T @ (x64 @ w64 - y64)  # mean over batch and outputs
     np.testing.assert_allclose(grad, closed_form, rtol=1e-5, atol=1e-7)
 
 
-def test_named_inputs_outputs_sample_weight_training_and_layers(keras, tmp_path):
+def test_named_inputs_outputs_sample_weight_training_and_layers(keras, tmp_path, monkeypatch,
+                                                                capsys):
     a = keras.Input((3,), name="a")
     b = keras.Input((2,), name="b")
     h = keras.layers.BatchNormalization(name="norm")(keras.layers.Concatenate()([a, b]))
@@ -108,9 +123,10 @@ def test_named_inputs_outputs_sample_weight_training_and_layers(keras, tmp_path)
     sw = rng.uniform(0.5, 2.0, 5).astype("float32")
     model.save(tmp_path / "mm.keras")
     np.savez(tmp_path / "mm.npz", x_b=xb, x_a=xa, y_o2=y2, y_o1=y1, sample_weight=sw)
-    proc = run_cli("grads", "mm.keras", "mm.npz", "--training", "--layers", "o*",
-                   "-o", "mm_g.npz", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = run_in_process("grads", "mm.keras", "mm.npz", "--training", "--layers", "o*",
+                                  "-o", "mm_g.npz", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 0, err
     written = gradkit.load(tmp_path / "mm_g.npz")
     expected = gradkit.gradients(model, [xa, xb], [y1, y2], sample_weight=sw, training=True)
     assert list(written) == ["o1/kernel", "o1/bias", "o2/kernel", "o2/bias"]

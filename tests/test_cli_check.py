@@ -1,6 +1,7 @@
-"""`gradkit check` and `gradkit hessian`: one end-to-end subprocess run, the other cases
-through `gradkit._cli.main` in this process (same code path after argument parsing), compared
-with the library functions on the original (never saved) model. Keras 3 only."""
+"""`gradkit check` and `gradkit hessian` through `gradkit._cli.main` in this process (the
+same code path after argument parsing; tests/test_cli.py runs the command's start-up in a
+subprocess), compared with the library functions on the original (never saved) model.
+Keras 3 only."""
 
 from __future__ import annotations
 
@@ -12,20 +13,21 @@ import pytest
 import gradkit
 from gradkit._check import GradientCheck, VariableCheck
 from gradkit._cli import main
-from test_cli import mlp, run_cli  # noqa: F401  (the fixture and the subprocess runner)
+from test_cli import mlp, run_in_process  # noqa: F401  (the fixture and the runner)
 
 pytestmark = pytest.mark.flavours("tensorflow", "jax", "torch")
 
 
 @pytest.mark.filterwarnings("ignore:check_gradients:RuntimeWarning")
-def test_check_end_to_end_exits_0_when_gradients_are_right(mlp, tmp_path):  # noqa: F811
-    proc = run_cli("check", "model.keras", "data.npz", "--directions", "2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("hidden/",
-                                                                                  "out/"))]
+def test_check_end_to_end_exits_0_when_gradients_are_right(mlp, tmp_path,  # noqa: F811
+                                                           monkeypatch, capsys):
+    code, out, err = run_in_process("check", "model.keras", "data.npz", "--directions", "2",
+                                    cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.startswith(("hidden/", "out/"))]
     assert [r[0] for r in rows] == ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"]
     assert all(r[-1] == "ok" for r in rows)
-    assert re.search(r"^OK: 4 ok", proc.stdout, re.M)
+    assert re.search(r"^OK: 4 ok", out, re.M)
 
 
 def test_check_exits_1_on_a_mismatch_and_one_line_errors(mlp, tmp_path, monkeypatch,  # noqa: F811
