@@ -123,9 +123,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _quiet_frameworks() -> None:
-    """Silence TensorFlow's start-up lines and absl/TF Python logs (before TF is imported)."""
+    """Silence TensorFlow's start-up lines and absl/TF Python logs (before TF is imported).
+
+    Also JAX's classic threefry: its default, partitionable one compiles each new shape of
+    random numbers for seconds on CPU (6 s for the demo's 3x3x8x16 kernel), and the CLI's
+    only random numbers are initial weights, seeded in the demo and replaced when a saved
+    model loads. A user's own setting of either variable is kept."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
     for name in ("absl", "tensorflow", "jax", "keras"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
