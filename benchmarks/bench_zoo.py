@@ -1,11 +1,13 @@
 """Per-example gradients and norms over a model zoo, against a loop of compiled gradients.
 
     python benchmarks/bench_zoo.py [--flavours tensorflow,jax,torch,tf_keras] [--batch 16]
-                                   [--repeats 5] [--models mlp,cnn,mobilenet,transformer,rnn]
+                                   [--repeats 5]
+                                   [--models mlp,cnn,mobilenet,transformer,rnn,decoder]
 
 Models: an MLP (64-256-256-10), a small CNN (28x28, two Conv2D), MobileNetV2 at 96x96
 (weights=None), a transformer block (Embedding, MultiHeadAttention, LayerNormalization, a
-Dense feed-forward) and stacked LSTM -> GRU. Each flavour runs in its own process. The
+Dense feed-forward), stacked LSTM -> GRU, and a small encoder-decoder (16x16x4: a strided
+Conv2D, a grouped Conv2D, two Conv2DTranspose). Each flavour runs in its own process. The
 baseline is the plain recipe a user would write: a Python loop over the batch calling a
 compiled single-example gradient (`tf.function` over a GradientTape / `jax.jit` of
 `jax.value_and_grad` over `stateless_call` / torch autograd), each gradient to NumPy, then
@@ -35,7 +37,7 @@ from _common import (  # noqa: E402
     setup_flavour,
 )
 
-MODELS = ("mlp", "cnn", "mobilenet", "transformer", "rnn")
+MODELS = ("mlp", "cnn", "mobilenet", "transformer", "rnn", "decoder")
 
 
 def main(argv: list[str]) -> int:
@@ -94,6 +96,13 @@ def build(keras, name: str, batch: int):
         h = L.LayerNormalization()(h + L.Dense(64)(L.Dense(128, activation="relu")(h)))
         model = keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling1D()(h)))
         x = rng.integers(0, 1000, size=(batch, 16))
+    elif name == "decoder":  # grouped and transposed convolutions
+        model = keras.Sequential([
+            keras.Input((16, 16, 4)), L.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
+            L.Conv2D(16, 3, padding="same", groups=4, activation="relu"),
+            L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu"),
+            L.Conv2DTranspose(4, 2, activation="relu"), L.GlobalAveragePooling2D(), L.Dense(10)])
+        x = rng.normal(size=(batch, 16, 16, 4))
     else:
         model = keras.Sequential([keras.Input((20,), dtype="int32"), L.Embedding(1000, 32),
                                   L.LSTM(64, return_sequences=True), L.GRU(64), L.Dense(10)])

@@ -37,6 +37,8 @@ def conv_model(keras, input_shape, *convs, shared=False):
 
 def cases(keras, flavour):
     conv1, conv2, conv3 = keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D
+    t1, t2, t3 = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                  keras.layers.Conv3DTranspose)
     found = {
         "2d valid": conv_model(keras, (7, 6, 2), conv2(3, 3, activation="tanh")),
         "2d same stride 2 (odd sizes)": conv_model(
@@ -51,11 +53,34 @@ def cases(keras, flavour):
         "3d valid": conv_model(keras, (4, 4, 3, 1), conv3(2, 2, activation="tanh")),
         "2d shared": conv_model(
             keras, (6, 6, 2), conv2(2, 3, padding="same", activation="tanh"), shared=True),
+        "2d grouped, same dilated, then 3 groups valid": conv_model(
+            keras, (6, 6, 4), conv2(6, 3, groups=2, padding="same", dilation_rate=2,
+                                    activation="tanh"),
+            conv2(3, 2, groups=3, activation="relu")),
+        "2d transposed stride 2": conv_model(
+            keras, (3, 4, 2), t2(3, 2, strides=2, activation="tanh")),
+        "2d transposed same, stride 2 over kernel 3": conv_model(
+            keras, (3, 3, 2), t2(2, 3, strides=2, padding="same", activation="tanh")),
+        "2d transposed kernel 1 under stride 2": conv_model(
+            keras, (3, 3, 2), t2(2, 1, strides=2)),
+        "1d transposed valid, then a Conv1D": conv_model(
+            keras, (5, 2), t1(3, 3, activation="tanh"), conv1(2, 2, activation="relu")),
+        "3d transposed stride 2": conv_model(
+            keras, (2, 2, 2, 1), t3(2, 2, strides=2, activation="tanh")),
+        "2d transposed shared": conv_model(
+            keras, (3, 3, 2), t2(2, 3, padding="same", activation="tanh"), shared=True),
     }
     if flavour in ("jax", "torch"):  # TensorFlow's CPU convolutions are channels-last only
         found["2d channels_first"] = conv_model(
             keras, (2, 6, 5), conv2(3, 3, strides=(1, 2), data_format="channels_first",
                                     activation="tanh"))
+        found["2d transposed channels_first, grouped"] = conv_model(
+            keras, (2, 3, 4), t2(4, 2, strides=(2, 1), data_format="channels_first",
+                                 activation="tanh"),
+            conv2(4, 2, groups=2, data_format="channels_first", activation="tanh"))
+        # (TensorFlow's CPU transposed convolutions take no dilation)
+        found["2d transposed dilated same"] = conv_model(
+            keras, (3, 3, 2), t2(2, 2, dilation_rate=2, padding="same", activation="tanh"))
     return found
 
 
@@ -72,8 +97,11 @@ def test_conv_rows_and_norms_match_the_loop(keras, flavour):
         assert all(isinstance(p, Factor) and p.geometry is not None for p in parts), name
         rows = gk.per_example_gradients(model, x, y)
         assert_same_sets(rows, loop_reference(model, x, y), rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(gk.per_example_norms(model, x, y), materialized_norms(rows),
-                                   rtol=1e-5, err_msg=name)
+        norms = materialized_norms(rows)
+        np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5,
+                                   err_msg=name)
+        if "grouped" in name or "transposed" in name:  # their weighted sums, from factors
+            assert_clipped_sums(model, x, y, rows, norms, name)
 
 
 def with_moving_statistics(model):
@@ -175,20 +203,32 @@ def test_factored_layers_rows_norms_and_clipped_sums_match_the_loop(keras, flavo
         norms = materialized_norms(rows)
         np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5,
                                    err_msg=name)
-        clipped = gk.clipped_gradients(model, x, y, l2_norm_clip=0.1, noise_multiplier=0.0)
-        factor = np.minimum(1.0, 0.1 / norms)
-        for key, value in rows.items():
-            expected = np.tensordot(factor, value.astype("float64"), 1) / N
-            np.testing.assert_allclose(clipped[key], expected, rtol=1e-4, atol=1e-7,
-                                       err_msg=f"{name}: {key}")
+        assert_clipped_sums(model, x, y, rows, norms, name)
 
 
-def test_grouped_and_regularized_convolutions_are_differentiated_directly(keras, flavour):
-    conv2 = keras.layers.Conv2D
+def assert_clipped_sums(model, x, y, rows, norms, name):
+    """clipped_gradients without noise equals the mean of the rows clipped to 0.1."""
+    clipped = gk.clipped_gradients(model, x, y, l2_norm_clip=0.1, noise_multiplier=0.0)
+    factor = np.minimum(1.0, 0.1 / norms)
+    for key, value in rows.items():
+        expected = np.tensordot(factor, value.astype("float64"), 1) / N
+        np.testing.assert_allclose(clipped[key], expected, rtol=1e-4, atol=1e-7,
+                                   err_msg=f"{name}: {key}")
+
+
+def test_regularized_and_output_padded_convolutions_are_differentiated_directly(keras):
+    from gradkit._factors import plan
+    from gradkit._request import prepare
+
     model, x, y = conv_model(
-        keras, (6, 6, 4), conv2(4, 3, groups=2, activation="tanh", name="grouped"),
-        conv2(2, 3, kernel_regularizer=keras.regularizers.L2(0.1), activation="tanh",
-              name="regularized"))
+        keras, (3, 3, 2),
+        keras.layers.Conv2DTranspose(2, 3, strides=2, output_padding=1, activation="tanh",
+                                     name="padded"),
+        keras.layers.Conv2D(2, 3, kernel_regularizer=keras.regularizers.L2(0.1),
+                            activation="tanh", name="regularized"))
+    gk.gradients(model, x, y)
+    request = prepare(model, x, y, layers=["padded", "regularized"])
+    assert plan(model, request.variables, request.adapter.layers_module) == []
     assert_same_sets(gk.per_example_gradients(model, x, y), loop_reference(model, x, y),
                      rtol=2e-5, atol=2e-6)
 

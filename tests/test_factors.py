@@ -50,7 +50,7 @@ CONVS = {
 }
 
 
-def conv_case(name, calls=2, channels=2, filters=3):
+def conv_case(name, calls=2, channels=2, filters=3, groups=1):
     """Random conv factors (`calls` calls of a shared layer) and the padding before each axis."""
     kernel, strides, dilation, padding, first, size = CONVS[name]
     spans = [(k - 1) * r + 1 for k, r in zip(kernel, dilation)]
@@ -62,24 +62,34 @@ def conv_case(name, calls=2, channels=2, filters=3):
     before = {"valid": [0] * len(size), "causal": [span - 1 for span in spans],
               "same": [total // 2 for total in totals]}[padding]
     a, d = normal(N, calls, *size, channels), normal(N, calls, *out, filters)
-    geometry = Geometry(kernel, strides, dilation, padding, first)
+    geometry = Geometry(kernel, strides, dilation, padding, first, groups)
     if first:  # the factors hold the layer's own layout
         return geometry, np.moveaxis(a, -1, 2), np.moveaxis(d, -1, 2), a, d, before
     return geometry, a, d, a, d, before
 
 
-def conv_kernel(name):
-    """g_W[q, c, o] = Σ_calls Σ_p a[p*s + q*dil - before, c] δ[p, o], summed by hand."""
-    geometry, a, d, a_last, d_last, before = conv_case(name)
-    expected = np.zeros((N, *geometry.kernel_size, a_last.shape[-1], d_last.shape[-1]))
+def conv_kernel(name, groups=1):
+    """g_W[q, c, o] = Σ_calls Σ_p a[p*s + q*dil - before, g*2 + c] δ[p, o], summed by hand,
+    with g = o // 3 the group of filter o (2 channels and 3 filters a group)."""
+    geometry, a, d, a_last, d_last, before = conv_case(name, channels=2 * groups,
+                                                       filters=3 * groups, groups=groups)
+    expected = np.zeros((N, *geometry.kernel_size, 2, 3 * groups))
     for call, p in itertools.product(range(a_last.shape[1]), np.ndindex(*d_last.shape[2:-1])):
-        for q in np.ndindex(*geometry.kernel_size):
+        for q, g in itertools.product(np.ndindex(*geometry.kernel_size), range(groups)):
             at = [pi * s + qi * r - b for pi, qi, s, r, b in
                   zip(p, q, geometry.strides, geometry.dilation, before)]
             if all(0 <= x < n for x, n in zip(at, a_last.shape[2:-1])):
-                expected[(slice(None), *q)] += np.einsum(
-                    "nc,no->nco", a_last[(slice(None), call, *at)], d_last[(slice(None), call, *p)])
+                expected[(slice(None), *q, slice(None), slice(3 * g, 3 * g + 3))] += np.einsum(
+                    "nc,no->nco", a_last[(slice(None), call, *at)][:, 2 * g:2 * g + 2],
+                    d_last[(slice(None), call, *p)][:, 3 * g:3 * g + 3])
     return Factor("conv_kernel", a, d, geometry), expected
+
+
+def transposed_kernel(name):
+    """A transposed convolution's kernel gradient is that of the convolution it transposes,
+    whose input is the layer's δ and whose output gradient is the layer's input."""
+    factor, expected = conv_kernel(name)
+    return Factor("transposed_kernel", factor.deltas, factor.inputs, factor.geometry), expected
 
 
 def conv_bias(name):
@@ -206,7 +216,10 @@ CASES = {
                "product form": lambda: dense_kernel(8, 2, 2)},
     "bias": {"positions": dense_bias},
     "embeddings": {"repeated ids": embeddings},
-    "conv_kernel": {name: lambda name=name: conv_kernel(name) for name in CONVS},
+    "conv_kernel": {**{name: lambda name=name: conv_kernel(name) for name in CONVS},
+                    **{f"{name}, 2 groups": lambda name=name: conv_kernel(name, groups=2)
+                       for name in CONVS}},
+    "transposed_kernel": {name: lambda name=name: transposed_kernel(name) for name in CONVS},
     "conv_bias": {name: lambda name=name: conv_bias(name) for name in CONVS},
     "depthwise_kernel": {f"{name} x{m}": lambda name=name, m=m: depthwise_kernel(name, m)
                          for name in CONVS for m in (1, 2)},

@@ -1,6 +1,6 @@
-"""Per-example gradients of Dense, EinsumDense, Embedding, Conv, DepthwiseConv, Layer- and
-GroupNormalization and (inference) BatchNormalization layers as factors: layer input ×
-output gradient.
+"""Per-example gradients of Dense, EinsumDense, Embedding, Conv (grouped too), ConvTranspose,
+DepthwiseConv, Layer- and GroupNormalization and (inference) BatchNormalization layers as
+factors: layer input × output gradient.
 
 For a Dense layer ``z = a·W + b`` (then its activation), example i's gradients are
 
@@ -13,8 +13,10 @@ small per-example factors ``(a, δ)`` carry the whole gradient: the front door w
 ``a δᵀ`` straight into its NumPy result (one write of B × P numbers) or takes the norm from
 them without forming it (``||g_W||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)``). A convolution is the
 same sum over its output positions, with ``a_t`` the input patch under position t: its
-factors keep their spatial shape and its geometry (`_conv`); a depthwise convolution sums
-each channel's patches against that channel's deltas only. A BatchNormalization with its moving
+factors keep their spatial shape and its geometry (`_conv`); a grouped one is one such
+convolution per group; a depthwise convolution sums each channel's patches against that
+channel's deltas only; a transposed one is the convolution it transposes with the roles of
+input and δ swapped. A BatchNormalization with its moving
 statistics is a fixed affine map per channel, a Layer- or GroupNormalization one per
 position or per group of each example (`_normalization`); an EinsumDense is its own einsum
 with the batch letter kept (`_einsum`).
@@ -25,8 +27,8 @@ norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and wh
 taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's
 objective with respect to zero perturbations at the planned layers' pre-activations (or
 outputs) inside its vectorizer. Layers not planned (other types; regularized, LoRA, quantized
-or customized layers of these kinds, grouped, separable and transposed convolutions) are
-differentiated directly. Framework-free: adapters pass their ops.
+or customized layers of these kinds, separable convolutions, transposed ones with
+output_padding) are differentiated directly. Framework-free: adapters pass their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops

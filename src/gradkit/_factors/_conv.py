@@ -10,6 +10,9 @@ where ``patch_t(a_i)`` is the (dilated) window of the padded layer input under p
 and multiplied by the deltas (im2col).
 The padding is the one Keras applies: none ("valid"), the total split with the extra element
 after ("same", as TensorFlow, XLA and Keras' torch backend), or all before ("causal").
+A grouped convolution is one such convolution per group (its channels to its filters); a
+transposed one is the convolution it transposes with the roles of input and δ swapped
+(`transposed_rows`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class Geometry(NamedTuple):
     dilation: tuple
     padding: str  # "valid" | "same" | "causal"
     channels_first: bool
+    #: input channels and filters split into this many groups in order, group g's filters
+    #: seeing only group g's channels (the kernel holds one group's channels)
+    groups: int = 1
 
 
 def conv_geometry(layer: Any) -> Geometry:
@@ -43,7 +49,7 @@ def conv_geometry(layer: Any) -> Geometry:
 
     return Geometry(tuple(layer.kernel_size), per_axis(layer.strides),
                     per_axis(layer.dilation_rate), str(layer.padding).lower(),
-                    layer.data_format == "channels_first")
+                    layer.data_format == "channels_first", int(getattr(layer, "groups", 1)))
 
 
 def bias_deltas(deltas: Any, geometry: Geometry) -> np.ndarray:
@@ -53,24 +59,58 @@ def bias_deltas(deltas: Any, geometry: Geometry) -> np.ndarray:
 
 
 def kernel_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarray) -> None:
-    """Write ``out[i] = g_W[i]`` (shape ``(n, *kernel_size, in_channels, filters)``) from
-    inputs (n, calls, *input shape) and deltas (n, calls, *output shape)."""
-    def store(rows: slice, grads: np.ndarray) -> None:
-        out[rows] = grads.reshape(out[rows].shape)
+    """Write ``out[i] = g_W[i]`` (shape ``(n, *kernel_size, in_channels / groups, filters)``)
+    from inputs (n, calls, *input shape) and deltas (n, calls, *output shape)."""
+    def store(rows: slice, filters: slice, grads: np.ndarray) -> None:
+        block = out[rows][..., filters]
+        block[...] = grads.reshape(block.shape)
 
-    _blockwise(inputs, deltas, geometry, store)
+    _grouped(inputs, deltas, geometry, store)
 
 
 def kernel_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.ndarray:
     """||g_W[i]||² per example, forming one block of examples' kernel gradients at a time."""
-    squared = np.empty(len(inputs), np.float64)
+    squared = np.zeros(len(inputs), np.float64)
 
-    def store(rows: slice, grads: np.ndarray) -> None:
+    def store(rows: slice, filters: slice, grads: np.ndarray) -> None:
         flat = grads.reshape(len(grads), -1)
-        squared[rows] = np.einsum("bk,bk->b", flat, flat, dtype=np.float64)
+        squared[rows] += np.einsum("bk,bk->b", flat, flat, dtype=np.float64)
 
-    _blockwise(inputs, deltas, geometry, store)
+    _grouped(inputs, deltas, geometry, store)
     return squared
+
+
+def transposed_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarray) -> None:
+    """Write a transposed convolution's kernel rows (n, *kernel_size, filters, in_channels).
+
+    ``z = Cᵀ a`` for the convolution C with this kernel and geometry that maps the layer's
+    output shape to its input shape, so ``∂⟨δ, Cᵀ a⟩/∂K = ∂⟨C δ, a⟩/∂K``: the kernel
+    gradient of C with δ as its input and the layer input as its output gradient."""
+    kernel_rows(deltas, inputs, geometry, out)
+
+
+def transposed_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.ndarray:
+    """||g_K[i]||² per example of a transposed convolution (see `transposed_rows`)."""
+    return kernel_squared_norms(deltas, inputs, geometry)
+
+
+def transposable(layer: Any) -> bool:
+    """A transposed convolution without ``output_padding``, whose output the convolution it
+    transposes maps back to the input's shape under the layer's own padding."""
+    return getattr(layer, "output_padding", None) is None \
+        and str(layer.padding).lower() in ("valid", "same")
+
+
+def _grouped(inputs: Any, deltas: Any, geometry: Geometry, store: Callable) -> None:
+    """``store(rows, filters, g_W[rows][..., filters])`` group by group: a grouped
+    convolution is one convolution per group, of its channels to its filters."""
+    a = _channels_last(np.asarray(inputs), geometry)
+    d = _channels_last(np.asarray(deltas), geometry)
+    channels, filters = a.shape[-1] // geometry.groups, d.shape[-1] // geometry.groups
+    for g in range(geometry.groups):
+        own = slice(g * filters, (g + 1) * filters)
+        _blockwise(a[..., g * channels:(g + 1) * channels], d[..., own], geometry,
+                   lambda rows, grads, own=own: store(rows, own, grads))
 
 
 def depthwise_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarray) -> None:
@@ -129,11 +169,10 @@ def _depthwise_blockwise(inputs: Any, deltas: Any, geometry: Geometry, multiplie
     in_blocks(len(a), per_example * len(a), block, PATCH_BLOCK_BYTES // per_example)
 
 
-def _blockwise(inputs: Any, deltas: Any, geometry: Geometry, store: Callable) -> None:
+def _blockwise(a: np.ndarray, d: np.ndarray, geometry: Geometry, store: Callable) -> None:
     """``store(rows, g_W[rows])`` (flattened to (n, kernel positions x channels, filters))
-    for blocks of examples, in parallel: im2col of the block, then a batched matmul."""
-    a = _channels_last(np.asarray(inputs), geometry)
-    d = _channels_last(np.asarray(deltas), geometry)
+    for blocks of examples, in parallel: im2col of the block, then a batched matmul. `a` and
+    `d` are channels last."""
     windows = _patches(a, d.shape[2:-1], geometry)  # (n, calls, *positions, C, *kernel)
     rank = len(geometry.kernel_size)
     order = (0, 1, *range(2, 2 + rank), *range(3 + rank, 3 + 2 * rank), 2 + rank)

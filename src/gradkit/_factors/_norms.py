@@ -60,6 +60,12 @@ def conv_kernel(part: Any, n: int) -> np.ndarray:
                                      np.asarray(part.deltas)[:n], part.geometry)
 
 
+def transposed_kernel(part: Any, n: int) -> np.ndarray:
+    """A transposed convolution's kernel gradients formed a block of examples at a time."""
+    return conv.transposed_squared_norms(np.asarray(part.inputs)[:n],
+                                         np.asarray(part.deltas)[:n], part.geometry)
+
+
 def depthwise_kernel(part: Any, n: int) -> np.ndarray:
     """A depthwise convolution's kernel gradients formed a block of examples at a time."""
     deltas = np.asarray(part.deltas)[:n]

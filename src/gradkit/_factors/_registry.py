@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
-from gradkit._factors._conv import conv_geometry
+from gradkit._factors._conv import conv_geometry, transposable
 from gradkit._select import walk_layers
 
 
@@ -86,8 +86,21 @@ CONV = Kind(
                     _norms.conv_kernel, _sums.conv_kernel),
      "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias,
                   _sums.conv_bias)},
-    lambda layer: _activated(layer) and getattr(layer, "groups", 1) == 1,  # not grouped
-    _arrays.spatial, at_output=False, geometry=conv_geometry, compiled_loop=False)
+    _activated, _arrays.spatial, at_output=False, geometry=conv_geometry, compiled_loop=False)
+
+
+def _transposed_classes(layers: Any) -> tuple:
+    return tuple(getattr(layers, f"Conv{rank}DTranspose") for rank in (1, 2, 3)
+                 if hasattr(layers, f"Conv{rank}DTranspose"))
+
+
+CONV_TRANSPOSE = Kind(
+    "conv_transpose", _transposed_classes,
+    {"kernel": Role("transposed_kernel", "kernel_regularizer", True, _rows.transposed_kernel,
+                    _norms.transposed_kernel, _sums.transposed_kernel),
+     "bias": CONV.roles["bias"]},
+    lambda layer: _activated(layer) and transposable(layer), _arrays.spatial,
+    at_output=False, geometry=conv_geometry, compiled_loop=False)
 
 
 def _depthwise_classes(layers: Any) -> tuple:
@@ -148,8 +161,9 @@ EINSUM_DENSE = Kind(
     at_output=False, geometry=_einsum.einsum_geometry, compiled_loop=False)
 
 #: Every kind, by name, in the order a layer's class is matched against them.
-KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, DEPTHWISE, BATCH_NORMALIZATION,
-                                      LAYER_NORMALIZATION, GROUP_NORMALIZATION, EINSUM_DENSE)}
+KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, CONV_TRANSPOSE, DEPTHWISE,
+                                      BATCH_NORMALIZATION, LAYER_NORMALIZATION,
+                                      GROUP_NORMALIZATION, EINSUM_DENSE)}
 #: Every role of every kind, by `Factor.role`.
 ROLES = {role.factor: role for kind in KINDS.values() for role in kind.roles.values()}
 
@@ -189,8 +203,8 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
-    """The first convolution-like layer (separable, transposed, grouped) whose
-    selected kernel has no factors, named, or None. A vectorizer forms its per-example kernel
+    """The first convolution-like layer whose selected kernel has no factors (separable; a
+    transposed one with output_padding; a regularized one), named, or None. A vectorizer forms its per-example kernel
     gradients as one grouped convolution over the batch: many times slower than a loop of
     single-example gradients on CPU (JAX: 10x on MobileNetV2) and memory-hungry."""
     factored = {id(entry.layer) for entry in plan(model, variables, layers_module)}

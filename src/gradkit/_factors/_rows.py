@@ -60,6 +60,14 @@ def conv_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> 
     return finite(out)
 
 
+def transposed_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """A transposed convolution's kernel rows (``gradkit._factors._conv``); checked directly."""
+    n = out.shape[0]
+    conv.transposed_rows(np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n],
+                         part.geometry, out)
+    return finite(out)
+
+
 def depthwise_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """A depthwise convolution's kernel rows (``gradkit._factors._conv``); small, checked
     directly."""

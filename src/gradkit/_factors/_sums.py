@@ -8,7 +8,7 @@ with `weights` of shape (n,) for the first n examples, and equals ``Σ_i weights
     Σ_i w_i Σ_t δ_it                            (a bias)
     Σ_i w_i Σ_t δ_it scattered into row id_it   (an embedding)
 
-A convolution's (depthwise too) per-example kernel gradients are small: they are formed a
+A convolution's (depthwise and transposed too) per-example kernel gradients are small: they are formed a
 block of examples at a time from the reweighted deltas and summed; an EinsumDense kernel's
 sum is one einsum of the inputs with the reweighted deltas; normalization rows are formed
 and weighted. The sums are float64.
@@ -53,6 +53,11 @@ def embeddings(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
 def conv_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     """Per-example kernel gradients of the reweighted deltas, summed."""
     return _summed_rows(conv.kernel_rows, part, weights, shape)
+
+
+def transposed_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
+    """Per-example transposed-convolution kernel gradients of the reweighted deltas, summed."""
+    return _summed_rows(conv.transposed_rows, part, weights, shape)
 
 
 def depthwise_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
