@@ -39,6 +39,7 @@ def cases(keras, flavour):
     conv1, conv2, conv3 = keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D
     t1, t2, t3 = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
                   keras.layers.Conv3DTranspose)
+    sep1, sep2 = keras.layers.SeparableConv1D, keras.layers.SeparableConv2D
     found = {
         "2d valid": conv_model(keras, (7, 6, 2), conv2(3, 3, activation="tanh")),
         "2d same stride 2 (odd sizes)": conv_model(
@@ -67,6 +68,12 @@ def cases(keras, flavour):
             keras, (5, 2), t1(3, 3, activation="tanh"), conv1(2, 2, activation="relu")),
         "3d transposed stride 2": conv_model(
             keras, (2, 2, 2, 1), t3(2, 2, strides=2, activation="tanh")),
+        "2d separable, multiplier 2, same stride 2": conv_model(
+            keras, (6, 5, 2), sep2(3, 3, strides=2, padding="same", depth_multiplier=2,
+                                   activation="tanh")),
+        "1d separable dilated, no bias, shared": conv_model(
+            keras, (9, 2), sep1(2, 3, dilation_rate=2, padding="same", use_bias=False,
+                                activation="tanh"), shared=True),
         "2d transposed shared": conv_model(
             keras, (3, 3, 2), t2(2, 3, padding="same", activation="tanh"), shared=True),
     }
@@ -78,6 +85,9 @@ def cases(keras, flavour):
             keras, (2, 3, 4), t2(4, 2, strides=(2, 1), data_format="channels_first",
                                  activation="tanh"),
             conv2(4, 2, groups=2, data_format="channels_first", activation="tanh"))
+        found["2d separable channels_first"] = conv_model(
+            keras, (2, 5, 5), sep2(3, 2, depth_multiplier=2, data_format="channels_first",
+                                   activation="tanh"))
         # (TensorFlow's CPU transposed convolutions take no dilation)
         found["2d transposed dilated same"] = conv_model(
             keras, (3, 3, 2), t2(2, 2, dilation_rate=2, padding="same", activation="tanh"))
@@ -100,7 +110,7 @@ def test_conv_rows_and_norms_match_the_loop(keras, flavour):
         norms = materialized_norms(rows)
         np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5,
                                    err_msg=name)
-        if "grouped" in name or "transposed" in name:  # their weighted sums, from factors
+        if any(kind in name for kind in ("grouped", "transposed", "separable")):  # their sums
             assert_clipped_sums(model, x, y, rows, norms, name)
 
 
@@ -219,6 +229,7 @@ def assert_clipped_sums(model, x, y, rows, norms, name):
 def test_regularized_and_output_padded_convolutions_are_differentiated_directly(keras):
     from gradkit._factors import plan
     from gradkit._request import prepare
+    from gradkit._routes import route_of
 
     model, x, y = conv_model(
         keras, (3, 3, 2),
@@ -231,6 +242,9 @@ def test_regularized_and_output_padded_convolutions_are_differentiated_directly(
     assert plan(model, request.variables, request.adapter.layers_module) == []
     assert_same_sets(gk.per_example_gradients(model, x, y), loop_reference(model, x, y),
                      rtol=2e-5, atol=2e-6)
+    # the vectorizer would form their kernel rows as grouped convolutions: not taken
+    reason = route_of(prepare(model, x, y)).reason
+    assert "'padded'" in reason and "grouped convolutions" in reason
 
 
 @pytest.mark.parametrize("one_example_per_block", [False, True])

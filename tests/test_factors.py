@@ -85,6 +85,35 @@ def conv_kernel(name, groups=1):
     return Factor("conv_kernel", a, d, geometry), expected
 
 
+def separable_kernels(name, multiplier=2):
+    """z = P ∘ D(a), summed by hand over every call, position p and kernel offset q:
+    g_D[q, c, m] = Σ a[at, c] δ[p, f] P[c*M + m, f]
+    g_P[c*M + m, f] = Σ a[at, c] D[q, c, m] δ[p, f]
+    """
+    from gradkit._factors._conv import Separable
+
+    geometry, a, d, a_last, d_last, before = conv_case(name)
+    channels, filters = a_last.shape[-1], d_last.shape[-1]
+    depthwise = normal(*geometry.kernel_size, channels, multiplier)
+    pointwise = normal(*(1,) * len(geometry.kernel_size), channels * multiplier, filters)
+    p_cmf = pointwise.reshape(channels, multiplier, filters).astype(np.float64)
+    expected_d = np.zeros((N, *depthwise.shape))
+    expected_p = np.zeros((N, channels, multiplier, filters))
+    for call, p in itertools.product(range(a_last.shape[1]), np.ndindex(*d_last.shape[2:-1])):
+        for q in np.ndindex(*geometry.kernel_size):
+            at = [pi * s + qi * r - b for pi, qi, s, r, b in
+                  zip(p, q, geometry.strides, geometry.dilation, before)]
+            if all(0 <= x < n for x, n in zip(at, a_last.shape[2:-1])):
+                a_at = a_last[(slice(None), call, *at)].astype(np.float64)
+                d_at = d_last[(slice(None), call, *p)].astype(np.float64)
+                expected_d[(slice(None), *q)] += np.einsum("nc,nf,cmf->ncm", a_at, d_at, p_cmf)
+                expected_p += np.einsum("nc,cm,nf->ncmf", a_at, depthwise[q], d_at)
+    separable = Separable(*geometry[:5], depthwise, pointwise)
+    return ((Factor("separable_depthwise", a, d, separable), expected_d),
+            (Factor("separable_pointwise", a, d, separable),
+             expected_p.reshape(N, *pointwise.shape)))
+
+
 def transposed_kernel(name):
     """A transposed convolution's kernel gradient is that of the convolution it transposes,
     whose input is the layer's δ and whose output gradient is the layer's input."""
@@ -220,6 +249,10 @@ CASES = {
                     **{f"{name}, 2 groups": lambda name=name: conv_kernel(name, groups=2)
                        for name in CONVS}},
     "transposed_kernel": {name: lambda name=name: transposed_kernel(name) for name in CONVS},
+    "separable_depthwise": {name: lambda name=name: separable_kernels(name)[0]
+                            for name in CONVS},
+    "separable_pointwise": {name: lambda name=name: separable_kernels(name)[1]
+                            for name in CONVS},
     "conv_bias": {name: lambda name=name: conv_bias(name) for name in CONVS},
     "depthwise_kernel": {f"{name} x{m}": lambda name=name, m=m: depthwise_kernel(name, m)
                          for name in CONVS for m in (1, 2)},
@@ -234,8 +267,10 @@ CASES = {
     "einsum_bias": {name: lambda name=name: einsum_bias(name) for name in EINSUMS
                     if EINSUMS[name][3] is not None},
 }
-#: Keras names a depthwise kernel's regularizer after the layer, not the attribute
-REGULARIZER_PREFIX = {"kernel": ("kernel", "depthwise"), "depthwise_kernel": ("depthwise",)}
+#: Keras names a depthwise kernel's regularizer after the layer, not the attribute, and a
+#: separable convolution's after its stage
+REGULARIZER_PREFIX = {"kernel": ("kernel", "depthwise"), "depthwise_kernel": ("depthwise",),
+                      "pointwise_kernel": ("pointwise",)}
 
 
 def test_every_kind_has_a_writer_and_a_squared_norm_per_role():

@@ -1,6 +1,6 @@
 """Per-example gradients of Dense, EinsumDense, Embedding, Conv (grouped too), ConvTranspose,
-DepthwiseConv, Layer- and GroupNormalization and (inference) BatchNormalization layers as
-factors: layer input × output gradient.
+SeparableConv, DepthwiseConv, Layer- and GroupNormalization and (inference)
+BatchNormalization layers as factors: layer input × output gradient.
 
 For a Dense layer ``z = a·W + b`` (then its activation), example i's gradients are
 
@@ -16,7 +16,8 @@ same sum over its output positions, with ``a_t`` the input patch under position 
 factors keep their spatial shape and its geometry (`_conv`); a grouped one is one such
 convolution per group; a depthwise convolution sums each channel's patches against that
 channel's deltas only; a transposed one is the convolution it transposes with the roles of
-input and δ swapped. A BatchNormalization with its moving
+input and δ swapped; a separable one's two kernels follow from the full convolution's
+kernel gradient and the other kernel. A BatchNormalization with its moving
 statistics is a fixed affine map per channel, a Layer- or GroupNormalization one per
 position or per group of each example (`_normalization`); an EinsumDense is its own einsum
 with the batch letter kept (`_einsum`).
@@ -27,8 +28,8 @@ norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and wh
 taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's
 objective with respect to zero perturbations at the planned layers' pre-activations (or
 outputs) inside its vectorizer. Layers not planned (other types; regularized, LoRA, quantized
-or customized layers of these kinds, separable convolutions, transposed ones with
-output_padding) are differentiated directly. Framework-free: adapters pass their ops.
+or customized layers of these kinds, transposed convolutions with output_padding) are
+differentiated directly. Framework-free: adapters pass their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops

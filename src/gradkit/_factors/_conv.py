@@ -12,7 +12,8 @@ The padding is the one Keras applies: none ("valid"), the total split with the e
 after ("same", as TensorFlow, XLA and Keras' torch backend), or all before ("causal").
 A grouped convolution is one such convolution per group (its channels to its filters); a
 transposed one is the convolution it transposes with the roles of input and δ swapped
-(`transposed_rows`).
+(`transposed_rows`); a separable one's two kernels come from the full convolution's kernel
+gradient and the other kernel's values (`separable_rows`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,47 @@ def transposed_rows(inputs: Any, deltas: Any, geometry: Geometry, out: np.ndarra
 def transposed_squared_norms(inputs: Any, deltas: Any, geometry: Geometry) -> np.ndarray:
     """||g_K[i]||² per example of a transposed convolution (see `transposed_rows`)."""
     return kernel_squared_norms(deltas, inputs, geometry)
+
+
+class Separable(NamedTuple):
+    """A separable convolution's geometry (its depthwise stage's; the pointwise stage is 1x1)
+    and the values of its two kernels when the factors were taken."""
+
+    kernel_size: tuple
+    strides: tuple
+    dilation: tuple
+    padding: str
+    channels_first: bool
+    depthwise: np.ndarray  # (*kernel_size, channels, multiplier)
+    pointwise: np.ndarray  # (1, ..., channels * multiplier, filters)
+    groups: int = 1
+
+
+def separable_geometry(layer: Any) -> Separable:
+    """The geometry and current kernel values of a Keras (3 or 2) SeparableConv1D/2D."""
+    return Separable(*conv_geometry(layer)[:5], np.asarray(layer.depthwise_kernel),
+                     np.asarray(layer.pointwise_kernel))
+
+
+def separable_rows(inputs: Any, deltas: Any, geometry: Separable) -> tuple:
+    """(depthwise rows (n, *kernel_size, C, M), pointwise rows (n, 1, ..., C·M, F)) of
+    ``z = P ∘ D(a)``, from G = the full convolution's kernel rows of (a, δ) (n, *k, C, F):
+
+        g_D[k, c, m] = Σ_f G[k, c, f] P[c·M + m, f]
+        g_P[c·M + m, f] = Σ_k D[k, c, m] G[k, c, f]
+    """
+    d = np.asarray(deltas)
+    channels, multiplier = geometry.depthwise.shape[-2:]
+    filters = geometry.pointwise.shape[-1]
+    full = np.empty((len(d), *geometry.kernel_size, channels, filters), d.dtype)
+    kernel_rows(inputs, d, geometry, full)
+    full = full.reshape(len(d), -1, channels, filters)
+    pointwise = geometry.pointwise.reshape(channels, multiplier, filters).astype(d.dtype)
+    depthwise = geometry.depthwise.reshape(-1, channels, multiplier).astype(d.dtype)
+    return (np.einsum("nkcf,cmf->nkcm", full, pointwise).reshape(
+                len(d), *geometry.depthwise.shape),
+            np.einsum("kcm,nkcf->ncmf", depthwise, full).reshape(
+                len(d), *geometry.pointwise.shape))
 
 
 def transposable(layer: Any) -> bool:

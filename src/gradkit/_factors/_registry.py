@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
-from gradkit._factors._conv import conv_geometry, transposable
+from gradkit._factors._conv import conv_geometry, separable_geometry, transposable
 from gradkit._select import walk_layers
 
 
@@ -103,6 +103,22 @@ CONV_TRANSPOSE = Kind(
     at_output=False, geometry=conv_geometry, compiled_loop=False)
 
 
+def _separable_classes(layers: Any) -> tuple:
+    return tuple(getattr(layers, f"SeparableConv{rank}D") for rank in (1, 2)
+                 if hasattr(layers, f"SeparableConv{rank}D"))
+
+
+SEPARABLE = Kind(
+    "separable", _separable_classes,
+    {"depthwise_kernel": Role("separable_depthwise", "depthwise_regularizer", True,
+                              _rows.separable(0), _norms.separable(0), _sums.separable(0)),
+     "pointwise_kernel": Role("separable_pointwise", "pointwise_regularizer", True,
+                              _rows.separable(1), _norms.separable(1), _sums.separable(1)),
+     "bias": CONV.roles["bias"]},
+    _activated, _arrays.spatial, at_output=False, geometry=separable_geometry,
+    compiled_loop=False)
+
+
 def _depthwise_classes(layers: Any) -> tuple:
     return tuple(getattr(layers, name) for name in ("DepthwiseConv1D", "DepthwiseConv2D")
                  if hasattr(layers, name))
@@ -161,8 +177,8 @@ EINSUM_DENSE = Kind(
     at_output=False, geometry=_einsum.einsum_geometry, compiled_loop=False)
 
 #: Every kind, by name, in the order a layer's class is matched against them.
-KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, CONV_TRANSPOSE, DEPTHWISE,
-                                      BATCH_NORMALIZATION, LAYER_NORMALIZATION,
+KINDS = {kind.name: kind for kind in (DENSE, EMBEDDING, CONV, CONV_TRANSPOSE, SEPARABLE,
+                                      DEPTHWISE, BATCH_NORMALIZATION, LAYER_NORMALIZATION,
                                       GROUP_NORMALIZATION, EINSUM_DENSE)}
 #: Every role of every kind, by `Factor.role`.
 ROLES = {role.factor: role for kind in KINDS.values() for role in kind.roles.values()}
@@ -203,8 +219,8 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
-    """The first convolution-like layer whose selected kernel has no factors (separable; a
-    transposed one with output_padding; a regularized one), named, or None. A vectorizer forms its per-example kernel
+    """The first convolution-like layer whose selected kernel has no factors (a transposed one
+    with output_padding, a regularized or customized one), named, or None. A vectorizer forms its per-example kernel
     gradients as one grouped convolution over the batch: many times slower than a loop of
     single-example gradients on CPU (JAX: 10x on MobileNetV2) and memory-hungry."""
     factored = {id(entry.layer) for entry in plan(model, variables, layers_module)}
