@@ -331,3 +331,15 @@ def test_only_the_first_n_rows_are_written_and_normed(role):
     assert np.isnan(out[2:]).all()
     np.testing.assert_allclose(squared_rows(factor, 2),
                                (expected[:2].reshape(2, -1) ** 2).sum(axis=1), rtol=1e-5)
+
+
+def test_separable_rows_a_block_of_one_example_at_a_time(monkeypatch):
+    """The full convolution's rows are formed a block of examples at a time: blocks of one
+    give the hand-summed rows too."""
+    from gradkit._factors import _conv
+
+    monkeypatch.setattr(_conv, "PATCH_BLOCK_BYTES", 1)
+    for factor, expected in separable_kernels("2d same channels_first"):
+        out = np.empty(expected.shape, np.float32)
+        assert write_rows(factor, out)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -117,23 +117,29 @@ def separable_geometry(layer: Any) -> Separable:
 
 def separable_rows(inputs: Any, deltas: Any, geometry: Separable) -> tuple:
     """(depthwise rows (n, *kernel_size, C, M), pointwise rows (n, 1, ..., C·M, F)) of
-    ``z = P ∘ D(a)``, from G = the full convolution's kernel rows of (a, δ) (n, *k, C, F):
+    ``z = P ∘ D(a)``, from G = the full convolution's kernel rows of (a, δ) (n, *k, C, F),
+    formed a block of examples at a time (G is k·C·F numbers an example):
 
         g_D[k, c, m] = Σ_f G[k, c, f] P[c·M + m, f]
         g_P[c·M + m, f] = Σ_k D[k, c, m] G[k, c, f]
     """
-    d = np.asarray(deltas)
+    a, d = np.asarray(inputs), np.asarray(deltas)
     channels, multiplier = geometry.depthwise.shape[-2:]
     filters = geometry.pointwise.shape[-1]
-    full = np.empty((len(d), *geometry.kernel_size, channels, filters), d.dtype)
-    kernel_rows(inputs, d, geometry, full)
-    full = full.reshape(len(d), -1, channels, filters)
     pointwise = geometry.pointwise.reshape(channels, multiplier, filters).astype(d.dtype)
     depthwise = geometry.depthwise.reshape(-1, channels, multiplier).astype(d.dtype)
-    return (np.einsum("nkcf,cmf->nkcm", full, pointwise).reshape(
-                len(d), *geometry.depthwise.shape),
-            np.einsum("kcm,nkcf->ncmf", depthwise, full).reshape(
-                len(d), *geometry.pointwise.shape))
+    rows_d = np.empty((len(d), *geometry.depthwise.shape), d.dtype)
+    rows_p = np.empty((len(d), channels, multiplier, filters), d.dtype)
+    step = max(1, PATCH_BLOCK_BYTES // (depthwise.shape[0] * channels * filters * d.itemsize))
+    for start in range(0, len(d), step):
+        rows = slice(start, start + step)
+        full = np.empty((len(d[rows]), *geometry.kernel_size, channels, filters), d.dtype)
+        kernel_rows(a[rows], d[rows], geometry, full)
+        full = full.reshape(len(full), -1, channels, filters)
+        rows_d[rows] = np.einsum("nkcf,cmf->nkcm", full, pointwise).reshape(
+            rows_d[rows].shape)
+        rows_p[rows] = np.einsum("kcm,nkcf->ncmf", depthwise, full)
+    return rows_d, rows_p.reshape(len(d), *geometry.pointwise.shape)
 
 
 def transposable(layer: Any) -> bool:
