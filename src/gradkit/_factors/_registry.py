@@ -220,9 +220,10 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
     """The first convolution-like layer whose selected kernel has no factors (a transposed one
-    with output_padding, a regularized or customized one), named, or None. A vectorizer forms its per-example kernel
-    gradients as one grouped convolution over the batch: many times slower than a loop of
-    single-example gradients on CPU (JAX: 10x on MobileNetV2) and memory-hungry."""
+    with output_padding, a regularized or customized one), named, or None. A vectorizer forms
+    its per-example kernel gradients as one grouped convolution over the batch: many times
+    slower than a loop of single-example gradients on CPU (JAX: 10x on MobileNetV2) and
+    memory-hungry."""
     factored = {id(entry.layer) for entry in plan(model, variables, layers_module)}
     selected = {id(v) for v in variables}
     for path, layer in walk_layers(model):

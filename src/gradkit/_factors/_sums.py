@@ -8,10 +8,10 @@ with `weights` of shape (n,) for the first n examples, and equals ``Σ_i weights
     Σ_i w_i Σ_t δ_it                            (a bias)
     Σ_i w_i Σ_t δ_it scattered into row id_it   (an embedding)
 
-A convolution's (depthwise and transposed too) per-example kernel gradients are small: they are formed a
-block of examples at a time from the reweighted deltas and summed; an EinsumDense kernel's
-sum is one einsum of the inputs with the reweighted deltas; normalization rows are formed
-and weighted. The sums are float64.
+A convolution's (depthwise, transposed and separable too) per-example kernel gradients are
+small: they are formed a block of examples at a time from the reweighted deltas and summed;
+an EinsumDense kernel's sum is one einsum of the inputs with the reweighted deltas;
+normalization rows are formed and weighted. The sums are float64.
 """
 
 from __future__ import annotations
