@@ -142,6 +142,16 @@ def separable_rows(inputs: Any, deltas: Any, geometry: Separable) -> tuple:
     return rows_d, rows_p.reshape(len(d), *geometry.pointwise.shape)
 
 
+def separable_rows64(stage: int) -> Callable:
+    """``(factor, n) -> (n, ...) float64`` rows of a separable convolution's depthwise (0) or
+    pointwise (1) kernel, for the registry's roles whose rows are formed whole."""
+    def rows64(part: Any, n: int) -> np.ndarray:
+        return separable_rows(np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n],
+                              part.geometry)[stage].astype(np.float64)
+
+    return rows64
+
+
 def transposable(layer: Any) -> bool:
     """A transposed convolution without ``output_padding``, whose output the convolution it
     transposes maps back to the input's shape under the layer's own padding."""

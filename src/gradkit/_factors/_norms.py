@@ -66,16 +66,6 @@ def transposed_kernel(part: Any, n: int) -> np.ndarray:
                                          np.asarray(part.deltas)[:n], part.geometry)
 
 
-def separable(stage: int) -> Callable:
-    """Squared norms of a separable convolution's depthwise (0) or pointwise (1) kernel rows."""
-    def squared(part: Any, n: int) -> np.ndarray:
-        rows = conv.separable_rows(np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n],
-                                   part.geometry)[stage].reshape(n, -1)
-        return np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
-
-    return squared
-
-
 def depthwise_kernel(part: Any, n: int) -> np.ndarray:
     """A depthwise convolution's kernel gradients formed a block of examples at a time."""
     deltas = np.asarray(part.deltas)[:n]

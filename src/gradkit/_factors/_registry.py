@@ -14,7 +14,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
-from gradkit._factors._conv import conv_geometry, separable_geometry, transposable
+from gradkit._factors._conv import (conv_geometry, separable_geometry, separable_rows64,
+                                    transposable)
 from gradkit._select import walk_layers
 
 
@@ -108,15 +109,6 @@ def _separable_classes(layers: Any) -> tuple:
                  if hasattr(layers, f"SeparableConv{rank}D"))
 
 
-SEPARABLE = Kind(
-    "separable", _separable_classes,
-    {"depthwise_kernel": Role("separable_depthwise", "depthwise_regularizer", True,
-                              _rows.separable(0), _norms.separable(0), _sums.separable(0)),
-     "pointwise_kernel": Role("separable_pointwise", "pointwise_regularizer", True,
-                              _rows.separable(1), _norms.separable(1), _sums.separable(1)),
-     "bias": CONV.roles["bias"]},
-    _activated, _arrays.spatial, at_output=False, geometry=separable_geometry,
-    compiled_loop=False)
 
 
 def _depthwise_classes(layers: Any) -> tuple:
@@ -142,6 +134,16 @@ def _formed(name: str, regularizer: str, uses_inputs: bool, rows64: Callable,
     return Role(name, regularizer, uses_inputs, _rows.from_rows64(rows64),
                 _norms.from_rows64(rows64), summed or _sums.from_rows64(rows64))
 
+
+SEPARABLE = Kind(
+    "separable", _separable_classes,
+    {"depthwise_kernel": _formed("separable_depthwise", "depthwise_regularizer", True,
+                                 separable_rows64(0)),
+     "pointwise_kernel": _formed("separable_pointwise", "pointwise_regularizer", True,
+                                 separable_rows64(1)),
+     "bias": CONV.roles["bias"]},
+    _activated, _arrays.spatial, at_output=False, geometry=separable_geometry,
+    compiled_loop=False)
 
 _OFFSET = _formed("norm_beta", "beta_regularizer", False, _normalization.offset_rows64)
 

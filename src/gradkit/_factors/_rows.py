@@ -68,18 +68,6 @@ def transposed_kernel(part: Any, out: np.ndarray, product: Callable | None = Non
     return finite(out)
 
 
-def separable(stage: int) -> Callable:
-    """The writer of a separable convolution's depthwise (0) or pointwise (1) kernel rows
-    (``gradkit._factors._conv.separable_rows``); small, checked directly."""
-    def write(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
-        n = out.shape[0]
-        out[...] = conv.separable_rows(np.asarray(part.inputs)[:n],
-                                       np.asarray(part.deltas)[:n], part.geometry)[stage]
-        return finite(out)
-
-    return write
-
-
 def depthwise_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """A depthwise convolution's kernel rows (``gradkit._factors._conv``); small, checked
     directly."""

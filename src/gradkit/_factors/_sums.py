@@ -60,18 +60,6 @@ def transposed_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarra
     return _summed_rows(conv.transposed_rows, part, weights, shape)
 
 
-def separable(stage: int) -> Callable:
-    """A separable convolution's depthwise (0) or pointwise (1) kernel rows of the reweighted
-    deltas, summed."""
-    def total(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
-        _, d = _weighted(part, weights, inputs=False)
-        a = np.asarray(part.inputs)[:len(weights)].astype(d.dtype)
-        return conv.separable_rows(a, d, part.geometry)[stage].sum(
-            axis=0, dtype=np.float64).reshape(shape)
-
-    return total
-
-
 def depthwise_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     """Per-example depthwise kernel gradients of the reweighted deltas, summed."""
     return _summed_rows(conv.depthwise_rows, part, weights, shape)
