@@ -18,7 +18,8 @@ RNG = np.random.default_rng(11)
 
 
 def _mlp(keras):
-    """Dense layers, one of them regularized (so it is materialized, not factored)."""
+    """Dense layers, one of them L2-regularized (factored, its regularizer's gradient added
+    to each row)."""
     model = keras.Sequential([
         keras.Input((5,)),
         keras.layers.Dense(6, activation="tanh", name="hidden"),

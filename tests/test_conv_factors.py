@@ -226,7 +226,7 @@ def assert_clipped_sums(model, x, y, rows, norms, name):
                                    err_msg=f"{name}: {key}")
 
 
-def test_regularized_and_output_padded_convolutions_are_differentiated_directly(keras):
+def test_l1_regularized_and_output_padded_convolutions_are_differentiated_directly(keras):
     from gradkit._factors import plan
     from gradkit._request import prepare
     from gradkit._routes import route_of
@@ -235,7 +235,7 @@ def test_regularized_and_output_padded_convolutions_are_differentiated_directly(
         keras, (3, 3, 2),
         keras.layers.Conv2DTranspose(2, 3, strides=2, output_padding=1, activation="tanh",
                                      name="padded"),
-        keras.layers.Conv2D(2, 3, kernel_regularizer=keras.regularizers.L2(0.1),
+        keras.layers.Conv2D(2, 3, kernel_regularizer=keras.regularizers.L1(0.1),
                             activation="tanh", name="regularized"))
     gk.gradients(model, x, y)
     request = prepare(model, x, y, layers=["padded", "regularized"])
@@ -245,6 +245,38 @@ def test_regularized_and_output_padded_convolutions_are_differentiated_directly(
     # the vectorizer would form their kernel rows as grouped convolutions: not taken
     reason = route_of(prepare(model, x, y)).reason
     assert "'padded'" in reason and "grouped convolutions" in reason
+
+
+def test_l2_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
+    """Row i = factor row + 2c·W for an L2(c) regularizer (in the loss of a batch of one,
+    not through z); none with target=, whose score holds no model losses."""
+    from gradkit._factors import Factor, plan
+    from gradkit._request import prepare
+
+    L, regularizers = keras.layers, keras.regularizers
+    model, x, y = conv_model(
+        keras, (6, 6, 2),
+        L.Conv2D(3, 3, kernel_regularizer=regularizers.L2(0.2), activation="tanh", name="c"),
+        L.Conv2D(2, 3, kernel_regularizer="l2", bias_regularizer=regularizers.L1L2(l2=0.3),
+                 use_bias=True, activation="relu", name="b"))
+    model.get_layer("b").bias.assign(RNG.normal(size=2).astype("float32"))
+    gk.gradients(model, x, y)
+    request = prepare(model, x, y)
+    assert {entry.layer.name for entry in plan(model, request.variables,
+                                               request.adapter.layers_module)} >= {"c", "b"}
+    parts = dict(zip(gk.gradients(model, x, y), request.adapter.per_example_parts(request)))
+    assert all(isinstance(p, Factor) for p in parts.values())
+    assert [k for k, p in parts.items() if p.offset is not None] == [
+        "c/kernel", "b/kernel", "b/bias"]
+    kernel = model.get_layer("c").kernel.numpy()
+    np.testing.assert_allclose(parts["c/kernel"].offset, 0.4 * kernel, rtol=1e-6)
+    rows = gk.per_example_gradients(model, x, y)
+    assert_same_sets(rows, loop_reference(model, x, y), rtol=2e-5, atol=2e-6)
+    norms = materialized_norms(rows)
+    np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5)
+    assert_clipped_sums(model, x, y, rows, norms, "regularized")
+    target = gk.per_example_gradients(model, x, target=0)
+    assert_same_sets(target, loop_reference(model, x, target=0), rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("one_example_per_block", [False, True])

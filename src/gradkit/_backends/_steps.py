@@ -20,8 +20,10 @@ from gradkit._factors import (
     assemble,
     factor_arrays,
     plan,
+    regularizer_offsets,
     rest,
     unfactored_convolution,
+    with_regularizers,
 )
 from gradkit._taps import OutputTaps
 
@@ -175,8 +177,10 @@ def run_per_example(adapter, request, planned: list, make: Callable,
     scale = adapter.scale_of(request.model)
     connected, run = compiled(request, scale, "per_example", build, mapped)
     arrays, grads = run(data_of(request.batch, request.seed), scale)  # a vectorizer's gap raises
-    parts = assemble(count, planned, arrays, grads)
-    return [part if ok else None for part, ok in zip(parts, connected)]
+    offsets = regularizer_offsets(request, planned)
+    parts = assemble(count, planned, arrays, grads, offsets)
+    return with_regularizers([part if ok else None for part, ok in zip(parts, connected)],
+                             offsets, request.batch.size)
 
 
 def gradient_fn(adapter, request, scaled: bool) -> Callable:

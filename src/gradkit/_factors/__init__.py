@@ -27,9 +27,10 @@ roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`),
 norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and where its δ is
 taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's
 objective with respect to zero perturbations at the planned layers' pre-activations (or
-outputs) inside its vectorizer. Layers not planned (other types; regularized, LoRA, quantized
-or customized layers of these kinds, transposed convolutions with output_padding) are
-differentiated directly. Framework-free: adapters pass their ops.
+outputs) inside its vectorizer. An L2 regularizer's gradient, the same for every example, is
+added to each row (`_regularizers`). Layers not planned (other types; LoRA, quantized or
+customized layers of these kinds, or ones with another regularizer; transposed convolutions
+with output_padding) are differentiated directly. Framework-free: adapters pass their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops
@@ -49,6 +50,8 @@ from gradkit._factors._registry import write_rows as write_rows
 from gradkit._factors._taps import LayerTaps as LayerTaps
 from gradkit._factors._taps import assemble as assemble
 from gradkit._factors._taps import factor_arrays as factor_arrays
+from gradkit._factors._taps import regularizer_offsets as regularizer_offsets
+from gradkit._factors._taps import with_regularizers as with_regularizers
 
 __all__ = [
     "Factor",
@@ -63,9 +66,11 @@ __all__ = [
     "conv_geometry",
     "factor_arrays",
     "plan",
+    "regularizer_offsets",
     "rest",
     "squared_rows",
     "unfactored_convolution",
     "weighted_sum",
+    "with_regularizers",
     "write_rows",
 ]

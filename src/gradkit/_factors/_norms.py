@@ -93,3 +93,26 @@ def from_rows64(rows64: Callable) -> Callable:
 def gram(x: np.ndarray) -> np.ndarray:
     """``x xᵀ`` per example: (n, T, k) -> (n, T, T)."""
     return np.matmul(x, x.transpose(0, 2, 1))
+
+
+#: Rows formed at once for the norms of a regularized variable (`offset_squared`)
+OFFSET_BLOCK_BYTES = 16 * 2**20
+
+
+def offset_squared(part: Any, n: int, write: Callable) -> np.ndarray:
+    """``||row_i + offset||²`` of a Factor with a regularizer's gradient (``part.offset``):
+    the rows written by `write` (its role's writer) in float64, a block of examples at a time."""
+    offset = np.asarray(part.offset, dtype=np.float64)
+    step = max(1, OFFSET_BLOCK_BYTES // (8 * max(1, offset.size)))
+    inputs, deltas = part.inputs, np.asarray(part.deltas)
+    squares = np.empty(n)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        block = part._replace(
+            inputs=None if inputs is None else np.asarray(inputs)[start:stop],
+            deltas=deltas[start:stop], offset=None)
+        rows = np.empty((stop - start, *offset.shape))
+        write(block, rows)
+        rows += offset
+        squares[start:stop] = np.einsum("bp,bp->b", *(rows.reshape(stop - start, -1),) * 2)
+    return squares

@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
+from gradkit._factors import _arrays, _einsum, _normalization, _norms, _regularizers, _rows, _sums
 from gradkit._factors._conv import (conv_geometry, separable_geometry, separable_rows64,
                                     transposable)
 from gradkit._select import walk_layers
@@ -23,7 +23,7 @@ class Role(NamedTuple):
     """One variable of a layer kind, found at the layer attribute its `Kind.roles` key names."""
 
     factor: str  # Factor.role: unique over all kinds
-    regularizer: str  # the layer attribute of its regularizer (a regularized layer is not factored)
+    regularizer: str  # the layer attribute of its regularizer (`_regularizers`)
     uses_inputs: bool  # whether its Factor carries the layer inputs (a bias needs only δ)
     rows: Callable  # (factor, out, product) -> whether the rows are finite
     squared: Callable  # (factor, n) -> (n,) float64 squared norms
@@ -62,6 +62,9 @@ class Factor(NamedTuple):
     #: (`_normalization`) or an EinsumDense's subscripts (`_einsum`); then inputs
     #: (n, calls, *input shape) and deltas (n, calls, *output shape), in the layer's layout
     geometry: Any = None
+    #: the gradient of the variable's regularizer (`_regularizers`), the same for every
+    #: example and added to each row; None without one
+    offset: Any = None
 
 
 def _activated(layer: Any) -> bool:
@@ -207,22 +210,24 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
 
 
 def _kind(layer: Any, classes: list) -> Kind | None:
-    """The kind of a plain layer of one of `classes` (own call, no regularizer), or None."""
+    """The kind of a plain layer of one of `classes` (own call, no regularizer without a
+    closed-form gradient), or None."""
     for kind, cls in classes:
         if not isinstance(layer, cls) or type(layer).call is not cls.call:
             continue
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             return None
-        if any(getattr(layer, role.regularizer, None) is not None
-               for role in kind.roles.values()):
-            return None  # the regularizer's gradient does not pass through z
+        if not all(_regularizers.closed_form(getattr(layer, role.regularizer, None))
+                   for role in kind.roles.values()):
+            return None
         return kind if kind.plain(layer) else None
     return None
 
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
     """The first convolution-like layer whose selected kernel has no factors (a transposed one
-    with output_padding, a regularized or customized one), named, or None. A vectorizer forms
+    with output_padding, a customized one or one with an L1 or custom regularizer), named, or
+    None. A vectorizer forms
     its per-example kernel gradients as one grouped convolution over the batch: many times
     slower than a loop of single-example gradients on CPU (JAX: 10x on MobileNetV2) and
     memory-hungry."""
@@ -254,13 +259,19 @@ def write_rows(part: Any, out: np.ndarray, product: Callable | None = None) -> b
     """
     if not isinstance(part, Factor):
         return _rows.copy_rows(part, out)
-    return ROLES[part.role].rows(part, out, product)
+    finite = ROLES[part.role].rows(part, out, product)
+    if part.offset is None:
+        return finite
+    out += part.offset.astype(out.dtype)
+    return _rows.finite(out)
 
 
 def squared_rows(part: Any, n: int) -> np.ndarray:
     """Squared L2 norm of each of the first `n` rows (an array, or a `Factor`: closed forms)."""
     if not isinstance(part, Factor):
         return _norms.array_squared(part, n)
+    if part.offset is not None:  # ||f_i + r||²: the rows formed a block of examples at a time
+        return _norms.offset_squared(part, n, ROLES[part.role].rows)
     return ROLES[part.role].squared(part, n)
 
 
@@ -269,4 +280,7 @@ def weighted_sum(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     one variable's per-example gradients (an array, or a `Factor`: rows never formed)."""
     if not isinstance(part, Factor):
         return _sums.array_sum(part, weights, shape)
-    return ROLES[part.role].summed(part, weights, shape)
+    total = ROLES[part.role].summed(part, weights, shape)
+    if part.offset is not None:
+        total = total + np.sum(weights, dtype=np.float64) * part.offset.reshape(shape)
+    return total
