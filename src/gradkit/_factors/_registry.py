@@ -225,9 +225,9 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
-    """The first convolution-like layer whose selected kernel has no factors (a transposed one
-    with output_padding, a customized one or one with an L1 or custom regularizer), named, or
-    None. A vectorizer forms
+    """The first convolution-like layer whose selected kernel has no factors (a customized one,
+    one with an L1 or custom regularizer, a dilated transposed one with output_padding),
+    named, or None. A vectorizer forms
     its per-example kernel gradients as one grouped convolution over the batch: many times
     slower than a loop of single-example gradients on CPU (JAX: 10x on MobileNetV2) and
     memory-hungry."""
