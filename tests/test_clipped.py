@@ -18,15 +18,17 @@ RNG = np.random.default_rng(11)
 
 
 def _mlp(keras):
-    """Dense layers, one of them L2-regularized (factored, its regularizer's gradient added
-    to each row)."""
+    """Dense layers, one of them L2-regularized, its bias too (factored, its regularizers'
+    gradients added to each row and their inner products to the norms)."""
     model = keras.Sequential([
         keras.Input((5,)),
         keras.layers.Dense(6, activation="tanh", name="hidden"),
         keras.layers.Dense(4, activation="relu", name="reg",
-                           kernel_regularizer=keras.regularizers.L2(0.1)),
+                           kernel_regularizer=keras.regularizers.L2(0.1),
+                           bias_regularizer=keras.regularizers.L2(0.2)),
         keras.layers.Dense(3, name="out"),
     ])
+    model.get_layer("reg").bias.assign(RNG.normal(size=4).astype("float32"))
     model.compile(loss="mse")
     return model, RNG.normal(size=(B, 5)).astype("float32"), \
         RNG.normal(size=(B, 3)).astype("float32")

@@ -30,7 +30,8 @@ objective with respect to zero perturbations at the planned layers' pre-activati
 outputs) inside its vectorizer. An L2 regularizer's gradient, the same for every example, is
 added to each row (`_regularizers`). Layers not planned (other types; LoRA, quantized or
 customized layers of these kinds, or ones with another regularizer; dilated transposed
-convolutions with output_padding) are differentiated directly. Framework-free: adapters pass their ops.
+convolutions with output_padding) are differentiated directly. Framework-free: adapters pass
+their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops

@@ -95,13 +95,33 @@ def gram(x: np.ndarray) -> np.ndarray:
     return np.matmul(x, x.transpose(0, 2, 1))
 
 
+def dense_kernel_inner(part: Any, n: int) -> np.ndarray:
+    """``⟨Σ_t a_t δ_tᵀ, R⟩ = Σ_t (a_t R)·δ_t`` with R the Factor's offset."""
+    a = np.asarray(part.inputs)[:n].astype(np.float64)
+    d = np.asarray(part.deltas)[:n].astype(np.float64)
+    return np.einsum("bto,bto->b", a @ np.asarray(part.offset, dtype=np.float64), d)
+
+
+def bias_inner(part: Any, n: int) -> np.ndarray:
+    """``⟨Σ_t δ_t, r⟩`` (a Dense bias) with r the Factor's offset."""
+    summed = np.asarray(part.deltas)[:n].sum(axis=1, dtype=np.float64)
+    return summed @ np.asarray(part.offset, dtype=np.float64)
+
+
+def conv_bias_inner(part: Any, n: int) -> np.ndarray:
+    """``⟨Σ_t δ_t, r⟩`` over every call and output position of a convolution."""
+    summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
+    return summed @ np.asarray(part.offset, dtype=np.float64)
+
+
 #: Rows formed at once for the norms of a regularized variable (`offset_squared`)
 OFFSET_BLOCK_BYTES = 16 * 2**20
 
 
 def offset_squared(part: Any, n: int, write: Callable) -> np.ndarray:
-    """``||row_i + offset||²`` of a Factor with a regularizer's gradient (``part.offset``):
-    the rows written by `write` (its role's writer) in float64, a block of examples at a time."""
+    """``||row_i + offset||²`` of a Factor with a regularizer's gradient (``part.offset``) for a
+    role without an inner product in closed form: the rows written by `write` (its role's
+    writer) in float64, a block of examples at a time."""
     offset = np.asarray(part.offset, dtype=np.float64)
     step = max(1, OFFSET_BLOCK_BYTES // (8 * max(1, offset.size)))
     inputs, deltas = part.inputs, np.asarray(part.deltas)

@@ -13,7 +13,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from gradkit._factors import _arrays, _einsum, _normalization, _norms, _regularizers, _rows, _sums
+from gradkit._factors import (_arrays, _einsum, _normalization, _norms, _regularizers, _rows,
+                              _sums)
 from gradkit._factors._conv import (conv_geometry, separable_geometry, separable_rows64,
                                     transposable)
 from gradkit._select import walk_layers
@@ -28,6 +29,9 @@ class Role(NamedTuple):
     rows: Callable  # (factor, out, product) -> whether the rows are finite
     squared: Callable  # (factor, n) -> (n,) float64 squared norms
     summed: Callable  # (factor, weights, shape) -> float64 Σ_i weights[i] · row_i
+    #: (factor, n) -> (n,) float64 ⟨row_i, factor.offset⟩ where a closed form is cheap (the
+    #: norms of a regularized variable are then ||f||² + 2⟨f, r⟩ + ||r||²; else rows are formed)
+    inner: Callable | None = None
 
 
 class Kind(NamedTuple):
@@ -74,8 +78,9 @@ def _activated(layer: Any) -> bool:
 DENSE = Kind(
     "dense", lambda layers: (layers.Dense,),
     {"kernel": Role("kernel", "kernel_regularizer", True, _rows.dense_kernel,
-                    _norms.dense_kernel, _sums.dense_kernel),
-     "bias": Role("bias", "bias_regularizer", False, _rows.bias, _norms.bias, _sums.bias)},
+                    _norms.dense_kernel, _sums.dense_kernel, _norms.dense_kernel_inner),
+     "bias": Role("bias", "bias_regularizer", False, _rows.bias, _norms.bias, _sums.bias,
+                  _norms.bias_inner)},
     _activated, _arrays.features, at_output=False)
 
 EMBEDDING = Kind(
@@ -89,7 +94,7 @@ CONV = Kind(
     {"kernel": Role("conv_kernel", "kernel_regularizer", True, _rows.conv_kernel,
                     _norms.conv_kernel, _sums.conv_kernel),
      "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias,
-                  _sums.conv_bias)},
+                  _sums.conv_bias, _norms.conv_bias_inner)},
     _activated, _arrays.spatial, at_output=False, geometry=conv_geometry, compiled_loop=False)
 
 
@@ -270,9 +275,13 @@ def squared_rows(part: Any, n: int) -> np.ndarray:
     """Squared L2 norm of each of the first `n` rows (an array, or a `Factor`: closed forms)."""
     if not isinstance(part, Factor):
         return _norms.array_squared(part, n)
-    if part.offset is not None:  # ||f_i + r||²: the rows formed a block of examples at a time
-        return _norms.offset_squared(part, n, ROLES[part.role].rows)
-    return ROLES[part.role].squared(part, n)
+    role = ROLES[part.role]
+    if part.offset is None:
+        return role.squared(part, n)
+    if role.inner is None:  # ||f_i + r||² of rows formed a block of examples at a time
+        return _norms.offset_squared(part, n, role.rows)
+    r = np.asarray(part.offset, dtype=np.float64).ravel()
+    return role.squared(part, n) + 2.0 * role.inner(part, n) + r @ r
 
 
 def weighted_sum(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
