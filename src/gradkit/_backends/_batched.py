@@ -19,8 +19,7 @@ from typing import Any, Callable
 from gradkit._backends import _cache
 from gradkit._backends._steps import compiled, data_of
 from gradkit._data import map_structure
-from gradkit._factors import (LayerTaps, assemble, factor_arrays, regularizer_offsets,
-                              rest, with_regularizers)
+from gradkit._factors import LayerTaps, assemble, factor_arrays, rest, with_regularizers
 from gradkit._select import walk_layers
 
 #: Keras layers that run the user's own code, which may mix the rows of a batch
@@ -63,10 +62,9 @@ def run_batched(adapter: Any, request: Any, planned: list) -> list:
     scale = adapter.scale_of(request.model)
     reached, run = compiled(request, scale, "batched", build)
     arrays = run(data_of(request.batch), scale)
-    offsets = regularizer_offsets(request, planned)
-    return with_regularizers(assemble(len(request.variables),
-                                      [e for e, ok in zip(planned, reached) if ok], arrays,
-                                      [], offsets), offsets, request.batch.size)
+    parts = assemble(len(request.variables), [e for e, ok in zip(planned, reached) if ok],
+                     arrays, [])
+    return with_regularizers(request, planned, parts)
 
 
 def batched_fn(adapter: Any, request: Any, planned: list, reached: list,

@@ -20,7 +20,6 @@ from gradkit._factors import (
     assemble,
     factor_arrays,
     plan,
-    regularizer_offsets,
     rest,
     unfactored_convolution,
     with_regularizers,
@@ -177,10 +176,9 @@ def run_per_example(adapter, request, planned: list, make: Callable,
     scale = adapter.scale_of(request.model)
     connected, run = compiled(request, scale, "per_example", build, mapped)
     arrays, grads = run(data_of(request.batch, request.seed), scale)  # a vectorizer's gap raises
-    offsets = regularizer_offsets(request, planned)
-    parts = assemble(count, planned, arrays, grads, offsets)
-    return with_regularizers([part if ok else None for part, ok in zip(parts, connected)],
-                             offsets, request.batch.size)
+    parts = assemble(count, planned, arrays, grads)
+    return with_regularizers(request, planned,
+                             [part if ok else None for part, ok in zip(parts, connected)])
 
 
 def gradient_fn(adapter, request, scaled: bool) -> Callable:

@@ -51,7 +51,6 @@ from gradkit._factors._registry import write_rows as write_rows
 from gradkit._factors._taps import LayerTaps as LayerTaps
 from gradkit._factors._taps import assemble as assemble
 from gradkit._factors._taps import factor_arrays as factor_arrays
-from gradkit._factors._taps import regularizer_offsets as regularizer_offsets
 from gradkit._factors._taps import with_regularizers as with_regularizers
 
 __all__ = [
@@ -67,7 +66,6 @@ __all__ = [
     "conv_geometry",
     "factor_arrays",
     "plan",
-    "regularizer_offsets",
     "rest",
     "squared_rows",
     "unfactored_convolution",

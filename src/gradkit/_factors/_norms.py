@@ -103,15 +103,11 @@ def dense_kernel_inner(part: Any, n: int) -> np.ndarray:
 
 
 def bias_inner(part: Any, n: int) -> np.ndarray:
-    """``⟨Σ_t δ_t, r⟩`` (a Dense bias) with r the Factor's offset."""
-    summed = np.asarray(part.deltas)[:n].sum(axis=1, dtype=np.float64)
-    return summed @ np.asarray(part.offset, dtype=np.float64)
-
-
-def conv_bias_inner(part: Any, n: int) -> np.ndarray:
-    """``⟨Σ_t δ_t, r⟩`` over every call and output position of a convolution."""
-    summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
-    return summed @ np.asarray(part.offset, dtype=np.float64)
+    """``⟨Σ_t δ_t, r⟩`` (a Dense bias; a convolution's over every call and output position)
+    with r the Factor's offset."""
+    deltas = np.asarray(part.deltas) if part.geometry is None \
+        else conv.bias_deltas(part.deltas, part.geometry)
+    return deltas[:n].sum(axis=1, dtype=np.float64) @ np.asarray(part.offset, np.float64)
 
 
 #: Rows formed at once for the norms of a regularized variable (`offset_squared`)

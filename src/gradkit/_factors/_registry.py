@@ -94,7 +94,7 @@ CONV = Kind(
     {"kernel": Role("conv_kernel", "kernel_regularizer", True, _rows.conv_kernel,
                     _norms.conv_kernel, _sums.conv_kernel),
      "bias": Role("conv_bias", "bias_regularizer", False, _rows.conv_bias, _norms.conv_bias,
-                  _sums.conv_bias, _norms.conv_bias_inner)},
+                  _sums.conv_bias, _norms.bias_inner)},
     _activated, _arrays.spatial, at_output=False, geometry=conv_geometry, compiled_loop=False)
 
 

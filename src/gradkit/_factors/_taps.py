@@ -82,36 +82,31 @@ def factor_arrays(planned: list[Planned], inputs: list[list], deltas: list[list]
     return arrays
 
 
-def assemble(count: int, planned: list[Planned], arrays: list[tuple], rest_grads: list,
-             offsets: dict | None = None) -> list:
-    """One entry per selected variable: a `Factor`, or its directly computed (n, ...) array;
-    `offsets`: the regularizers' gradients by variable index (`regularizer_offsets`)."""
+def assemble(count: int, planned: list[Planned], arrays: list[tuple], rest_grads: list) -> list:
+    """One entry per selected variable: a `Factor`, or its directly computed (n, ...) array."""
     result: list[Any] = [None] * count
-    offsets = offsets or {}
     for entry, (a, d) in zip(planned, arrays):
         kind = KINDS[entry.kind]
         geometry = None if kind.geometry is None else kind.geometry(entry.layer)
         for attribute, j in entry.roles.items():
             role = kind.roles[attribute]
-            result[j] = Factor(role.factor, a if role.uses_inputs else None, d, geometry,
-                               offsets.get(j))
+            result[j] = Factor(role.factor, a if role.uses_inputs else None, d, geometry)
     for j, grad in zip(rest(planned, count), rest_grads):
         result[j] = grad
     return result
 
 
-def regularizer_offsets(request: Any, planned: list[Planned]) -> dict[int, np.ndarray]:
-    """The gradients of the planned variables' regularizers (gradkit._factors._regularizers)
-    where the objective holds them: a compiled loss or ``loss=`` (the model's losses are
-    added), not a ``target=`` score."""
+def with_regularizers(request: Any, planned: list[Planned], parts: list) -> list:
+    """`parts` (per selected variable: a Factor, an array or None) with the gradients of the
+    planned variables' regularizers (gradkit._factors._regularizers) where the objective holds
+    them (a compiled loss or ``loss=``, not a ``target=`` score): a Factor's offset, or, for a
+    regularized layer that does not reach the objective (None), every example's row."""
     if request.objective.kind == "target":
-        return {}
-    return _regularizers.offsets(planned, request.variables,
-                                 {name: kind.roles for name, kind in KINDS.items()})
-
-
-def with_regularizers(parts: list, offsets: dict, n: int) -> list:
-    """`parts` with a regularized variable whose layer does not reach the objective (None)
-    given its regularizer's gradient alone, as every example's row."""
-    return [np.broadcast_to(offsets[j], (n, *offsets[j].shape))
-            if part is None and j in offsets else part for j, part in enumerate(parts)]
+        return parts
+    offsets = _regularizers.offsets(planned, request.variables,
+                                    {name: kind.roles for name, kind in KINDS.items()})
+    parts = list(parts)
+    for j, offset in offsets.items():
+        parts[j] = (np.broadcast_to(offset, (request.batch.size, *offset.shape))
+                    if parts[j] is None else parts[j]._replace(offset=offset))
+    return parts
