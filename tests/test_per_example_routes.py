@@ -162,7 +162,6 @@ def test_the_faster_route_is_timed_once_and_kept(keras, flavour, monkeypatch):
         assert calls[:3] == ["vectorized", "mapped", "vectorized"]
 
 
-@pytest.mark.flavours("tensorflow", "jax", "tf_keras")  # torch has no compiled loop
 def test_the_compiled_loop_and_its_fallback(keras, flavour, monkeypatch, caplog):
     """With the vectorizer failing, the loop compiled over the chunk gives the rows; when it
     fails too, the plain loop does. Each failure is tried and logged once."""
@@ -194,3 +193,35 @@ def test_the_compiled_loop_and_its_fallback(keras, flavour, monkeypatch, caplog)
     assert tries == ["vectorized", "mapped"]
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2 and "no mapped here" in messages[1], messages
+
+
+def test_the_compiled_loop_draws_each_example_the_loops_dropout_mask(keras, flavour,
+                                                                      monkeypatch):
+    """training=True with a seed: every example of the compiled loop (on torch a loop inside
+    one call, which resets torch's generator before each example) has the mask a batch of
+    one gets with that seed, as in the loop of single-example gradients."""
+    from gradkit import _backends
+
+    model = keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(16, activation="tanh", name="hidden"),
+        keras.layers.Dropout(0.5, name="drop"), keras.layers.Dense(3, name="out")])
+    model.compile(loss="mse")
+    x, y = RNG.normal(size=(N, 4)).astype("float32"), RNG.normal(size=(N, 3)).astype("float32")
+    adapter, routes = _backends.for_flavour(flavour), []
+
+    def no_vectorizer(request):
+        raise NotImplementedError("not this route")
+
+    def recorded(request):
+        routes.append("mapped")
+        return mapped(request)
+
+    mapped = adapter.mapped_parts
+    monkeypatch.setattr(adapter, "per_example_parts", no_vectorizer)
+    monkeypatch.setattr(adapter, "mapped_parts", recorded)
+    expected = loop_reference(model, x, y, training=True, seed=3)
+    inference = loop_reference(model, x, y)
+    assert not all(np.allclose(expected[k], inference[k]) for k in expected)  # masks drawn
+    rows = gk.per_example_gradients(model, x, y, training=True, seed=3)
+    assert routes == ["mapped"]
+    assert_same_sets(rows, expected)

@@ -14,7 +14,7 @@ product is written once, straight into the preallocated NumPy result (in paralle
 each kind's rows writer); other variables come back as arrays and are copied in. The batch is
 processed in chunks, so peak memory is the result plus one chunk. Where the vectorizer must not
 or cannot run, or is slower, a loop over the examples compiled into the same function
-(``tf.map_fn``, ``jax.lax.map``) or a Python loop of the compiled single-example gradient gives
+(``tf.map_fn``, ``jax.lax.map``, a loop inside one torch call) or a Python loop of the compiled single-example gradient gives
 the same rows (``gradkit._routes`` chooses once per model and selection).
 """
 
@@ -69,7 +69,7 @@ def per_example_gradients(
     memory is the B-row result plus at most one chunk; if that cannot fit in the memory
     available now, ResultTooLargeError (a MemoryError) says so before anything is allocated.
     Where the vectorizer is known to crash or fails, or is timed slower than a loop on this
-    model, a loop compiled into the function (TensorFlow, JAX) or a loop of the compiled
+    model, a loop compiled into the function (TensorFlow, JAX; on torch a loop inside one call) or a loop of the compiled
     single-example gradient is used (same values; chosen once per model and selection, a
     fallback logged once on the ``"gradkit"`` logger: see gradkit._routes).
 

@@ -5,7 +5,7 @@ and the framework's vectorizer inside one compiled function; where every selecte
 has factors and the model runs in inference, one forward and one backward pass over the
 whole batch instead, gradkit._backends._batched); "mapped", its ``mapped_parts``
 (the same function with a loop over the chunk's examples compiled into it: ``tf.map_fn``,
-``jax.lax.map``; absent on torch); and "loop", the adapter's compiled, cached single-example
+``jax.lax.map``; on torch, eager, a Python loop inside one call); and "loop", the adapter's compiled, cached single-example
 gradient called once per example. Per model, variables, objective and training mode (one
 `Route` in the model's cache of compiled functions) gradkit remembers:
 

@@ -96,7 +96,8 @@ class Operations:
 
     def mapped_parts(self, request):
         """`per_example_parts`' result from a loop over the examples compiled into one
-        function (``p.map_examples``: ``tf.map_fn``, ``jax.lax.map``), not the vectorizer."""
+        function (``p.map_examples``: ``tf.map_fn``, ``jax.lax.map``; torch: a Python loop inside
+        one eager call), not the vectorizer."""
         return self.parts(request, mapped=True)
 
     def accumulator(self, request, skip_nonfinite: bool):

@@ -21,7 +21,7 @@ import torch
 
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._cache import BoundedCache
-from gradkit._data import map_structure
+from gradkit._data import leaves, map_structure
 from gradkit._factors import Ops
 
 
@@ -150,6 +150,22 @@ class TorchPrimitives:
 
         return run
 
+    def map_examples(self, fn: Callable) -> Callable:
+        """`fn` of one example run for each example in a Python loop inside one call (one
+        detach of the weights, one RNG guard, one host transfer, instead of one per
+        example), the global RNG state reset before each example, as `vectorize`'s
+        ``randomness="same"`` gives; the outputs stacked along a new leading axis."""
+        def run(data):
+            size = len(leaves(data)[0])
+            state = torch.get_rng_state()
+            outputs = []
+            for i in range(size):
+                torch.set_rng_state(state)
+                outputs.append(fn(map_structure(lambda t: t[i], data)))
+            return _stacked(outputs)
+
+        return run
+
     # array verbs for gradkit._backends._accumulator
     stack, where, all = staticmethod(torch.stack), staticmethod(torch.where), \
         staticmethod(torch.all)
@@ -215,6 +231,16 @@ def _autograd_grad(f: Callable) -> Callable:
         return aux, arg_grads, list(grads)
 
     return g
+
+
+def _stacked(outputs: list) -> Any:
+    """One structure of the examples' equally structured `outputs`, each leaf stacked."""
+    first = outputs[0]
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stacked([o[k] for o in outputs]) for k in range(len(first)))
+    if isinstance(first, dict):
+        return {key: _stacked([o[key] for o in outputs]) for key in first}
+    return torch.stack([o.detach() for o in outputs])
 
 
 def kept_rng():
