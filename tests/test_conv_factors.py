@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _per_example_models import quartic
 from test_norms import materialized_norms
 from test_per_example import assert_same_sets, loop_reference
 
@@ -231,7 +232,7 @@ def assert_clipped_sums(model, x, y, rows, norms, name):
                                    err_msg=f"{name}: {key}")
 
 
-def test_l1_regularized_and_customized_convolutions_are_differentiated_directly(keras):
+def test_custom_regularized_and_customized_convolutions_are_differentiated_directly(keras):
     from gradkit._factors import plan
     from gradkit._request import prepare
     from gradkit._routes import route_of
@@ -243,7 +244,7 @@ def test_l1_regularized_and_customized_convolutions_are_differentiated_directly(
     model, x, y = conv_model(
         keras, (5, 5, 2),
         Scaled(2, 2, activation="tanh", name="customized"),
-        keras.layers.Conv2D(2, 3, kernel_regularizer=keras.regularizers.L1(0.1),
+        keras.layers.Conv2D(2, 3, kernel_regularizer=quartic(keras),
                             activation="tanh", name="regularized"))
     gk.gradients(model, x, y)
     request = prepare(model, x, y, layers=["customized", "regularized"])
@@ -255,9 +256,11 @@ def test_l1_regularized_and_customized_convolutions_are_differentiated_directly(
     assert "'customized'" in reason and "grouped convolutions" in reason
 
 
-def test_l2_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
-    """Row i = factor row + 2c·W for an L2(c) regularizer (in the loss of a batch of one,
-    not through z); none with target=, whose score holds no model losses."""
+def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
+    """Row i = factor row + a·sign(W) + 2c·W for Keras' L1(a), L2(c) and L1L2(a, c) (in the
+    loss of a batch of one, not through z), at exact zeros (a zero bias, zeroed kernel
+    entries) the slope each framework gives |w| there, as the loop does; none with target=,
+    whose score holds no model losses."""
     from gradkit._factors import Factor, plan
     from gradkit._request import prepare
 
@@ -266,18 +269,27 @@ def test_l2_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
         keras, (6, 6, 2),
         L.Conv2D(3, 3, kernel_regularizer=regularizers.L2(0.2), activation="tanh", name="c"),
         L.Conv2D(2, 3, kernel_regularizer="l2", bias_regularizer=regularizers.L1L2(l2=0.3),
-                 use_bias=True, activation="relu", name="b"))
+                 use_bias=True, activation="relu", name="b"),
+        L.Conv2D(2, 1, kernel_regularizer=regularizers.L1L2(l1=0.05, l2=0.1),
+                 bias_regularizer=regularizers.L1(0.2), activation="tanh", name="l1"))
     model.get_layer("b").bias.assign(RNG.normal(size=2).astype("float32"))
+    kernel = RNG.normal(size=(1, 1, 2, 2)).astype("float32")
+    kernel[0, 0, 1, 0] = 0.0
+    model.get_layer("l1").kernel.assign(kernel)  # its bias stays at zero
     gk.gradients(model, x, y)
     request = prepare(model, x, y)
     assert {entry.layer.name for entry in plan(model, request.variables,
-                                               request.adapter.layers_module)} >= {"c", "b"}
+                                               request.adapter.layers_module)} >= {"c", "b", "l1"}
     parts = dict(zip(gk.gradients(model, x, y), request.adapter.per_example_parts(request)))
     assert all(isinstance(p, Factor) for p in parts.values())
     assert [k for k, p in parts.items() if p.offset is not None] == [
-        "c/kernel", "b/kernel", "b/bias"]
-    kernel = model.get_layer("c").kernel.numpy()
-    np.testing.assert_allclose(parts["c/kernel"].offset, 0.4 * kernel, rtol=1e-6)
+        "c/kernel", "b/kernel", "b/bias", "l1/kernel", "l1/bias"]
+    np.testing.assert_allclose(parts["c/kernel"].offset,
+                               0.4 * model.get_layer("c").kernel.numpy(), rtol=1e-6)
+    nonzero = kernel != 0
+    np.testing.assert_allclose(parts["l1/kernel"].offset[nonzero],
+                               0.05 * np.sign(kernel[nonzero]) + 0.2 * kernel[nonzero],
+                               rtol=1e-6)
     rows = gk.per_example_gradients(model, x, y)
     assert_same_sets(rows, loop_reference(model, x, y), rtol=2e-5, atol=2e-6)
     norms = materialized_norms(rows)

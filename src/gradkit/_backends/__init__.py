@@ -58,6 +58,9 @@ class Adapter(Protocol):
     #: ``(inputs, deltas, out)``: writes Dense kernel rows with the framework's own threads
     #: (gradkit._factors.write_rows' `product`), or None for NumPy's.
     kernel_rows: Any
+    #: The derivative the framework's autodiff gives |w| at w = 0 (0 on TensorFlow and
+    #: torch, 1 on JAX): the gradient of an L1 regularizer at a zero weight.
+    abs_slope_at_zero: float
 
     def gradients(self, request: Any) -> tuple[float, list]:
         """(loss, [gradient or None per selected variable])."""

@@ -38,6 +38,8 @@ class Primitives(Protocol):
     ops: Ops
     #: op type -> why the vectorizer must not run it (empty: `hazard` is never called)
     hazardous_ops: dict
+    #: the derivative the framework's autodiff gives |w| at w = 0 (L1 regularizers' factors)
+    abs_slope_at_zero: float
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (),
                 pad: Any = None) -> Callable:
@@ -60,8 +62,8 @@ class Primitives(Protocol):
     def vectorize(self, fn: Callable) -> Callable:
         """`fn` of one example mapped over the leading axis of its one (dict) argument."""
 
-    # optional: map_examples(fn), like `vectorize` but a loop compiled into the function
-    # (absent: the loop route calls the compiled single-example gradient per example)
+    # optional: map_examples(fn), like `vectorize` but a loop over the examples in one
+    # compiled (torch: eager) call (absent: only the loop of single-example gradients)
 
     def hazard(self, run: Any) -> str | None:
         """The first of `hazardous_ops` in the traced compiled function `run`, named (the

@@ -72,6 +72,10 @@ class Operations:
         return self.p.hazard(cache[key]) if key in cache else None
 
     @property
+    def abs_slope_at_zero(self) -> float:
+        return self.p.abs_slope_at_zero
+
+    @property
     def maps_examples(self) -> bool:
         """Whether `mapped_parts` compiles the loop over examples (else it is not called)."""
         return getattr(self.p, "map_examples", None) is not None

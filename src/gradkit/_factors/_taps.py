@@ -104,7 +104,8 @@ def with_regularizers(request: Any, planned: list[Planned], parts: list) -> list
     if request.objective.kind == "target":
         return parts
     offsets = _regularizers.offsets(planned, request.variables,
-                                    {name: kind.roles for name, kind in KINDS.items()})
+                                    {name: kind.roles for name, kind in KINDS.items()},
+                                    request.adapter.abs_slope_at_zero)
     parts = list(parts)
     for j, offset in offsets.items():
         parts[j] = (np.broadcast_to(offset, (request.batch.size, *offset.shape))
