@@ -9,18 +9,21 @@ N = 5  # examples per batch
 
 
 def quartic(keras, c=0.1):
-    """A custom weight regularizer c·Σw⁴: no closed form in gradkit, differentiated directly."""
+    """A custom weight regularizer c·Σw⁴."""
     total = keras.ops.sum if hasattr(keras, "ops") else keras.backend.sum
     return lambda w: c * total(w * w * w * w)
 
 
 def mlp(keras):
-    """Dense -> Dense, a custom kernel regularizer on the first (not factored: the
-    materializing norm route)."""
+    """Dense -> Dense, the first a Dense subclass with a call of its own (not factored: the
+    materializing norm route) and a custom kernel regularizer."""
+    class OwnCall(keras.layers.Dense):
+        def call(self, inputs):
+            return super().call(inputs)
+
     model = keras.Sequential([
         keras.Input((4,)),
-        keras.layers.Dense(6, activation="tanh", kernel_regularizer=quartic(keras),
-                           name="hidden"),
+        OwnCall(6, activation="tanh", kernel_regularizer=quartic(keras), name="hidden"),
         keras.layers.Dense(3, name="out"),
     ])
     model.compile(loss="mse")

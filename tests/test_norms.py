@@ -41,8 +41,8 @@ def test_norms_equal_norms_of_per_example_gradients(keras, name):
 
 def test_dense_and_embedding_come_back_factored(keras, flavour):
     """Plain Dense/Embedding variables come back as (input, output gradient) factors, so
-    neither route materializes them; one with a custom regularizer comes back as arrays
-    (Keras' L1/L2: see test_conv_factors)."""
+    neither route materializes them; a subclass with a call of its own comes back as arrays
+    (regularized layers: see test_conv_factors)."""
     from gradkit._factors import Factor
     from gradkit._request import prepare
 

@@ -58,9 +58,6 @@ class Adapter(Protocol):
     #: ``(inputs, deltas, out)``: writes Dense kernel rows with the framework's own threads
     #: (gradkit._factors.write_rows' `product`), or None for NumPy's.
     kernel_rows: Any
-    #: The derivative the framework's autodiff gives |w| at w = 0 (0 on TensorFlow and
-    #: torch, 1 on JAX): the gradient of an L1 regularizer at a zero weight.
-    abs_slope_at_zero: float
 
     def gradients(self, request: Any) -> tuple[float, list]:
         """(loss, [gradient or None per selected variable])."""
@@ -81,6 +78,10 @@ class Adapter(Protocol):
 
     #: Whether `mapped_parts` has a loop over examples compiled into one function.
     maps_examples: bool
+
+    def regularizer_gradients(self, request: Any, regularizers: dict) -> dict:
+        """``{j: ∇R_j(W_j)}`` (float64 NumPy) for ``regularizers = {j: R_j}`` of selected
+        variables j, by the framework's own autodiff at the current values."""
 
     def per_example_parts(self, request: Any) -> list:
         """Per selected variable: a gradkit._factors.Factor or an (n, *shape) array."""

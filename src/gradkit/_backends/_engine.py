@@ -38,8 +38,6 @@ class Primitives(Protocol):
     ops: Ops
     #: op type -> why the vectorizer must not run it (empty: `hazard` is never called)
     hazardous_ops: dict
-    #: the derivative the framework's autodiff gives |w| at w = 0 (L1 regularizers' factors)
-    abs_slope_at_zero: float
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (),
                 pad: Any = None) -> Callable:

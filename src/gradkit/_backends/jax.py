@@ -34,8 +34,6 @@ class JaxPrimitives:
     ops = Ops(jnp.reshape, lambda x, dtype: x.astype(dtype),
               lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
     hazardous_ops: dict = {}
-    #: lax.abs' derivative is select(x >= 0, 1, -1): 1 at 0 (and at -0.0)
-    abs_slope_at_zero = 1.0
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)

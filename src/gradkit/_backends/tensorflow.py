@@ -37,8 +37,6 @@ def adapter():
 class TensorFlowPrimitives:
     """The engine's verbs (gradkit._backends._engine.Primitives) in TensorFlow."""
 
-    #: tf.abs' gradient is sign(x)
-    abs_slope_at_zero = 0.0
     ops = Ops(tf.reshape, tf.cast,
               lambda parts: parts[0] if len(parts) == 1 else tf.concat(parts, axis=1))
     #: What pfor does with these ops: crashes the process or returns wrong rows with oneDNN

@@ -39,8 +39,6 @@ def _cast(x: Any, dtype: Any) -> torch.Tensor:
 class TorchPrimitives:
     """The engine's verbs (gradkit._backends._engine.Primitives) in PyTorch."""
 
-    #: torch.abs' derivative is sgn(x)
-    abs_slope_at_zero = 0.0
     #: Plain torch calls (keras.ops adds a conversion check to each).
     ops = Ops(torch.reshape, _cast,
               lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))

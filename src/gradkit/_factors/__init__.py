@@ -27,10 +27,10 @@ roles (kernel, bias, embeddings) with their regularizers, rows writer (`_rows`),
 norm (`_norms`) and weighted sum (`_sums`), its factor layout (`_arrays`) and where its δ is
 taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates each example's
 objective with respect to zero perturbations at the planned layers' pre-activations (or
-outputs) inside its vectorizer. An L2 regularizer's gradient, the same for every example, is
-added to each row (`_regularizers`). Layers not planned (other types; LoRA, quantized or
-customized layers of these kinds, or ones with another regularizer; dilated transposed
-convolutions with output_padding) are differentiated directly. Framework-free: adapters pass
+outputs) inside its vectorizer. A weight regularizer's gradient, the same for every example,
+is added to each row (`_regularizers`; the adapter takes it). Layers not planned (other
+types; LoRA, quantized or customized layers of these kinds; dilated transposed convolutions
+with output_padding) are differentiated directly. Framework-free: adapters pass
 their ops.
 """
 

@@ -13,8 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from gradkit._factors import (_arrays, _einsum, _normalization, _norms, _regularizers, _rows,
-                              _sums)
+from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
 from gradkit._factors._conv import (conv_geometry, separable_geometry, separable_rows64,
                                     transposable)
 from gradkit._select import walk_layers
@@ -215,15 +214,12 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
 
 
 def _kind(layer: Any, classes: list) -> Kind | None:
-    """The kind of a plain layer of one of `classes` (own call, no regularizer without a
-    closed-form gradient), or None."""
+    """The kind of a plain layer of one of `classes` (its class's own call; weight regularizers
+    of any kind: see `_regularizers`), or None."""
     for kind, cls in classes:
         if not isinstance(layer, cls) or type(layer).call is not cls.call:
             continue
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-            return None
-        if not all(_regularizers.closed_form(getattr(layer, role.regularizer, None))
-                   for role in kind.roles.values()):
             return None
         return kind if kind.plain(layer) else None
     return None
@@ -231,8 +227,7 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
     """The first convolution-like layer whose selected kernel has no factors (a customized one,
-    one with a regularizer other than L1, L2 or L1L2, a dilated transposed one with
-    output_padding), named, or None. A vectorizer forms
+    a dilated transposed one with output_padding), named, or None. A vectorizer forms
     its per-example kernel gradients as one grouped convolution over the batch: many times
     slower than a loop of single-example gradients on CPU (JAX: 10x on MobileNetV2) and
     memory-hungry."""

@@ -103,9 +103,10 @@ def with_regularizers(request: Any, planned: list[Planned], parts: list) -> list
     regularized layer that does not reach the objective (None), every example's row."""
     if request.objective.kind == "target":
         return parts
-    offsets = _regularizers.offsets(planned, request.variables,
-                                    {name: kind.roles for name, kind in KINDS.items()},
-                                    request.adapter.abs_slope_at_zero)
+    found = _regularizers.regularized(planned, {name: kind.roles for name, kind in KINDS.items()})
+    if not found:
+        return parts
+    offsets = request.adapter.regularizer_gradients(request, found)
     parts = list(parts)
     for j, offset in offsets.items():
         parts[j] = (np.broadcast_to(offset, (request.batch.size, *offset.shape))
