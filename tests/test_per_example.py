@@ -49,6 +49,27 @@ def test_mean_over_rows_is_the_batch_gradient_regularizer_included(keras):
     assert_same_sets({k: v.mean(axis=0) for k, v in rows.items()}, batch)
 
 
+def test_an_orthogonal_regularizer_keeps_its_dense_layer_factored(keras):
+    """Its gradient, taken by the framework, is added to every factored row."""
+    from gradkit._factors import Factor
+    from gradkit._request import prepare
+
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(6, activation="tanh", name="hidden", kernel_regularizer=(
+            keras.regularizers.OrthogonalRegularizer(factor=0.3, mode="columns"))),
+        keras.layers.Dense(3, name="out")])
+    model.compile(loss="mse")
+    x = np.random.default_rng(3).normal(size=(N, 4)).astype("float32")
+    y = np.random.default_rng(4).normal(size=(N, 3)).astype("float32")
+    gk.gradients(model, x, y)
+    request = prepare(model, x, y)
+    parts = dict(zip(request.keys, request.adapter.per_example_parts(request)))
+    kernel = next(part for key, part in parts.items() if key.endswith("hidden/kernel"))
+    assert isinstance(kernel, Factor) and np.abs(kernel.offset).max() > 1e-3
+    assert_same_sets(gk.per_example_gradients(model, x, y), loop_reference(model, x, y))
+
+
 def test_chunk_size_does_not_change_the_result(keras):
     model, x, y = text(keras)
     results = [gk.per_example_gradients(model, x, y, chunk_size=c) for c in (1, 2, N, 100)]
