@@ -38,6 +38,9 @@ class Primitives(Protocol):
     ops: Ops
     #: op type -> why the vectorizer must not run it (empty: `hazard` is never called)
     hazardous_ops: dict
+    #: whether the vectorizer's per-example convolution kernels (grouped convolutions) are
+    #: many times slower than a loop, so a model with an unfactored one is not vectorized
+    slow_vectorized_convolutions: bool
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (),
                 pad: Any = None) -> Callable:

@@ -65,7 +65,8 @@ class Operations:
         applies: it vectorizes no layer."""
         if self._one_pass(request) is not None:
             return None
-        slow = unfactored_convolution(request.model, request.variables, self.layers_module)
+        slow = unfactored_convolution(request.model, request.variables, self.layers_module) \
+            if self.p.slow_vectorized_convolutions else None
         if slow is not None or not self.p.hazardous_ops:
             return slow
         self.gradients(request)

@@ -34,6 +34,7 @@ class JaxPrimitives:
     ops = Ops(jnp.reshape, lambda x, dtype: x.astype(dtype),
               lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
     hazardous_ops: dict = {}
+    slow_vectorized_convolutions = True  # 10x a loop on MobileNetV2
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)

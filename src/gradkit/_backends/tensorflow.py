@@ -42,6 +42,7 @@ class TensorFlowPrimitives:
     #: What pfor does with these ops: crashes the process or returns wrong rows with oneDNN
     #: (TF 2.21: the kernel gradient of EinsumDense, so MultiHeadAttention), or fails after a
     #: long trace (the TensorArrays of recurrent layers' while loops)
+    slow_vectorized_convolutions = True
     hazardous_ops = {
         "Einsum": "tf.vectorized_map over it crashes or returns wrong rows with TensorFlow's "
                   "oneDNN kernels",
