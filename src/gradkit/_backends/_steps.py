@@ -12,8 +12,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any, Callable
 
-import numpy as np
-
 from gradkit._backends import _cache
 from gradkit._data import leaves, map_structure
 from gradkit._factors import (
@@ -77,15 +75,10 @@ class Operations:
     def regularizer_gradients(self, request, regularizers: dict) -> dict:
         """``{j: ∇R_j(W_j)}`` (float64 NumPy) for ``regularizers = {j: R_j}`` of selected
         variables j, by the framework's own autodiff at the current values, compiled once per
-        model and selection (gradkit._factors._regularizers)."""
-        indices = sorted(regularizers)
-        run = compiled(request, 1.0, "regularizers", lambda scaled: self.p.compile(
-            regularizer_fn(self.p, [regularizers[j] for j in indices], indices,
-                           self.objective(request, False)[1]), request.model),
-            tuple(indices))
-        grads = run({}, 1.0)
-        return {j: np.zeros(tuple(request.variables[j].shape)) if g is None
-                else np.asarray(self.p.to_numpy(g), np.float64) for j, g in zip(indices, grads)}
+        model and selection."""
+        from gradkit._backends._weight_regularizers import run_regularizer_gradients
+
+        return run_regularizer_gradients(self, request, regularizers)
 
     @property
     def maps_examples(self) -> bool:
@@ -217,22 +210,6 @@ def run_gradients(adapter, request, pad: Any = None) -> tuple:
     run = compiled(request, scale, "gradients", lambda s: adapter.p.compile(
         gradient_fn(adapter, request, s), request.model, pad=pad))
     return host(adapter.p, *run(data_of(request.batch, request.seed), scale))
-
-
-def regularizer_fn(p, regularizers: list, indices: list, chosen_of: Callable) -> Callable:
-    """fn -> [∇R(W) or None per regularizer]: each regularizer of its selected variable's
-    value (``chosen_of(values)[j]``, j in `indices`), as Keras adds it to the model's losses."""
-    def fn(values, data, scale):
-        chosen = chosen_of(values)
-
-        def f(perturb, weights):
-            terms = [p.ops.cast(p.sum(r(w)), "float32") for r, w in zip(regularizers, weights)]
-            return p.sum(p.stack(terms)), None
-
-        _, (grads,), _ = p.grad(f)([chosen[j] for j in indices])
-        return grads
-
-    return fn
 
 
 def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:
