@@ -253,12 +253,18 @@ def test_customized_convolutions_are_differentiated_directly(keras, flavour):
     request = prepare(model, x, y, layers=["customized"])
     assert plan(model, request.variables, request.adapter.layers_module) == []
     expected = loop_reference(model, x, y)
+    if flavour == "torch":
+        import sys
+
+        keras_nn = sys.modules["keras.src.backend.torch.nn"]
+        layout = keras_nn._maybe_convert_to_channels_last
     assert_same_sets(gk.per_example_gradients(model, x, y), expected, rtol=2e-5, atol=2e-6)
     route = route_of(prepare(model, x, y))
     if flavour != "torch":
         assert "'customized'" in route.reason and "grouped convolutions" in route.reason
         return
     assert route.reason is None  # tried first, and it ran: no failure recorded
+    assert keras_nn._maybe_convert_to_channels_last is layout  # Keras' own helper is back
 
 
 def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
