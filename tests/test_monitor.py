@@ -197,6 +197,37 @@ def test_watching_never_changes_training(keras, tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [0, 2, 4, 6, 12, 13, 14, 15]
 
 
+def test_recorded_updates_wait_in_a_ring_read_when_full(keras, monkeypatch):
+    """The step writes recorded update k into slot (k // every) % slots of a ring that the
+    host reads when it is full, at the end of the epoch, or when `records` is asked for:
+    here 3 slots, 16 updates, every=2, the records asked for after batch 9 (5 settled):
+    reads after updates 4, 8 (asked) and 14, and every record is its own update's."""
+    from gradkit._monitor import _recorder
+
+    monkeypatch.setattr(_recorder, "_ring_size", lambda *args: 3)
+    reads, read = [], _recorder.Recorder.read
+    monkeypatch.setattr(_recorder.Recorder, "read", lambda self: reads.append(1) or read(self))
+    x, y = _data()
+    model = _model(keras)
+    grads_seq, weights_seq = _reference(keras, model, x, y, 2)
+    monitor, seen = gk.GradientMonitor(every=2, writers=()), []
+
+    class Ask(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 9:
+                seen.append([r["step"] for r in monitor.records])
+
+    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor, Ask()])
+    assert seen == [[0, 2, 4, 6, 8]]
+    assert len(reads) == 3
+    h = monitor.history
+    np.testing.assert_array_equal(h["step"], np.arange(0, 16, 2))
+    np.testing.assert_array_equal(h["batch"], np.arange(0, 16, 2))
+    for r, step in enumerate(h["step"]):
+        _check_record(h, r, grads_seq[step], weights_seq[step])
+
+
 @pytest.mark.parametrize("action", ["warn", "stop", "raise"])
 def test_nonfinite_gradient_is_reported_at_its_step(keras, action):
     x, y = _data()

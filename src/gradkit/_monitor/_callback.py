@@ -87,6 +87,7 @@ class GradientMonitor:
         self.params: dict = {}
         self._records: list[dict] = []
         self._raw: list[tuple] = []  # recorded updates not yet turned into records
+        self._pending: list[tuple] = []  # recorded updates still in the in-step ring
         self.alarms: list[dict] = []
         self._recorder: Any = None
         self._current: Any = None
@@ -97,6 +98,7 @@ class GradientMonitor:
     def records(self) -> list[dict]:
         """One flat dict per recorded update (see `gradkit._monitor._history`), built from
         the step's sums and counts when first asked for."""
+        self._flush()
         if self._raw:
             self._records.extend(self._flat(*raw) for raw in self._raw)
             self._raw.clear()
@@ -159,7 +161,8 @@ class GradientMonitor:
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self._recorder is not None:
             self._settle()
-            self._check_alarm(self._recorder.read_meta())
+            if not self._flush():
+                self._check_alarm(self._recorder.read_meta())
 
     def on_train_end(self, logs: Any = None) -> None:
         self._close()
@@ -175,7 +178,9 @@ class GradientMonitor:
         return update and (self._micro // self._acc) % self.every == 0
 
     def _settle(self) -> None:
-        """Read what the last step recorded, if it was due (or alarms are checked each step).
+        """Take note of the last step, whose state is complete now: a recorded update joins
+        the updates waiting in the in-step ring, which is read when full (or at the end of
+        the epoch, or when `records` is asked for); "stop" and "raise" read the alarm flag.
 
         In "warn" mode this runs at the start of the next step, so that `fit` keeps its
         asynchronous dispatch of on_train_batch_end (Keras 3 syncs every step for a
@@ -185,18 +190,32 @@ class GradientMonitor:
             return
         due, index, batch = self._current
         self._current = None
-        if not due and self.on_nonfinite == "warn":
-            return
-        meta, *state = self._recorder.read() if due else (self._recorder.read_meta(),)
-        if due and meta[0] == index:
-            self._record(index, batch, state)
-        elif due:  # the update did not happen (a LossScaleOptimizer skipped it): resync
-            self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
-        self._check_alarm(meta)
+        if due:
+            self._pending.append((index, self._epoch, batch))
+        if len(self._pending) >= self._recorder.slots:
+            self._flush()
+        elif self.on_nonfinite != "warn":
+            self._check_alarm(self._recorder.read_meta())
 
-    def _record(self, index: int, batch: int, state: list) -> None:
+    def _flush(self) -> bool:
+        """Read the ring and record the updates waiting in it; False if none were."""
+        if not self._pending or self._recorder is None:
+            return False
+        meta, steps, *rings = self._recorder.read()
+        pending, self._pending = self._pending, []
+        for index, epoch, batch in pending:
+            slot = self._recorder.slot(index)
+            if steps[slot] == index:
+                self._record(index, epoch, batch, [ring[slot] if ring is not None else None
+                                                   for ring in rings])
+            else:  # the update did not happen (a LossScaleOptimizer skipped it): resync
+                self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
+        self._check_alarm(meta)
+        return True
+
+    def _record(self, index: int, epoch: int, batch: int, state: list) -> None:
         """Keep the step's arrays; records are built when asked for or written."""
-        meta = {"step": index, "epoch": self._epoch, "batch": batch}
+        meta = {"step": index, "epoch": epoch, "batch": batch}
         self._raw.append((meta, state))
         if self._writers:
             record = self.records[-1]
@@ -241,6 +260,7 @@ class GradientMonitor:
 
     def _close(self) -> None:
         if self._recorder is not None:
+            self._flush()
             self._recorder.remove()
             self._recorder = None
         for writer in getattr(self, "_writers", []):

@@ -49,6 +49,8 @@ def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
             minimum=ops.minimum, logical_or=ops.logical_or, logical_and=ops.logical_and,
             logical_not=ops.logical_not, zeros=ops.zeros, vdot=ops.vdot,
             count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value,
+            floordiv=ops.floor_divide, put=lambda ring, slot, x: ops.slice_update(
+                ring, [slot] + [0] * len(x.shape), ops.expand_dims(x, 0)),
             squares=_dot_squares(ops.vdot), zero_count=lambda g: int(g.shape[0]) - ops.cast(
                 ops.count_nonzero(g), "int32"))
         if backend == "torch":  # eager: keras.ops' conversions cost more than the passes
@@ -76,7 +78,14 @@ def _tf_namespace(xla: bool, value: Any) -> SimpleNamespace:
         logical_and=tf.logical_and, logical_not=tf.logical_not, zeros=tf.zeros,
         vdot=lambda a, b: tf.tensordot(a, b, 1), count_nonzero=tf.math.count_nonzero,
         copy=tf.identity, value=value, squares=_tf_squares, zero_count=_tf_zero_count,
-        xla=xla, barrier=lambda x: x)
+        floordiv=tf.math.floordiv, put=lambda ring, slot, x: tf.tensor_scatter_nd_update(
+            ring, tf.reshape(slot, (1, 1)), x[None]), xla=xla, barrier=lambda x: x)
+
+
+def _torch_put(ring: Any, slot: Any, x: Any) -> Any:
+    out = ring.clone()
+    out[int(slot)] = x
+    return out
 
 
 def _torch_ops() -> dict:
@@ -104,7 +113,8 @@ def _torch_ops() -> dict:
         logical_and=lambda a, b: torch.logical_and(tensor(a), tensor(b)),
         logical_or=lambda a, b: torch.logical_or(tensor(a), tensor(b)),
         logical_not=lambda a: torch.logical_not(tensor(a)), vdot=torch.dot, copy=torch.clone,
-        squares=_dot_squares(torch.dot), barrier=lambda x: x,
+        squares=_dot_squares(torch.dot), barrier=lambda x: x, put=_torch_put,
+        floordiv=lambda a, b: torch.div(tensor(a), b, rounding_mode="floor"),
         zero_count=lambda g: torch.sum(g == 0, dtype=torch.int32))
 
 

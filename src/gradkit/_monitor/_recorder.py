@@ -6,9 +6,15 @@ other updates pay only the check: in a train function traced for recorded update
 Keras 3 on TensorFlow and JAX), under a ``cond`` in the step (tf-keras, several steps per
 call), or behind a Python ``if`` (torch's eager step). State (n = watched variables):
 
-- ``rows`` (n, len(ROW)) float32 and ``counts`` (n, 3 + bins) int32: see `_ingraph`;
-- ``updates`` (n,): Σ (Δw)² of the recorded update; ``clipped`` (n, 3) when the optimizer
-  clips: the same after clipping (see `_ingraph.clipped_rows`);
+- a ring of ``slots`` recorded updates, update ``index`` in slot ``(index // every) % slots``,
+  so that the host reads the state once every `slots` recorded updates (each read of a
+  variable costs a framework call, about 0.1-0.5 ms on TensorFlow, as much as the
+  statistics of the MLP's step): ``steps`` (slots,) int32 = the update in each slot + 1;
+  ``rows`` (slots, n, len(ROW)) float32 and ``counts`` (slots, n, 3 + bins) int32: see
+  `_ingraph`; ``updates`` (slots, n): Σ (Δw)² of the recorded update; ``clipped``
+  (slots, n, 3) when the optimizer clips: the same after clipping (see
+  `_ingraph.clipped_rows`). One slot where an update can be skipped (a LossScaleOptimizer)
+  or one call takes several steps: then the host reads every recorded update;
 - ``meta`` int32 [last recorded update + 1, first non-finite batch counter + 1,
   its update + 1] (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
 """
@@ -40,14 +46,16 @@ class Recorder:
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
                           "_global_clipnorm", "_clipvalue"))
         n = len(chosen)
+        self.slots = _ring_size(model, n, self.bins, self.clips)
         add = lambda shape, name, dtype="float32": step_hook.add_state(  # noqa: E731
             model, opt, shape, f"gradkit_monitor_{name}", dtype)
-        self.rows = add((n, len(ingraph.ROW)), "rows")
-        self.counts = add((n, 3 + self.bins), "counts", "int32")
-        self.updates = add((n,), "updates")
+        self.steps = add((self.slots,), "steps", "int32")
+        self.rows = add((self.slots, n, len(ingraph.ROW)), "rows")
+        self.counts = add((self.slots, n, 3 + self.bins), "counts", "int32")
+        self.updates = add((self.slots, n), "updates")
         self.alarm, self.meta = add((n, 2), "alarm", "int32"), add((3,), "meta", "int32")
-        self.clipped = add((n, 3), "clipped") if self.clips else None
-        self.state = [self.rows, self.counts, self.updates, self.alarm, self.meta]
+        self.clipped = add((self.slots, n, 3), "clipped") if self.clips else None
+        self.state = [self.steps, self.rows, self.counts, self.updates, self.alarm, self.meta]
         self.state += [self.clipped] if self.clips else []
         stages = [("before_clip", self._before)] + ([("after_clip", self._after)]
                                                     if self.clips else [])
@@ -90,10 +98,8 @@ class Recorder:
         bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
         first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
         if due is not False:
-            rows, counts_now = self._when(xp, due, lambda: self._rows(xp, grads, sums, finite),
-                                          lambda: (xp.value(self.rows), xp.value(self.counts)))
-            self.rows.assign(rows)
-            self.counts.assign(counts_now)
+            self._put(xp, due, index, [self.steps, self.rows, self.counts], lambda: (
+                index + 1,) + self._rows(xp, grads, sums, finite))
         self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
         micro = xp.cast(step.micro, "int32")
         recorded = meta[0] if due is False else index + 1 if due is True else xp.where(
@@ -111,10 +117,10 @@ class Recorder:
         if not self._due_now(step):
             return
         index = int(step.index)
-        rows, counts = self.eager.rows([g.reshape(-1) for g in grads], [
-            self.xp.value(v).reshape(-1) for v in self.chosen], sums)
-        self.rows.assign(rows)
-        self.counts.assign(counts)
+        self._put(self.xp, True, index, [self.steps, self.rows, self.counts], lambda: (
+            self.xp.cast(index + 1, "int32"),) + tuple(self.eager.rows(
+                [g.reshape(-1) for g in grads],
+                [self.xp.value(v).reshape(-1) for v in self.chosen], sums)))
         meta = self.xp.value(self.meta).tolist()
         self.meta.assign([index + 1] + meta[1:])
 
@@ -126,32 +132,45 @@ class Recorder:
         grads = ingraph.ordered(grads, variables, self.chosen, xp)
         due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))
         if due is not False:
-            self.clipped.assign(self._when(xp, due, lambda: ingraph.clipped_rows(
-                xp, xp.barrier(grads)), lambda: xp.value(self.clipped)))
+            self._put(xp, due, step.index, [self.clipped], lambda: (ingraph.clipped_rows(
+                xp, xp.barrier(grads)),))
 
     def _before_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
         if self.eager:
+            index = int(step.index)
             due = self._due_now(step)
             old = self.eager.snapshot([xp.value(v) for v in self.chosen]) if due else None
         else:
-            due = self._due(xp, step.is_update, xp.cast(step.index, "int32"))  # apply counts
+            index = xp.cast(step.index, "int32")  # read before the apply counts the update
+            due = self._due(xp, step.is_update, index)
             old = None if due is False else ingraph.snapshot(xp, due, self.chosen)
-        self._local.kept = due, old
+        self._local.kept = due, old, index
 
     def _after_apply(self, grads: list, variables: list, step: Any) -> None:
         xp = self.xp
-        (due, old), self._local.kept = self._local.kept, None
+        (due, old, index), self._local.kept = self._local.kept, None
         if self.eager:
             if due:
-                self.updates.assign(self.eager.update_squares(old, [xp.value(v) for v in
-                                                                    self.chosen]))
+                self._put(xp, True, index, [self.updates], lambda: (
+                    self.eager.update_squares(old, [xp.value(v) for v in self.chosen]),))
             return
         if old is None:  # traced for an update that is not recorded
             return
-        self.updates.assign(self._when(xp, due, lambda: ingraph.update_squares(
-            xp, old, xp.barrier([xp.value(v) for v in self.chosen])),
-            lambda: xp.value(self.updates)))
+        self._put(xp, due, index, [self.updates], lambda: (ingraph.update_squares(
+            xp, old, xp.barrier([xp.value(v) for v in self.chosen])),))
+
+    def _put(self, xp: Any, due: Any, index: Any, rings: list, compute: Any) -> None:
+        """Write `compute()` (one value per ring) into the slot of update `index`, if due."""
+        if isinstance(index, int):
+            slot = index // self.every % self.slots
+        else:
+            slot = xp.mod(xp.floordiv(xp.cast(index, "int32"), self.every), self.slots)
+        new = self._when(xp, due, lambda: [xp.put(xp.value(ring), slot, value) for ring, value
+                                           in zip(rings, compute())],
+                         lambda: [xp.value(ring) for ring in rings])
+        for ring, value in zip(rings, new):
+            ring.assign(value)
 
     def _due(self, xp: Any, is_update: Any, index: Any) -> Any:
         """Whether this update is recorded: a Python bool where the trace is for one kind
@@ -171,12 +190,17 @@ class Recorder:
     def read_meta(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.meta])[0] - 1
 
+    def slot(self, index: int) -> int:
+        return index // self.every % self.slots
+
     def read(self) -> tuple:
-        """(meta, rows, counts, updates, clipped or None) after the last update, in one read."""
+        """(meta, steps, rows, counts, updates, clipped or None): the whole ring, in one read;
+        ``steps[slot]`` is the update in that slot (-1: none yet)."""
         values = step_hook.read_state(self.model, [
-            self.meta, self.rows, self.counts, self.updates] + ([self.clipped] if self.clips
-                                                                else []))
-        return (values[0] - 1,) + tuple(values[1:]) + ((None,) if not self.clips else ())
+            self.meta, self.steps, self.rows, self.counts, self.updates] + (
+                [self.clipped] if self.clips else []))
+        return (values[0] - 1, values[1] - 1) + tuple(values[2:]) + (
+            (None,) if not self.clips else ())
 
     def read_alarm(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.alarm])[0]
@@ -186,3 +210,14 @@ class Recorder:
             hook.remove()
         step_hook.remove_state(self.model.optimizer, self.state)
         self.model.train_function = self._saved
+
+
+def _ring_size(model: Any, n: int, bins: int, clips: bool, budget: int = 1 << 20) -> int:
+    """Slots of the ring: up to 32 recorded updates in about a megabyte of state; 1 where
+    an update can be skipped (the host must then see each recorded update to stay in step
+    with the optimizer's counter) or one call of the train function takes several steps."""
+    if ("LossScaleOptimizer" in type(model.optimizer).__name__
+            or step_hook.steps_per_call(model) != 1):
+        return 1
+    per_slot = 4 * (1 + n * (len(ingraph.ROW) + 3 + bins + 1 + (3 if clips else 0)))
+    return max(1, min(32, budget // per_slot))
