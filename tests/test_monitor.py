@@ -363,13 +363,13 @@ def test_exploding_rising_and_vanishing_norms_are_warned_once_per_layer(keras):
 def test_in_step_sums_give_exact_statistics_of_awkward_gradients(flavour):
     """NaN/Inf, huge, tiny and far-from-zero-mean gradients: the step's sums and counts give
     the float64 NumPy statistics of the finite entries (masked and scaled paths)."""
-    from gradkit._monitor import _history, _ingraph
+    from gradkit._monitor import _history, _ingraph, _ops
 
     rng = np.random.default_rng(3)
     huge = rng.normal(size=50) * 1e20
     huge[[3, 7, 9]] = np.nan, np.inf, 0.0
     cases = [[huge], [rng.normal(size=40) * 1e-25, rng.normal(size=(6, 5)) + 5.0]]
-    xp = _ingraph.namespace("tf_keras" if flavour == "tf_keras" else "keras3")
+    xp = _ops.namespace("tf_keras" if flavour == "tf_keras" else "keras3")
     if flavour == "tf_keras":
         import tensorflow as tf
 
@@ -408,7 +408,7 @@ def test_eager_torch_rows_equal_the_graph_rows():
     bit, and the float64 NumPy statistics; its reused buffers do not leak between updates."""
     import torch
 
-    from gradkit._monitor import _eager, _history, _ingraph
+    from gradkit._monitor import _eager, _history, _ingraph, _ops
 
     rng = np.random.default_rng(4)
     relu_like = np.maximum(rng.normal(size=(300, 7)), 0.0) * 1e-3  # many exact zeros
@@ -416,7 +416,7 @@ def test_eager_torch_rows_equal_the_graph_rows():
               np.zeros(9), np.full(6, -2.5), rng.normal(size=(4, 3)) * 1e20]
     grads = [torch.tensor(a.astype("float32")) for a in arrays]
     weights = [torch.tensor(rng.normal(size=a.shape).astype("float32")) for a in arrays]
-    xp = _ingraph.namespace("keras3")
+    xp = _ops.namespace("keras3")
     eager = _eager.EagerStats(xp, 10)
     for update in range(2):  # the second one runs on the buffers the first one left
         if update:
@@ -478,9 +478,9 @@ def test_tensorflow_conditionals_stay_functional_if_ops():
     Switch/Merge, whose untaken branch costs every step), and they still pick the branch."""
     import tensorflow as tf
 
-    from gradkit._monitor import _ingraph
+    from gradkit._monitor import _ops
 
-    xp = _ingraph.namespace("tf_keras")
+    xp = _ops.namespace("tf_keras")
 
     @tf.function
     def pick(flag, x):

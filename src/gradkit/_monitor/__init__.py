@@ -2,8 +2,9 @@
 
     _step_hook (gradkit._backends)  the interception inside the optimizer's step
     _ingraph     what runs inside the step (finite check; sums and counts on recorded updates)
+    _ops         the ops it runs with, one namespace per backend
     _eager       the same sums and counts on torch's eager step, with few calls and buffers
-    _recorder    the hooks and state variables of one monitor
+    _recorder    the hooks and state variables of one monitor (a ring of recorded updates)
     _history     the statistics (host, float64, from those sums), records, the NumPy history
     _writers     JSON Lines, CSV, TensorBoard files
     _callback    GradientMonitor

@@ -51,9 +51,11 @@ class GradientMonitor:
 
     Every update is checked for NaN/Inf: the first one is reported with its variables and
     their counts, its update and batch: ``on_nonfinite="warn"`` (a `NonFiniteGradientWarning`
-    at the next recorded update or at the end of the epoch), ``"stop"`` (ends `fit` after that
-    step, like TerminateOnNaN) or ``"raise"`` (`NonFiniteGradientError` after that step);
-    "stop" and "raise" read one flag per step. The optimizer is restored at the end of `fit`.
+    when the in-step ring of recorded updates is next read, at the latest at the end of the
+    epoch), ``"stop"`` (ends `fit` after that step, like TerminateOnNaN) or ``"raise"``
+    (`NonFiniteGradientError` after that step); "stop" and "raise" read one flag per step.
+    Records are read from the step in batches of up to 32 updates, when asked for at the
+    latest. The optimizer is restored at the end of `fit`.
     Exploding, suddenly rising and vanishing layer norms (`thresholds=`, checked on recorded
     updates with "norm" in `stats`; see `gradkit._monitor._alarms`) are warned about once per
     layer with a `GradientNormWarning`. ``monitor.alarms`` lists every alarm as a dict.

@@ -28,6 +28,7 @@ import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
 from gradkit._monitor import _ingraph as ingraph
+from gradkit._monitor._ops import namespace
 from gradkit._monitor._eager import EagerStats
 
 
@@ -40,7 +41,7 @@ class Recorder:
         opt = model.optimizer
         self.kind = step_hook.kind(step_hook.target(opt))
         xla = bool(getattr(model, "jit_compile", None) or getattr(model, "_jit_compile", None))
-        self.xp = ingraph.namespace(self.kind, xla)  # a step compiled by XLA: XLA's ops only
+        self.xp = namespace(self.kind, xla)  # a step compiled by XLA: XLA's ops only
         self.eager = EagerStats(self.xp, self.bins) if self.xp.backend == "torch" else None
         self.clips = any(getattr(step_hook.target(opt), name, None) for name in
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
