@@ -64,6 +64,35 @@ def kernel_rows64(part: Any, n: int) -> np.ndarray:
     return total.astype(np.float64)
 
 
+def as_matmul(part: Any, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(A, D)`` of shapes (n, S, I) and (n, S, O) with ``g_K[i] = A[i]ᵀ D[i]`` reshaped to the
+    kernel, where the kernel's letters are its input letters followed by its output letters
+    (``abc,cde->abde``, ``abcd,cde->abe``): S runs over the calls and the letters the input
+    and output share. None for any other layout (then `kernel_rows64`)."""
+    geometry, a, d = part.geometry, np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n]
+    batch, inputs, output = _spelled(geometry, a.ndim - 1)
+    kernel = geometry.kernel
+    taken = [c for c in kernel if c in inputs and c not in output]
+    given = [c for c in kernel if c in output and c not in inputs]
+    shared = [c for c in inputs if c in output and c != batch]
+    if (kernel != "".join(taken + given) or any(c in kernel for c in shared)
+            or set(inputs) != {batch, *shared, *taken}
+            or set(output) != {batch, *shared, *given}):
+        return None
+    calls = a.shape[1]
+    a = a.transpose(_axes(inputs, batch, shared + taken))
+    d = d.transpose(_axes(output, batch, shared + given))
+    rows = calls * int(np.prod([a.shape[2 + k] for k in range(len(shared))], dtype=np.int64))
+    return a.reshape(n, rows, -1), d.reshape(n, rows, -1)
+
+
+def _axes(spec: str, batch: str, letters: list) -> list[int]:
+    """Axes of an (n, calls, *spec without its batch letter) array in the order
+    (n, calls, *letters)."""
+    own = [c for c in spec if c != batch]
+    return [0, 1] + [2 + own.index(c) for c in letters]
+
+
 def bias_rows64(part: Any, n: int) -> np.ndarray:
     """(n, *bias shape): δ summed over every call and the axes the bias is broadcast over."""
     d = np.asarray(part.deltas)[:n]

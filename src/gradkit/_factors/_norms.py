@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit._factors import _conv as conv
+from gradkit._factors import _einsum as einsum
 
 
 def array_squared(rows: Any, n: int) -> np.ndarray:
@@ -38,6 +39,28 @@ def dense_kernel(part: Any, n: int) -> np.ndarray:
         return np.einsum("bts,bts->b", gram(a), gram(d))
     grads = np.matmul(a.transpose(0, 2, 1), d)  # fewer numbers than the Gram matrices
     return np.einsum("bio,bio->b", grads, grads)
+
+
+def einsum_kernel(part: Any, n: int) -> np.ndarray:
+    """An EinsumDense kernel's: the Dense closed form where its letters allow
+    (``_einsum.as_matmul``), else of the rows formed whole."""
+    factors = einsum.as_matmul(part, n)
+    if factors is None:
+        return from_rows64(einsum.kernel_rows64)(part, n)
+    return dense_kernel(part._replace(inputs=factors[0], deltas=factors[1]), n)
+
+
+def einsum_kernel_inner(part: Any, n: int) -> np.ndarray:
+    """``⟨row_i, R⟩`` of an EinsumDense kernel (R the offset): the Dense closed form where its
+    letters allow, else of the rows formed whole."""
+    factors = einsum.as_matmul(part, n)
+    offset = np.asarray(part.offset, np.float64)
+    if factors is None:
+        return einsum.kernel_rows64(part, n).reshape(n, -1) @ offset.ravel()
+    inputs, deltas = factors
+    return dense_kernel_inner(part._replace(
+        inputs=inputs, deltas=deltas,
+        offset=offset.reshape(inputs.shape[2], deltas.shape[2])), n)
 
 
 def bias(part: Any, n: int) -> np.ndarray:

@@ -179,8 +179,8 @@ GROUP_NORMALIZATION = Kind(
 
 EINSUM_DENSE = Kind(
     "einsum_dense", lambda layers: (layers.EinsumDense,),
-    {"kernel": _formed("einsum_kernel", "kernel_regularizer", True, _einsum.kernel_rows64,
-                       summed=_einsum.kernel_summed),
+    {"kernel": Role("einsum_kernel", "kernel_regularizer", True, _rows.einsum_kernel,
+                    _norms.einsum_kernel, _einsum.kernel_summed, _norms.einsum_kernel_inner),
      "bias": _formed("einsum_bias", "bias_regularizer", False, _einsum.bias_rows64)},
     lambda layer: _activated(layer) and _einsum.plain(layer), _arrays.spatial,
     at_output=False, geometry=_einsum.einsum_geometry, compiled_loop=False)

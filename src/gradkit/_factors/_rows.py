@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit._factors import _conv as conv
+from gradkit._factors import _einsum as einsum
 from gradkit._parallel import in_blocks
 
 
@@ -81,6 +82,19 @@ def conv_bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bo
     """``out[i] = Σ_t δ_it`` over every call and output position of a convolution."""
     np.sum(conv.bias_deltas(part.deltas, part.geometry)[:out.shape[0]], axis=1, out=out)
     return finite(out)
+
+
+def einsum_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
+    """An EinsumDense kernel's rows: like a Dense kernel's (``Σ_s a_s δ_sᵀ``, straight into
+    the result) where its letters allow (``_einsum.as_matmul``), else formed whole."""
+    n = out.shape[0]
+    factors = einsum.as_matmul(part, n)
+    if factors is None:
+        out[...] = einsum.kernel_rows64(part, n).reshape(out.shape)
+        return finite(out)
+    inputs, deltas = factors
+    (product or kernel_rows)(inputs, deltas, out.reshape(n, inputs.shape[2], deltas.shape[2]))
+    return bounded(deltas, out.dtype, inputs) or finite(out)
 
 
 def from_rows64(rows64: Callable) -> Callable:
