@@ -171,8 +171,10 @@ def einsum_and_layer_normalization_cases(keras):
     h = L.EinsumDense("abc,cd->abd", output_shape=(5, 6), bias_axes="d", activation="tanh",
                       name="proj")(inputs)
     h = L.LayerNormalization(name="ln")(h)
+    h = L.EinsumDense("abc,dc->abd", output_shape=(5, 6), bias_axes="d",  # kernel (out, in)
+                      kernel_regularizer=keras.regularizers.L2(0.3), name="swapped")(h)
     h = L.EinsumDense("abc,cde->abde", output_shape=(5, 2, 3), bias_axes="de",
-                      name="heads")(h)
+                      kernel_regularizer=keras.regularizers.L2(0.2), name="heads")(h)
     h = L.EinsumDense("...b,bc->...c", output_shape=3, bias_axes="c", name="elided")(h)
     h = L.LayerNormalization(center=False, name="ln_scale_only")(h)
     sequence = keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(h)))
@@ -212,10 +214,10 @@ def test_factored_layers_rows_norms_and_clipped_sums_match_the_loop(keras, flavo
             assert write_rows(part, out), (name, key)
             # float32 rounding through LayerNormalization's backward pass differs between
             # the vectorized pass and a batch of one by up to 5e-5 (TensorFlow, tf-keras)
-            np.testing.assert_allclose(out, reference[key], rtol=1e-4, atol=1e-5,
+            np.testing.assert_allclose(out, reference[key], rtol=1e-4, atol=5e-5,
                                        err_msg=f"{name}: {key}")
         rows = gk.per_example_gradients(model, x, y)
-        assert_same_sets(rows, reference, rtol=1e-4, atol=1e-5)
+        assert_same_sets(rows, reference, rtol=1e-4, atol=5e-5)
         norms = materialized_norms(rows)
         np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5,
                                    err_msg=name)
@@ -267,12 +269,14 @@ def test_customized_convolutions_are_differentiated_directly(keras, flavour):
     assert keras_nn._maybe_convert_to_channels_last is layout  # Keras' own helper is back
 
 
-def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
+def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras, monkeypatch):
     """Row i = factor row + ∇R(W) (in the loss of a batch of one, not through z) for Keras'
     L1(a), L2(c), L1L2(a, c) (a·sign(W) + 2c·W) and a custom regularizer, taken by the
     framework's own autodiff: at exact zeros (a zero bias, zeroed kernel entries) |w| has the
-    slope the loop gives it; none with target=, whose score holds no model losses."""
+    slope the loop gives it; none with target=, whose score holds no model losses; taken
+    once per call, not per chunk."""
     from gradkit._factors import Factor, plan
+    from gradkit._per_example import slice_batch
     from gradkit._request import prepare
 
     L, regularizers = keras.layers, keras.regularizers
@@ -312,6 +316,15 @@ def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras):
     assert_clipped_sums(model, x, y, rows, norms, "regularized")
     target = gk.per_example_gradients(model, x, target=0)
     assert_same_sets(target, loop_reference(model, x, target=0), rtol=2e-5, atol=2e-6)
+    calls, gradients_of = [], type(request.adapter).regularizer_gradients
+    monkeypatch.setattr(type(request.adapter), "regularizer_gradients",
+                        lambda self, *args: calls.append(1) or gradients_of(self, *args))
+    call = prepare(model, x, y)  # its chunks, as per_example_gradients(chunk_size=2) runs them
+    chunks = [request.adapter.per_example_parts(call.replace(batch=slice_batch(
+        call.batch, start, min(start + 2, N)))) for start in range(0, N, 2)]
+    assert len(calls) == 1  # once per call, not once per chunk
+    for chunk in chunks:
+        np.testing.assert_array_equal(chunk[0].offset, parts["c/kernel"].offset)
 
 
 @pytest.mark.parametrize("one_example_per_block", [False, True])

@@ -46,6 +46,9 @@ class Request:
     batch: Batch | None
     training: bool
     seed: int | None = None  # dropout seed of training=True (gradkit._seeds), None otherwise
+    #: what the chunks of one call share, computed by the first that needs it (the
+    #: regularizers' gradients at the call's weights); `replace` passes on the same dict
+    per_call: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def keys(self) -> list[str]:

@@ -106,7 +106,10 @@ def with_regularizers(request: Any, planned: list[Planned], parts: list) -> list
     found = _regularizers.regularized(planned, {name: kind.roles for name, kind in KINDS.items()})
     if not found:
         return parts
-    offsets = request.adapter.regularizer_gradients(request, found)
+    key = ("regularizer_gradients", tuple(found))
+    offsets = request.per_call.get(key)
+    if offsets is None:  # once per call: the weights do not change between its chunks
+        offsets = request.per_call[key] = request.adapter.regularizer_gradients(request, found)
     parts = list(parts)
     for j, offset in offsets.items():
         parts[j] = (np.broadcast_to(offset, (request.batch.size, *offset.shape))
