@@ -164,7 +164,7 @@ class GradientMonitor:
         if self._recorder is not None:
             self._settle()
             if not self._flush():
-                self._check_alarm(self._recorder.read_meta())
+                self._check_alarm(self._recorder.read_nonfinite())
 
     def on_train_end(self, logs: Any = None) -> None:
         self._close()
@@ -197,13 +197,13 @@ class GradientMonitor:
         if len(self._pending) >= self._recorder.slots:
             self._flush()
         elif self.on_nonfinite != "warn":
-            self._check_alarm(self._recorder.read_meta())
+            self._check_alarm(self._recorder.read_nonfinite())
 
     def _flush(self) -> bool:
         """Read the ring and record the updates waiting in it; False if none were."""
         if not self._pending or self._recorder is None:
             return False
-        meta, steps, *rings = self._recorder.read()
+        nonfinite, steps, *rings = self._recorder.read()
         pending, self._pending = self._pending, []
         for index, epoch, batch in pending:
             slot = self._recorder.slot(index)
@@ -212,7 +212,7 @@ class GradientMonitor:
                                                    for ring in rings])
             else:  # the update did not happen (a LossScaleOptimizer skipped it): resync
                 self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
-        self._check_alarm(meta)
+        self._check_alarm(nonfinite)
         return True
 
     def _record(self, index: int, epoch: int, batch: int, state: list) -> None:
@@ -235,14 +235,15 @@ class GradientMonitor:
                                       "histogram" in self.stats)
         return flat_record(meta, self.keys, per_variable, self.stats)
 
-    def _check_alarm(self, meta: np.ndarray) -> None:
-        if meta[1] < 0 or self._reported:
+    def _check_alarm(self, nonfinite: np.ndarray) -> None:
+        """Report the first non-finite update (`nonfinite`: [batch counter, update]) once."""
+        if nonfinite[0] < 0 or self._reported:
             return
         self._reported = True
         rows = self._recorder.read_alarm()
         bad = {k: (int(r[0]), int(r[1])) for k, r in zip(self.keys, rows) if r[0] or r[1]}
-        alarm = {"kind": "nonfinite", "step": int(meta[2]),
-                 "batch": int(meta[1]) - self._epoch_start, "epoch": self._epoch,
+        alarm = {"kind": "nonfinite", "step": int(nonfinite[1]),
+                 "batch": int(nonfinite[0]) - self._epoch_start, "epoch": self._epoch,
                  "variables": bad}
         self.alarms.append(alarm)
         names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])

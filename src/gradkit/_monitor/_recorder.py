@@ -15,8 +15,8 @@ call), or behind a Python ``if`` (torch's eager step). State (n = watched variab
   (slots, n, 3) when the optimizer clips: the same after clipping (see
   `_ingraph.clipped_rows`). One slot where an update can be skipped (a LossScaleOptimizer)
   or one call takes several steps: then the host reads every recorded update;
-- ``meta`` int32 [last recorded update + 1, first non-finite batch counter + 1,
-  its update + 1] (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
+- ``nonfinite`` int32 [batch counter + 1, update + 1] of the first update with a NaN or
+  Inf (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ class Recorder:
         self.rows = add((self.slots, n, len(ingraph.ROW)), "rows")
         self.counts = add((self.slots, n, 3 + self.bins), "counts", "int32")
         self.updates = add((self.slots, n), "updates")
-        self.alarm, self.meta = add((n, 2), "alarm", "int32"), add((3,), "meta", "int32")
+        self.alarm = add((n, 2), "alarm", "int32")
+        self.nonfinite = add((2,), "nonfinite", "int32")
         self.clipped = add((self.slots, n, 3), "clipped") if self.clips else None
-        self.state = [self.steps, self.rows, self.counts, self.updates, self.alarm, self.meta]
+        self.state = [self.steps, self.rows, self.counts, self.updates, self.alarm,
+                      self.nonfinite]
         self.state += [self.clipped] if self.clips else []
         stages = [("before_clip", self._before)] + ([("after_clip", self._after)]
                                                     if self.clips else [])
@@ -92,21 +94,19 @@ class Recorder:
             return self._before_eager(grads, sums, step)
         index = xp.cast(step.index, "int32")
         due = self._due(xp, step.is_update, index)
-        meta = xp.value(self.meta)
+        seen = xp.value(self.nonfinite)
         n = len(grads)
         counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
                          lambda: ingraph.nonfinite_counts(xp, grads))
         bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
-        first = xp.logical_and(xp.logical_and(bad, xp.equal(meta[1], 0)), step.is_update)
+        first = xp.logical_and(xp.logical_and(bad, xp.equal(seen[0], 0)), step.is_update)
         if due is not False:
             self._put(xp, due, index, [self.steps, self.rows, self.counts], lambda: (
                 index + 1,) + self._rows(xp, grads, sums, finite))
         self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
         micro = xp.cast(step.micro, "int32")
-        recorded = meta[0] if due is False else index + 1 if due is True else xp.where(
-            due, index + 1, meta[0])
-        self.meta.assign(xp.stack([recorded, xp.where(first, micro + 1, meta[1]),
-                                   xp.where(first, index + 1, meta[2])]))
+        self.nonfinite.assign(xp.stack([xp.where(first, micro + 1, seen[0]),
+                                        xp.where(first, index + 1, seen[1])]))
 
     def _rows(self, xp: Any, grads: list, sums: list, finite: Any) -> tuple:
         grads, sums = xp.barrier((grads, sums))
@@ -122,8 +122,6 @@ class Recorder:
             self.xp.cast(index + 1, "int32"),) + tuple(self.eager.rows(
                 [g.reshape(-1) for g in grads],
                 [self.xp.value(v).reshape(-1) for v in self.chosen], sums)))
-        meta = self.xp.value(self.meta).tolist()
-        self.meta.assign([index + 1] + meta[1:])
 
     def _due_now(self, step: Any) -> bool:
         return bool(step.is_update) and int(step.index) % self.every == 0
@@ -164,7 +162,7 @@ class Recorder:
     def _put(self, xp: Any, due: Any, index: Any, rings: list, compute: Any) -> None:
         """Write `compute()` (one value per ring) into the slot of update `index`, if due."""
         if isinstance(index, int):
-            slot = index // self.every % self.slots
+            slot = self.slot(index)
         else:
             slot = xp.mod(xp.floordiv(xp.cast(index, "int32"), self.every), self.slots)
         new = self._when(xp, due, lambda: [xp.put(xp.value(ring), slot, value) for ring, value
@@ -188,17 +186,18 @@ class Recorder:
             return then() if due else otherwise()
         return xp.cond(due, then, otherwise)
 
-    def read_meta(self) -> np.ndarray:
-        return step_hook.read_state(self.model, [self.meta])[0] - 1
+    def read_nonfinite(self) -> np.ndarray:
+        """[batch counter, update] of the first non-finite update (-1: none yet)."""
+        return step_hook.read_state(self.model, [self.nonfinite])[0] - 1
 
     def slot(self, index: int) -> int:
         return index // self.every % self.slots
 
     def read(self) -> tuple:
-        """(meta, steps, rows, counts, updates, clipped or None): the whole ring, in one read;
-        ``steps[slot]`` is the update in that slot (-1: none yet)."""
+        """(nonfinite, steps, rows, counts, updates, clipped or None): the whole ring, in one
+        read; ``steps[slot]`` is the update in that slot (-1: none yet)."""
         values = step_hook.read_state(self.model, [
-            self.meta, self.steps, self.rows, self.counts, self.updates] + (
+            self.nonfinite, self.steps, self.rows, self.counts, self.updates] + (
                 [self.clipped] if self.clips else []))
         return (values[0] - 1, values[1] - 1) + tuple(values[2:]) + (
             (None,) if not self.clips else ())
