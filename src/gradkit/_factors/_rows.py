@@ -99,7 +99,7 @@ def einsum_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -
 
 def from_rows64(rows64: Callable) -> Callable:
     """The writer of a role whose rows are small and formed whole: ``rows64(factor, n)``
-    gives them as (n, ...) float64 (normalization scales, EinsumDense kernels)."""
+    gives them as (n, ...) float64 (normalization scales, EinsumDense biases)."""
     def write(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
         out[...] = rows64(part, out.shape[0]).reshape(out.shape)
         return finite(out)
