@@ -42,13 +42,15 @@ class TensorFlowPrimitives:
     #: What pfor does with these ops: crashes the process or returns wrong rows with oneDNN
     #: (TF 2.21: the kernel gradient of EinsumDense, so MultiHeadAttention), or fails after a
     #: long trace (the TensorArrays of recurrent layers' while loops)
-    slow_vectorized_convolutions = True
     hazardous_ops = {
         "Einsum": "tf.vectorized_map over it crashes or returns wrong rows with TensorFlow's "
                   "oneDNN kernels",
         "While": "tf.vectorized_map cannot convert while loops over TensorArrays",
         "StatelessWhile": "tf.vectorized_map cannot convert while loops over TensorArrays",
     }
+    #: the vectorizer forms per-example convolution kernels as grouped convolutions (on a
+    #: customized-conv model 0.39 ms an example, tf.map_fn 0.38)
+    slow_vectorized_convolutions = True
 
     def __init__(self, values: Callable[[Any], Any], seeding: tuple) -> None:
         self.values = values  # model -> the values the compiled functions get
