@@ -97,6 +97,13 @@ def cases(keras, flavour):
         # (TensorFlow's CPU transposed convolutions take no dilation)
         found["2d transposed dilated same"] = conv_model(
             keras, (3, 3, 2), t2(2, 2, dilation_rate=2, padding="same", activation="tanh"))
+        # output_padding=0 with a dilation (the one Keras allows): an even span under "same"
+        # gives an output one shorter than the input
+        found["2d transposed dilated same, output_padding 0, one shorter"] = conv_model(
+            keras, (3, 4, 2), t2(2, (2, 4), dilation_rate=3, padding="same", output_padding=0,
+                                 activation="tanh"))
+        found["1d transposed dilated valid, output_padding 0"] = conv_model(
+            keras, (4, 2), t1(3, 3, dilation_rate=2, output_padding=0, activation="tanh"))
     return found
 
 

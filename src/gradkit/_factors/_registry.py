@@ -227,7 +227,7 @@ def _kind(layer: Any, classes: list) -> Kind | None:
 
 def unfactored_convolution(model: Any, variables: list, layers_module: Any) -> str | None:
     """The first convolution-like layer whose selected kernel has no factors (a customized one,
-    a dilated transposed one with output_padding), named, or None. A vectorizer forms
+    or one with a padding other than "valid" and "same"), named, or None. A vectorizer forms
     its per-example kernel gradients as one grouped convolution over the batch: many times
     slower than a loop of single-example gradients on CPU (JAX: 10x on MobileNetV2) and
     memory-hungry."""
