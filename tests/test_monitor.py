@@ -413,7 +413,8 @@ def test_eager_torch_rows_equal_the_graph_rows():
     rng = np.random.default_rng(4)
     relu_like = np.maximum(rng.normal(size=(300, 7)), 0.0) * 1e-3  # many exact zeros
     arrays = [relu_like, rng.normal(size=40) + 5.0, rng.normal(size=25) * 1e-25,
-              np.zeros(9), np.full(6, -2.5), rng.normal(size=(4, 3)) * 1e20]
+              np.zeros(9), np.full(6, -2.5), rng.normal(size=(4, 3)) * 1e20,
+              rng.standard_t(3, size=(257, 257))]  # odd, over _eager.PAIRED: paired counts
     grads = [torch.tensor(a.astype("float32")) for a in arrays]
     weights = [torch.tensor(rng.normal(size=a.shape).astype("float32")) for a in arrays]
     xp = _ops.namespace("keras3")

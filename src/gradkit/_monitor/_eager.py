@@ -6,6 +6,7 @@ an eager step every call costs its Python dispatch and every new megabyte tensor
 faults. So the per-variable minima and maxima are read to the host once (one sync), branches
 are Python ``if``s, and the bin index (uint8 for up to 256 bins), the shifted gradient and
 the weights kept for ``update_ratio`` live in buffers reused from one update to the next.
+A large gradient's histogram counts its entries two at a time (`_paired_bincount`).
 A variable whose maximum |g| is outside (1e-17, 1e17) takes `_ingraph`'s scaled path.
 """
 
@@ -16,6 +17,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from gradkit._monitor import _ingraph as ingraph
+
+#: Gradients of at least this many entries count their histogram in pairs; below it the
+#: pairing costs more than it saves.
+PAIRED = 2**16
 
 
 def _no_grad(method: Any) -> Any:
@@ -35,7 +40,7 @@ class EagerStats:
         import torch
 
         self.torch, self.xp, self.bins = torch, xp, bins
-        self._float = self._int = torch.empty(0)
+        self._float = self._int = self._pairs = torch.empty(0)
         self._kept: list = []
 
     def _scratch(self, size: int) -> tuple[Any, Any]:
@@ -74,9 +79,32 @@ class EagerStats:
                 hist = (zeros * 0 + g.numel()).reshape(1)
             else:
                 index.copy_(torch.sub(g, lo_i, out=scratch).mul_(k_i).clamp_(max=bins - 1.0))
-                hist = torch.bincount(index, minlength=bins)
+                hist = self._bincount(index)
             counts.append(torch.cat([torch.stack([zeros, none, none]), hist]))
         return torch.stack(rows), torch.stack(counts).to(torch.int32)
+
+    def _bincount(self, index: Any) -> Any:
+        """Counts of each bin in `index` (a bin per entry), as ``torch.bincount``.
+
+        A bincount over few bins is slow (about 3 ns an entry): its increments keep hitting
+        the same counters, each waiting on the one before. For a large gradient, entry j of
+        the first half and entry j of the second half form one pair index ``a·bins + b``
+        into a bins² histogram (int16: bins up to 181); its row and column sums add up to
+        the counts, at a third of the time or less for a 400k-entry gradient and 30 bins."""
+        torch, bins, size = self.torch, self.bins, index.numel()
+        if size < PAIRED or bins * bins > 2**15 - 1:
+            return torch.bincount(index, minlength=bins)
+        half = size // 2
+        if self._pairs.numel() < half:
+            self._pairs = torch.empty(half, dtype=torch.int16)
+        pairs = self._pairs[:half]
+        pairs.copy_(index[:half])
+        pairs.mul_(bins).add_(index[half:2 * half])
+        joint = torch.bincount(pairs, minlength=bins * bins).view(bins, bins)
+        counts = joint.sum(0) + joint.sum(1)
+        if size % 2:
+            counts += torch.bincount(index[-1:], minlength=bins)
+        return counts
 
     @_no_grad
     def snapshot(self, values: list) -> list:
