@@ -368,7 +368,11 @@ def test_in_step_sums_give_exact_statistics_of_awkward_gradients(flavour):
     rng = np.random.default_rng(3)
     huge = rng.normal(size=50) * 1e20
     huge[[3, 7, 9]] = np.nan, np.inf, 0.0
-    cases = [[huge], [rng.normal(size=40) * 1e-25, rng.normal(size=(6, 5)) + 5.0]]
+    large = rng.standard_t(3, size=(257, 257)) + 2.0  # odd, over _ingraph.PAIRED: paired
+    masked = large * 1e20                                # counts
+    masked[5, [3, 7, 9]] = np.nan, np.inf, 0.0
+    cases = [[huge], [rng.normal(size=40) * 1e-25, rng.normal(size=(6, 5)) + 5.0],
+             [large, masked]]
     xp = _ops.namespace("tf_keras" if flavour == "tf_keras" else "keras3")
     if flavour == "tf_keras":
         import tensorflow as tf
@@ -414,7 +418,7 @@ def test_eager_torch_rows_equal_the_graph_rows():
     relu_like = np.maximum(rng.normal(size=(300, 7)), 0.0) * 1e-3  # many exact zeros
     arrays = [relu_like, rng.normal(size=40) + 5.0, rng.normal(size=25) * 1e-25,
               np.zeros(9), np.full(6, -2.5), rng.normal(size=(4, 3)) * 1e20,
-              rng.standard_t(3, size=(257, 257))]  # odd, over _eager.PAIRED: paired counts
+              rng.standard_t(3, size=(257, 257))]  # odd, over _ingraph.PAIRED: paired counts
     grads = [torch.tensor(a.astype("float32")) for a in arrays]
     weights = [torch.tensor(rng.normal(size=a.shape).astype("float32")) for a in arrays]
     xp = _ops.namespace("keras3")

@@ -6,7 +6,7 @@ an eager step every call costs its Python dispatch and every new megabyte tensor
 faults. So the per-variable minima and maxima are read to the host once (one sync), branches
 are Python ``if``s, and the bin index (uint8 for up to 256 bins), the shifted gradient and
 the weights kept for ``update_ratio`` live in buffers reused from one update to the next.
-A large gradient's histogram counts its entries two at a time (`_paired_bincount`).
+A large gradient's histogram counts its entries in pairs (`_ingraph.histogram`).
 A variable whose maximum |g| is outside (1e-17, 1e17) takes `_ingraph`'s scaled path.
 """
 
@@ -17,10 +17,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from gradkit._monitor import _ingraph as ingraph
-
-#: Gradients of at least this many entries count their histogram in pairs; below it the
-#: pairing costs more than it saves.
-PAIRED = 2**16
 
 
 def _no_grad(method: Any) -> Any:
@@ -84,15 +80,10 @@ class EagerStats:
         return torch.stack(rows), torch.stack(counts).to(torch.int32)
 
     def _bincount(self, index: Any) -> Any:
-        """Counts of each bin in `index` (a bin per entry), as ``torch.bincount``.
-
-        A bincount over few bins is slow (about 3 ns an entry): its increments keep hitting
-        the same counters, each waiting on the one before. For a large gradient, entry j of
-        the first half and entry j of the second half form one pair index ``a·bins + b``
-        into a bins² histogram (int16: bins up to 181); its row and column sums add up to
-        the counts, at a third of the time or less for a 400k-entry gradient and 30 bins."""
+        """Counts of each bin in `index`, as ``torch.bincount``; a large gradient's in pairs
+        of entries, as `_ingraph.histogram` does, in a reused int16 buffer."""
         torch, bins, size = self.torch, self.bins, index.numel()
-        if size < PAIRED or bins * bins > 2**15 - 1:
+        if not ingraph.paired(size, bins):
             return torch.bincount(index, minlength=bins)
         half = size // 2
         if self._pairs.numel() < half:

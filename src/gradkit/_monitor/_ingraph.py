@@ -12,13 +12,13 @@ receives only these small arrays (`_history` derives every statistic from them i
 Scaling by 1/max|g| keeps squares of huge or tiny gradients in float32 range (when all are
 finite and 1e-17 < max|g| < 1e17 no scaling is needed: scale = 1 and d1 = 0, as shift is the
 mean to rounding); the shift keeps the variance free of cancellation. The histogram bins
-[lo, hi] into equal bins (bin index computed in float32 or float64 by the backend, so a value
-within rounding of an edge may land in the neighbouring bin). Updates: Σ (w_after - w_before)²,
+[lo, hi] into equal bins (bin index computed in float32, so a value within rounding of an
+edge may land in the neighbouring bin). Updates: Σ (w_after - w_before)²,
 taken around the optimizer's apply.
 
 In a train step compiled by XLA (``jit_compile=True``, Keras' choice on a GPU) only ops with
-an XLA kernel are used (`_ops.namespace(kind, xla=True)`): the histogram by a bincount, and the
-weights kept before every update (the branches of an XLA conditional have equal shapes).
+an XLA kernel are used (`_ops.namespace(kind, xla=True)`; the histogram is a bincount on every
+backend), and the weights kept before every update (the branches of an XLA conditional have equal shapes).
 """
 
 from __future__ import annotations
@@ -119,30 +119,55 @@ def _scale(xp: SimpleNamespace, lo: Any, hi: Any) -> Any:
     return xp.where(biggest > 0, xp.minimum(1.0 / xp.maximum(biggest, 1e-38), 2.0 ** 126), 1.0)
 
 
+#: Gradients of at least this many entries count their histogram in pairs (`histogram`);
+#: below it the pairing costs more than it saves.
+PAIRED = 2**16
+
+
+def paired(size: int, bins: int) -> bool:
+    """Whether a `size`-entry gradient's histogram counts pairs (bins² fits an int16)."""
+    return size >= PAIRED and bins * bins < 2**15
+
+
 def histogram(xp: SimpleNamespace, g: Any, lo: Any, hi: Any, bins: int) -> Any:
     """int32 counts of `bins` equal bins over [lo, hi] (the last closed); lo == hi: bin 0.
-    One bin (no histogram asked for) needs no pass: it holds every entry."""
+    One bin (no histogram asked for) needs no pass: it holds every entry.
+
+    A bincount over few bins is slow (about 3 ns an entry on CPU: its increments keep
+    hitting the same counters, each waiting on the one before). For a large gradient, entry
+    j of the first half and entry j of the second half form one index ``a·bins + b`` into a
+    bins² histogram whose row and column sums add up to the counts: 30 bins over 400k
+    entries took 1.0 against 1.5 ms on JAX, 1.3 against 2 ms on TensorFlow."""
     if bins == 1:
         return xp.zeros((1,), "int32") + int(g.shape[0])
     width = hi - lo
     top = xp.where(width > 0, hi, lo + xp.maximum(xp.abs(lo), 1.0))
-    if xp.backend == "tensorflow" and not xp.xla:
-        import tensorflow as tf
-
-        return tf.histogram_fixed_width(g, xp.stack([lo, top]), bins, dtype=tf.int32)
     k = bins / (top - lo)
     index = xp.cast(xp.minimum((g - lo) * k, bins - 1.0), "int32")
-    if xp.backend == "tensorflow":  # histogram_fixed_width has no XLA kernel
+    size = int(g.shape[0])
+    if not paired(size, bins):
+        return bincount(xp, index, bins)
+    half = size // 2
+    joint = xp.reshape(bincount(xp, index[:half] * bins + index[half:2 * half], bins * bins),
+                       [bins, bins])
+    counts = xp.sum(joint, 0) + xp.sum(joint, 1)
+    return counts + bincount(xp, index[2 * half:], bins) if size % 2 else counts
+
+
+def bincount(xp: SimpleNamespace, index: Any, length: int) -> Any:
+    """int32 counts of 0 .. length - 1 in the int32 `index` (every entry in range)."""
+    if xp.backend == "tensorflow":  # (tf.histogram_fixed_width has no XLA kernel)
         import tensorflow as tf
 
-        return tf.raw_ops.DenseBincount(input=index, size=bins, weights=tf.zeros([0], tf.int32))
+        return tf.raw_ops.DenseBincount(input=index, size=length,
+                                        weights=tf.zeros([0], tf.int32))
     if xp.backend == "jax":
         import jax.numpy as jnp
 
-        return jnp.bincount(index, length=bins).astype("int32")
+        return jnp.bincount(index, length=length).astype("int32")
     import torch
 
-    return torch.bincount(index, minlength=bins).to(torch.int32)
+    return torch.bincount(index, minlength=length).to(torch.int32)
 
 
 def snapshot(xp: SimpleNamespace, due: Any, variables: list) -> Any:

@@ -78,8 +78,9 @@ def _torch_ops() -> dict:
     def tensor(x: Any) -> Any:
         return x if isinstance(x, torch.Tensor) else ops.convert_to_tensor(x)
 
-    def total(x: Any) -> Any:  # torch sums int32 into int64; keras.ops keeps int32
-        return torch.sum(x, dtype=x.dtype) if x.dtype == torch.int32 else torch.sum(x)
+    def total(x: Any, axis: Any = None) -> Any:  # torch sums int32 into int64; keras.ops
+        keep = {"dtype": x.dtype} if x.dtype == torch.int32 else {}  # keeps int32
+        return torch.sum(x, **keep) if axis is None else torch.sum(x, axis, **keep)
 
     return dict(
         abs=torch.abs, sum=total, max=torch.amax, min=torch.amin, where=torch.where,
