@@ -228,6 +228,29 @@ def test_recorded_updates_wait_in_a_ring_read_when_full(keras, monkeypatch):
         _check_record(h, r, grads_seq[step], weights_seq[step])
 
 
+@pytest.mark.flavours("tensorflow", "jax", "tf_keras")  # (torch: one step per call)
+@pytest.mark.parametrize("smallest_ring", [False, True])
+def test_several_steps_per_call_record_each_update(keras, monkeypatch, smallest_ring):
+    """With steps_per_execution=3 one call of the train function takes 3 of the 16 updates
+    (the last call 1): every=2 records updates 0, 2, ..., 14, each its own, also when the
+    ring holds only the 2 recorded updates one call can take (read after every call)."""
+    from gradkit._monitor import _recorder
+
+    if smallest_ring:
+        monkeypatch.setattr(_recorder, "_ring_size", lambda *args: args[-1])
+    x, y = _data()
+    model = _model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", steps_per_execution=3)
+    grads_seq, weights_seq = _reference(keras, model, x, y, 2)
+    monitor = gk.GradientMonitor(every=2, writers=())
+    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    h = monitor.history
+    np.testing.assert_array_equal(h["step"], np.arange(0, 16, 2))
+    np.testing.assert_array_equal(h["batch"], np.arange(0, 16, 2))
+    for r, step in enumerate(h["step"]):
+        _check_record(h, r, grads_seq[step], weights_seq[step])
+
+
 @pytest.mark.parametrize("action", ["warn", "stop", "raise"])
 def test_nonfinite_gradient_is_reported_at_its_step(keras, action):
     x, y = _data()

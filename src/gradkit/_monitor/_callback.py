@@ -144,6 +144,7 @@ class GradientMonitor:
                                   self.bins if "histogram" in self.stats else 1,
                                   "update_ratio" in self.stats)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
+        self._steps_per_call = step_hook.steps_per_call(model)
         self._epoch, self._epoch_start, self._current = 0, self._micro, None
         self._reported = False
 
@@ -151,11 +152,13 @@ class GradientMonitor:
         self._epoch, self._epoch_start = epoch, self._micro
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        self._settle()  # the previous step, whose state is complete now
-        due = self._due()
-        self._recorder.use(due)
-        self._current = (due, self._micro // self._acc, batch)
-        self._micro += 1
+        self._settle()  # the previous call, whose state is complete now
+        steps = self._steps_in_call(batch)
+        recorded = [(micro // self._acc, batch + micro - self._micro)
+                    for micro in range(self._micro, self._micro + steps) if self._due(micro)]
+        self._recorder.use(bool(recorded))
+        self._current = recorded
+        self._micro += steps
 
     def _step_end(self, batch: int, logs: Any = None) -> None:
         self._settle()
@@ -175,14 +178,22 @@ class GradientMonitor:
         raise AttributeError(name)
 
     # internals ---------------------------------------------------------------------------
-    def _due(self) -> bool:
-        update = (self._micro + 1) % self._acc == 0
-        return update and (self._micro // self._acc) % self.every == 0
+    def _due(self, micro: int) -> bool:
+        """Whether step `micro` (counting every batch) applies an update that is recorded."""
+        update = (micro + 1) % self._acc == 0
+        return update and (micro // self._acc) % self.every == 0
+
+    def _steps_in_call(self, batch: int) -> int:
+        """The steps the call starting at `batch` takes: ``steps_per_execution``, fewer at
+        the end of an epoch of known length (Keras passes each call's first batch)."""
+        steps, total = self._steps_per_call, self.params.get("steps")
+        return steps if steps == 1 or not total else max(1, min(steps, total - batch))
 
     def _settle(self) -> None:
-        """Take note of the last step, whose state is complete now: a recorded update joins
-        the updates waiting in the in-step ring, which is read when full (or at the end of
-        the epoch, or when `records` is asked for); "stop" and "raise" read the alarm flag.
+        """Take note of the last call, whose state is complete now: its recorded updates
+        join those waiting in the in-step ring, which is read before the next call could
+        overwrite one (or at the end of the epoch, or when `records` is asked for); "stop"
+        and "raise" read the alarm flag.
 
         In "warn" mode this runs at the start of the next step, so that `fit` keeps its
         asynchronous dispatch of on_train_batch_end (Keras 3 syncs every step for a
@@ -190,11 +201,9 @@ class GradientMonitor:
         """
         if self._current is None:
             return
-        due, index, batch = self._current
-        self._current = None
-        if due:
-            self._pending.append((index, self._epoch, batch))
-        if len(self._pending) >= self._recorder.slots:
+        recorded, self._current = self._current, None
+        self._pending.extend((index, self._epoch, batch) for index, batch in recorded)
+        if len(self._pending) + self._recorder.per_call > self._recorder.slots:
             self._flush()
         elif self.on_nonfinite != "warn":
             self._check_alarm(self._recorder.read_nonfinite())

@@ -13,8 +13,10 @@ call), or behind a Python ``if`` (torch's eager step). State (n = watched variab
   ``rows`` (slots, n, len(ROW)) float32 and ``counts`` (slots, n, 3 + bins) int32: see
   `_ingraph`; ``updates`` (slots, n): Σ (Δw)² of the recorded update; ``clipped``
   (slots, n, 3) when the optimizer clips: the same after clipping (see
-  `_ingraph.clipped_rows`). One slot where an update can be skipped (a LossScaleOptimizer)
-  or one call takes several steps: then the host reads every recorded update;
+  `_ingraph.clipped_rows`). Where one call of the train function takes several steps
+  (``steps_per_execution``) the ring holds at least the recorded updates of one call
+  (`per_call`). Where an update can be skipped (a LossScaleOptimizer) it holds no more: the
+  host reads it after every call, to stay in step with the optimizer's counter;
 - ``nonfinite`` int32 [batch counter + 1, update + 1] of the first update with a NaN or
   Inf (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
 """
@@ -47,7 +49,8 @@ class Recorder:
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
                           "_global_clipnorm", "_clipvalue"))
         n = len(chosen)
-        self.slots = _ring_size(model, n, self.bins, self.clips)
+        self.per_call = _per_call(model, every)
+        self.slots = _ring_size(model, n, self.bins, self.clips, self.per_call)
         add = lambda shape, name, dtype="float32": step_hook.add_state(  # noqa: E731
             model, opt, shape, f"gradkit_monitor_{name}", dtype)
         self.steps = add((self.slots,), "steps", "int32")
@@ -212,12 +215,21 @@ class Recorder:
         self.model.train_function = self._saved
 
 
-def _ring_size(model: Any, n: int, bins: int, clips: bool, budget: int = 1 << 20) -> int:
-    """Slots of the ring: up to 32 recorded updates in about a megabyte of state; 1 where
-    an update can be skipped (the host must then see each recorded update to stay in step
-    with the optimizer's counter) or one call of the train function takes several steps."""
-    if ("LossScaleOptimizer" in type(model.optimizer).__name__
-            or step_hook.steps_per_call(model) != 1):
-        return 1
+def _per_call(model: Any, every: int) -> int:
+    """The most recorded updates one call of the train function can hold: of k steps per
+    call, with an update every `accumulation` steps, one in `every` recorded."""
+    opt = step_hook.target(model.optimizer)
+    accumulation = getattr(opt, "gradient_accumulation_steps", None) or 1
+    return -(-step_hook.steps_per_call(model) // (accumulation * every))
+
+
+def _ring_size(model: Any, n: int, bins: int, clips: bool, per_call: int = 1,
+               budget: int = 1 << 20) -> int:
+    """Slots of the ring: up to 32 recorded updates in about a megabyte of state, and at
+    least the `per_call` recorded updates of one call; no more than those where an update
+    can be skipped (the host must then see each call's recorded updates to stay in step
+    with the optimizer's counter)."""
+    if "LossScaleOptimizer" in type(model.optimizer).__name__:
+        return per_call
     per_slot = 4 * (1 + n * (len(ingraph.ROW) + 3 + bins + 1 + (3 if clips else 0)))
-    return max(1, min(32, budget // per_slot))
+    return max(per_call, min(32, budget // per_slot))
