@@ -29,8 +29,8 @@ taken. `LayerTaps` (`_taps`) collects the factors: the adapter differentiates ea
 objective with respect to zero perturbations at the planned layers' pre-activations (or
 outputs) inside its vectorizer. A weight regularizer's gradient, the same for every example,
 is added to each row (`_regularizers`; the adapter takes it). Layers not planned (other
-types; LoRA, quantized or customized layers of these kinds) are differentiated directly. Framework-free: adapters pass
-their ops.
+types; LoRA, quantized or customized layers of these kinds) are differentiated directly.
+Framework-free: adapters pass their ops.
 """
 
 from gradkit._factors._arrays import Ops as Ops

@@ -144,7 +144,6 @@ class GradientMonitor:
                                   self.bins if "histogram" in self.stats else 1,
                                   "update_ratio" in self.stats)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
-        self._steps_per_call = step_hook.steps_per_call(model)
         self._epoch, self._epoch_start, self._current = 0, self._micro, None
         self._reported = False
 
@@ -186,7 +185,7 @@ class GradientMonitor:
     def _steps_in_call(self, batch: int) -> int:
         """The steps the call starting at `batch` takes: ``steps_per_execution``, fewer at
         the end of an epoch of known length (Keras passes each call's first batch)."""
-        steps, total = self._steps_per_call, self.params.get("steps")
+        steps, total = self._recorder.steps_per_call, self.params.get("steps")
         return steps if steps == 1 or not total else max(1, min(steps, total - batch))
 
     def _settle(self) -> None:

@@ -18,7 +18,8 @@ taken around the optimizer's apply.
 
 In a train step compiled by XLA (``jit_compile=True``, Keras' choice on a GPU) only ops with
 an XLA kernel are used (`_ops.namespace(kind, xla=True)`; the histogram is a bincount on every
-backend), and the weights kept before every update (the branches of an XLA conditional have equal shapes).
+backend), and the weights are kept before every update (the branches of an XLA conditional
+have equal shapes).
 """
 
 from __future__ import annotations

@@ -49,7 +49,10 @@ class Recorder:
                          ("clipnorm", "global_clipnorm", "clipvalue", "_clipnorm",
                           "_global_clipnorm", "_clipvalue"))
         n = len(chosen)
-        self.per_call = _per_call(model, every)
+        #: steps one call of the train function takes, and the most recorded updates in it
+        self.steps_per_call = step_hook.steps_per_call(model)
+        accumulation = getattr(step_hook.target(opt), "gradient_accumulation_steps", None) or 1
+        self.per_call = -(-self.steps_per_call // (accumulation * every))
         self.slots = _ring_size(model, n, self.bins, self.clips, self.per_call)
         add = lambda shape, name, dtype="float32": step_hook.add_state(  # noqa: E731
             model, opt, shape, f"gradkit_monitor_{name}", dtype)
@@ -73,7 +76,7 @@ class Recorder:
         self.recording: bool | None = None  # what the train function being traced is for
         self._functions = None
         if (every > 1 and self.kind == "keras3" and self.eager is None
-                and step_hook.steps_per_call(model) == 1):
+                and self.steps_per_call == 1):
             self._functions = [step_hook.fresh_train_function(model) for _ in range(2)]
         else:
             step_hook.refresh(model)
@@ -213,14 +216,6 @@ class Recorder:
             hook.remove()
         step_hook.remove_state(self.model.optimizer, self.state)
         self.model.train_function = self._saved
-
-
-def _per_call(model: Any, every: int) -> int:
-    """The most recorded updates one call of the train function can hold: of k steps per
-    call, with an update every `accumulation` steps, one in `every` recorded."""
-    opt = step_hook.target(model.optimizer)
-    accumulation = getattr(opt, "gradient_accumulation_steps", None) or 1
-    return -(-step_hook.steps_per_call(model) // (accumulation * every))
 
 
 def _ring_size(model: Any, n: int, bins: int, clips: bool, per_call: int = 1,
