@@ -4,10 +4,13 @@ The same rows, counts and update squares as `_ingraph` (see its module docstring
 bit on the fast path, with as few torch calls and fresh tensors as the statistics allow: in
 an eager step every call costs its Python dispatch and every new megabyte tensor its page
 faults. So the per-variable minima and maxima are read to the host once (one sync), branches
-are Python ``if``s, and the bin index (uint8 for up to 256 bins), the shifted gradient and
-the weights kept for ``update_ratio`` live in buffers reused from one update to the next.
-A large gradient's histogram counts its entries in pairs (`_ingraph.histogram`).
-A variable whose maximum |g| is outside (1e-17, 1e17) takes `_ingraph`'s scaled path.
+are Python ``if``s, and the bin index (int16), the shifted gradient and the weights kept for
+``update_ratio`` live in buffers reused from one update to the next. Each pass over a large
+gradient costs about as much as reading it from memory, so the histogram takes as few as
+it can: the maximum's index ``bins`` is counted in an extra bin and folded into the last
+one afterwards (no clamping pass), and a large gradient's entries are counted in pairs
+(`_ingraph.histogram`) formed by one ``add``. A variable whose maximum |g| is outside
+(1e-17, 1e17) takes `_ingraph`'s scaled path.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class EagerStats:
         torch = self.torch
         if self._float.numel() < size:
             self._float = torch.empty(size)
-            small = self.bins <= 256  # bincount reads a uint8 index faster
-            self._int = torch.empty(size, dtype=torch.uint8 if small else torch.int32)
+            small = self.bins < 2**15 - 1  # indices 0 .. bins
+            self._int = torch.empty(size, dtype=torch.int16 if small else torch.int32)
         return self._float[:size], self._int[:size]
 
     @_no_grad
@@ -57,45 +60,63 @@ class EagerStats:
         top = torch.where(width > 0, hi, lo + torch.clamp(torch.abs(lo), min=1.0))
         k = bins / (top - lo)
         biggest = torch.maximum(hi, -lo).tolist()
-        one, zero, none = torch.ones(()), torch.zeros(()), torch.zeros((), dtype=torch.int64)
-        rows, counts = [], []
-        for g, w, big, lo_i, hi_i, shift_i, k_i in zip(grads, weights, biggest, lo.unbind(),
-                                                       hi.unbind(), shift.unbind(), k.unbind()):
-            w2 = torch.dot(w, w)
+        finite_rows, scaled, counts = [], {}, []
+        for i, (g, w, big, lo_i, shift_i, k_i) in enumerate(zip(
+                grads, weights, biggest, lo.unbind(), shift.unbind(), k.unbind())):
             if not (big == 0.0 or 1e-17 < big < 1e17):  # scaled, as _ingraph does
                 row, count = ingraph.masked_rows(self.xp, g, bins)
-                rows.append(torch.cat([row, w2.reshape(1)]))
+                scaled[i] = torch.cat([row, torch.dot(w, w).reshape(1)])
                 counts.append(count.to(torch.int64))
                 continue
             scratch, index = self._scratch(g.numel())
             d = torch.sub(g, shift_i, out=scratch)
-            rows.append(torch.stack([lo_i, hi_i, shift_i, one, zero, torch.dot(d, d), w2]))
+            finite_rows.append((i, torch.dot(d, d), torch.dot(w, w)))
             zeros = g.numel() - torch.count_nonzero(g)
             if bins == 1:  # no histogram asked for: one bin holds every entry
                 hist = (zeros * 0 + g.numel()).reshape(1)
             else:
-                index.copy_(torch.sub(g, lo_i, out=scratch).mul_(k_i).clamp_(max=bins - 1.0))
+                index.copy_(torch.sub(g, lo_i, out=scratch).mul_(k_i))  # 0 .. bins
                 hist = self._bincount(index)
-            counts.append(torch.cat([torch.stack([zeros, none, none]), hist]))
-        return torch.stack(rows), torch.stack(counts).to(torch.int32)
+            counts.append(torch.cat([zeros.reshape(1), hist.new_zeros(2), hist]))
+        return self._rows(lo, hi, shift, finite_rows, scaled), torch.stack(counts).to(torch.int32)
+
+    def _rows(self, lo: Any, hi: Any, shift: Any, plain: list, scaled: dict) -> Any:
+        """The (n, len(ROW)) rows: the plain variables' columns stacked at once."""
+        torch = self.torch
+        at = [i for i, _, _ in plain]
+        if plain:
+            d2, w2 = (torch.stack(column) for column in list(zip(*plain))[1:])
+            if not scaled:  # the usual case
+                one = torch.ones_like(d2)
+                return torch.stack([lo, hi, shift, one, one * 0, d2, w2], 1)
+        rows = torch.zeros((len(lo), len(ingraph.ROW)))
+        if plain:
+            rows[at] = torch.stack([lo[at], hi[at], shift[at], torch.ones_like(d2),
+                                    torch.zeros_like(d2), d2, w2], 1)
+        for i, row in scaled.items():
+            rows[i] = row
+        return rows
 
     def _bincount(self, index: Any) -> Any:
-        """Counts of each bin in `index`, as ``torch.bincount``; a large gradient's in pairs
-        of entries, as `_ingraph.histogram` does, in a reused int16 buffer."""
+        """Counts of bins 0 .. bins - 1 in `index` (0 .. bins: the maximum's ``bins`` counts
+        in the last bin), as `_ingraph.histogram`; a large gradient's in pairs of entries
+        ``a·(bins + 1) + b``, formed by one ``add`` into a reused int16 buffer."""
         torch, bins, size = self.torch, self.bins, index.numel()
-        if not ingraph.paired(size, bins):
-            return torch.bincount(index, minlength=bins)
-        half = size // 2
-        if self._pairs.numel() < half:
-            self._pairs = torch.empty(half, dtype=torch.int16)
-        pairs = self._pairs[:half]
-        pairs.copy_(index[:half])
-        pairs.mul_(bins).add_(index[half:2 * half])
-        joint = torch.bincount(pairs, minlength=bins * bins).view(bins, bins)
-        counts = joint.sum(0) + joint.sum(1)
-        if size % 2:
-            counts += torch.bincount(index[-1:], minlength=bins)
-        return counts
+        base = bins + 1
+        if not ingraph.paired(size, base):
+            counts = torch.bincount(index, minlength=base)
+        else:
+            half = size // 2
+            if self._pairs.numel() < half:
+                self._pairs = torch.empty(half, dtype=torch.int16)
+            pairs = torch.add(index[half:2 * half], index[:half], alpha=base,
+                              out=self._pairs[:half])
+            joint = torch.bincount(pairs, minlength=base * base).view(base, base)
+            counts = joint.sum(0) + joint.sum(1)
+            if size % 2:
+                counts += torch.bincount(index[-1:], minlength=base)
+        counts[bins - 1] += counts[bins]
+        return counts[:bins]
 
     @_no_grad
     def snapshot(self, values: list) -> list:
