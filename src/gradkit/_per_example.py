@@ -20,6 +20,7 @@ the same rows (``gradkit._routes`` chooses once per model and selection).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -90,7 +91,7 @@ def per_example_gradients(
     chunk = resolve_chunk_size(chunk_size, variables, batch.size)
     shapes = {key: ((batch.size, *tuple(v.shape)), result_dtype(v))
               for key, v in zip(keys, variables)}
-    row_bytes = sum(int(np.prod(shape[1:])) * dtype.itemsize for shape, dtype in shapes.values())
+    row_bytes = sum(math.prod(shape[1:]) * dtype.itemsize for shape, dtype in shapes.values())
     check_fits(0 if out is not None else row_bytes * batch.size, row_bytes * chunk, batch.size)
     result = checked_out(out, shapes) if out is not None else {
         key: np.empty(shape, dtype) for key, (shape, dtype) in shapes.items()}
@@ -161,7 +162,7 @@ def resolve_chunk_size(chunk_size: Any, variables: list, size: int) -> int:
     """The number of examples per chunk: `chunk_size`, or what fits the memory budget."""
     if chunk_size is None:
         per_example = sum(
-            int(np.prod(v.shape)) * result_dtype(v).itemsize for v in variables
+            math.prod(v.shape) * result_dtype(v).itemsize for v in variables
         )
         return max(1, min(size, CHUNK_BUDGET_BYTES // max(per_example, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (

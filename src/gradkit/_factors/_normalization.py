@@ -60,9 +60,9 @@ def normalized_scale_rows64(part: Any, n: int) -> np.ndarray:
     """(n, features) float64 ``g_γ`` of a LayerNormalization: â from the input itself."""
     a = _channels_last(part.inputs, part.geometry, n).astype(np.float64)
     centered = a - a.mean(axis=-1, keepdims=True)
-    normalized = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True)
-                                    + part.geometry.epsilon)
-    return np.einsum("ntc,ntc->nc", _channels_last(part.deltas, part.geometry, n), normalized)
+    variance = np.einsum("ntc,ntc->nt", centered, centered) / a.shape[-1]
+    return np.einsum("ntc,nt,ntc->nc", _channels_last(part.deltas, part.geometry, n),
+                     1.0 / np.sqrt(variance + part.geometry.epsilon), centered)
 
 
 class Groups(NamedTuple):

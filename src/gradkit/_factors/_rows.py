@@ -45,11 +45,23 @@ def bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
 
 
 def embeddings(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
-    """``δ_it`` added into row ``id_it`` of ``out[i]`` (zero elsewhere)."""
+    """``δ_it`` added into row ``id_it`` of ``out[i]`` (zero elsewhere).
+
+    The deltas of one (example, id) are summed by one ``np.add.reduceat`` over the deltas
+    sorted by row (``np.add.at`` took about 1.4 µs a delta)."""
     n = out.shape[0]
+    if n == 0:
+        return True
     ids, deltas = np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n]
+    rows = out.reshape(n * out.shape[1], int(np.prod(out.shape[2:])))
+    where = (np.arange(n)[:, None] * out.shape[1] + ids.reshape(n, -1)).ravel()
+    order = np.argsort(where, kind="stable")
+    where = where[order]
+    starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
     out[...] = 0
-    np.add.at(out, (np.arange(n)[:, None], ids.astype(np.intp)), deltas)
+    if len(where):
+        rows[where[starts]] = np.add.reduceat(
+            deltas.reshape(len(order), -1)[order], starts, axis=0)
     return bounded(deltas, out.dtype) or finite(out)
 
 
@@ -130,5 +142,9 @@ def bounded(deltas: np.ndarray, dtype: np.dtype, inputs: Any = None) -> bool:
 
 
 def finite(array: np.ndarray) -> bool:
-    """No NaN/Inf (min/max propagate NaN: no boolean copy of the array)."""
-    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+    """No NaN/Inf: a finite sum has none (NaN and Inf propagate through it), so one pass
+    decides the usual case; a sum that overflowed is settled by min and max (which
+    propagate NaN: no boolean copy of the array)."""
+    if array.size == 0 or np.isfinite(array.sum()):
+        return True
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
