@@ -72,7 +72,9 @@ class TensorFlowPrimitives:
         concrete: dict = {}  # its concrete function: a call skips tf.function's dispatch
 
         def run(data, scale, *extra):
-            data = self.seed_data(model_ref(), data)
+            # converted here, the call binds tensors: about 0.3 ms less than binding NumPy
+            data = map_structure(tf.convert_to_tensor, self.seed_data(model_ref(), data))
+            scale = tf.convert_to_tensor(scale, tf.float32)
             signature = [map_structure(relaxed_spec, data), tf.TensorSpec([], tf.float32),
                          *(map_structure(exact_spec, e) for e in extra)]
             key = repr(signature)
