@@ -81,18 +81,19 @@ class EagerStats:
         return self._rows(lo, hi, shift, finite_rows, scaled), torch.stack(counts).to(torch.int32)
 
     def _rows(self, lo: Any, hi: Any, shift: Any, plain: list, scaled: dict) -> Any:
-        """The (n, len(ROW)) rows: the plain variables' columns stacked at once."""
+        """The (n, len(ROW)) rows: the plain variables' columns stacked at once, then the
+        scaled ones' rows put in their places."""
         torch = self.torch
-        at = [i for i, _, _ in plain]
+        rows = torch.zeros((len(lo), len(ingraph.ROW))) if scaled else None
         if plain:
+            at = [i for i, _, _ in plain]
             d2, w2 = (torch.stack(column) for column in list(zip(*plain))[1:])
+            one = torch.ones_like(d2)
+            extremes = [lo[at], hi[at], shift[at]] if scaled else [lo, hi, shift]
+            stacked = torch.stack([*extremes, one, one * 0, d2, w2], 1)
             if not scaled:  # the usual case
-                one = torch.ones_like(d2)
-                return torch.stack([lo, hi, shift, one, one * 0, d2, w2], 1)
-        rows = torch.zeros((len(lo), len(ingraph.ROW)))
-        if plain:
-            rows[at] = torch.stack([lo[at], hi[at], shift[at], torch.ones_like(d2),
-                                    torch.zeros_like(d2), d2, w2], 1)
+                return stacked
+            rows[at] = stacked
         for i, row in scaled.items():
             rows[i] = row
         return rows
