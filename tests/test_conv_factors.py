@@ -336,8 +336,12 @@ def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras, mon
 
 @pytest.mark.parametrize("one_example_per_block", [False, True])
 @pytest.mark.parametrize("padding", ["valid", "same", "causal"])
-def test_kernel_rows_against_a_direct_sum(padding, one_example_per_block, monkeypatch):
-    """Framework-free: g_W[k, c, o] = Σ_t a_pad[t*s + k*dil, c] δ[t, o], summed by hand."""
+@pytest.mark.parametrize("channels,length", [(2, 9), (1, 24), (6, 24)])
+def test_kernel_rows_against_a_direct_sum(padding, one_example_per_block, channels, length,
+                                          monkeypatch):
+    """Framework-free: g_W[k, c, o] = Σ_t a_pad[t*s + k*dil, c] δ[t, o], summed by hand.
+    One channel over a long row takes the patches laid out along the row, six the
+    channels-last layout (gradkit._factors._conv._blockwise)."""
     from gradkit._factors import _conv
     from gradkit._factors._conv import Geometry, kernel_rows
 
@@ -345,20 +349,20 @@ def test_kernel_rows_against_a_direct_sum(padding, one_example_per_block, monkey
         monkeypatch.setattr(_conv, "PATCH_BLOCK_BYTES", 1)
 
     stride, dilation, k = (2, 1, 3) if padding != "causal" else (1, 2, 3)
-    a = RNG.normal(size=(3, 1, 9, 2))
+    a = RNG.normal(size=(3, 1, length, channels))
     span = (k - 1) * dilation + 1
     if padding == "valid":
-        size_out, before = (9 - span) // stride + 1, 0
+        size_out, before = (length - span) // stride + 1, 0
     elif padding == "same":
-        size_out = -(-9 // stride)
-        before = max(0, (size_out - 1) * stride + span - 9) // 2
+        size_out = -(-length // stride)
+        before = max(0, (size_out - 1) * stride + span - length) // 2
     else:
-        size_out, before = 9, span - 1
+        size_out, before = length, span - 1
     d = RNG.normal(size=(3, 1, size_out, 4))
-    out = np.full((3, k, 2, 4), np.nan)
+    out = np.full((3, k, channels, 4), np.nan)
     kernel_rows(a, d, Geometry((k,), (stride,), (dilation,), padding, False), out)
     padded = np.pad(a, [(0, 0), (0, 0), (before, span), (0, 0)])
-    expected = np.zeros((3, k, 2, 4))
+    expected = np.zeros((3, k, channels, 4))
     for t in range(size_out):
         for j in range(k):
             expected[:, j] += np.einsum("nc,no->nco", padded[:, 0, t * stride + j * dilation],

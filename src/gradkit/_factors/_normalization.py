@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gradkit._factors._rows import positions_summed
+
 
 class Moments(NamedTuple):
     axis: int  # the channel axis of the factors (n, calls, *input shape); negative from the end
@@ -111,7 +113,7 @@ def scale_rows64(part: Any, n: int) -> np.ndarray:
 
 def offset_rows64(part: Any, n: int) -> np.ndarray:
     """(n, channels) float64 ``g_β``."""
-    return _channels_last(part.deltas, part.geometry, n).sum(axis=1, dtype=np.float64)
+    return positions_summed(_channels_last(part.deltas, part.geometry, n), np.float64)
 
 
 def _single_axis(layer: Any) -> bool:

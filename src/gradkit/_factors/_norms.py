@@ -20,6 +20,7 @@ import numpy as np
 
 from gradkit._factors import _conv as conv
 from gradkit._factors import _einsum as einsum
+from gradkit._factors._rows import positions_summed
 
 
 def array_squared(rows: Any, n: int) -> np.ndarray:
@@ -65,7 +66,7 @@ def einsum_kernel_inner(part: Any, n: int) -> np.ndarray:
 
 def bias(part: Any, n: int) -> np.ndarray:
     """``||Σ_t δ_t||²`` (a Dense bias)."""
-    summed = np.asarray(part.deltas)[:n].astype(np.float64).sum(axis=1)
+    summed = positions_summed(np.asarray(part.deltas)[:n], np.float64)
     return np.einsum("bo,bo->b", summed, summed)
 
 
@@ -100,7 +101,7 @@ def depthwise_kernel(part: Any, n: int) -> np.ndarray:
 
 def conv_bias(part: Any, n: int) -> np.ndarray:
     """``||Σ_t δ_t||²`` over every call and output position of a convolution."""
-    summed = conv.bias_deltas(part.deltas, part.geometry)[:n].sum(axis=1, dtype=np.float64)
+    summed = positions_summed(conv.bias_deltas(part.deltas, part.geometry)[:n], np.float64)
     return np.einsum("bo,bo->b", summed, summed)
 
 
@@ -130,7 +131,7 @@ def bias_inner(part: Any, n: int) -> np.ndarray:
     with r the Factor's offset."""
     deltas = np.asarray(part.deltas) if part.geometry is None \
         else conv.bias_deltas(part.deltas, part.geometry)
-    return deltas[:n].sum(axis=1, dtype=np.float64) @ np.asarray(part.offset, np.float64)
+    return positions_summed(deltas[:n], np.float64) @ np.asarray(part.offset, np.float64)
 
 
 #: Rows formed at once for the norms of a regularized variable (`offset_squared`)
