@@ -16,8 +16,10 @@ gradient called once per example. Per model, variables, objective and training m
 - a failure: a route raised once (a converter gap, e.g. TensorFlow's pfor through the while
   loops of recurrent layers). It is never retried;
 - a timing, per operation (rows, norms, clipped): the routes still open take turns, in the
-  order above: each runs one untimed chunk that compiles it, then `TIMINGS` timed chunks of
-  an already compiled size (fewer, once it is over `DROP` times the best route timed so far);
+  order above: each runs one untimed chunk that compiles it, then up to `TIMINGS` timed
+  chunks of an already compiled size; after k of them, a route over ``KEEP[k - 1]`` times
+  the best route timed so far is timed no more (one far behind is dropped after one timing,
+  close contenders are timed until the first calls' costs and load spikes have passed);
   the fastest by its best time is kept. Every chunk computed meanwhile is a real result.
 
 A hazard or failure is logged once per Route on the ``"gradkit"`` logger, with its reason:
@@ -38,10 +40,11 @@ logger = logging.getLogger("gradkit")
 _NOISE = re.compile(r"^(in user code:|Traceback|File |Exception encountered when calling|"
                     r"Arguments received by|•|\^+$|~+$|During handling|The above exception|"
                     r"Graph execution error|Detected at node|\[\[|vectorizing failed:$)")
-#: Timed chunks per route before the fastest is kept (the best of them counts: load spikes)
-TIMINGS = 2
-#: A route timed this many times slower than the best so far is not timed again
-DROP = 2.0
+#: Timed chunks per route at most before the fastest is kept (the best of them counts)
+TIMINGS = 4
+#: After k timed chunks, a route this many times slower than the best so far is not timed
+#: again (k = 1, 2, 3)
+KEEP = (2.0, 1.3, 1.15)
 ROUTES = ("vectorized", "mapped", "loop")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -114,8 +117,8 @@ def _on_trial(route: Route, operation: str) -> str:
     timed = {name: route.costs.get((operation, name), [])
              for name in ROUTES if name not in route.reasons}
     best = min((min(c) for c in timed.values() if c), default=None)
-    pending = [name for name, costs in timed.items()
-               if len(costs) < TIMINGS and not (costs and min(costs) > DROP * best)]
+    pending = [name for name, costs in timed.items() if len(costs) < TIMINGS
+               and not (costs and min(costs) > KEEP[len(costs) - 1] * best)]
     if pending:
         return min(pending, key=lambda name: len(timed[name])
                    + bool(route.sizes.get((operation, name))))
