@@ -18,7 +18,12 @@ import numpy as np
 
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import plan, rest, squared_rows, weighted_sum
-from gradkit._per_example import check_independent, for_each_chunk, resolve_chunk_size
+from gradkit._per_example import (
+    check_independent,
+    example_bytes,
+    for_each_chunk,
+    resolve_chunk_size,
+)
 from gradkit._request import finish, prepare, result_dtype
 from gradkit._transforms._base import number
 
@@ -68,7 +73,7 @@ def clipped_gradients(
     sums = [np.zeros(shape, np.float64) for shape in shapes]
     norms = np.zeros(request.batch.size, np.float64)
 
-    chunk = resolve_chunk_size(None, _materialized(request), request.batch.size)
+    chunk = resolve_chunk_size(None, example_bytes(_materialized(request)), request.batch.size)
 
     def store(start: int, stop: int, parts: list) -> None:
         n = stop - start

@@ -19,6 +19,7 @@ from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import squared_rows
 from gradkit._per_example import (
     check_independent,
+    example_bytes,
     for_each_chunk,
     resolve_chunk_size,
 )
@@ -73,7 +74,7 @@ def per_example_norms(
             part, parts[j] = parts[j], None
             squared[j][start:stop] = squared_rows(part, stop - start)
 
-    chunk = resolve_chunk_size(None, variables, batch.size)
+    chunk = resolve_chunk_size(None, example_bytes(variables), batch.size)
     for_each_chunk(request, chunk, store, "norms")
     return _combine(variables, squared, bool(by_layer), batch)
 

@@ -88,10 +88,10 @@ def per_example_gradients(
                       layers=layers, training=training, seed=seed)
     check_independent(model, request.training)
     variables, batch, keys = request.variables, request.batch, request.keys
-    chunk = resolve_chunk_size(chunk_size, variables, batch.size)
     shapes = {key: ((batch.size, *tuple(v.shape)), result_dtype(v))
               for key, v in zip(keys, variables)}
     row_bytes = sum(math.prod(shape[1:]) * dtype.itemsize for shape, dtype in shapes.values())
+    chunk = resolve_chunk_size(chunk_size, row_bytes, batch.size)
     check_fits(0 if out is not None else row_bytes * batch.size, row_bytes * chunk, batch.size)
     result = checked_out(out, shapes) if out is not None else {
         key: np.empty(shape, dtype) for key, (shape, dtype) in shapes.items()}
@@ -158,13 +158,16 @@ def check_connected(request: Request, parts: list) -> None:
         )
 
 
-def resolve_chunk_size(chunk_size: Any, variables: list, size: int) -> int:
-    """The number of examples per chunk: `chunk_size`, or what fits the memory budget."""
+def example_bytes(variables: list) -> int:
+    """Bytes of one example's gradient of `variables` (one row of each), in result dtypes."""
+    return sum(math.prod(v.shape) * result_dtype(v).itemsize for v in variables)
+
+
+def resolve_chunk_size(chunk_size: Any, row_bytes: int, size: int) -> int:
+    """The number of examples per chunk: `chunk_size`, or as many rows of `row_bytes`
+    (`example_bytes`) as fit the memory budget."""
     if chunk_size is None:
-        per_example = sum(
-            math.prod(v.shape) * result_dtype(v).itemsize for v in variables
-        )
-        return max(1, min(size, CHUNK_BUDGET_BYTES // max(per_example, 1)))
+        return max(1, min(size, CHUNK_BUDGET_BYTES // max(row_bytes, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
         chunk_size < 1
     ):

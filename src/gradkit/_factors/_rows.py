@@ -34,14 +34,14 @@ def dense_kernel(part: Any, out: np.ndarray, product: Callable | None = None) ->
     n = out.shape[0]
     inputs, deltas = np.asarray(part.inputs)[:n], np.asarray(part.deltas)[:n]
     (product or kernel_rows)(inputs, deltas, out)
-    return bounded(deltas, out.dtype, inputs) or finite(out)
+    return product_finite(out, deltas, inputs)
 
 
 def bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """``out[i] = Σ_t δ_it`` (a Dense bias)."""
     deltas = np.asarray(part.deltas)[:out.shape[0]]
     positions_summed(deltas, out.dtype, out=out)
-    return bounded(deltas, out.dtype) or finite(out)
+    return finite(out)  # no larger than the deltas
 
 
 def positions_summed(deltas: np.ndarray, dtype: Any = None, out: Any = None) -> np.ndarray:
@@ -70,7 +70,7 @@ def embeddings(part: Any, out: np.ndarray, product: Callable | None = None) -> b
     if len(where):
         rows[where[starts]] = np.add.reduceat(
             deltas.reshape(len(order), -1)[order], starts, axis=0)
-    return bounded(deltas, out.dtype) or finite(out)
+    return product_finite(out, deltas)
 
 
 def conv_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
@@ -115,7 +115,7 @@ def einsum_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -
         return finite(out)
     inputs, deltas = factors
     (product or kernel_rows)(inputs, deltas, out.reshape(n, inputs.shape[2], deltas.shape[2]))
-    return bounded(deltas, out.dtype, inputs) or finite(out)
+    return product_finite(out, deltas, inputs)
 
 
 def from_rows64(rows64: Callable) -> Callable:
@@ -139,14 +139,24 @@ def kernel_rows(inputs: np.ndarray, deltas: np.ndarray, out: np.ndarray) -> None
         in_blocks(len(out), out.nbytes, lambda s: np.matmul(a[s], deltas[s], out=out[s]))
 
 
+def product_finite(out: np.ndarray, deltas: np.ndarray, inputs: Any = None) -> bool:
+    """Whether rows `out` written from the factors are finite: from a bound on the factors
+    where they hold far fewer numbers than `out` (an embedding's rows, a wide kernel's),
+    else from `out` itself (`inputs` None: the rows sum the deltas alone)."""
+    factors = deltas.size + (0 if inputs is None else np.size(inputs))
+    return (out.size > 2 * factors and bounded(deltas, out.dtype, inputs)) or finite(out)
+
+
 def bounded(deltas: np.ndarray, dtype: np.dtype, inputs: Any = None) -> bool:
-    """True if finite factors bound every entry of the product below the dtype's maximum
-    (`inputs` None: the rows sum the deltas alone)."""
-    if not finite(deltas) or (inputs is not None and not finite(inputs)):
-        return False
-    bound = float(np.abs(deltas).max(initial=0.0)) * deltas.shape[1]
+    """True if finite factors bound every entry of the product below the dtype's maximum.
+    ``|max| + |min|`` bounds every |entry| in two passes and no copy; a NaN or Inf in a
+    factor makes the bound NaN or Inf, so False."""
+    def peak(x: np.ndarray) -> float:
+        return abs(float(x.max(initial=0.0))) + abs(float(x.min(initial=0.0)))
+
+    bound = peak(deltas) * deltas.shape[1]
     if inputs is not None:
-        bound *= float(np.abs(inputs).max(initial=0.0))
+        bound *= peak(inputs)
     return bound < 0.5 * float(np.finfo(dtype).max)
 
 
