@@ -228,6 +228,27 @@ def test_recorded_updates_wait_in_a_ring_read_when_full(keras, monkeypatch):
         _check_record(h, r, grads_seq[step], weights_seq[step])
 
 
+@pytest.mark.flavours("tf_keras")
+def test_batch_logs_stay_tensors_on_tf_keras(keras):
+    """tf-keras turns every batch's logs into NumPy, waiting for the step, unless each
+    callback with batch hooks takes tensors: the monitor takes them, so a callback beside it
+    that takes them too still gets tensors, and fit runs ahead of the host."""
+    x, y = _data()
+    kinds = []
+
+    class Probe(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self._supports_tf_logs = True
+
+        def on_train_batch_end(self, batch, logs=None):
+            kinds.append(type(logs["loss"]).__name__)
+
+    _model(keras).fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+                      callbacks=[gk.GradientMonitor(every=2, writers=()), Probe()])
+    assert len(kinds) == STEPS and "float" not in kinds, kinds
+
+
 @pytest.mark.flavours("tensorflow", "jax", "tf_keras")  # (torch: one step per call)
 def test_several_steps_per_call_record_each_update(keras, monkeypatch):
     """With steps_per_execution=3 one call of the train function takes 3 of the 16 updates

@@ -63,7 +63,9 @@ class GradientMonitor:
     """
 
     mode = "step"
-    _supports_tf_logs = False
+    # tf-keras turns every batch's logs into NumPy, waiting for the step, unless each callback
+    # with batch hooks takes tensors; the monitor never reads logs, so fit keeps running ahead
+    _supports_tf_logs = True
     async_safe = False
 
     def __init__(self, every: int = 100, *, layers: Any = None, log_dir: Any = None,
