@@ -344,3 +344,32 @@ def test_keys_stay_unique_when_names_repeat(keras):
     for key, variable in zip(grads, model.trainable_variables):
         expected = 2 / (4 * 2) * (x.T @ out if len(variable.shape) == 2 else out.sum(0))
         np.testing.assert_allclose(grads[key], expected, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_results_are_writeable_arrays_of_the_caller(keras):
+    """Every result is a writeable NumPy array that the caller owns (NumPy's convention; JAX
+    hands out its own buffers read-only): changing it in place changes no later result."""
+    model = _dense_model(keras, 4, 3, bias=True)
+    model.compile(optimizer="sgd", loss="mse")
+    x = RNG.normal(size=(5, 4)).astype("float32")
+    y = RNG.normal(size=(5, 3)).astype("float32")
+    grads = gk.gradients(model, x, y)
+    calls = {
+        "gradients": lambda: gk.gradients(model, x, y),
+        "loss_and_gradients": lambda: gk.loss_and_gradients(model, x, y)[1],
+        "input_gradients": lambda: {"x": gk.input_gradients(model, x, y)},
+        "activation_gradients": lambda: gk.activation_gradients(model, x, y, layers="dense"),
+        "hvp": lambda: gk.hvp(model, x, y, vector=grads),
+        "ggn_vp": lambda: gk.ggn_vp(model, x, y, vector=grads),
+        "accumulate": lambda: gk.accumulate(model, (x, y)),
+        "per_example_gradients": lambda: gk.per_example_gradients(model, x, y),
+    }
+    for name, call in calls.items():
+        first = call()
+        kept = {key: np.array(value) for key, value in first.items()}
+        for key, value in first.items():
+            assert isinstance(value, np.ndarray) and value.flags.writeable, (name, key)
+            value *= 0
+        for key, value in call().items():  # (per-example routes are timed: last bits)
+            np.testing.assert_allclose(value, kept[key], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{name} {key}")
