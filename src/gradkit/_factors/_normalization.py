@@ -15,7 +15,9 @@ A LayerNormalization normalizes each position of each example by its own mean an
 over the feature axis, ``â = (a − mean(a)) / √(var(a) + ε)`` (no other example enters), so
 ``g_γ[i] = Σ_t δ_it â_it`` with â recomputed from the recorded input, and β as above.
 A GroupNormalization does the same per group of channels over every position of one call
-of one example. Rows are (n, channels): every role forms them, small, in float64.
+of one example. Rows are (n, channels): every role forms them, small, in float64, from sums
+over the positions taken in the factors' precision (float32 for float32 layers, as the
+framework's own gradient takes them).
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def scale_rows64(part: Any, n: int) -> np.ndarray:
     """(n, channels) float64 ``g_γ``."""
     a, d = _channels_last(part.inputs, part.geometry, n), _channels_last(part.deltas,
                                                                         part.geometry, n)
-    centered = a - part.geometry.mean.astype(a.dtype)
-    summed = np.einsum("ntc,ntc->nc", d, centered, dtype=np.float64)
-    return summed / np.sqrt(part.geometry.variance + part.geometry.epsilon)
+    work = np.result_type(a.dtype, d.dtype, np.float32)
+    products = np.subtract(a, part.geometry.mean.astype(work), dtype=work)
+    np.multiply(products, d, out=products)  # δ (a − μ), summed over positions by BLAS
+    return (positions_summed(products, np.float64)
+            / np.sqrt(part.geometry.variance + part.geometry.epsilon))
 
 
 def offset_rows64(part: Any, n: int) -> np.ndarray:
