@@ -48,6 +48,26 @@ def test_sequence_kernel_rows_sum_over_positions(mode):
         np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_bias_rows_and_position_sums_against_a_float64_loop(dtype):
+    """Σ_t δ_it as one BLAS product (gradkit._factors._rows.positions_summed): in float32 for
+    float16 deltas, into `out` of another dtype, and a NaN or Inf in δ reported."""
+    from gradkit._factors._rows import positions_summed
+
+    d = RNG.normal(size=(6, 50, 3)).astype(dtype)
+    expected = np.array([[sum(float(d[i, t, k]) for t in range(50)) for k in range(3)]
+                         for i in range(6)])
+    tol = {"float16": 1e-5, "float32": 1e-5, "float64": 1e-12}[dtype]
+    summed = positions_summed(d, np.float64)
+    assert summed.dtype == np.float64
+    np.testing.assert_allclose(summed, expected, rtol=tol, atol=tol)
+    out = nan_rows(6, 3)
+    assert write_rows(Factor("bias", None, d), out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    d[2, 7, 1] = np.nan
+    assert not write_rows(Factor("bias", None, d), nan_rows(6, 3))
+
+
 def test_arrays_are_copied_and_checked(mode):
     rows = RNG.normal(size=(11, 6, 2)).astype("float32")
     out = nan_rows(11, 6, 2)
