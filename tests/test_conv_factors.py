@@ -55,6 +55,8 @@ def cases(keras, flavour):
         "3d valid": conv_model(keras, (4, 4, 3, 1), conv3(2, 2, activation="tanh")),
         "2d shared": conv_model(
             keras, (6, 6, 2), conv2(2, 3, padding="same", activation="tanh"), shared=True),
+        "2d one channel per group under a wide row (patches laid out along it)": conv_model(
+            keras, (4, 20, 2), conv2(4, 3, groups=2, activation="tanh")),
         "2d grouped, same dilated, then 3 groups valid": conv_model(
             keras, (6, 6, 4), conv2(6, 3, groups=2, padding="same", dilation_rate=2,
                                     activation="tanh"),
