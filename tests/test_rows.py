@@ -52,7 +52,7 @@ def test_sequence_kernel_rows_sum_over_positions(mode):
 def test_bias_rows_and_position_sums_against_a_float64_loop(dtype):
     """Σ_t δ_it as one BLAS product (gradkit._factors._rows.positions_summed): in float32 for
     float16 deltas, into `out` of another dtype, and a NaN or Inf in δ reported."""
-    from gradkit._factors._rows import positions_summed
+    from gradkit._factors._positions import positions_summed
 
     d = RNG.normal(size=(6, 50, 3)).astype(dtype)
     expected = np.array([[sum(float(d[i, t, k]) for t in range(50)) for k in range(3)]

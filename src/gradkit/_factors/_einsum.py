@@ -14,9 +14,12 @@ ellipsis is spelled out with letters of its own for the arrays at hand.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from gradkit._factors._positions import positions_summed
 
 _FREE = "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba"
 
@@ -98,7 +101,8 @@ def bias_rows64(part: Any, n: int) -> np.ndarray:
     d = np.asarray(part.deltas)[:n]
     shape = part.geometry.bias_shape
     lead = d.ndim - len(shape)
-    summed = d.sum(axis=tuple(range(1, lead)), dtype=np.float64)
+    summed = positions_summed(d.reshape(n, -1, max(1, math.prod(d.shape[lead:]))),
+                              np.float64).reshape(n, *d.shape[lead:])
     for axis, size in enumerate(shape, start=1):
         if size == 1 and summed.shape[axis] != 1:
             summed = summed.sum(axis=axis, keepdims=True)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradkit._factors._rows import positions_summed
+from gradkit._factors._positions import positions_summed
 
 
 class Moments(NamedTuple):

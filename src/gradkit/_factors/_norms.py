@@ -20,7 +20,7 @@ import numpy as np
 
 from gradkit._factors import _conv as conv
 from gradkit._factors import _einsum as einsum
-from gradkit._factors._rows import positions_summed
+from gradkit._factors._positions import positions_summed
 
 
 def array_squared(rows: Any, n: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit._factors import _conv as conv
+from gradkit._factors._positions import positions_summed
 
 
 def array_sum(rows: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
@@ -38,7 +39,7 @@ def dense_kernel(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
 
 def bias(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     _, d = _weighted(part, weights, inputs=False)
-    return d.reshape(-1, d.shape[-1]).sum(axis=0, dtype=np.float64).reshape(shape)
+    return positions_summed(d.reshape(1, -1, d.shape[-1]), np.float64).reshape(shape)
 
 
 def embeddings(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
@@ -76,7 +77,7 @@ def _summed_rows(write: Any, part: Any, weights: np.ndarray, shape: tuple) -> np
 
 def conv_bias(part: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
     deltas = conv.bias_deltas(part.deltas, part.geometry)[:len(weights)]
-    return np.einsum("b,bto->o", weights, deltas.astype(np.float64)).reshape(shape)
+    return (weights @ positions_summed(deltas, np.float64)).reshape(shape)
 
 
 def from_rows64(rows64: Callable) -> Callable:
