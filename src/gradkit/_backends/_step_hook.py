@@ -143,6 +143,32 @@ def _patch(opt: Any, flavour: str, hooks: list) -> None:
     vars(opt)["_clip_gradients"] = clip_wrapper
 
 
+def count_batches(optimizer: Any, counter: Any) -> Callable[[], None]:
+    """Make a Keras 3 LossScaleOptimizer add 1 to `counter` (an int32 variable from
+    `add_state`) for every batch it is given, applied or skipped, before the rest of its step,
+    so that hooks read the batch's own number (the inner optimizer counts only the updates it
+    applies); return the function that undoes it."""
+    if _backend() == "jax":  # the trainer passes the state in and takes it back out
+        original = optimizer.stateless_apply
+
+        def stateless_apply(optimizer_variables, grads, trainable_variables):
+            at = [id(v) for v in optimizer.variables].index(id(counter))
+            values = list(optimizer_variables)
+            values[at] = values[at] + 1
+            return original(values, grads, trainable_variables)
+
+        vars(optimizer)["stateless_apply"] = stateless_apply
+        return lambda: vars(optimizer).pop("stateless_apply", None)
+    original = optimizer.apply
+
+    def apply(grads, trainable_variables=None):
+        counter.assign_add(1)
+        return original(grads, trainable_variables)
+
+    vars(optimizer)["apply"] = apply
+    return lambda: vars(optimizer).pop("apply", None)
+
+
 def _observe(hooks: list, stage: str, grads: list, variables: list, opt: Any) -> None:
     chosen = [h for h in hooks if h.stage == stage]
     if chosen:

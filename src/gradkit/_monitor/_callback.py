@@ -146,11 +146,14 @@ class GradientMonitor:
                                   self.bins if "histogram" in self.stats else 1,
                                   "update_ratio" in self.stats)
         self._micro = int(step_hook.read_state(model, [self._counter])[0])
+        # batches run since fit began, and the batch counter the step reports at the first
+        self._batches = 0
+        self._origin = 0 if self._recorder.counter is not None else self._micro
         self._epoch, self._epoch_start, self._current = 0, self._micro, None
         self._reported = False
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self._epoch, self._epoch_start = epoch, self._micro
+        self._epoch, self._epoch_start = epoch, self._origin + self._batches
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         self._settle()  # the previous call, whose state is complete now
@@ -158,8 +161,9 @@ class GradientMonitor:
         recorded = [(micro // self._acc, batch + micro - self._micro)
                     for micro in range(self._micro, self._micro + steps) if self._due(micro)]
         self._recorder.use(bool(recorded))
-        self._current = recorded
+        self._current = recorded, batch - self._origin - self._batches
         self._micro += steps
+        self._batches += steps
 
     def _step_end(self, batch: int, logs: Any = None) -> None:
         self._settle()
@@ -202,8 +206,8 @@ class GradientMonitor:
         """
         if self._current is None:
             return
-        recorded, self._current = self._current, None
-        self._pending.extend((index, self._epoch, batch) for index, batch in recorded)
+        (recorded, shift), self._current = self._current, None
+        self._pending.extend((index, self._epoch, batch, shift) for index, batch in recorded)
         if len(self._pending) + self._recorder.per_call > self._recorder.slots:
             self._flush()
         elif self.on_nonfinite != "warn":
@@ -213,11 +217,13 @@ class GradientMonitor:
         """Read the ring and record the updates waiting in it; False if none were."""
         if not self._pending or self._recorder is None:
             return False
-        nonfinite, steps, *rings = self._recorder.read()
+        nonfinite, steps, batches, *rings = self._recorder.read()
         pending, self._pending = self._pending, []
-        for index, epoch, batch in pending:
+        for index, epoch, batch, shift in pending:
             slot = self._recorder.slot(index)
             if steps[slot] == index:
+                if batches is not None:  # the batch the step counted (updates may be skipped)
+                    batch = int(batches[slot]) + shift
                 self._record(index, epoch, batch, [ring[slot] if ring is not None else None
                                                    for ring in rings])
             else:  # the update did not happen (a LossScaleOptimizer skipped it): resync

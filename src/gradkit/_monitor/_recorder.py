@@ -18,7 +18,11 @@ call), or behind a Python ``if`` (torch's eager step). State (n = watched variab
   (`per_call`). Where an update can be skipped (a LossScaleOptimizer) it holds no more: the
   host reads it after every call, to stay in step with the optimizer's counter;
 - ``nonfinite`` int32 [batch counter + 1, update + 1] of the first update with a NaN or
-  Inf (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts.
+  Inf (0 = none yet); ``alarm`` (n, 2): that update's NaN and Inf counts;
+- with a Keras 3 LossScaleOptimizer, whose inner optimizer counts only the updates it
+  applies: ``counter`` () int32, the batches given to it since `fit` began (it adds 1 in its
+  own apply: `_step_hook.count_batches`), which is then the batch counter, and ``batches``
+  (slots,) int32 = the batch counter of each recorded update + 1, beside ``steps``.
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ class Recorder:
         self.state = [self.steps, self.rows, self.counts, self.updates, self.alarm,
                       self.nonfinite]
         self.state += [self.clipped] if self.clips else []
+        #: Keras 3's LossScaleOptimizer: batches given to it (its inner one counts only the
+        #: updates it applies), and the batch of each recorded update (+ 1), beside `steps`
+        self.counter = self.batches = None
+        self._uncount = None
+        if self.kind == "keras3" and step_hook.target(opt) is not opt:
+            self.counter = add((), "batch_counter", "int32")
+            self.batches = add((self.slots,), "batches", "int32")
+            self.state += [self.counter, self.batches]
+            self._uncount = step_hook.count_batches(opt, self.counter)
         stages = [("before_clip", self._before)] + ([("after_clip", self._after)]
                                                     if self.clips else [])
         if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
@@ -107,12 +120,30 @@ class Recorder:
         bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
         first = xp.logical_and(xp.logical_and(bad, xp.equal(seen[0], 0)), step.is_update)
         if due is not False:
-            self._put(xp, due, index, [self.steps, self.rows, self.counts], lambda: (
-                index + 1,) + self._rows(xp, grads, sums, finite))
+            self._put(xp, due, index, self._positions() + [self.rows, self.counts], lambda: (
+                self._position(step, index) + self._rows(xp, grads, sums, finite)))
         self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
-        micro = xp.cast(step.micro, "int32")
+        micro = self._batch(step)
         self.nonfinite.assign(xp.stack([xp.where(first, micro + 1, seen[0]),
                                         xp.where(first, index + 1, seen[1])]))
+
+    def _batch(self, step: Any) -> Any:
+        """The batch counter of this update, int32: the LossScaleOptimizer's own count
+        (`counter`, from 0 at `fit`'s start) where there is one, else the optimizer's."""
+        if self.counter is None:
+            return self.xp.cast(step.micro, "int32")
+        return self.xp.value(self.counter) - 1
+
+    def _positions(self) -> list:
+        return [self.steps] + ([self.batches] if self.batches is not None else [])
+
+    def _position(self, step: Any, index: Any) -> tuple:
+        """What `_positions` hold for update `index`: its number + 1 (and its batch + 1)."""
+        xp = self.xp
+        index = xp.cast(index, "int32")
+        if self.batches is None:
+            return (index + 1,)
+        return (index + 1, self._batch(step) + 1)
 
     def _rows(self, xp: Any, grads: list, sums: list, finite: Any) -> tuple:
         grads, sums = xp.barrier((grads, sums))
@@ -124,10 +155,10 @@ class Recorder:
         if not self._due_now(step):
             return
         index = int(step.index)
-        self._put(self.xp, True, index, [self.steps, self.rows, self.counts], lambda: (
-            self.xp.cast(index + 1, "int32"),) + tuple(self.eager.rows(
+        self._put(self.xp, True, index, self._positions() + [self.rows, self.counts], lambda: (
+            self._position(step, index) + tuple(self.eager.rows(
                 [g.reshape(-1) for g in grads],
-                [self.xp.value(v).reshape(-1) for v in self.chosen], sums)))
+                [self.xp.value(v).reshape(-1) for v in self.chosen], sums))))
 
     def _due_now(self, step: Any) -> bool:
         return bool(step.is_update) and int(step.index) % self.every == 0
@@ -200,13 +231,16 @@ class Recorder:
         return index // self.every % self.slots
 
     def read(self) -> tuple:
-        """(nonfinite, steps, rows, counts, updates, clipped or None): the whole ring, in one
-        read; ``steps[slot]`` is the update in that slot (-1: none yet)."""
+        """(nonfinite, steps, batches or None, rows, counts, updates, clipped or None): the
+        whole ring, in one read; ``steps[slot]`` is the update in that slot (-1: none yet),
+        ``batches[slot]`` its batch counter (with a Keras 3 LossScaleOptimizer)."""
+        optional = [ring for ring in (self.batches, self.clipped) if ring is not None]
         values = step_hook.read_state(self.model, [
-            self.nonfinite, self.steps, self.rows, self.counts, self.updates] + (
-                [self.clipped] if self.clips else []))
-        return (values[0] - 1, values[1] - 1) + tuple(values[2:]) + (
-            (None,) if not self.clips else ())
+            self.nonfinite, self.steps, self.rows, self.counts, self.updates] + optional)
+        extra = dict(zip([id(ring) for ring in optional], values[5:]))
+        batches = extra.get(id(self.batches))
+        return (values[0] - 1, values[1] - 1, None if batches is None else batches - 1,
+                *values[2:5], extra.get(id(self.clipped)))
 
     def read_alarm(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.alarm])[0]
@@ -214,6 +248,8 @@ class Recorder:
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
+        if self._uncount is not None:
+            self._uncount()
         step_hook.remove_state(self.model.optimizer, self.state)
         self.model.train_function = self._saved
 
