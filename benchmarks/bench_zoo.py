@@ -1,7 +1,7 @@
 """Per-example gradients and norms over a model zoo, against a loop of compiled gradients.
 
     python benchmarks/bench_zoo.py [--flavours tensorflow,jax,torch,tf_keras] [--batch 16]
-                                   [--repeats 5]
+                                   [--repeats 5] [--route vectorized|mapped|loop]
                                    [--models mlp,cnn,mobilenet,transformer,rnn,decoder]
 
 Models: an MLP (64-256-256-10), a small CNN (28x28, two Conv2D), MobileNetV2 at 96x96
@@ -15,7 +15,9 @@ compiled single-example gradient (`tf.function` over a GradientTape / `jax.jit` 
 `per_example_norms`, medians over rounds of the ratio in the same round (after a warm-up in
 which gradkit chooses its route: see gradkit._routes), and the route taken. "batch floor" is
 the user's same compiled gradient called once on the whole batch, over the loop: per-example
-gradients sum to the batch gradient, so no per-example route can cost less than that.
+gradients sum to the batch gradient, so no per-example route can cost less than that. ``--route`` times that route instead of the
+one gradkit chooses (``loop``: gradkit's own loop of single-example gradients, the route of
+last resort, against the user's loop).
 """
 
 from __future__ import annotations
@@ -46,17 +48,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--route", choices=("vectorized", "mapped", "loop"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        emit(worker(args.worker, args.models.split(","), args.batch, args.repeats))
+        emit(worker(args.worker, args.models.split(","), args.batch, args.repeats,
+                    args.route))
         return 0
     rows = []
     for flavour in [f for f in args.flavours.split(",") if f]:
         for name in args.models.split(","):
             r = run_worker(os.path.abspath(__file__), flavour,
                            ["--models", name, "--batch", str(args.batch),
-                            "--repeats", str(args.repeats)])
+                            "--repeats", str(args.repeats)]
+                           + (["--route", args.route] if args.route else []))
             if "error" in r:
                 print(f"{flavour} {name}: FAILED {r['error']}", file=sys.stderr)
                 rows.append([name, flavour, "failed", "", "", "", ""])
@@ -146,7 +151,8 @@ def single_gradient(flavour: str, keras, model, loss):
     return run
 
 
-def worker(flavour: str, names: list[str], batch: int, repeats: int) -> dict:
+def worker(flavour: str, names: list[str], batch: int, repeats: int,
+           forced: str | None = None) -> dict:
     keras = setup_flavour(flavour)
     import numpy as np
 
@@ -173,6 +179,9 @@ def worker(flavour: str, names: list[str], batch: int, repeats: int) -> dict:
                 if operation in route.chosen:
                     break
                 fns[operation]()
+            if forced:
+                route.chosen[operation] = forced
+                fns[operation]()  # compiled for the batch on that route
         times = samples(fns, repeats, warmup=1)
         taken = "/".join(route.chosen.get(op, "?") for op in ("rows", "norms"))
         result[name] = {"loop_ms": float(np.median(times["loop"])) * 1e3,

@@ -195,6 +195,41 @@ def test_the_compiled_loop_and_its_fallback(keras, flavour, monkeypatch, caplog)
     assert len(messages) == 2 and "no mapped here" in messages[1], messages
 
 
+def test_the_plain_loop_gives_rows_norms_and_clipped_sums(keras, flavour, monkeypatch):
+    """With both compiled routes failing, the plain loop (its gradients kept one array per
+    example, never stacked) serves every per-example operation: rows, norms and clipped
+    sums equal the loop of single-example gradients, and the model's weights are read
+    fresh on every call (a changed weight changes the next call's rows)."""
+    from gradkit import _backends
+
+    model, x, y = plain_mlp(keras)
+    adapter = _backends.for_flavour(flavour)
+
+    def failed(request):
+        raise NotImplementedError("not here")
+
+    monkeypatch.setattr(adapter, "per_example_parts", failed)
+    monkeypatch.setattr(adapter, "mapped_parts", failed)
+    seen = []
+    for _ in range(2):  # the second call on the remembered route
+        expected = loop_reference(model, x, y)
+        seen.append(gk.per_example_gradients(model, x, y, chunk_size=3))
+        assert_same_sets(seen[-1], expected)
+        flat = np.concatenate([r.reshape(len(x), -1) for r in expected.values()], axis=1)
+        norms = np.linalg.norm(flat.astype(np.float64), axis=1)
+        np.testing.assert_allclose(gk.per_example_norms(model, x, y), norms, rtol=1e-5)
+        clip = float(np.median(norms))
+        scale = np.minimum(1.0, clip / norms)
+        clipped = gk.clipped_gradients(model, x, y, l2_norm_clip=clip)
+        for key, rows in expected.items():
+            np.testing.assert_allclose(clipped[key], np.tensordot(scale, rows, 1) / len(x),
+                                       rtol=1e-4, atol=1e-7, err_msg=key)
+        variable = model.trainable_variables[0]
+        variable.assign(np.asarray(variable.numpy()) * 0.5)
+    key = next(iter(seen[0]))  # the rows after the change are of the new weights
+    assert not np.allclose(seen[0][key], seen[1][key])
+
+
 def test_the_compiled_loop_draws_each_example_the_loops_dropout_mask(keras, flavour,
                                                                       monkeypatch):
     """training=True with a seed: every example of the compiled loop (on torch a loop inside

@@ -212,11 +212,14 @@ def for_each_chunk(request: Request, chunk: int, store: Callable, operation: str
 
 
 def loop_over_examples(part: Request) -> list:
-    """The loop route: the compiled single-example gradient per example, stacked (None:
-    unconnected); rows of padding (``part.batch.size`` < the arrays' length) are skipped."""
-    rows = [part.adapter.gradients(part.replace(batch=slice_batch(part.batch, i, i + 1)))[1]
-            for i in range(part.batch.size)]
-    return [None if rows[0][j] is None else np.stack([row[j] for row in rows])
+    """The loop route: the compiled single-example gradient per example; per variable a
+    list of one array per example (the writers copy each into the result: stacking them
+    first would copy every gradient once more), or None if unconnected. Rows of padding
+    (``part.batch.size`` < the arrays' length) are skipped."""
+    with part.adapter.values_held(part.model):  # the weights are the same for every example
+        rows = [part.adapter.gradients(part.replace(batch=slice_batch(part.batch, i, i + 1)))[1]
+                for i in range(part.batch.size)]
+    return [None if rows[0][j] is None else [row[j] for row in rows]
             for j in range(len(part.variables))]
 
 

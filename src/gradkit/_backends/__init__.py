@@ -76,6 +76,10 @@ class Adapter(Protocol):
         """(loss, [generalized Gauss-Newton product Jᵀ H_L J v or None per selected
         variable]): J of the model's outputs, H_L of the loss with respect to them."""
 
+    def values_held(self, model: Any) -> AbstractContextManager:
+        """A block of calls at the same weights (the loop over a batch's examples): the
+        calls inside may read `model`'s variables once instead of on every call."""
+
     #: Whether `mapped_parts` has a loop over examples compiled into one function.
     maps_examples: bool
 

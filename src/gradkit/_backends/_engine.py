@@ -107,6 +107,9 @@ class Engine(Operations):
         self.scale_of = scale_of
         self.layers_module = keras.layers
 
+    def values_held(self, model):
+        return k3.values_held(model)
+
     # --- the batch gradient (hvp, taps and accumulation: `Operations`)
 
     def gradients(self, request):

@@ -9,7 +9,10 @@ is thrown away. Each backend adapter only differentiates `objective_value`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -148,13 +151,36 @@ def target_score(target: Any, y_pred: Any, sample_weight: Any) -> Any:
     return ops.sum(scores)
 
 
-def variable_values(model: Any) -> tuple[list, list, list]:
-    """Current (trainable, non-trainable, metrics) values, read fresh for this call."""
-    return (
+def variable_values(model: Any, fresh: bool = False) -> tuple[list, list, list]:
+    """Current (trainable, non-trainable, metrics) values, read fresh for this call (inside
+    `values_held` for `model`: read once, on the first call or a `fresh` one)."""
+    held = getattr(_held, "entry", None)
+    if held is not None and held[0] is model and held[1] is not None and not fresh:
+        return held[1]
+    values = (
         [v.value for v in model.trainable_variables],
         [v.value for v in model.non_trainable_variables],
         [v.value for v in model.metrics_variables],
     )
+    if held is not None and held[0] is model:
+        _held.entry = (model, values)
+    return values
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def values_held(model: Any) -> Iterator[None]:
+    """Read `model`'s variables once for the calls inside the block (a loop over the
+    examples of one batch, at the same weights: reading them costs about as much as a small
+    model's compiled call); nothing in the block may change them."""
+    saved = getattr(_held, "entry", None)
+    _held.entry = (model, None)
+    try:
+        yield
+    finally:
+        _held.entry = saved
 
 
 def selected_indices(model: Any, variables: list) -> list[int]:

@@ -9,7 +9,7 @@ differentiate through `p`, the adapter's primitives.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 from gradkit._backends import _cache
@@ -37,6 +37,10 @@ class Operations:
     pad_chunks = False
     kernel_rows = None
     layers_module: Any = None  # keras.layers or tf_keras.layers (gradkit._factors.plan)
+
+    def values_held(self, model) -> AbstractContextManager:
+        """Calls inside the block may read `model`'s variables once (see `Adapter`)."""
+        return nullcontext()
 
     def hvp(self, request, vectors: list):
         from gradkit._backends._second_order import run_hvp

@@ -49,7 +49,7 @@ class JaxPrimitives:
             if not traced:  # the first trace may create the compiled loss's metric
                 jitted.trace(values, data, scale, *extra)  # variables: read them again
                 traced.append(True)
-                values = k3.variable_values(model_ref())
+                values = k3.variable_values(model_ref(), fresh=True)
             return jitted(values, data, scale, *extra)
 
         def run(data, scale, *extra):

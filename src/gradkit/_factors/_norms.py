@@ -24,7 +24,10 @@ from gradkit._factors._positions import positions_summed
 
 
 def array_squared(rows: Any, n: int) -> np.ndarray:
-    """Squared norms of materialized (n, ...) rows."""
+    """Squared norms of materialized (n, ...) rows (or a list of one array per example)."""
+    if isinstance(rows, list):
+        return np.array([np.einsum("p,p->", r, r, dtype=np.float64) for r in
+                         (np.ravel(example) for example in rows[:n])], np.float64)
     rows = np.asarray(rows)[:n].reshape(n, -1)
     return np.einsum("bp,bp->b", rows, rows, dtype=np.float64)
 

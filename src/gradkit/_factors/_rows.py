@@ -23,8 +23,12 @@ from gradkit._parallel import in_blocks
 
 
 def copy_rows(rows: Any, out: np.ndarray) -> bool:
-    """Copy a variable's materialized (n, ...) rows into `out`; whether they are finite."""
+    """Copy a variable's materialized (n, ...) rows (an array, or a list of one array per
+    example: the loop route's, never stacked first) into `out`; whether they are finite."""
     n = out.shape[0]
+    if isinstance(rows, list):
+        np.stack(rows[:n], out=out)
+        return finite(out)
     rows = np.asarray(rows)[:n].reshape(out.shape)
     in_blocks(n, out.nbytes, lambda s: np.copyto(out[s], rows[s]))
     return finite(out)

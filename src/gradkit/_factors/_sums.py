@@ -25,7 +25,13 @@ from gradkit._factors._positions import positions_summed
 
 
 def array_sum(rows: Any, weights: np.ndarray, shape: tuple) -> np.ndarray:
-    """``Σ_i w_i rows[i]`` of materialized (n, ...) rows."""
+    """``Σ_i w_i rows[i]`` of materialized (n, ...) rows (or a list of one array per
+    example)."""
+    if isinstance(rows, list):
+        total = np.zeros(shape, np.float64)
+        for w, example in zip(weights.tolist(), rows):
+            total += w * np.reshape(example, shape)
+        return total
     rows = np.asarray(rows)[:len(weights)].reshape(len(weights), -1)
     return (weights @ rows.astype(np.float64, copy=False)).reshape(shape)
 
