@@ -244,7 +244,9 @@ CASES = {
     "kernel": {"one position": lambda: dense_kernel(1), "Gram form": lambda: dense_kernel(3),
                "product form": lambda: dense_kernel(8, 2, 2)},
     "bias": {"positions": dense_bias},
-    "embeddings": {"repeated ids": embeddings},
+    "embeddings": {"repeated ids": embeddings,  # repeats added one by one, or
+                   "many repeated ids": lambda: embeddings(3, 24),  # summed by reduceat
+                   "ids mostly distinct": lambda: embeddings(500, 4)},
     "conv_kernel": {**{name: lambda name=name: conv_kernel(name) for name in CONVS},
                     **{f"{name}, 2 groups": lambda name=name: conv_kernel(name, groups=2)
                        for name in CONVS}},

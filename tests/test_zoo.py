@@ -103,6 +103,7 @@ def test_rows_that_cannot_fit_are_refused_with_the_size(keras, monkeypatch):
     model.compile(loss="mse")
     x, y = np.ones((3, 4), "float32"), np.ones((3, 8), "float32")
     monkeypatch.setattr(_memory, "available_bytes", lambda: 500)  # needs 2 x 3 x 40 floats
+    monkeypatch.setattr(_memory, "free_bytes", lambda: 500)
     with pytest.raises(gk.ResultTooLargeError, match="per_example_norms.*layers=") as error:
         gk.per_example_gradients(model, x, y)
     assert isinstance(error.value, MemoryError) and "GiB" in str(error.value)

@@ -88,8 +88,8 @@ def per_example_gradients(
                       layers=layers, training=training, seed=seed)
     check_independent(model, request.training)
     variables, batch, keys = request.variables, request.batch, request.keys
-    shapes = {key: ((batch.size, *tuple(v.shape)), result_dtype(v))
-              for key, v in zip(keys, variables)}
+    shapes = {key: ((batch.size, *tuple(v.shape)), dtype)
+              for key, v, dtype in zip(keys, variables, request.dtypes)}
     row_bytes = sum(math.prod(shape[1:]) * dtype.itemsize for shape, dtype in shapes.values())
     chunk = resolve_chunk_size(chunk_size, row_bytes, batch.size)
     check_fits(0 if out is not None else row_bytes * batch.size, row_bytes * chunk, batch.size)

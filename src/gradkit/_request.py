@@ -9,6 +9,7 @@ error everywhere. `finish()` names an adapter's arrays and applies the result-dt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +51,14 @@ class Request:
     #: regularizers' gradients at the call's weights); `replace` passes on the same dict
     per_call: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def keys(self) -> list[str]:
         return unique_keys(self.variables)
+
+    @functools.cached_property
+    def dtypes(self) -> list[np.dtype]:
+        """`result_dtype` of each selected variable."""
+        return [result_dtype(v) for v in self.variables]
 
     def cache_key(self) -> tuple:
         """Identifies the variables, objective and mode for the adapter's compiled caches."""

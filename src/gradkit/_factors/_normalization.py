@@ -61,12 +61,16 @@ def plain_layer_normalization(layer: Any) -> bool:
 
 
 def normalized_scale_rows64(part: Any, n: int) -> np.ndarray:
-    """(n, features) float64 ``g_γ`` of a LayerNormalization: â from the input itself."""
-    a = _channels_last(part.inputs, part.geometry, n).astype(np.float64)
-    centered = a - a.mean(axis=-1, keepdims=True)
-    variance = np.einsum("ntc,ntc->nt", centered, centered) / a.shape[-1]
-    return np.einsum("ntc,nt,ntc->nc", _channels_last(part.deltas, part.geometry, n),
-                     1.0 / np.sqrt(variance + part.geometry.epsilon), centered)
+    """(n, features) float64 ``g_γ`` of a LayerNormalization: â from the input itself, in
+    the factors' precision (as the framework normalizes), δ â summed over positions."""
+    a, d = _channels_last(part.inputs, part.geometry, n), _channels_last(part.deltas,
+                                                                        part.geometry, n)
+    work = np.result_type(a.dtype, d.dtype, np.float32)
+    products = np.subtract(a, a.mean(axis=-1, keepdims=True, dtype=work), dtype=work)
+    variance = np.einsum("ntc,ntc->nt", products, products)[..., None] / a.shape[-1]
+    np.multiply(products, d, out=products)
+    np.divide(products, np.sqrt(variance + part.geometry.epsilon, dtype=work), out=products)
+    return positions_summed(products, np.float64)
 
 
 class Groups(NamedTuple):

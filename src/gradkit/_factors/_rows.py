@@ -52,8 +52,10 @@ def bias(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
 def embeddings(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
     """``δ_it`` added into row ``id_it`` of ``out[i]`` (zero elsewhere).
 
-    The deltas of one (example, id) are summed by one ``np.add.reduceat`` over the deltas
-    sorted by row (``np.add.at`` took about 1.4 µs a delta)."""
+    The deltas sorted by row (stable: in position order); the first of each (example, id)
+    is written, the others (an id repeated in an example) added to it in order. Few repeats
+    are added by ``np.add.at`` (about 1.4 µs a delta), many by one ``np.add.reduceat``
+    (about 0.25 µs a row, also for rows without repeats); both sum each row left to right."""
     n = out.shape[0]
     if n == 0:
         return True
@@ -61,13 +63,23 @@ def embeddings(part: Any, out: np.ndarray, product: Callable | None = None) -> b
     rows = out.reshape(n * out.shape[1], int(np.prod(out.shape[2:])))
     where = (np.arange(n)[:, None] * out.shape[1] + ids.reshape(n, -1)).ravel()
     order = np.argsort(where, kind="stable")
-    where = where[order]
-    starts = np.flatnonzero(np.concatenate([[True], where[1:] != where[:-1]]))
-    out[...] = 0
-    if len(where):
-        rows[where[starts]] = np.add.reduceat(
-            deltas.reshape(len(order), -1)[order], starts, axis=0)
+    where, deltas_sorted = where[order], deltas.reshape(len(order), -1)[order]
+    first = np.concatenate([[True], where[1:] != where[:-1]])[:len(where)]
+    if out.flags.c_contiguous:  # a byte fill: memset, twice the speed of a float fill
+        out.reshape(-1).view(np.uint8).fill(0)
+    else:
+        out[...] = 0
+    repeats = len(where) - int(np.count_nonzero(first))
+    if repeats <= _FEW_REPEATS:
+        rows[where[first]] = deltas_sorted[first]
+        if repeats:
+            np.add.at(rows, where[~first], deltas_sorted[~first])
+    else:
+        rows[where[first]] = np.add.reduceat(deltas_sorted, np.flatnonzero(first), axis=0)
     return product_finite(out, deltas)
+
+
+_FEW_REPEATS = 32  # repeated ids an embedding's rows add one by one (`embeddings`)
 
 
 def conv_kernel(part: Any, out: np.ndarray, product: Callable | None = None) -> bool:
