@@ -85,9 +85,11 @@ def attention_worker(flavour):
     keras = conftest.keras_module
     logging.basicConfig(level=logging.WARNING)
     model, x, y = attention(keras, batch=16, length=16, width=32)
-    check_against_loop(model, x, y)
+    # oneDNN rounds a batch of 16 and a batch of one differently: about 1 in 8 runs, entries
+    # of 0.01 differed by 1.5e-5 from the loop's (a wrong row, e.g. zeros, is far outside)
+    check_against_loop(model, x, y, rtol=1e-3, atol=1e-4)
     print("INFERENCE OK", file=sys.stderr, flush=True)
-    check_against_loop(model, x, y, training=True)
+    check_against_loop(model, x, y, rtol=1e-3, atol=1e-4, training=True)
     print("ZOO OK", flush=True)
 
 
