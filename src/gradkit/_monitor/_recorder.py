@@ -113,19 +113,26 @@ class Recorder:
             return self._before_eager(grads, sums, step)
         index = xp.cast(step.index, "int32")
         due = self._due(xp, step.is_update, index)
-        seen = xp.value(self.nonfinite)
-        n = len(grads)
-        counts = xp.cond(finite, lambda: xp.zeros((n, 2), "int32"),
-                         lambda: ingraph.nonfinite_counts(xp, grads))
-        bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
-        first = xp.logical_and(xp.logical_and(bad, xp.equal(seen[0], 0)), step.is_update)
         if due is not False:
             self._put(xp, due, index, self._positions() + [self.rows, self.counts], lambda: (
                 self._position(step, index) + self._rows(xp, grads, sums, finite)))
-        self.alarm.assign(xp.where(first, counts, xp.value(self.alarm)))
+        alarm, nonfinite = xp.cond(  # a finite update (the usual case) leaves both as they are
+            finite, lambda: (xp.value(self.alarm), xp.value(self.nonfinite)),
+            lambda: self._after_nonfinite(xp, grads, step, index))
+        self.alarm.assign(alarm)
+        self.nonfinite.assign(nonfinite)
+
+    def _after_nonfinite(self, xp: Any, grads: list, step: Any, index: Any) -> tuple:
+        """(alarm, nonfinite) after an update whose gradients' sums are not finite: its NaN
+        and Inf counts and position, if it holds any and is the first that does."""
+        seen = xp.value(self.nonfinite)
+        counts = ingraph.nonfinite_counts(xp, grads)
+        bad = xp.logical_not(xp.equal(xp.sum(counts), 0))
+        first = xp.logical_and(xp.logical_and(bad, xp.equal(seen[0], 0)), step.is_update)
         micro = self._batch(step)
-        self.nonfinite.assign(xp.stack([xp.where(first, micro + 1, seen[0]),
-                                        xp.where(first, index + 1, seen[1])]))
+        return (xp.where(first, counts, xp.value(self.alarm)),
+                xp.stack([xp.where(first, micro + 1, seen[0]), xp.where(first, index + 1,
+                                                                        seen[1])]))
 
     def _batch(self, step: Any) -> Any:
         """The batch counter of this update, int32: the LossScaleOptimizer's own count
@@ -198,13 +205,14 @@ class Recorder:
 
     def _put(self, xp: Any, due: Any, index: Any, rings: list, compute: Any) -> None:
         """Write `compute()` (one value per ring) into the slot of update `index`, if due."""
-        if isinstance(index, int):
-            slot = self.slot(index)
-        else:
-            slot = xp.mod(xp.floordiv(xp.cast(index, "int32"), self.every), self.slots)
-        new = self._when(xp, due, lambda: [xp.put(xp.value(ring), slot, value) for ring, value
-                                           in zip(rings, compute())],
-                         lambda: [xp.value(ring) for ring in rings])
+        def put() -> list:
+            if isinstance(index, int):
+                slot = self.slot(index)
+            else:
+                slot = xp.mod(xp.floordiv(xp.cast(index, "int32"), self.every), self.slots)
+            return [xp.put(xp.value(ring), slot, value) for ring, value in zip(rings, compute())]
+
+        new = self._when(xp, due, put, lambda: [xp.value(ring) for ring in rings])
         for ring, value in zip(rings, new):
             ring.assign(value)
 
