@@ -245,10 +245,9 @@ class Recorder:
         optional = [ring for ring in (self.batches, self.clipped) if ring is not None]
         values = step_hook.read_state(self.model, [
             self.nonfinite, self.steps, self.rows, self.counts, self.updates] + optional)
-        extra = dict(zip([id(ring) for ring in optional], values[5:]))
-        batches = extra.get(id(self.batches))
-        return (values[0] - 1, values[1] - 1, None if batches is None else batches - 1,
-                *values[2:5], extra.get(id(self.clipped)))
+        batches = values[5] - 1 if self.batches is not None else None
+        clipped = values[-1] if self.clipped is not None else None
+        return (values[0] - 1, values[1] - 1, batches, *values[2:5], clipped)
 
     def read_alarm(self) -> np.ndarray:
         return step_hook.read_state(self.model, [self.alarm])[0]
