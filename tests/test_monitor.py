@@ -145,7 +145,7 @@ def test_gradient_accumulation_records_the_averaged_update(keras):
 def test_loss_scaling_is_undone(keras):
     """Compared at fit's own weights of each step: a reference SGD loop drifts from fit by
     float32 rounding, which the float16 forward pass turns into ~1e-3 differences."""
-    from gradkit._backends._step_hook import read_state
+    from gradkit._backends._step_state import read_state
 
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")

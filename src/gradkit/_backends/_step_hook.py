@@ -24,9 +24,10 @@
   update rule, accumulation), outside any cond Keras adds; the variables hold the values
   before / after the update. ``grads`` is what apply received; the return value is ignored.
 
-Variables ``fn`` writes must be made with `add_state` (on JAX they travel with the optimizer
-state the trainer carries through the step) and read with `read_state`. Call `refresh(model)`
-after installing or removing so that a compiled train function is traced again.
+Variables ``fn`` writes must be made with `gradkit._backends._step_state.add_state` (on JAX
+they travel with the optimizer state the trainer carries through the step) and read with its
+`read_state`. Call its `refresh(model)` after installing or removing so that a compiled train
+function is traced again.
 Nothing is imported from a framework until a hook is installed.
 """
 
@@ -145,10 +146,12 @@ def _patch(opt: Any, flavour: str, hooks: list) -> None:
 
 def count_batches(optimizer: Any, counter: Any) -> Callable[[], None]:
     """Make a Keras 3 LossScaleOptimizer add 1 to `counter` (an int32 variable from
-    `add_state`) for every batch it is given, applied or skipped, before the rest of its step,
+    `_step_state.add_state`) for every batch it is given, applied or skipped, before the rest of its step,
     so that hooks read the batch's own number (the inner optimizer counts only the updates it
     applies); return the function that undoes it."""
-    if _backend() == "jax":  # the trainer passes the state in and takes it back out
+    import keras
+
+    if keras.backend.backend() == "jax":  # the trainer passes the state in and takes it back out
         original = optimizer.stateless_apply
 
         def stateless_apply(optimizer_variables, grads, trainable_variables):
@@ -215,111 +218,3 @@ def replica_sum(grads: list) -> tuple[list, int]:
     if n == 1:
         return grads, 1
     return list(ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)), n
-
-
-def add_state(model: Any, optimizer: Any, shape: tuple, name: str, dtype: str = "float32") -> Any:
-    """A zero-filled variable a hook may assign inside the step (carried by the JAX trainer)."""
-    opt = target(optimizer)
-    flavour = kind(opt)
-    if flavour == "keras3":
-        import keras
-
-        if keras.backend.backend() == "jax":
-            return opt.add_variable(shape, dtype=dtype, name=name)
-        with _strategy_scope(model):
-            return keras.Variable(keras.ops.zeros(shape, dtype), trainable=False, name=name,
-                                  aggregation="only_first_replica")
-    import tensorflow as tf
-
-    with _strategy_scope(model):
-        return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name,
-                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
-
-def remove_state(optimizer: Any, variables: list) -> None:
-    """Forget `variables` made by `add_state` (JAX: drop them from the optimizer's state)."""
-    opt = target(optimizer)
-    ids = {id(v) for v in variables}
-    tracked = getattr(opt, "_variables", None)
-    if kind(opt) == "keras3" and tracked is not None:
-        for i in reversed([i for i, v in enumerate(tracked) if id(v) in ids]):
-            del tracked[i]
-
-
-def read_state(model: Any, variables: list) -> list:
-    """NumPy copies of `variables` (state, optimizer or trainable variables), also in the
-    middle of a JAX `fit`, where the current values live in the state the trainer carries."""
-    import numpy as np
-
-    state = getattr(model, "_jax_state", None)
-    if state and not getattr(model, "_jax_state_synced", True):
-        found = {}
-        for group, owner in (("optimizer_variables", model.optimizer.variables),
-                             ("trainable_variables", model.trainable_variables)):
-            values = state.get(group) or []
-            found.update({id(v): x for v, x in zip(owner, values)})
-        return [np.array(found[id(v)]) for v in variables]
-    if kind(target(model.optimizer)) == "keras3":
-        import keras
-
-        if keras.backend.backend() == "tensorflow":
-            return [v.value.numpy() for v in variables]
-        return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
-    return [np.array(v.numpy()) for v in variables]
-
-
-def refresh(model: Any) -> None:
-    """Make `fit` trace its train function again (it then sees installed or removed hooks)."""
-    model.train_function = None
-    model.make_train_function(force=True)
-
-
-def fresh_train_function(model: Any) -> Any:
-    """A new train function of a Keras 3 `model`, traced on its first call apart from any
-    other (so a hook may trace differently into each); `model.train_function` is left set to
-    it."""
-    model.train_function = None
-    if _backend() != "jax":
-        model.make_train_function(force=True)  # a new tf.function: its own traces
-        return model.train_function
-    cls_step = type(model).train_step  # JAX shares traces between jits of equal functions
-
-    def train_step(*args: Any, **kwargs: Any) -> Any:
-        return cls_step(model, *args, **kwargs)
-
-    model.train_step = train_step
-    try:
-        model.make_train_function(force=True)
-    finally:
-        del model.train_step
-    return model.train_function
-
-
-def _backend() -> str:
-    import keras
-
-    return keras.backend.backend()
-
-
-def steps_per_call(model: Any) -> int:
-    """How many steps one call of `model.train_function` takes (steps_per_execution)."""
-    value = getattr(model, "steps_per_execution", None)
-    if value is None:
-        value = getattr(model, "_steps_per_execution", None)
-    if value is None:
-        return 1
-    return int(value.numpy() if hasattr(value, "numpy") else value)
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _strategy_scope(model: Any) -> Any:
-    strategy = getattr(model, "distribute_strategy", None) or getattr(
-        model, "_distribute_strategy", None)
-    return strategy.scope() if strategy is not None else _Null()

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
+from gradkit._backends import _step_state as step_state
 from gradkit._detect import flavour_of
 from gradkit._errors import (
     InvalidArgumentError,
@@ -145,7 +146,7 @@ class GradientMonitor:
         self._recorder = Recorder(model, self.chosen, self.every,
                                   self.bins if "histogram" in self.stats else 1,
                                   "update_ratio" in self.stats)
-        self._micro = int(step_hook.read_state(model, [self._counter])[0])
+        self._micro = int(step_state.read_state(model, [self._counter])[0])
         # batches run since fit began, and the batch counter the step reports at the first
         self._batches = 0
         self._origin = 0 if self._recorder.counter is not None else self._micro
@@ -227,7 +228,7 @@ class GradientMonitor:
                 self._record(index, epoch, batch, [ring[slot] if ring is not None else None
                                                    for ring in rings])
             else:  # the update did not happen (a LossScaleOptimizer skipped it): resync
-                self._micro = int(step_hook.read_state(self.model, [self._counter])[0])
+                self._micro = int(step_state.read_state(self.model, [self._counter])[0])
         self._check_alarm(nonfinite)
         return True
 

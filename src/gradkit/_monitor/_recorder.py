@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
+from gradkit._backends import _step_state as step_state
 from gradkit._monitor import _ingraph as ingraph
 from gradkit._monitor._ops import namespace
 from gradkit._monitor._eager import EagerStats
@@ -54,11 +55,11 @@ class Recorder:
                           "_global_clipnorm", "_clipvalue"))
         n = len(chosen)
         #: steps one call of the train function takes, and the most recorded updates in it
-        self.steps_per_call = step_hook.steps_per_call(model)
+        self.steps_per_call = step_state.steps_per_call(model)
         accumulation = getattr(step_hook.target(opt), "gradient_accumulation_steps", None) or 1
         self.per_call = -(-self.steps_per_call // (accumulation * every))
         self.slots = _ring_size(model, n, self.bins, self.clips, self.per_call)
-        add = lambda shape, name, dtype="float32": step_hook.add_state(  # noqa: E731
+        add = lambda shape, name, dtype="float32": step_state.add_state(  # noqa: E731
             model, opt, shape, f"gradkit_monitor_{name}", dtype)
         self.steps = add((self.slots,), "steps", "int32")
         self.rows = add((self.slots, n, len(ingraph.ROW)), "rows")
@@ -90,9 +91,9 @@ class Recorder:
         self._functions = None
         if (every > 1 and self.kind == "keras3" and self.eager is None
                 and self.steps_per_call == 1):
-            self._functions = [step_hook.fresh_train_function(model) for _ in range(2)]
+            self._functions = [step_state.fresh_train_function(model) for _ in range(2)]
         else:
-            step_hook.refresh(model)
+            step_state.refresh(model)
 
     def use(self, recording: bool) -> None:
         """Run the next step with the train function traced for a recorded update, or the
@@ -233,7 +234,7 @@ class Recorder:
 
     def read_nonfinite(self) -> np.ndarray:
         """[batch counter, update] of the first non-finite update (-1: none yet)."""
-        return step_hook.read_state(self.model, [self.nonfinite])[0] - 1
+        return step_state.read_state(self.model, [self.nonfinite])[0] - 1
 
     def slot(self, index: int) -> int:
         return index // self.every % self.slots
@@ -243,21 +244,21 @@ class Recorder:
         whole ring, in one read; ``steps[slot]`` is the update in that slot (-1: none yet),
         ``batches[slot]`` its batch counter (with a Keras 3 LossScaleOptimizer)."""
         optional = [ring for ring in (self.batches, self.clipped) if ring is not None]
-        values = step_hook.read_state(self.model, [
+        values = step_state.read_state(self.model, [
             self.nonfinite, self.steps, self.rows, self.counts, self.updates] + optional)
         batches = values[5] - 1 if self.batches is not None else None
         clipped = values[-1] if self.clipped is not None else None
         return (values[0] - 1, values[1] - 1, batches, *values[2:5], clipped)
 
     def read_alarm(self) -> np.ndarray:
-        return step_hook.read_state(self.model, [self.alarm])[0]
+        return step_state.read_state(self.model, [self.alarm])[0]
 
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
         if self._uncount is not None:
             self._uncount()
-        step_hook.remove_state(self.model.optimizer, self.state)
+        step_state.remove_state(self.model.optimizer, self.state)
         self.model.train_function = self._saved
 
 
