@@ -38,9 +38,8 @@ class Operations:
     kernel_rows = None
     layers_module: Any = None  # keras.layers or tf_keras.layers (gradkit._factors.plan)
 
-    def values_held(self, model) -> AbstractContextManager:
-        """Calls inside the block may read `model`'s variables once (see `Adapter`)."""
-        return nullcontext()
+    def values_held(self, model) -> AbstractContextManager:  # see `Adapter`: each call
+        return nullcontext()                                   # reads the variables itself
 
     def hvp(self, request, vectors: list):
         from gradkit._backends._second_order import run_hvp
