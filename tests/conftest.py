@@ -170,3 +170,16 @@ def run_on_every_flavour(worker, out, flavours=("tensorflow", "jax", "torch", "t
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{flavour} worker failed:\n{output[-3000:]}"
     return out
+
+
+def run_mirrored_step_worker(flavour, check):
+    """Run tests/_mirrored_step_worker.py (MirroredStrategy over two logical CPUs) in its own
+    process: the logical devices must be set before TensorFlow starts."""
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("_mirrored_step_worker.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    done = subprocess.run([sys.executable, str(worker), flavour, check], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

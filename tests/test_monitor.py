@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import run_mirrored_step_worker, to_numpy
 
 import gradkit as gk
 
@@ -380,18 +380,9 @@ def test_bad_options_raise():
         assert gk.GradientMonitor().mode == "step"
 
 
-@pytest.mark.flavours("tensorflow")
-def test_mirrored_strategy_records_global_gradients():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = Path(__file__).with_name("_monitor_mirrored_worker.py")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
-    done = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+@pytest.mark.flavours("tensorflow", "tf_keras")
+def test_mirrored_strategy_records_global_gradients(flavour):
+    run_mirrored_step_worker(flavour, "monitor")
 
 
 def test_exploding_rising_and_vanishing_norms_are_warned_once_per_layer(keras):

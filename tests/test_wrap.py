@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_mirrored_step_worker
 
 import gradkit as gk
 from gradkit import transforms as T
@@ -63,6 +64,13 @@ def test_fit_with_a_wrapped_optimizer_equals_the_manual_loop(keras):
     _assert_close(plain, _manual(keras, T.chain(), _sgd(keras)))
     changed = _fitted(keras, T.wrap(_sgd(keras), transform))
     assert max(np.abs(a - b).max() for a, b in zip(plain, changed)) > 1e-3
+
+
+@pytest.mark.flavours("tensorflow", "tf_keras")
+def test_wrapped_optimizer_under_a_mirrored_strategy_equals_the_manual_loop(flavour):
+    """The transform sees the replicas' sum and its result is what is applied: Keras 3
+    all-reduces after the hook (it hands back each replica's share), tf-keras before it."""
+    run_mirrored_step_worker(flavour, "wrap")
 
 
 def test_mask_freezes_a_layer_inside_fit(keras):

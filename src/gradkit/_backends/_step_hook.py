@@ -15,9 +15,11 @@
 - ``stage="before_clip"``: before the optimizer's ``clipnorm``/``global_clipnorm``/
   ``clipvalue``; ``"after_clip"``: what the update rule receives.
 - It returns new gradients (a list like ``grads``; they are then clipped, for "before_clip")
-  or None to leave them untouched bit for bit. Under a TF strategy returned gradients are
-  divided by the replica count, so that Keras' own all-reduce sums them back to exactly them
-  (clipping then acts on each replica's share, as Keras clips before its all-reduce).
+  or None to leave them untouched bit for bit. Keras 3 clips each replica's share before its
+  all-reduce: there the hook gets the replicas' sum, and under a TF strategy returned
+  gradients are divided by the replica count, so that Keras' own all-reduce sums them back to
+  exactly them (clipping then acts on each replica's share). tf-keras all-reduces first
+  (``aggregate_gradients``) and clips the sum: there gradients pass as they are.
 - ``step``: a `Step` of tensors: ``index`` (the update's number, optimizer.iterations),
   ``micro`` (the raw batch counter) and ``is_update``.
 - ``stage="before_apply"`` / ``"after_apply"``: observers around the whole apply (weight decay,
@@ -185,8 +187,9 @@ def _run(hooks: list, stage: str, grads: list, variables: list, opt: Any) -> lis
     if not chosen:
         return grads
     step = _step(opt)
+    summed_later = kind(opt) == "keras3"  # tf-keras: summed over the replicas already
     for hook in chosen:
-        reduced, replicas = replica_sum(grads)
+        reduced, replicas = replica_sum(grads) if summed_later else (grads, 1)
         new = hook.fn(reduced, variables, step)
         if new is not None:
             grads = list(new) if replicas == 1 else [g / replicas for g in new]

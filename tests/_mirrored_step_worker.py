@@ -1,0 +1,117 @@
+"""MirroredStrategy over two logical CPUs: what the optimizer step hook sees and returns.
+
+    python _mirrored_step_worker.py FLAVOUR CHECK     (FLAVOUR: tensorflow | tf_keras;
+                                                       CHECK: monitor | wrap)
+
+monitor: `GradientMonitor` records the global gradients of each step (summed over the
+replicas) and, after the optimizer's ``clipnorm``, what it applied: Keras 3 clips each
+replica's share before its all-reduce, tf-keras all-reduces first and clips the sum.
+wrap: `fit` with a `transforms.wrap`ped optimizer equals a manual single-device loop of
+``gradients -> transform.update -> apply``, for a transform that is not linear (a global
+norm clip), so that the hook must see the sum and hand back exactly its result.
+Prints "ok"; exits non-zero on a mismatch.
+"""
+
+import os
+import sys
+
+FLAVOUR, CHECK = sys.argv[1], sys.argv[2]
+if FLAVOUR == "tf_keras":
+    os.environ.pop("KERAS_BACKEND", None)
+else:
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+if FLAVOUR == "tf_keras":
+    import tf_keras as keras  # noqa: E402
+else:
+    import keras  # noqa: E402
+
+import gradkit as gk  # noqa: E402
+from gradkit import transforms as T  # noqa: E402
+
+rng = np.random.default_rng(1)
+x = rng.normal(size=(32, 5)).astype("float32")
+y = rng.normal(size=(32, 3)).astype("float32")
+
+
+def build(optimizer):
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, "tanh", name="d1"),
+                              keras.layers.Dense(3, name="d2")], name="m")
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+class Weights(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen.append(self.model.get_weights())
+
+
+def close(got, expected, what):
+    assert abs(got - expected) <= 1e-5 * abs(expected), (what, got, expected)
+
+
+def batch(k, part=slice(None)):
+    sl = slice(16 * k, 16 * (k + 1))
+    return x[sl][part], y[sl][part]
+
+
+def check_monitor():
+    keras.utils.set_random_seed(0)
+    ref = build(keras.optimizers.SGD(0.1, clipnorm=0.3))
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build(keras.optimizers.SGD(0.1, clipnorm=0.3))
+    model.set_weights(ref.get_weights())
+    monitor, weights = gk.GradientMonitor(every=1, writers=()), Weights()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[weights, monitor])
+    h = monitor.history
+    assert list(h["step"]) == [0, 1], h["step"]
+    for k in range(2):
+        ref.set_weights(weights.seen[k])
+        g = gk.gradients(ref, *batch(k), training=True)
+        halves = [gk.gradients(ref, *batch(k, slice(8 * r, 8 * (r + 1))), training=True)
+                  for r in range(2)]
+        for key, v in g.items():
+            close(h["variables"]["norm"][key][k], np.linalg.norm(v), (k, key, "norm"))
+            if FLAVOUR == "tf_keras":  # the sum clipped
+                applied = v * min(1.0, 0.3 / np.linalg.norm(v))
+            else:  # each replica's share (its half of the batch, loss / 2) clipped, summed
+                shares = [half[key] / 2 for half in halves]
+                applied = sum(s * min(1.0, 0.3 / np.linalg.norm(s)) for s in shares)
+            close(h["variables"]["clipped_norm"][key][k], np.linalg.norm(applied),
+                  (k, key, "clipped_norm"))
+    assert "_clip_gradients" not in vars(model.optimizer)
+
+
+def check_wrap():
+    keras.utils.set_random_seed(0)
+    transform = T.clip_by_global_norm(0.2)
+    ref = build(keras.optimizers.SGD(0.1))
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build(T.wrap(keras.optimizers.SGD(0.1), transform))
+    model.set_weights(ref.get_weights())
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    clipped = 0
+    for k in range(2):
+        g = gk.gradients(ref, *batch(k), training=True)
+        clipped += np.sqrt(sum(np.sum(v ** 2) for v in g.values())) > 0.2
+        g, _ = transform.update(g, transform.init(g))
+        gk.apply(ref, g)
+    assert clipped == 2, "the transform must change these gradients"
+    for got, expected in zip(model.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+{"monitor": check_monitor, "wrap": check_wrap}[CHECK]()
+print("ok")
