@@ -1,11 +1,16 @@
-"""MirroredStrategy over two logical CPUs: what the optimizer step hook sees and returns.
+"""Data parallel over two CPU devices: what the optimizer step hook sees and returns.
 
-    python _mirrored_step_worker.py FLAVOUR CHECK     (FLAVOUR: tensorflow | tf_keras;
+    python _mirrored_step_worker.py FLAVOUR CHECK     (FLAVOUR: tensorflow | tf_keras | jax;
                                                        CHECK: monitor | wrap)
+
+TensorFlow and tf-keras: a MirroredStrategy over two logical CPUs; JAX: Keras'
+``DataParallel`` distribution over two forced host devices (one SPMD step: the gradient it
+differentiates is already global).
 
 monitor: `GradientMonitor` records the global gradients of each step (summed over the
 replicas) and, after the optimizer's ``clipnorm``, what it applied: Keras 3 clips each
-replica's share before its all-reduce, tf-keras all-reduces first and clips the sum.
+replica's share before its all-reduce, tf-keras all-reduces first and clips the sum (as does
+JAX's global step).
 wrap: `fit` with a `transforms.wrap`ped optimizer equals a manual single-device loop of
 ``gradients -> transform.update -> apply``, for a transform that is not linear (a global
 norm clip), so that the hook must see the sum and hand back exactly its result.
@@ -19,17 +24,26 @@ FLAVOUR, CHECK = sys.argv[1], sys.argv[2]
 if FLAVOUR == "tf_keras":
     os.environ.pop("KERAS_BACKEND", None)
 else:
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ["KERAS_BACKEND"] = FLAVOUR
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import contextlib  # noqa: E402
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-if FLAVOUR == "tf_keras":
-    import tf_keras as keras  # noqa: E402
-else:
+import numpy as np  # noqa: E402
+
+if FLAVOUR == "jax":
+    import jax  # noqa: E402
     import keras  # noqa: E402
+else:
+    import tensorflow as tf  # noqa: E402
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    if FLAVOUR == "tf_keras":
+        import tf_keras as keras  # noqa: E402
+    else:
+        import keras  # noqa: E402
 
 import gradkit as gk  # noqa: E402
 from gradkit import transforms as T  # noqa: E402
@@ -55,6 +69,20 @@ class Weights(keras.callbacks.Callback):
         self.seen.append(self.model.get_weights())
 
 
+@contextlib.contextmanager
+def distributed():
+    """Models built inside train data parallel over the two devices."""
+    if FLAVOUR == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(None)
+        return
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        yield
+
+
 def close(got, expected, what):
     assert abs(got - expected) <= 1e-5 * abs(expected), (what, got, expected)
 
@@ -67,13 +95,12 @@ def batch(k, part=slice(None)):
 def check_monitor():
     keras.utils.set_random_seed(0)
     ref = build(keras.optimizers.SGD(0.1, clipnorm=0.3))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
+    with distributed():
         model = build(keras.optimizers.SGD(0.1, clipnorm=0.3))
-    model.set_weights(ref.get_weights())
-    monitor, weights = gk.GradientMonitor(every=1, writers=()), Weights()
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
-              callbacks=[weights, monitor])
+        model.set_weights(ref.get_weights())
+        monitor, weights = gk.GradientMonitor(every=1, writers=()), Weights()
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[weights, monitor])
     h = monitor.history
     assert list(h["step"]) == [0, 1], h["step"]
     for k in range(2):
@@ -83,7 +110,7 @@ def check_monitor():
                   for r in range(2)]
         for key, v in g.items():
             close(h["variables"]["norm"][key][k], np.linalg.norm(v), (k, key, "norm"))
-            if FLAVOUR == "tf_keras":  # the sum clipped
+            if FLAVOUR != "tensorflow":  # the sum clipped
                 applied = v * min(1.0, 0.3 / np.linalg.norm(v))
             else:  # each replica's share (its half of the batch, loss / 2) clipped, summed
                 shares = [half[key] / 2 for half in halves]
@@ -97,11 +124,10 @@ def check_wrap():
     keras.utils.set_random_seed(0)
     transform = T.clip_by_global_norm(0.2)
     ref = build(keras.optimizers.SGD(0.1))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
+    with distributed():
         model = build(T.wrap(keras.optimizers.SGD(0.1), transform))
-    model.set_weights(ref.get_weights())
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        model.set_weights(ref.get_weights())
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     clipped = 0
     for k in range(2):
         g = gk.gradients(ref, *batch(k), training=True)

@@ -173,8 +173,8 @@ def run_on_every_flavour(worker, out, flavours=("tensorflow", "jax", "torch", "t
 
 
 def run_mirrored_step_worker(flavour, check):
-    """Run tests/_mirrored_step_worker.py (MirroredStrategy over two logical CPUs) in its own
-    process: the logical devices must be set before TensorFlow starts."""
+    """Run tests/_mirrored_step_worker.py (data parallel over two CPU devices) in its own
+    process: the devices must be set before the framework starts."""
     import subprocess
     import sys
 

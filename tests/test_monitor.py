@@ -380,8 +380,10 @@ def test_bad_options_raise():
         assert gk.GradientMonitor().mode == "step"
 
 
-@pytest.mark.flavours("tensorflow", "tf_keras")
-def test_mirrored_strategy_records_global_gradients(flavour):
+@pytest.mark.flavours("tensorflow", "tf_keras", "jax")
+def test_data_parallel_fit_records_global_gradients(flavour):
+    """MirroredStrategy over two logical CPUs (TF, tf-keras), DataParallel over two host
+    devices (JAX)."""
     run_mirrored_step_worker(flavour, "monitor")
 
 

@@ -66,10 +66,11 @@ def test_fit_with_a_wrapped_optimizer_equals_the_manual_loop(keras):
     assert max(np.abs(a - b).max() for a, b in zip(plain, changed)) > 1e-3
 
 
-@pytest.mark.flavours("tensorflow", "tf_keras")
-def test_wrapped_optimizer_under_a_mirrored_strategy_equals_the_manual_loop(flavour):
-    """The transform sees the replicas' sum and its result is what is applied: Keras 3
-    all-reduces after the hook (it hands back each replica's share), tf-keras before it."""
+@pytest.mark.flavours("tensorflow", "tf_keras", "jax")
+def test_wrapped_optimizer_trained_data_parallel_equals_the_manual_loop(flavour):
+    """The transform sees the replicas' sum and its result is what is applied: Keras 3 on
+    TensorFlow all-reduces after the hook (it hands back each replica's share), tf-keras
+    before it; JAX's one SPMD step differentiates the global loss."""
     run_mirrored_step_worker(flavour, "wrap")
 
 
