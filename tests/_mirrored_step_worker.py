@@ -1,7 +1,7 @@
 """Data parallel over two CPU devices: what the optimizer step hook sees and returns.
 
     python _mirrored_step_worker.py FLAVOUR CHECK     (FLAVOUR: tensorflow | tf_keras | jax;
-                                                       CHECK: monitor | wrap)
+                                                       CHECK: monitor | wrap | apply)
 
 TensorFlow and tf-keras: a MirroredStrategy over two logical CPUs; JAX: Keras'
 ``DataParallel`` distribution over two forced host devices (one SPMD step: the gradient it
@@ -14,6 +14,9 @@ JAX's global step).
 wrap: `fit` with a `transforms.wrap`ped optimizer equals a manual single-device loop of
 ``gradients -> transform.update -> apply``, for a transform that is not linear (a global
 norm clip), so that the hook must see the sum and hand back exactly its result.
+apply: `gradients` then `apply` on a model built for the devices, called outside the
+strategy's scope and inside it, equal the same on a model built without them, with every
+replica's copy of the weights and of the optimizer's slots kept equal.
 Prints "ok"; exits non-zero on a mismatch.
 """
 
@@ -44,6 +47,7 @@ else:
         import tf_keras as keras  # noqa: E402
     else:
         import keras  # noqa: E402
+    STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 import gradkit as gk  # noqa: E402
 from gradkit import transforms as T  # noqa: E402
@@ -79,7 +83,7 @@ def distributed():
         finally:
             keras.distribution.set_distribution(None)
         return
-    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    with STRATEGY.scope():
         yield
 
 
@@ -139,5 +143,36 @@ def check_wrap():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-{"monitor": check_monitor, "wrap": check_wrap}[CHECK]()
+def copies(variable):
+    """The replicas' copies of a MirroredStrategy's variable (one: none to compare)."""
+    inner = variable if FLAVOUR == "tf_keras" else getattr(variable, "value", variable)
+    return [np.asarray(c) for c in getattr(inner, "values", [inner])]
+
+
+def check_apply():
+    keras.utils.set_random_seed(0)
+    ref = build(keras.optimizers.Adam(0.1, clipnorm=0.3))
+    with distributed():
+        model = build(keras.optimizers.Adam(0.1, clipnorm=0.3))
+        model.set_weights(ref.get_weights())
+    for k, scope in enumerate([contextlib.nullcontext, distributed]):
+        expected = gk.gradients(ref, *batch(k), training=True)
+        with scope():
+            g = gk.gradients(model, *batch(k), training=True)
+            for key, v in expected.items():
+                np.testing.assert_allclose(g[key], v, rtol=1e-5, atol=1e-7, err_msg=key)
+            gk.apply(model, g)
+        gk.apply(ref, expected)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    pairs = list(zip(model.weights, ref.weights)) + list(zip(
+        model.optimizer.variables, ref.optimizer.variables))
+    for got, expected in pairs:
+        kept = copies(got)
+        for copy in kept:
+            np.testing.assert_array_equal(copy, kept[0], err_msg=got.name)
+        np.testing.assert_allclose(kept[0], np.asarray(expected), rtol=1e-5, atol=1e-6,
+                                   err_msg=got.name)
+
+
+{"monitor": check_monitor, "wrap": check_wrap, "apply": check_apply}[CHECK]()
 print("ok")

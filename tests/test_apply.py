@@ -12,7 +12,13 @@ import pytest
 
 import gradkit as gk
 from gradkit._select import unique_keys
-from conftest import assert_same_state, state_snapshot, to_numpy, trained_stateful_model
+from conftest import (
+    assert_same_state,
+    run_mirrored_step_worker,
+    state_snapshot,
+    to_numpy,
+    trained_stateful_model,
+)
 
 RNG = np.random.default_rng(4)
 X = RNG.normal(size=(8, 4)).astype("float32")
@@ -91,6 +97,15 @@ def test_apply_with_a_loss_scale_optimizer_under_mixed_float16(keras, flavour, p
     scale = (applied.optimizer.loss_scale if flavour == "tf_keras"
              else applied.optimizer.scale_loss(1.0))
     assert float(to_numpy(scale)) > 1  # the scale was live: a second division would show
+
+
+@pytest.mark.flavours("tensorflow", "tf_keras", "jax")
+def test_a_model_built_for_two_devices_gets_the_gradients_and_step_of_one(flavour):
+    """Built in a MirroredStrategy's scope (TF, tf-keras; JAX: DataParallel), called outside
+    and inside it: the same gradients and Adam step as without the devices, and every
+    replica's copy of the weights and slots equal (tf-keras applied from outside the
+    replicas moved its slots once per replica and left the copies apart)."""
+    run_mirrored_step_worker(flavour, "apply")
 
 
 def test_sgd_step_is_w_minus_lr_g_and_a_subset_moves_only_its_variables(keras):

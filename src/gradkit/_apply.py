@@ -38,6 +38,8 @@ def apply(model: Any, grads: Mapping[str, Any], *, optimizer: Any = None) -> Non
     ``apply(model, gradients(model, x, y, training=True))`` moves the weights and the
     optimizer's variables as ``model.train_on_batch(x, y)`` does (a model without dropout;
     up to float rounding). An optimizer not yet built is built on all trainable variables.
+    A model built in a TF distribution strategy's scope takes the step inside its replicas,
+    the whole of `grads` on the first, so its clipping acts on the whole gradient.
 
     Nothing changes if any check fails: unknown keys, a shape other than the variable's, a
     non-real dtype, NaN or Inf (`NonFiniteGradientError`), or no optimizer.

@@ -20,10 +20,11 @@ builds it, so a first call with a subset does not tie it to that subset.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from gradkit._backends._step_state import strategy_scope
 from gradkit._errors import (
     InvalidArgumentError,
     NonFiniteGradientError,
@@ -78,18 +79,46 @@ def step(flavour: str, optimizer: Any, model: Any, variables: list, arrays: list
 
     scale = float(keras.ops.convert_to_numpy(optimizer.scale_loss(np.float32(1.0))))
     arrays = [_scaled(a, scale, v) for a, v in zip(arrays, variables)]
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
     grads = [keras.ops.convert_to_tensor(a, dtype=v.dtype) for a, v in zip(arrays, variables)]
     if flavour == "jax":
+        _built(optimizer, model)
         _stateless_step(optimizer, variables, grads)
     elif flavour == "torch":
         import torch
 
+        _built(optimizer, model)
         with torch.no_grad():
             optimizer.apply(grads, variables)
     else:
-        optimizer.apply(grads, variables)
+        with strategy_scope(model):  # a model built in a strategy's scope: applied in it
+            _built(optimizer, model)
+            _in_replicas(lambda g: optimizer.apply(g, variables), grads)
+
+
+def _in_replicas(apply: Callable[[list], None], grads: list) -> None:
+    """``apply(grads)`` with a TensorFlow optimizer. In a distribution strategy's scope (a
+    model built there) it runs inside the replicas, whose optimizer sums what they hand it:
+    the first hands `grads`, the others zeros, so the sum is exactly them. (Applied from
+    outside them, tf-keras would update each replica's copy in turn, with the optimizer's
+    slots moved once per replica, leaving the copies apart; Keras 3 refuses.) Clipping acts on
+    the sum on tf-keras, as in its `fit`; on Keras 3 on the first replica's share, all of it
+    (its `fit` clips each replica's share of the batch)."""
+    import tensorflow as tf
+
+    if not tf.distribute.in_cross_replica_context():  # no strategy
+        apply(grads)
+        return
+
+    def first_replica_hands_them() -> None:
+        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        apply([tf.where(first, g, tf.zeros_like(g)) for g in grads])
+
+    tf.distribute.get_strategy().run(first_replica_hands_them)
+
+
+def _built(optimizer: Any, model: Any) -> None:
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
 
 
 def _stateless_step(optimizer: Any, variables: list, grads: list) -> None:
@@ -113,15 +142,16 @@ def _tf_keras_step(optimizer: Any, model: Any, variables: list, arrays: list) ->
     import tf_keras
 
     arrays = [_scaled(a, 1.0, v) for a, v in zip(arrays, variables)]
-    if isinstance(optimizer, tf_keras.optimizers.Optimizer):
-        with tf.init_scope():
-            optimizer.build(model.trainable_variables)  # a no-op once built
     if hasattr(optimizer, "_gradients_have_been_unscaled"):
         # gradkit scaled the loss and unscaled the gradients: true, and it silences the
         # LossScaleOptimizer's "you forgot to call get_scaled_loss()" warning.
         optimizer._loss_has_been_scaled = optimizer._gradients_have_been_unscaled = True
     grads = [tf.convert_to_tensor(a, dtype=v.dtype) for a, v in zip(arrays, variables)]
-    optimizer.apply_gradients(zip(grads, variables))
+    with strategy_scope(model):
+        if isinstance(optimizer, tf_keras.optimizers.Optimizer):
+            with tf.init_scope():
+                optimizer.build(model.trainable_variables)  # a no-op once built
+        _in_replicas(lambda g: optimizer.apply_gradients(zip(g, variables)), grads)
 
 
 def _scaled(array: np.ndarray, scale: float, variable: Any) -> np.ndarray:

@@ -11,6 +11,7 @@ and the train function it is traced into.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from gradkit._backends._step_hook import kind, target
@@ -25,12 +26,12 @@ def add_state(model: Any, optimizer: Any, shape: tuple, name: str, dtype: str = 
 
         if keras.backend.backend() == "jax":
             return opt.add_variable(shape, dtype=dtype, name=name)
-        with _strategy_scope(model):
+        with strategy_scope(model):
             return keras.Variable(keras.ops.zeros(shape, dtype), trainable=False, name=name,
                                   aggregation="only_first_replica")
     import tensorflow as tf
 
-    with _strategy_scope(model):
+    with strategy_scope(model):
         return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name,
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
@@ -110,15 +111,9 @@ def steps_per_call(model: Any) -> int:
     return int(value.numpy() if hasattr(value, "numpy") else value)
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _strategy_scope(model: Any) -> Any:
+def strategy_scope(model: Any) -> Any:
+    """The scope of the TF distribution strategy `model` was built in (else a no-op): its
+    variables are created and its optimizer applied there."""
     strategy = getattr(model, "distribute_strategy", None) or getattr(
         model, "_distribute_strategy", None)
-    return strategy.scope() if strategy is not None else _Null()
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()

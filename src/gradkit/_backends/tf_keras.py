@@ -216,10 +216,38 @@ def state_variables(model: Any) -> list:
     return state
 
 
+class _Idle:
+    """A loss metric that records nothing."""
+
+    @staticmethod
+    def update_state(*args, **kwargs) -> None:
+        return None
+
+
+@contextmanager
+def loss_metrics_idle(model: Any):
+    """The compiled loss without its loss Mean metrics' updates. They would be restored
+    afterwards anyway, and the variables of a model built in a distribution strategy's scope
+    are sync-on-read there: outside the strategy's replicas they cannot be added to (a
+    gradient of such a model is taken on this device, as for a model built without it)."""
+    container = getattr(model, "compiled_loss", None)
+    if container is None or not getattr(container, "built", False):
+        yield  # (built on its first call, its metrics with it: updated then, restored)
+        return
+    saved = container._total_loss_mean, container._per_output_metrics
+    container._total_loss_mean = _Idle()
+    container._per_output_metrics = None if saved[1] is None else [None] * len(saved[1])
+    try:
+        yield
+    finally:
+        container._total_loss_mean, container._per_output_metrics = saved
+
+
 def objective_value(model, objective, x, y, sample_weight, y_pred):
     """The unscaled objective of tf-keras (see gradkit._objective) from the predictions."""
     if objective.kind == "compiled":
-        return model.compute_loss(x, y, y_pred, sample_weight)
+        with loss_metrics_idle(model):
+            return model.compute_loss(x, y, y_pred, sample_weight)
     if objective.kind == "target":
         scores = tf.cast(target_scores(objective.spec, y_pred), tf.float32)
         if sample_weight is not None:
