@@ -82,8 +82,13 @@ def _clip_global(c):
     return clip
 
 
+def _clip_value(c):
+    return lambda g: [np.clip(v, -c, c) for v in g.values()]
+
+
 CASES = {"plain": ({}, None), "clipnorm": ({"clipnorm": 0.3}, _clip_norm(0.3)),
-         "global_clipnorm": ({"global_clipnorm": 0.4}, _clip_global(0.4))}
+         "global_clipnorm": ({"global_clipnorm": 0.4}, _clip_global(0.4)),
+         "clipvalue": ({"clipvalue": 0.05}, _clip_value(0.05))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
