@@ -42,3 +42,20 @@ def test_no_tensorflow_retracing_warnings(keras, caplog):
             gk.input_gradients(model, x, y)
             gk.per_example_norms(model, x, y)
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+@pytest.mark.flavours("tensorflow", "tf_keras")
+def test_short_fits_with_a_monitor_log_no_retracing_warning(keras, caplog):
+    """Each fit with a GradientMonitor traces Keras' train step afresh (TensorFlow counts
+    every tf.function of its code together): short fits in a loop must not read as retracing."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="d1"),
+                              keras.layers.Dense(2, name="d2")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(12, 3)).astype("float32"), rng.normal(size=(12, 2))
+    monitor = gk.GradientMonitor(every=2, writers=())
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(4):
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor])
+    np.testing.assert_array_equal(monitor.history["step"], np.arange(0, 12, 2))
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

@@ -72,6 +72,26 @@ def refresh(model: Any) -> None:
     """Make `fit` trace its train function again (it then sees installed or removed hooks)."""
     model.train_function = None
     model.make_train_function(force=True)
+    _no_retrace_warning(model.train_function)
+
+
+def _no_retrace_warning(function: Any) -> None:
+    """TensorFlow warns when the code of one function is traced in 5 of 10 calls, counting
+    every `tf.function` of Keras' train step together: the train functions made here for a
+    short `fit` (one or two each) would set it off, though nothing of the user's retraces."""
+    # (Keras 3 wraps its tf.function in a Python function: look in that one's closure too)
+    cells = getattr(function, "__closure__", None) or ()
+    for candidate in [function, *(c.cell_contents for c in cells if _filled(c))]:
+        if hasattr(candidate, "_omit_frequent_tracing_warning"):
+            candidate._omit_frequent_tracing_warning = True
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def fresh_train_function(model: Any) -> Any:
@@ -81,6 +101,7 @@ def fresh_train_function(model: Any) -> Any:
     model.train_function = None
     if _backend() != "jax":
         model.make_train_function(force=True)  # a new tf.function: its own traces
+        _no_retrace_warning(model.train_function)
         return model.train_function
     cls_step = type(model).train_step  # JAX shares traces between jits of equal functions
 
