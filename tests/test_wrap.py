@@ -74,6 +74,39 @@ def test_wrapped_optimizer_trained_data_parallel_equals_the_manual_loop(flavour)
     run_mirrored_step_worker(flavour, "wrap")
 
 
+def test_an_embedding_gradient_is_transformed_as_the_dense_gradient(keras):
+    """TensorFlow hands an Embedding's gradient as rows per id looked up (IndexedSlices), an
+    id looked up twice in two rows: a clip acts on their sum, as on the other flavours."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 6, size=(24, 5)).astype("int32")  # every batch repeats ids
+    labels = rng.integers(0, 3, size=24).astype("int32")
+    transform = T.chain(T.clip_by_value(-0.02, 0.02), T.clip_by_global_norm(0.05))
+
+    def model(optimizer):
+        keras.utils.set_random_seed(2)
+        m = keras.Sequential([keras.Input((5,), dtype="int32"),
+                              keras.layers.Embedding(6, 4, name="emb"),
+                              keras.layers.GlobalAveragePooling1D(),
+                              keras.layers.Dense(3, name="d")])
+        m.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        return m
+
+    fitted = model(T.wrap(keras.optimizers.SGD(0.5), transform))
+    fitted.fit(ids, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    manual = model(keras.optimizers.SGD(0.5))
+    clipped = 0
+    for start in range(0, 24, 8):
+        grads = gk.gradients(manual, ids[start:start + 8], labels[start:start + 8],
+                             training=True)
+        emb = next(v for k, v in grads.items() if "emb" in k)
+        clipped += np.abs(emb).max() > 0.02
+        changed, _ = transform.update(grads, transform.init(grads))
+        gk.apply(manual, changed)
+    assert clipped == 3
+    _assert_close(fitted.get_weights(), manual.get_weights())
+
+
 def test_mask_freezes_a_layer_inside_fit(keras):
     model = _model(keras)
     model.compile(optimizer=T.wrap(keras.optimizers.SGD(0.1), T.mask("d1")), loss="mse")

@@ -57,12 +57,23 @@ def wrap(optimizer: Any, transform: GradientTransformation) -> Any:
     def transformed(grads: list, variables: list, step: Any) -> list:
         keys = unique_keys(variables)
         with in_step(ops):
-            tensors = dict(zip(keys, grads))
+            tensors = dict(zip(keys, (_dense(g) for g in grads)))
             new, _ = transform.update(tensors, transform.init(tensors))
         return [new[key] for key in keys]
 
     _step_hook.install(fresh, transformed, stage="before_clip")
     return fresh
+
+
+def _dense(grad: Any) -> Any:
+    """TensorFlow's gradient of a gather (an Embedding's): IndexedSlices, one row per id
+    looked up, an id looked up twice in two rows that add up. The transforms act on the
+    gradient those rows stand for (a norm or a clip of two rows is not that of their sum)."""
+    if type(grad).__name__ != "IndexedSlices":
+        return grad
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(grad)
 
 
 def _copy(optimizer: Any) -> Any:
