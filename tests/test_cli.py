@@ -163,6 +163,7 @@ BAD_INPUTS = [
     (["model.keras", "no_x.npz", "-o", "o"], _bad_data, 1, "needs an array x"),
     (["model.keras", "pickled.npz", "-o", "o"], _bad_data, 1, "not a readable .npz"),
     (["model.keras", "data.npz", "-o", "nowhere/o.npz"], None, 1, "does not exist"),
+    (["data.npz", "model.keras", "-o", "o"], None, 1, "The model comes first"),
     (["model.keras", "data.npz"], None, 2, "-o/--output"),
     (["model.keras", "data.npz", "-o", "o", "--backend", "numpy"], None, 2, "invalid choice"),
 ]

@@ -149,6 +149,12 @@ def check_model_file(path: Path) -> None:
             f"No model file at {str(path)!r}. MODEL must be a Keras model saved with "
             "model.save('model.keras'). " + received(model=str(path))
         )
+    if path.suffix == ".npz":
+        raise GradkitFileError(
+            f"MODEL {str(path)!r} is a NumPy .npz, which holds data, not a saved model. The "
+            "model comes first, then the data: gradkit <command> model.keras data.npz. "
+            + received(model=str(path))
+        )
     if path.is_dir() or (path.suffix == ".keras" and not zipfile.is_zipfile(path)):
         raise GradkitFileError(
             f"{str(path)!r} is not a valid .keras file (a .keras file is a zip archive; this "
