@@ -9,6 +9,7 @@ import pytest
 from conftest import run_mirrored_step_worker, to_numpy
 
 import gradkit as gk
+from gradkit import transforms as T
 
 LR, BATCH, STEPS = 0.1, 8, 4
 
@@ -115,6 +116,27 @@ def test_records_are_the_applied_gradients(keras, case):
         clip(grads_seq[-1]) if clip else grads_seq[-1].values()))]
     for a, b in zip(final, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrapped_optimizer_records_the_gradients_before_its_transform(keras):
+    """`norm` & co. are the step's own gradients (what `gradients()` gives), before the
+    transform of `transforms.wrap` changes them; `clipped_*` what the optimizer applies."""
+    transform = T.clip_by_global_norm(0.02)
+
+    def applied(g):
+        changed, _ = transform.update(g, transform.init(g))
+        return _clip_norm(0.012)(changed)
+
+    x, y = _data()
+    model = _model(keras, T.wrap(keras.optimizers.SGD(LR, clipnorm=0.012), transform))
+    grads_seq, weights_seq = _reference(keras, model, x, y, BATCH, applied)
+    monitor = gk.GradientMonitor(every=1, writers=())
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    h = monitor.history
+    for r in range(STEPS):
+        g = grads_seq[r]
+        assert np.sqrt(sum(np.sum(v ** 2) for v in g.values())) > 0.1  # the transform acts
+        _check_record(h, r, g, weights_seq[r], applied(g))
 
 
 @pytest.mark.flavours("tensorflow", "tf_keras")

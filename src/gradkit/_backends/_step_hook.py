@@ -82,8 +82,11 @@ def kind(optimizer: Any) -> str:
     return "tf_keras_legacy" if any("optimizer_v2" in m for m in modules) else "tf_keras"
 
 
-def install(optimizer: Any, fn: Callable, *, stage: str = "before_clip") -> Hook:
-    """Run `fn` inside each update `optimizer` applies; return the `Hook`."""
+def install(optimizer: Any, fn: Callable, *, stage: str = "before_clip",
+            first: bool = False) -> Hook:
+    """Run `fn` inside each update `optimizer` applies; return the `Hook`. Hooks of one stage
+    run in the order installed, each on what the one before returned; `first`: before the
+    others (an observer that must see the gradients before any hook changes them)."""
     if stage not in STAGES:
         from gradkit._errors import InvalidArgumentError, received
 
@@ -95,7 +98,7 @@ def install(optimizer: Any, fn: Callable, *, stage: str = "before_clip") -> Hook
         hooks = vars(opt)[_ATTR] = []
         _patch(opt, kind(opt), hooks)
     hook = Hook(opt, fn, stage)
-    hooks.append(hook)
+    hooks.insert(0 if first else len(hooks), hook)
     return hook
 
 

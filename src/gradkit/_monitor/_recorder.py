@@ -84,7 +84,9 @@ class Recorder:
                                                     if self.clips else [])
         if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
             stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
-        self.hooks = [step_hook.install(opt, fn, stage=stage) for stage, fn in stages]
+        # first: the step's own gradients, before a `transforms.wrap` transform changes them
+        self.hooks = [step_hook.install(opt, fn, stage=stage, first=True)
+                      for stage, fn in stages]
         self._local = threading.local()  # MirroredStrategy traces each replica in a thread
         self._saved = model.train_function  # restored as it was: no retrace afterwards
         self.recording: bool | None = None  # what the train function being traced is for
