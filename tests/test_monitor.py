@@ -139,6 +139,36 @@ def test_a_wrapped_optimizer_records_the_gradients_before_its_transform(keras):
         _check_record(h, r, g, weights_seq[r], applied(g))
 
 
+@pytest.mark.flavours("torch")
+def test_torch_compile_runs_the_hooks_eagerly_without_graph_break_warnings(keras):
+    """Keras' jit_compile=True on torch: torch.compile would break its graph (and warn
+    through torch's own loggers) at each host read of the monitor's hooks; they run eagerly,
+    the records as without it."""
+    import logging
+
+    warned = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warned.append
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    x, y = _data()
+    model = _model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", jit_compile=True)
+    grads_seq, weights_seq = _reference(keras, model, x, y, BATCH)
+    monitor = gk.GradientMonitor(every=1, writers=())
+    try:
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[monitor])
+    except Exception as error:  # noqa: BLE001 - no C++ toolchain for torch.compile here
+        if "inductor" not in repr(error).lower() and "compil" not in repr(error).lower():
+            raise
+        pytest.skip(f"torch.compile does not run on this machine: {error!r:.200}")
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert not [r.getMessage() for r in warned]
+    for r in range(STEPS):
+        _check_record(monitor.history, r, grads_seq[r], weights_seq[r])
+
+
 @pytest.mark.flavours("tensorflow", "tf_keras")
 def test_train_step_compiled_by_xla(keras):
     """jit_compile=True (Keras' choice on a GPU): the in-step statistics compile with the step."""

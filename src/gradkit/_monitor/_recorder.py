@@ -84,6 +84,8 @@ class Recorder:
                                                     if self.clips else [])
         if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
             stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
+        if self.eager is not None:
+            stages = [(stage, _outside_torch_compile(fn)) for stage, fn in stages]
         # first: the step's own gradients, before a `transforms.wrap` transform changes them
         self.hooks = [step_hook.install(opt, fn, stage=stage, first=True)
                       for stage, fn in stages]
@@ -262,6 +264,15 @@ class Recorder:
             self._uncount()
         step_state.remove_state(self.model.optimizer, self.state)
         self.model.train_function = self._saved
+
+
+def _outside_torch_compile(fn: Any) -> Any:
+    """`fn` run eagerly inside a step compiled by torch.compile (Keras' ``jit_compile=True``
+    on torch): the torch hooks read values to the host in Python branches, each of which
+    would break the compiled graph, with a warning, and retrace."""
+    import torch
+
+    return torch.compiler.disable(fn)
 
 
 def _ring_size(model: Any, n: int, bins: int, clips: bool, per_call: int = 1,
