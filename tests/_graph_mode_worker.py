@@ -5,7 +5,8 @@
 Graph mode (tf.compat.v1.disable_eager_execution) is process-wide, so it runs in its own
 process. The same model, weights and data are used in both modes; the test compares the
 files. In-process checks (state untouched, one fit step is w - lr * g, no graph growth on a
-new batch size) are written to OUT_DIR/MODE-checks.npz.
+new batch size, a GradientMonitor refused in graph mode before any step) are written to
+OUT_DIR/MODE-checks.npz.
 """
 
 from __future__ import annotations
@@ -72,11 +73,20 @@ def main(mode: str, out: str) -> None:
     w1 = backend.batch_get_value(model.trainable_variables)
     fit_error = max(float(np.abs((a - b) / LR - g).max())
                     for a, b, g in zip(w0, w1, runs["compiled_training"].values()))
+    monitor = gk.GradientMonitor(every=1, writers=())
+    try:  # graph mode: refused at the start of fit, before any step
+        model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        monitored = "recorded" if len(monitor.history["step"]) == 1 else "nothing recorded"
+    except gk.UnsupportedModelError as error:
+        monitored = "refused" if "eager execution is disabled" in str(error) else str(error)
+    untrained = all(np.array_equal(a, b) for a, b in zip(
+        w1, backend.batch_get_value(model.trainable_variables)))
     for name, grads in runs.items():
         gk.save(os.path.join(out, f"{mode}-{name}.npz"), grads)
     gk.save(os.path.join(out, f"{mode}-checks.npz"), {
         "same_state": np.array(same_state), "graph_growth": np.array(grown),
-        "fit_error": np.array(fit_error), "eager": np.array(tf.executing_eagerly())})
+        "fit_error": np.array(fit_error), "eager": np.array(tf.executing_eagerly()),
+        "monitored": np.array(monitored), "untrained": np.array(untrained)})
 
 
 if __name__ == "__main__":

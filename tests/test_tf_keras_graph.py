@@ -41,6 +41,10 @@ def test_checks_inside_each_mode(written, mode):
     assert bool(checks["same_state"])  # weights, BN statistics, optimizer, metrics untouched
     assert float(checks["fit_error"]) < 1e-5  # one fit step moved w by exactly -lr * g
     assert int(checks["graph_growth"]) == 0  # a new batch size reused the built tensors
+    # GradientMonitor: graph mode refused with a GradkitError at fit's start, weights as they
+    # were; eager mode records the step
+    assert str(checks["monitored"]) == ("recorded" if mode == "eager" else "refused")
+    assert bool(checks["untrained"]) == (mode == "graph")
 
 
 @pytest.mark.parametrize("run", RUNS)
