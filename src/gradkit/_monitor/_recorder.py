@@ -84,7 +84,7 @@ class Recorder:
                                                     if self.clips else [])
         if updates:  # only for update_ratio: a snapshot of the weights on recorded updates
             stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
-        if self.eager is not None:
+        if self.eager is not None and xla:  # torch's jit_compile=True: torch.compile
             stages = [(stage, _outside_torch_compile(fn)) for stage, fn in stages]
         # first: the step's own gradients, before a `transforms.wrap` transform changes them
         self.hooks = [step_hook.install(opt, fn, stage=stage, first=True)
