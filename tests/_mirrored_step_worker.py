@@ -96,12 +96,20 @@ def batch(k, part=slice(None)):
     return x[sl][part], y[sl][part]
 
 
-def check_monitor():
+def twins(optimizer):
+    """(a model built without the devices, one built for them), with the same weights;
+    `optimizer()` makes each one's optimizer."""
     keras.utils.set_random_seed(0)
-    ref = build(keras.optimizers.SGD(0.1, clipnorm=0.3))
+    ref = build(optimizer())
     with distributed():
-        model = build(keras.optimizers.SGD(0.1, clipnorm=0.3))
+        model = build(optimizer())
         model.set_weights(ref.get_weights())
+    return ref, model
+
+
+def check_monitor():
+    ref, model = twins(lambda: keras.optimizers.SGD(0.1, clipnorm=0.3))
+    with distributed():  # (JAX shards the batches of a fit under the distribution)
         monitor, weights = gk.GradientMonitor(every=1, writers=()), Weights()
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
                   callbacks=[weights, monitor])
@@ -125,12 +133,10 @@ def check_monitor():
 
 
 def check_wrap():
-    keras.utils.set_random_seed(0)
     transform = T.clip_by_global_norm(0.2)
-    ref = build(keras.optimizers.SGD(0.1))
+    ref, model = twins(lambda: keras.optimizers.SGD(0.1))
     with distributed():
-        model = build(T.wrap(keras.optimizers.SGD(0.1), transform))
-        model.set_weights(ref.get_weights())
+        model.compile(optimizer=T.wrap(keras.optimizers.SGD(0.1), transform), loss="mse")
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     clipped = 0
     for k in range(2):
@@ -150,11 +156,7 @@ def copies(variable):
 
 
 def check_apply():
-    keras.utils.set_random_seed(0)
-    ref = build(keras.optimizers.Adam(0.1, clipnorm=0.3))
-    with distributed():
-        model = build(keras.optimizers.Adam(0.1, clipnorm=0.3))
-        model.set_weights(ref.get_weights())
+    ref, model = twins(lambda: keras.optimizers.Adam(0.1, clipnorm=0.3))
     for k, scope in enumerate([contextlib.nullcontext, distributed]):
         expected = gk.gradients(ref, *batch(k), training=True)
         with scope():
