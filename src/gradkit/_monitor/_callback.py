@@ -18,7 +18,6 @@ from gradkit._errors import (
     InvalidArgumentError,
     NonFiniteGradientError,
     NonFiniteGradientWarning,
-    UnsupportedModelError,
     received,
 )
 from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms
@@ -133,8 +132,7 @@ class GradientMonitor:
 
     def on_train_begin(self, logs: Any = None) -> None:
         model = self.model
-        if flavour_of(model) == "tf_keras":
-            _check_eager()
+        flavour_of(model)
         self.chosen = select_variables(model, self.layers)
         self.keys = unique_keys(self.chosen)
         self._sizes = np.array([int(np.prod(v.shape)) for v in self.chosen], np.float64)
@@ -289,15 +287,3 @@ class GradientMonitor:
             writer.close()
         self._writers = []
 
-
-def _check_eager() -> None:
-    """tf-keras after tf.compat.v1.disable_eager_execution() trains through a v1 session,
-    where the monitor cannot install its step hooks nor read their state."""
-    import tensorflow as tf
-
-    if not tf.executing_eagerly():
-        raise UnsupportedModelError(
-            "GradientMonitor watches tf-keras models in eager mode (TF2's default), but eager "
-            "execution is disabled (tf.compat.v1.disable_eager_execution() was called). "
-            "Remove that call; in graph mode gradkit.gradients(model, x, y) is available, "
-            "e.g. from a callback every N batches. " + received(executing_eagerly=False))

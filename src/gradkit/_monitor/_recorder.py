@@ -34,6 +34,7 @@ import numpy as np
 
 from gradkit._backends import _step_hook as step_hook
 from gradkit._backends import _step_state as step_state
+from gradkit._errors import UnsupportedModelError, received
 from gradkit._monitor import _ingraph as ingraph
 from gradkit._monitor._ops import namespace
 from gradkit._monitor._eager import EagerStats
@@ -47,6 +48,8 @@ class Recorder:
         self.model, self.chosen, self.every, self.bins = model, chosen, every, max(bins, 1)
         opt = model.optimizer
         self.kind = step_hook.kind(step_hook.target(opt))
+        if self.kind != "keras3":
+            _check_eager()
         xla = bool(getattr(model, "jit_compile", None) or getattr(model, "_jit_compile", None))
         self.xp = namespace(self.kind, xla)  # a step compiled by XLA: XLA's ops only
         self.eager = EagerStats(self.xp, self.bins) if self.xp.backend == "torch" else None
@@ -266,10 +269,21 @@ class Recorder:
         self.model.train_function = self._saved
 
 
+def _check_eager() -> None:
+    """tf-keras in graph mode trains through a v1 session: no step hooks, no state reads."""
+    import tensorflow as tf
+
+    if not tf.executing_eagerly():
+        raise UnsupportedModelError(
+            "GradientMonitor watches tf-keras models in eager mode (TF2's default), but eager "
+            "execution is disabled (tf.compat.v1.disable_eager_execution() was called). "
+            "Remove that call; in graph mode gradkit.gradients(model, x, y) is available, "
+            "e.g. from a callback every N batches. " + received(executing_eagerly=False))
+
+
 def _outside_torch_compile(fn: Any) -> Any:
-    """`fn` run eagerly inside a step compiled by torch.compile (Keras' ``jit_compile=True``
-    on torch): the torch hooks read values to the host in Python branches, each of which
-    would break the compiled graph, with a warning, and retrace."""
+    """`fn` run eagerly in a step compiled by torch.compile (``jit_compile=True`` on torch):
+    its host reads would each break the compiled graph, with a warning."""
     import torch
 
     return torch.compiler.disable(fn)
