@@ -89,9 +89,8 @@ class Recorder:
             stages += [("before_apply", self._before_apply), ("after_apply", self._after_apply)]
         if self.eager is not None and xla:  # torch's jit_compile=True: torch.compile
             stages = [(stage, _outside_torch_compile(fn)) for stage, fn in stages]
-        # first: the step's own gradients, before a `transforms.wrap` transform changes them
-        self.hooks = [step_hook.install(opt, fn, stage=stage, first=True)
-                      for stage, fn in stages]
+        self.hooks = [step_hook.install(opt, fn, stage=stage, first=True)  # before a wrap's
+                      for stage, fn in stages]                            # transform acts
         self._local = threading.local()  # MirroredStrategy traces each replica in a thread
         self._saved = model.train_function  # restored as it was: no retrace afterwards
         self.recording: bool | None = None  # what the train function being traced is for
