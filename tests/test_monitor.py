@@ -2,6 +2,7 @@
 the same batch at the same weights, the weights followed by an independent SGD loop."""
 
 import json
+import types
 import warnings
 
 import numpy as np
@@ -426,6 +427,34 @@ def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_a_train_step_that_skips_the_optimizer_is_reported(keras, flavour):
+    """The monitor watches model.optimizer's updates: a train_step that changes the weights
+    another way (here: not at all) leaves nothing to record, and that is said, not silent."""
+    if flavour == "tf_keras":
+        import tensorflow as tf
+
+        zero = tf.zeros
+    else:
+        zero = keras.ops.zeros
+    if flavour == "jax":
+        def train_step(self, state, data):
+            return {"zero": zero(())}, state
+    else:
+        def train_step(self, data):
+            return {"zero": zero(())}
+
+    model = _model(keras)
+    model.train_step = types.MethodType(train_step, model)
+    x, y = _data()
+    monitor = gk.GradientMonitor(every=1, writers=())
+    with warnings.catch_warnings(record=True) as seen:  # (pytest.warns would re-raise the
+        warnings.simplefilter("always")                  # frameworks' own deprecations)
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
+    said = [str(w.message) for w in seen if w.category is gk.CustomTrainStepWarning]
+    assert len(said) == 1 and "applied no update in 4 batches" in said[0], said
+    assert len(monitor.history["step"]) == 0
 
 
 def test_bad_options_raise():

@@ -15,6 +15,7 @@ from gradkit._backends import _step_hook as step_hook
 from gradkit._backends import _step_state as step_state
 from gradkit._detect import flavour_of
 from gradkit._errors import (
+    CustomTrainStepWarning,
     InvalidArgumentError,
     NonFiniteGradientError,
     NonFiniteGradientWarning,
@@ -146,7 +147,8 @@ class GradientMonitor:
         self._recorder = Recorder(model, self.chosen, self.every,
                                   self.bins if "histogram" in self.stats else 1,
                                   "update_ratio" in self.stats)
-        self._micro = int(step_state.read_state(model, [self._counter])[0])
+        self._micro = self._updates_before = int(
+            step_state.read_state(model, [self._counter])[0])
         # batches run since fit began, and the batch counter the step reports at the first
         self._batches = 0
         self._origin = 0 if self._recorder.counter is not None else self._micro
@@ -232,6 +234,18 @@ class GradientMonitor:
         self._check_alarm(nonfinite)
         return True
 
+    def _warn_if_unwatched(self) -> None:
+        """Batches ran but model.optimizer counted no update: nothing could be recorded."""
+        if self._batches and self._updates_before == int(
+                step_state.read_state(self.model, [self._counter])[0]):
+            warnings.warn(
+                f"GradientMonitor recorded nothing: model.optimizer applied no update in "
+                f"{self._batches} batches. It watches model.optimizer's updates; a train_step "
+                "that changes the weights another way (another optimizer, assignments) is not "
+                "seen, nor are updates a LossScaleOptimizer skips. Compile the model with the "
+                "optimizer its train_step uses, or call gradkit.gradients from a callback.",
+                CustomTrainStepWarning)
+
     def _record(self, index: int, epoch: int, batch: int, state: list) -> None:
         """Keep the step's arrays; records are built when asked for or written."""
         meta = {"step": index, "epoch": epoch, "batch": batch}
@@ -281,6 +295,7 @@ class GradientMonitor:
     def _close(self) -> None:
         if self._recorder is not None:
             self._flush()
+            self._warn_if_unwatched()
             self._recorder.remove()
             self._recorder = None
         for writer in getattr(self, "_writers", []):
