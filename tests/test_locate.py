@@ -89,3 +89,41 @@ def test_a_layer_that_is_not_there_is_a_clear_error(keras, flavour):
     model = _model(keras, flavour, "sqrt")
     with pytest.raises(gk.GradkitError, match="nope"):
         gk.locate_nonfinite(model, *_data(), layers="nope")
+
+
+def _recurrent_model(keras, flavour):
+    """Embedding -> LSTM (its cell a sublayer, called in a loop) -> a nested Sequential with
+    a Bidirectional GRU -> attention -> LSTM returning its states (three outputs) -> Dense."""
+    layers = keras.layers
+    inputs = keras.Input((5,), dtype="int32")
+    h = layers.Embedding(20, 8, name="embed")(inputs)
+    h = layers.LSTM(6, return_sequences=True, name="lstm")(h)
+    inner = keras.Sequential([keras.Input((5, 6)),
+                              layers.Bidirectional(layers.GRU(4, return_sequences=True),
+                                                   name="bigru")], name="inner")
+    h = inner(h)
+    h = layers.MultiHeadAttention(2, 4, name="attention")(h, h)
+    h, state, _ = layers.LSTM(3, return_state=True, name="states")(h)
+    outputs = layers.Dense(2, name="out")(layers.Concatenate(name="both")([h, state]))
+    model = keras.Model(inputs, outputs)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_by_default_every_layer_of_the_model_graph_is_looked_at(keras, flavour):
+    """The default covers the model's layers and those of nested models, in forward order,
+    but not the sublayers a layer keeps inside (an LSTM's cell, called in its loop, or
+    attention's projections) nor a layer with several outputs: a recurrent model is
+    looked at without an error about its cells, and the gradient located is a real one."""
+    model = _recurrent_model(keras, flavour)
+    x = RNG.integers(0, 20, size=(6, 5)).astype("int32")
+    y = RNG.integers(0, 2, size=6)
+    found = gk.locate_nonfinite(model, x, y)
+    names = [key.rsplit("/", 1)[-1] for key in found["layers"]]
+    assert names == ["embed", "lstm", "inner", "bigru", "attention", "both", "out"], names
+    assert found["output"] is None and found["gradient"] is None
+    model.get_layer("out").kernel.assign(np.full((6, 2), np.nan, "float32"))
+    found = gk.locate_nonfinite(model, x, y)
+    out = list(found["layers"])[-1]
+    assert found["output"] == out and found["gradient"] == out  # NaN logits, NaN loss
+    assert all(a == 0 for key, (a, _) in found["layers"].items() if key != out)  # finite

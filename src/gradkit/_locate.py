@@ -9,6 +9,7 @@ import numpy as np
 
 from gradkit._activation_gradients import activation_gradients
 from gradkit._errors import NonFiniteGradientWarning
+from gradkit._select import model_layers
 
 
 def locate_nonfinite(
@@ -16,7 +17,7 @@ def locate_nonfinite(
     x: Any,
     y: Any = None,
     *,
-    layers: Any = "*",
+    layers: Any = None,
     loss: Any = None,
     training: bool = True,
     seed: int | None = None,
@@ -38,10 +39,14 @@ def locate_nonfinite(
 
     The objective is the one ``gradients()`` differentiates (``loss=``), with dropout on
     (``training=True``, as in ``fit``; ``seed=`` fixes its masks). ``layers=``: which layers
-    to look at (names, globs, Layer objects; default all but the inputs); a shared layer or
-    one with several outputs is a clear error: leave it out with ``layers=``. No model state
-    changes.
+    to look at (names, globs, Layer objects). By default every layer of the model's graph and
+    of the models nested in it, but not the sublayers a layer keeps inside (an LSTM's cell,
+    attention's projections), the inputs, or a layer whose output is several tensors (an RNN
+    returning its states). A shared layer, or one with several outputs named in ``layers=``,
+    is a clear error: leave it out. No model state changes.
     """
+    if layers is None:
+        layers = model_layers(model)
     with warnings.catch_warnings():  # non-finite gradients are what is looked for here
         warnings.simplefilter("ignore", NonFiniteGradientWarning)
         grads, outputs = activation_gradients(

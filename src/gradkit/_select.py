@@ -32,6 +32,35 @@ def walk_layers(model: Any) -> Iterator[tuple[str, Any]]:
     yield from visit(model, "")
 
 
+def model_layers(model: Any) -> list[Any]:
+    """The layers of `model`'s own graph in its order, and those of the models nested in it;
+    not the sublayers a layer keeps inside (an LSTM's cell, called in its loop; attention's
+    projections), no InputLayers, and no layer whose output is several tensors (an RNN
+    returning its states), where the model was built symbolically and says so."""
+    chosen, seen = [], set()
+
+    def visit(parent: Any) -> None:
+        for layer in parent._flatten_layers(include_self=False, recursive=False):
+            if id(layer) in seen or type(layer).__name__ == "InputLayer":
+                continue
+            seen.add(id(layer))
+            if not _several_outputs(layer):
+                chosen.append(layer)
+            if hasattr(layer, "layers") and hasattr(layer, "train_step"):  # a nested model
+                visit(layer)
+
+    visit(model)
+    return chosen
+
+
+def _several_outputs(layer: Any) -> bool:
+    try:
+        output = layer.output
+    except (AttributeError, ValueError, RuntimeError):  # never called symbolically
+        return False
+    return isinstance(output, (list, tuple, dict))
+
+
 def variable_key(variable: Any) -> str:
     """The key of one variable: its Keras 3 path, or its tf-keras name without ``:0``."""
     path = getattr(variable, "path", None)
