@@ -1,4 +1,5 @@
-"""Exploding and vanishing gradients: thresholds on each layer's gradient norm, warned once.
+"""The monitor's alarms: the first non-finite update (`nonfinite_alarm`), and exploding and
+vanishing gradients: thresholds on each layer's gradient norm, warned once.
 
 On every recorded update, for each layer's gradient L2 norm ``n`` (``layers/norm/<layer>``
 of the record):
@@ -21,6 +22,20 @@ from typing import Any
 from gradkit._errors import GradientNormWarning, InvalidArgumentError, received
 
 DEFAULT_THRESHOLDS = {"explode": 1e3, "growth": 1e2, "vanish": 1e-7}
+
+
+def nonfinite_alarm(keys: list, counts: Any, step: int, batch: int, epoch: int) -> tuple:
+    """(alarm dict, message) of the first update whose gradients held NaN/Inf: `counts` the
+    (n, 2) NaN and Inf counts per variable of `keys`, at update `step`, `batch` of `epoch`."""
+    bad = {k: (int(r[0]), int(r[1])) for k, r in zip(keys, counts) if r[0] or r[1]}
+    alarm = {"kind": "nonfinite", "step": step, "batch": batch, "epoch": epoch,
+             "variables": bad}
+    names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])
+    text = (f"The gradient of update {step} (epoch {epoch}, batch {batch}) holds NaN/Inf in "
+            f"{names}. Lower the learning rate, clip the gradients, or check the data of that "
+            "batch: gk.locate_nonfinite(model, x, y) on it names the layer where they first "
+            "appear.")
+    return alarm, text
 
 
 class NormAlarms:

@@ -21,7 +21,7 @@ from gradkit._errors import (
     NonFiniteGradientWarning,
     received,
 )
-from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms
+from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms, nonfinite_alarm
 from gradkit._monitor._history import STATS, flat_record, history_of, norms, variable_stats
 from gradkit._monitor._recorder import Recorder
 from gradkit._monitor._writers import open_writers
@@ -271,17 +271,10 @@ class GradientMonitor:
         if nonfinite[0] < 0 or self._reported:
             return
         self._reported = True
-        rows = self._recorder.read_alarm()
-        bad = {k: (int(r[0]), int(r[1])) for k, r in zip(self.keys, rows) if r[0] or r[1]}
-        alarm = {"kind": "nonfinite", "step": int(nonfinite[1]),
-                 "batch": int(nonfinite[0]) - self._epoch_start, "epoch": self._epoch,
-                 "variables": bad}
+        alarm, text = nonfinite_alarm(self.keys, self._recorder.read_alarm(),
+                                      int(nonfinite[1]), int(nonfinite[0]) - self._epoch_start,
+                                      self._epoch)
         self.alarms.append(alarm)
-        names = ", ".join(f"{k} (nan={n}, inf={i})" for k, (n, i) in list(bad.items())[:8])
-        text = (f"The gradient of update {alarm['step']} (epoch {alarm['epoch']}, batch "
-                f"{alarm['batch']}) holds NaN/Inf in {names}. Lower the learning rate, clip "
-                "the gradients, or check the data of that batch: gk.locate_nonfinite(model, "
-                "x, y) on it names the layer where they first appear.")
         if self.on_nonfinite == "warn":
             warnings.warn(text, NonFiniteGradientWarning, stacklevel=2)
         elif self.on_nonfinite == "stop":
