@@ -373,3 +373,58 @@ def test_results_are_writeable_arrays_of_the_caller(keras):
         for key, value in call().items():  # (per-example routes are timed: last bits)
             np.testing.assert_allclose(value, kept[key], rtol=1e-5, atol=1e-7,
                                        err_msg=f"{name} {key}")
+
+
+@pytest.mark.flavours("torch")
+def test_a_wrapped_torch_module_gets_its_gradients_and_keeps_its_state(keras):
+    """keras.layers.TorchModuleWrapper runs its torch module on the module's own parameters,
+    which a stateless call cannot hand other values: gradients, per-example rows and a
+    Hessian-vector product equal plain autograd through the model's stateful call (in
+    training mode too, through a torch BatchNorm), and the module's running statistics and
+    parameters stay as they were."""
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+    inputs = keras.Input((6,))
+    hidden = keras.layers.TorchModuleWrapper(module, output_shape=(None, 5))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Activation("tanh")(hidden)))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(loss=loss)
+    x = RNG.normal(size=(8, 6)).astype("float32")
+    y = RNG.integers(0, 3, size=8)
+    params = [v.value for v in model.trainable_variables]
+    state = [t.clone() for t in [*module.parameters(), *module.buffers()]]
+
+    def autograd(xs, ys, training):
+        saved = [b.clone() for b in module.buffers()]
+        value = loss(torch.from_numpy(ys), model(torch.from_numpy(xs), training=training))
+        grads = torch.autograd.grad(value, params)
+        for buffer, kept in zip(module.buffers(), saved):
+            buffer.copy_(kept)
+        return [g.numpy() for g in grads]
+
+    for training in (False, True):
+        got = gk.gradients(model, x, y, training=training)
+        for g, want in zip(got.values(), autograd(x, y, training)):
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+    rows = gk.per_example_gradients(model, x, y)
+    for i in range(len(x)):
+        for g, want in zip(rows.values(), autograd(x[i:i + 1], y[i:i + 1], False)):
+            np.testing.assert_allclose(g[i], want, rtol=1e-5, atol=1e-7)
+    step, differences = 1e-3, []  # the Hessian along all-ones against central differences
+    start = [p.detach().clone() for p in params]
+    for move in (step, -2 * step):
+        with torch.no_grad():
+            for p in params:
+                p.add_(move)
+        differences.append(gk.gradients(model, x, y))
+    with torch.no_grad():
+        for p, kept in zip(params, start):
+            p.copy_(kept)
+    product = gk.hvp(model, x, y, vector={key: np.ones_like(g) for key, g in got.items()})
+    for key, g in product.items():
+        want = (differences[0][key] - differences[1][key]) / (2 * step)
+        np.testing.assert_allclose(g, want, rtol=1e-2, atol=1e-4)
+    for kept, now in zip(state, [*module.parameters(), *module.buffers()]):
+        np.testing.assert_array_equal(kept.detach().numpy(), now.detach().numpy())

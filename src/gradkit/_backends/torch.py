@@ -5,7 +5,9 @@ cause recompilation. Every value is detached from the model's parameters, so aut
 only what an operation differentiates. Outside a vectorizer, `grad` is plain autograd, whose
 None says "not connected"; inside `torch.func.vmap` it is `torch.func.grad`, which cannot
 say so (it returns zeros), and the zero perturbations of taps are shaped by one recording
-pass per shape. Never `functional_call`, which silently returns zeros for Keras variables.
+pass per shape. Never `functional_call` on a Keras layer, which silently returns zeros for
+Keras variables (only on the torch module a TorchModuleWrapper holds, which reads its own
+parameters).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import keras
 import numpy as np
 import torch
 
+from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._cache import BoundedCache
 from gradkit._data import leaves, map_structure
 from gradkit._factors import Ops
+from gradkit._select import walk_layers
 
 
 def adapter():
@@ -62,7 +66,8 @@ class TorchPrimitives:
             data = k3.seed_data(model_ref(), data)
             seed = data.get("seed")
             data, extra = map_structure(to_tensor, data), map_structure(to_tensor, extra)
-            with torch.enable_grad(), kept_rng(), quiet():
+            with torch.enable_grad(), kept_rng(), quiet(), wrapped_modules_read_values(
+                    model_ref()):
                 if seed is not None:  # Keras draws unseeded dropout from the global generator
                     torch.manual_seed(int(seed[-1, 0]))
                 return fn(values, data, float(scale), *extra)
@@ -292,6 +297,47 @@ def quiet():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
+
+
+@contextmanager
+def wrapped_modules_read_values(model: Any):
+    """Keras' TorchModuleWrapper calls its torch module, which reads its own parameters: the
+    values a stateless call hands the wrapper's variables never reach it (their gradient
+    would be "not connected"). Around gradkit's calls each wrapper runs its module through
+    `torch.func.functional_call` on those values, with copies of its buffers, so a torch
+    BatchNorm in training mode leaves the module's running statistics as they were."""
+    wrappers = _cache.cached(model, ("torch_module_wrappers",), lambda: [
+        layer for _, layer in walk_layers(model)
+        if type(layer).__name__ == "TorchModuleWrapper" and hasattr(layer, "module")])
+    patched = []
+    for layer in wrappers:
+        call = None if "call" in vars(layer) else _reading_values(layer)  # (nested: patched)
+        if call is not None:
+            layer.call = call
+            patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.call
+
+
+def _reading_values(layer: Any) -> Callable | None:
+    """The wrapper's call (its train/eval switch kept) on its variables' values; None if its
+    module's parameters are not all its variables (changed after wrapping)."""
+    at = {v.value.data_ptr(): v for v in layer.variables}  # they share the parameters' memory
+    named = [(name, at.get(p.data_ptr())) for name, p in layer.module.named_parameters()]
+    if any(variable is None for _, variable in named):
+        return None
+    buffers = dict(layer.module.named_buffers())
+
+    def call(*args: Any, training: Any = None, **kwargs: Any) -> Any:
+        layer.eval() if training is False else layer.train()
+        values = {name: variable.value for name, variable in named}
+        values.update((name, b.clone()) for name, b in buffers.items())
+        return torch.func.functional_call(layer.module, values, args, kwargs)
+
+    return call
 
 
 def to_tensor(value: Any) -> Any:
