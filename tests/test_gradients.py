@@ -408,6 +408,13 @@ def test_a_wrapped_torch_module_gets_its_gradients_and_keeps_its_state(keras):
         got = gk.gradients(model, x, y, training=training)
         for g, want in zip(got.values(), autograd(x, y, training)):
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+    wrapper = model.layers[1]  # its output's gradient, taps and all
+    outputs = wrapper(torch.from_numpy(x), training=False)
+    outputs.retain_grad()
+    loss(torch.from_numpy(y), model.layers[-1](model.layers[-2](outputs))).backward()
+    got_outputs = gk.activation_gradients(model, x, y, layers=wrapper)
+    np.testing.assert_allclose(next(iter(got_outputs.values())), outputs.grad.numpy(),
+                               rtol=1e-5, atol=1e-8)
     rows = gk.per_example_gradients(model, x, y)
     for i in range(len(x)):
         for g, want in zip(rows.values(), autograd(x[i:i + 1], y[i:i + 1], False)):

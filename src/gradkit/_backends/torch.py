@@ -28,6 +28,7 @@ from gradkit._backends._cache import BoundedCache
 from gradkit._data import leaves, map_structure
 from gradkit._factors import Ops
 from gradkit._select import walk_layers
+from gradkit._taps import restore, shadow
 
 
 def adapter():
@@ -303,41 +304,40 @@ def quiet():
 def wrapped_modules_read_values(model: Any):
     """Keras' TorchModuleWrapper calls its torch module, which reads its own parameters: the
     values a stateless call hands the wrapper's variables never reach it (their gradient
-    would be "not connected"). Around gradkit's calls each wrapper runs its module through
+    would be "not connected"). Around gradkit's calls each wrapper's module is run through
     `torch.func.functional_call` on those values, with copies of its buffers, so a torch
-    BatchNorm in training mode leaves the module's running statistics as they were."""
+    BatchNorm in training mode leaves the module's running statistics as they were. (The
+    wrapper's own call, which taps may shadow, is left as it is.)"""
     wrappers = _cache.cached(model, ("torch_module_wrappers",), lambda: [
         layer for _, layer in walk_layers(model)
         if type(layer).__name__ == "TorchModuleWrapper" and hasattr(layer, "module")])
-    patched = []
-    for layer in wrappers:
-        call = None if "call" in vars(layer) else _reading_values(layer)  # (nested: patched)
-        if call is not None:
-            layer.call = call
-            patched.append(layer)
+    patched: list = []
     try:
+        for layer in wrappers:
+            module = _reading_values(layer)
+            if module is not None:
+                shadow(layer, "module", module, patched)
         yield
     finally:
-        for layer in patched:
-            del layer.call
+        restore(patched)
 
 
 def _reading_values(layer: Any) -> Callable | None:
-    """The wrapper's call (its train/eval switch kept) on its variables' values; None if its
-    module's parameters are not all its variables (changed after wrapping)."""
+    """The wrapper's module as a function of its variables' values; None if its parameters
+    are not all the wrapper's variables (the module changed after wrapping)."""
+    module = layer.module
     at = {v.value.data_ptr(): v for v in layer.variables}  # they share the parameters' memory
-    named = [(name, at.get(p.data_ptr())) for name, p in layer.module.named_parameters()]
+    named = [(name, at.get(p.data_ptr())) for name, p in module.named_parameters()]
     if any(variable is None for _, variable in named):
         return None
-    buffers = dict(layer.module.named_buffers())
+    buffers = dict(module.named_buffers())
 
-    def call(*args: Any, training: Any = None, **kwargs: Any) -> Any:
-        layer.eval() if training is False else layer.train()
+    def run(*args: Any, **kwargs: Any) -> Any:
         values = {name: variable.value for name, variable in named}
         values.update((name, b.clone()) for name, b in buffers.items())
-        return torch.func.functional_call(layer.module, values, args, kwargs)
+        return torch.func.functional_call(module, values, args, kwargs)
 
-    return call
+    return run
 
 
 def to_tensor(value: Any) -> Any:
