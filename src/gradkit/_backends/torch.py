@@ -22,7 +22,6 @@ import keras
 import numpy as np
 import torch
 
-from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._cache import BoundedCache
 from gradkit._data import leaves, map_structure
@@ -60,6 +59,8 @@ class TorchPrimitives:
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)
         fn = k3.seeded(fn, model_ref)
+        wrappers = [layer for _, layer in walk_layers(model)
+                    if type(layer).__name__ == "TorchModuleWrapper" and hasattr(layer, "module")]
 
         def run(data, scale, *extra):
             values = tuple([v.detach() for v in group]
@@ -67,8 +68,7 @@ class TorchPrimitives:
             data = k3.seed_data(model_ref(), data)
             seed = data.get("seed")
             data, extra = map_structure(to_tensor, data), map_structure(to_tensor, extra)
-            with torch.enable_grad(), kept_rng(), quiet(), wrapped_modules_read_values(
-                    model_ref()):
+            with torch.enable_grad(), kept_rng(), quiet(), modules_read_values(wrappers):
                 if seed is not None:  # Keras draws unseeded dropout from the global generator
                     torch.manual_seed(int(seed[-1, 0]))
                 return fn(values, data, float(scale), *extra)
@@ -301,16 +301,13 @@ def quiet():
 
 
 @contextmanager
-def wrapped_modules_read_values(model: Any):
+def modules_read_values(wrappers: list):
     """Keras' TorchModuleWrapper calls its torch module, which reads its own parameters: the
     values a stateless call hands the wrapper's variables never reach it (their gradient
-    would be "not connected"). Around gradkit's calls each wrapper's module is run through
-    `torch.func.functional_call` on those values, with copies of its buffers, so a torch
-    BatchNorm in training mode leaves the module's running statistics as they were. (The
-    wrapper's own call, which taps may shadow, is left as it is.)"""
-    wrappers = _cache.cached(model, ("torch_module_wrappers",), lambda: [
-        layer for _, layer in walk_layers(model)
-        if type(layer).__name__ == "TorchModuleWrapper" and hasattr(layer, "module")])
+    would be "not connected"). Around gradkit's calls each of the model's `wrappers` runs its
+    module through `torch.func.functional_call` on those values, with copies of its buffers,
+    so a torch BatchNorm in training mode leaves the module's running statistics as they
+    were. (The wrapper's own call, which taps may shadow, is left as it is.)"""
     patched: list = []
     try:
         for layer in wrappers:
