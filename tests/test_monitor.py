@@ -675,3 +675,16 @@ def lowered(op):
         return bool(op.get_attr("_lower_using_switch_merge"))
     except ValueError:
         return False
+
+
+@pytest.mark.flavours("tensorflow", "jax", "torch")
+def test_warning_mode_keeps_keras_asynchronous_batch_end_dispatch(keras):
+    """Keras 3 dispatches batch-end callbacks on a thread (fit runs on without waiting for
+    each step's logs) unless a callback has batch-end hooks of its own. In "warn" mode the
+    monitor has none, so it keeps what a plain callback gets; "stop" must act after each
+    step, so it gives that up."""
+    plain = keras.callbacks.CallbackList([keras.callbacks.Callback()])._async_train
+    warned = keras.callbacks.CallbackList([gk.GradientMonitor()])._async_train
+    stopping = keras.callbacks.CallbackList([gk.GradientMonitor(on_nonfinite="stop")])
+    assert warned == plain
+    assert stopping._async_train is False

@@ -180,9 +180,9 @@ class GradientMonitor:
     def on_train_end(self, logs: Any = None) -> None:
         self._close()
 
-    def __getattr__(self, name: str) -> Any:  # every other on_* hook: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
+    def __getattr__(self, name: str) -> Any:  # every other on_* hook: nothing to do, and
+        if name.startswith("on_"):  # marked as Keras' default, which keeps async dispatch
+            return _default_noop
         raise AttributeError(name)
 
     # internals ---------------------------------------------------------------------------
