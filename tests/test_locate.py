@@ -93,7 +93,8 @@ def test_a_layer_that_is_not_there_is_a_clear_error(keras, flavour):
 
 def _recurrent_model(keras, flavour):
     """Embedding -> LSTM (its cell a sublayer, called in a loop) -> a nested Sequential with
-    a Bidirectional GRU -> attention -> LSTM returning its states (three outputs) -> Dense."""
+    a Bidirectional GRU -> attention -> LSTM returning its states (three outputs), and a
+    shared nested model on both -> Dense."""
     layers = keras.layers
     inputs = keras.Input((5,), dtype="int32")
     h = layers.Embedding(20, 8, name="embed")(inputs)
@@ -104,6 +105,9 @@ def _recurrent_model(keras, flavour):
     h = inner(h)
     h = layers.MultiHeadAttention(2, 4, name="attention")(h, h)
     h, state, _ = layers.LSTM(3, return_state=True, name="states")(h)
+    shared = keras.Sequential([keras.Input((3,)), layers.Dense(3, name="twice")],
+                              name="shared")
+    h, state = shared(h), shared(state)
     outputs = layers.Dense(2, name="out")(layers.Concatenate(name="both")([h, state]))
     model = keras.Model(inputs, outputs)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -113,8 +117,8 @@ def _recurrent_model(keras, flavour):
 def test_by_default_every_layer_of_the_model_graph_is_looked_at(keras, flavour):
     """The default covers the model's layers and those of nested models, in forward order,
     but not the sublayers a layer keeps inside (an LSTM's cell, called in its loop, or
-    attention's projections) nor a layer with several outputs: a recurrent model is
-    looked at without an error about its cells, and the gradient located is a real one."""
+    attention's projections), a layer with several outputs, or a shared one: a recurrent
+    model is looked at without an error, and the gradient located is a real one."""
     model = _recurrent_model(keras, flavour)
     x = RNG.integers(0, 20, size=(6, 5)).astype("int32")
     y = RNG.integers(0, 2, size=6)

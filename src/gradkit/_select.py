@@ -35,8 +35,9 @@ def walk_layers(model: Any) -> Iterator[tuple[str, Any]]:
 def model_layers(model: Any) -> list[Any]:
     """The layers of `model`'s own graph in its order, and those of the models nested in it;
     not the sublayers a layer keeps inside (an LSTM's cell, called in its loop; attention's
-    projections), no InputLayers, and no layer whose output is several tensors (an RNN
-    returning its states), where the model was built symbolically and says so."""
+    projections), no InputLayers, and, where the model was built symbolically and says so,
+    no layer whose output is several tensors (an RNN returning its states) and no shared
+    layer (called more than once; a shared nested model with its layers)."""
     chosen, seen = [], set()
 
     def visit(parent: Any) -> None:
@@ -44,6 +45,8 @@ def model_layers(model: Any) -> list[Any]:
             if id(layer) in seen or type(layer).__name__ == "InputLayer":
                 continue
             seen.add(id(layer))
+            if len(getattr(layer, "_inbound_nodes", ())) > 1:
+                continue
             if not _several_outputs(layer):
                 chosen.append(layer)
             if hasattr(layer, "layers") and hasattr(layer, "train_step"):  # a nested model
