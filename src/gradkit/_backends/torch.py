@@ -5,9 +5,7 @@ cause recompilation. Every value is detached from the model's parameters, so aut
 only what an operation differentiates. Outside a vectorizer, `grad` is plain autograd, whose
 None says "not connected"; inside `torch.func.vmap` it is `torch.func.grad`, which cannot
 say so (it returns zeros), and the zero perturbations of taps are shaped by one recording
-pass per shape. Never `functional_call` on a Keras layer, which silently returns zeros for
-Keras variables (only on the torch module a TorchModuleWrapper holds, which reads its own
-parameters).
+pass per shape. No `functional_call` on Keras layers: it silently zeroes Keras variables.
 """
 
 from __future__ import annotations
@@ -23,11 +21,10 @@ import numpy as np
 import torch
 
 from gradkit._backends import _keras3 as k3
+from gradkit._backends import torch_modules
 from gradkit._backends._cache import BoundedCache
 from gradkit._data import leaves, map_structure
 from gradkit._factors import Ops
-from gradkit._select import walk_layers
-from gradkit._taps import restore, shadow
 
 
 def adapter():
@@ -59,8 +56,7 @@ class TorchPrimitives:
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)
         fn = k3.seeded(fn, model_ref)
-        wrappers = [layer for _, layer in walk_layers(model)
-                    if type(layer).__name__ == "TorchModuleWrapper" and hasattr(layer, "module")]
+        wrappers = torch_modules.wrappers_of(model)
 
         def run(data, scale, *extra):
             values = tuple([v.detach() for v in group]
@@ -68,7 +64,7 @@ class TorchPrimitives:
             data = k3.seed_data(model_ref(), data)
             seed = data.get("seed")
             data, extra = map_structure(to_tensor, data), map_structure(to_tensor, extra)
-            with torch.enable_grad(), kept_rng(), quiet(), modules_read_values(wrappers):
+            with torch.enable_grad(), kept_rng(), quiet(), torch_modules.read_values(wrappers):
                 if seed is not None:  # Keras draws unseeded dropout from the global generator
                     torch.manual_seed(int(seed[-1, 0]))
                 return fn(values, data, float(scale), *extra)
@@ -298,43 +294,6 @@ def quiet():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
-
-
-@contextmanager
-def modules_read_values(wrappers: list):
-    """Keras' TorchModuleWrapper calls its torch module, which reads its own parameters: the
-    values a stateless call hands the wrapper's variables never reach it (their gradient
-    would be "not connected"). Around gradkit's calls each of the model's `wrappers` runs its
-    module through `torch.func.functional_call` on those values, with copies of its buffers,
-    so a torch BatchNorm in training mode leaves the module's running statistics as they
-    were. (The wrapper's own call, which taps may shadow, is left as it is.)"""
-    patched: list = []
-    try:
-        for layer in wrappers:
-            module = _reading_values(layer)
-            if module is not None:
-                shadow(layer, "module", module, patched)
-        yield
-    finally:
-        restore(patched)
-
-
-def _reading_values(layer: Any) -> Callable | None:
-    """The wrapper's module as a function of its variables' values; None if its parameters
-    are not all the wrapper's variables (the module changed after wrapping)."""
-    module = layer.module
-    at = {v.value.data_ptr(): v for v in layer.variables}  # they share the parameters' memory
-    named = [(name, at.get(p.data_ptr())) for name, p in module.named_parameters()]
-    if any(variable is None for _, variable in named):
-        return None
-    buffers = dict(module.named_buffers())
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        values = {name: variable.value for name, variable in named}
-        values.update((name, b.clone()) for name, b in buffers.items())
-        return torch.func.functional_call(module, values, args, kwargs)
-
-    return run
 
 
 def to_tensor(value: Any) -> Any:
