@@ -294,4 +294,3 @@ class GradientMonitor:
         for writer in getattr(self, "_writers", []):
             writer.close()
         self._writers = []
-

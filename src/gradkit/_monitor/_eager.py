@@ -65,9 +65,9 @@ class EagerStats:
         """((n, len(ROW)) float32, (n, 3 + bins) int32) of finite 1-D `grads`, `weights`."""
         torch = self.torch
         on_host = self._on_host(grads, weights, sums)
-        rest = [i for i in range(len(grads)) if i not in on_host]
         if not on_host:
             return self._torch_rows(grads, weights, sums)
+        rest = [i for i in range(len(grads)) if i not in on_host]
         host = [np.stack(part) for part in zip(*on_host.values())]  # rows, counts
         if rest:  # (on the CPU too: put together in NumPy)
             done = self._torch_rows(*([items[i] for i in rest]
