@@ -65,6 +65,31 @@ def test_selecting_only_connected_layers_needs_no_mode(keras):
     np.testing.assert_allclose(list(grads.values())[0], w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("call", ["per_example_gradients", "per_example_norms", "accumulate",
+                                  "hvp"])
+def test_calls_without_the_option_name_the_layers_that_reach_the_objective(keras, call):
+    model = _two_branch_model(keras)
+    vector = {k: np.ones_like(g) for k, g in
+              gk.gradients(model, X, target=_first_score, unconnected="zero").items()}
+    run = {"per_example_gradients": lambda **kw: gk.per_example_gradients(model, X, **kw),
+           "per_example_norms": lambda **kw: gk.per_example_norms(model, X, **kw),
+           "accumulate": lambda **kw: gk.accumulate(model, [X], **kw),
+           "hvp": lambda **kw: gk.hvp(model, X, **kw, vector={
+               k: v for k, v in vector.items() if "layers" not in kw
+               or k.rsplit("/", 2)[-2] in kw["layers"]})}[call]
+    with pytest.raises(gk.UnconnectedGradientError) as info:
+        run(target=_first_score)
+    message = str(info.value)
+    # these calls take no unconnected=: the message must not send the user there
+    assert "unconnected=" not in message
+    assert "layers=['a'] reach it" in message and message.endswith("Received: layers=None")
+    result = run(target=_first_score, layers=["a"])  # the layers it names work
+    if call == "per_example_gradients":
+        w, b = _expected_a(model)  # target: the rows sum to the batch's gradient
+        np.testing.assert_allclose(list(result.values())[0].sum(0), w, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(list(result.values())[1].sum(0), b, rtol=1e-6, atol=1e-6)
+
+
 def test_discarded_layer_output_in_subclassed_model(keras):
     class Discards(keras.Model):
         def __init__(self):

@@ -158,7 +158,7 @@ def _sum_batches(request: Request, stream, on_nonfinite, progress):
         for index, batch in stream:
             pending.append((index, batch, acc.add(batch, float(batch.size) if weighted else 1.0)))
             if bar.batches == 0:  # raise now, not after the whole pass
-                check_connected(request.keys, acc.connected)
+                check_connected(request.keys, acc.connected, layers=request.layers)
             if len(pending) > 2 * lag:
                 _check_oldest(acc, faults, pending, max(lag, 1))
             bar.update(batch.size)

@@ -103,7 +103,8 @@ class DatasetHessian:
                     else adapter.ggn_vp(one, tangents)
                 if index == 0:
                     check_connected(self.request.keys, [p is not None for p in parts],
-                                    what=self.operation + " product")
+                                    what=self.operation + " product",
+                                    layers=self.request.layers)
                 weight = float(batch.size) if weighted else 1.0
                 for sum_, part in zip(total, parts):
                     sum_ += weight * np.asarray(part, np.float64).reshape(sum_.shape)

@@ -61,7 +61,7 @@ def ggn_vp(
     with original_errors():
         _, products = request.adapter.ggn_vp(request, tangents)
     check_connected(request.keys, [p is not None for p in products],
-                    what="Gauss-Newton product")
+                    what="Gauss-Newton product", layers=request.layers)
     return finish(request, products)
 
 

@@ -45,7 +45,8 @@ def hvp(
     tangents = checked_vector(request, vector)
     with original_errors():
         _, products = request.adapter.hvp(request, tangents)
-    check_connected(request.keys, [p is not None for p in products], what="Hessian")
+    check_connected(request.keys, [p is not None for p in products], what="Hessian",
+                    layers=request.layers)
     return finish(request, products)
 
 

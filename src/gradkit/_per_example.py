@@ -26,10 +26,11 @@ from typing import Any, Callable
 import numpy as np
 
 from gradkit._data import Batch, leaves, map_structure
-from gradkit._errors import InvalidArgumentError, UnconnectedGradientError, received
+from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import write_rows
 from gradkit._memory import check_fits
-from gradkit._request import Request, prepare, report_nonfinite, result_dtype
+from gradkit._request import (Request, check_connected, prepare, report_nonfinite,
+                              result_dtype)
 from gradkit._routes import run_chunk
 from gradkit._select import walk_layers
 
@@ -147,17 +148,6 @@ def check_independent(model: Any, training: bool) -> None:
             )
 
 
-def check_connected(request: Request, parts: list) -> None:
-    """Raise if a selected variable has no path to the objective (its part is None)."""
-    missing = [k for k, part in zip(request.keys, parts) if part is None]
-    if missing:
-        raise UnconnectedGradientError(
-            f"{len(missing)} selected variable(s) do not affect the loss, so their "
-            f"per-example gradient is undefined: {', '.join(missing)}. Select the layers "
-            "that do with layers=. " + received(layers=[k.rsplit("/", 1)[0] for k in missing])
-        )
-
-
 def example_bytes(variables: list) -> int:
     """Bytes of one example's gradient of `variables` (one row of each), in result dtypes."""
     return sum(math.prod(v.shape) * result_dtype(v).itemsize for v in variables)
@@ -208,7 +198,9 @@ def for_each_chunk(request: Request, chunk: int, store: Callable, operation: str
         stop = min(start + chunk, batch.size)
         part = request.replace(batch=slice_batch(batch, start, stop, chunk if pad else None))
         run_chunk(part, operation, store, start, stop, loop_over_examples,
-                  lambda parts: check_connected(request, parts))
+                  lambda parts: check_connected(request.keys, [p is not None for p in parts],
+                                                what="per-example gradient",
+                                                layers=request.layers))
 
 
 def loop_over_examples(part: Request) -> list:

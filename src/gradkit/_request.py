@@ -29,7 +29,7 @@ from gradkit._errors import (
 from gradkit._labels import check_labels
 from gradkit._objective import Objective, resolve_objective
 from gradkit._seeds import resolve_seed
-from gradkit._select import select_variables, unique_keys
+from gradkit._select import layer_of, select_variables, unique_keys
 
 UNCONNECTED_MODES = ("raise", "zero", "none")
 
@@ -47,6 +47,7 @@ class Request:
     batch: Batch | None
     training: bool
     seed: int | None = None  # dropout seed of training=True (gradkit._seeds), None otherwise
+    layers: Any = None  # the `layers=` argument as the caller gave it (for messages)
     #: what the chunks of one call share, computed by the first that needs it (the
     #: regularizers' gradients at the call's weights); `replace` passes on the same dict
     per_call: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -91,7 +92,7 @@ def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, targe
     batch = prepare_batch(model, x, y, sample_weight, floatx(flavour)) if data else None
     check_labels(model, objective, batch.y if data else y)
     return Request(model, flavour, _backends.for_flavour(flavour), variables, objective, batch,
-                   bool(training), seed)
+                   bool(training), seed, layers)
 
 
 def check_built(model: Any) -> None:
@@ -139,17 +140,31 @@ def finish(request: Request, grads: list, unconnected: str = "raise") -> dict[st
     return result
 
 
+#: `check_connected`'s default: the caller takes ``unconnected=``
+OPTION = object()
+
+
 def check_connected(keys: list[str], connected: list[bool], unconnected: str = "raise",
-                    what: str = "gradient") -> None:
-    """Raise UnconnectedGradientError naming the variables with no path to the objective."""
+                    what: str = "gradient", *, layers: Any = OPTION) -> None:
+    """Raise UnconnectedGradientError naming the variables with no path to the objective.
+
+    A caller without an ``unconnected=`` option passes the `layers=` it was given: the
+    message then names the layers that do reach the objective instead."""
     missing = [k for k, ok in zip(keys, connected) if not ok]
-    if missing and unconnected == "raise":
-        raise UnconnectedGradientError(
-            f"{len(missing)} selected variable(s) do not affect the loss, so their {what} "
-            f"is undefined: {', '.join(missing)}. Select other layers with layers=, or pass "
-            "unconnected='zero' (zeros) or unconnected='none' (None) to accept it. "
-            + received(unconnected=unconnected)
-        )
+    if not missing or unconnected != "raise":
+        return
+    if layers is OPTION:
+        fix = ("Select other layers with layers=, or pass unconnected='zero' (zeros) or "
+               "unconnected='none' (None) to accept it. " + received(unconnected=unconnected))
+    else:
+        reaching = list(dict.fromkeys(layer_of(k) for k, ok in zip(keys, connected) if ok))
+        fix = (f"Leave them out with layers= (here layers={reaching} reach it). "
+               if reaching else "Check the loss or target: nothing selected reaches it. ")
+        fix += received(layers=layers)
+    raise UnconnectedGradientError(
+        f"{len(missing)} selected variable(s) do not affect the loss, so their {what} "
+        f"is undefined: {', '.join(missing)}. " + fix
+    )
 
 
 def report_nonfinite(result: dict[str, Any], batch: Batch | None = None) -> None:
