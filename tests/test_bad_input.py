@@ -54,6 +54,26 @@ def test_y_missing_for_a_loss(keras, kwargs):
             **kwargs)
 
 
+#: public calls that take no target=: their messages must not suggest it
+WITHOUT_TARGET = {
+    "ggn_vp": lambda m, y: gk.ggn_vp(m, X, y, vector={}),
+    "ggn_vp_over": lambda m, y: gk.ggn_vp_over(m, (X, y) if y is not None else X, vector={}),
+    "clipped_gradients": lambda m, y: gk.clipped_gradients(m, X, y, l2_norm_clip=1.0),
+    "fisher_diagonal": lambda m, y: gk.fisher_diagonal(m, (X, y) if y is not None else X),
+    "gradient_stats": lambda m, y: gk.gradient_stats(m, [(X, y) if y is not None else X]),
+    "locate_nonfinite": lambda m, y: gk.locate_nonfinite(m, X, y),
+}
+
+
+@pytest.mark.parametrize("call", sorted(WITHOUT_TARGET))
+@pytest.mark.parametrize("compiled", [True, False])
+def test_calls_without_target_never_suggest_it(keras, call, compiled):
+    model = _model(keras, compiled=compiled)  # compiled: y missing; not compiled: no loss
+    error = _raises(gk.InvalidArgumentError, r"y is required" if compiled else r"not compiled",
+                    WITHOUT_TARGET[call], model, None)
+    assert "target=" not in str(error), str(error)
+
+
 def test_y_given_with_target(keras):
     _raises(gk.InvalidArgumentError, r"y is not used with target=", gk.gradients,
             _model(keras), X, Y, target=1)

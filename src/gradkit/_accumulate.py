@@ -104,12 +104,14 @@ def accumulate(
 
 def prepare_dataset(model: Any, data: Any, *, loss: Any = None, target: Any = None,
                     layers: Any = None, training: bool = False, seed: Any = None,
-                    batch_size: int | None = None) -> tuple[Request, BatchStream]:
-    """(Request without a batch, the checked BatchStream) of a dataset-wide call."""
+                    batch_size: int | None = None, scores: bool = True
+                    ) -> tuple[Request, BatchStream]:
+    """(Request without a batch, the checked BatchStream) of a dataset-wide call (`scores`:
+    whether the caller takes ``target=``)."""
     flavour = flavour_of(model)
     stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
     request = prepare(model, y=stream.first[1].y, loss=loss, target=target, layers=layers,
-                      training=training, seed=seed, data=False)
+                      training=training, seed=seed, data=False, scores=scores)
     return request, stream
 
 

@@ -67,7 +67,7 @@ def clipped_gradients(
     sigma = number(noise_multiplier, "noise_multiplier", low=0.0)
     _check_seed(seed)
     request = prepare(model, x, y, loss=loss, sample_weight=sample_weight, layers=layers,
-                      training=training, seed=seed if training else None)
+                      training=training, seed=seed if training else None, scores=False)
     check_independent(model, request.training)
     shapes = [tuple(v.shape) for v in request.variables]
     sums = [np.zeros(shape, np.float64) for shape in shapes]

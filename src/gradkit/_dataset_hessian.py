@@ -170,5 +170,5 @@ def ggn_vp_over(model: Any, data: Any, *, vector: dict, loss: Any = None, layers
     resolve_seed(seed, training)  # seed= without training=True raises, as in ggn_vp()
     ggn = DatasetHessian(model, data, needed_by="ggn_vp_over()", keep=False, matrix="ggn",
                          seed=seed, loss=loss, layers=layers, training=training,
-                         batch_size=batch_size)
+                         batch_size=batch_size, scores=False)
     return finish(ggn.request, ggn.product(checked_vector(ggn.request, vector)))

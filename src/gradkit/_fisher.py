@@ -64,7 +64,7 @@ def fisher_diagonal(model: Any, data: Any, *, kind: str = "empirical", samples: 
         variables = select_variables(model, layers)
         if kind == "empirical":
             return variables, prepare_dataset(model, data, loss=loss, layers=layers,
-                                              batch_size=batch_size)[1]
+                                              batch_size=batch_size, scores=False)[1]
         flavour = flavour_of(model)  # labels come from the model: the data's y is not checked
         return variables, BatchStream(model, data, batch_size, flavour, floatx(flavour))
 

@@ -55,7 +55,7 @@ def ggn_vp(
     needed); ``seed`` (its dropout masks) as in ``gradients()``; no model state changes.
     """
     request = prepare(model, x, y, loss=loss, sample_weight=sample_weight, layers=layers,
-                      training=training, seed=seed)
+                      training=training, seed=seed, scores=False)
     check_loss_on_outputs(request)
     tangents = checked_vector(request, vector)
     with original_errors():

@@ -9,6 +9,7 @@ import numpy as np
 
 from gradkit._activation_gradients import activation_gradients
 from gradkit._errors import NonFiniteGradientWarning
+from gradkit._objective import resolve_objective
 from gradkit._select import model_layers
 
 
@@ -45,6 +46,7 @@ def locate_nonfinite(
     returning its states). A shared layer, or one with several outputs named in ``layers=``,
     is a clear error: leave it out. No model state changes.
     """
+    resolve_objective(model, loss, None, y, scores=False)  # its messages, not target='s
     if layers is None:
         layers = model_layers(model)
     with warnings.catch_warnings():  # non-finite gradients are what is looked for here

@@ -65,8 +65,10 @@ def compiled_loss_object(model: Any) -> Any:
     return found if found is not None else getattr(model, "compiled_loss", None)
 
 
-def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
-    """Check the loss/target/y combination and return the Objective it names."""
+def resolve_objective(model: Any, loss: Any, target: Any, y: Any, scores: bool = True
+                      ) -> Objective:
+    """Check the loss/target/y combination and return the Objective it names. `scores`:
+    whether the caller takes ``target=`` (its messages suggest it only then)."""
     if loss is not None and target is not None:
         raise InvalidArgumentError(
             "loss= and target= are alternatives: loss= differentiates a loss of (y, y_pred), "
@@ -82,17 +84,18 @@ def resolve_objective(model: Any, loss: Any, target: Any, y: Any) -> Objective:
                 "keras.losses.Loss instance or a callable (y_true, y_pred) -> loss. "
                 + received(loss=loss)
             )
-        _require_y(y, "loss=" + (loss if isinstance(loss, str) else type(loss).__name__))
+        _require_y(y, "loss=" + (loss if isinstance(loss, str) else type(loss).__name__),
+                   scores)
         return Objective("loss", loss)
     if not _is_compiled(model):
         raise InvalidArgumentError(
             f"Model {model.name!r} is not compiled, so there is no loss to differentiate. "
-            "Compile it (model.compile(loss=...)), or pass loss='mse' (any Keras loss), or "
-            "target=k to differentiate the output score of class k. "
-            + received(loss=None, target=None)
+            "Compile it (model.compile(loss=...)), or pass loss='mse' (any Keras loss)"
+            + (", or target=k to differentiate the output score of class k. "
+               + received(loss=None, target=None) if scores else ". " + received(loss=None))
         )
     if has_compiled_loss(model):
-        _require_y(y, "the compiled loss")
+        _require_y(y, "the compiled loss", scores)
     warn_custom_train_step(model)
     return Objective("compiled", compiled_with=compiled_loss_object(model))
 
@@ -141,12 +144,12 @@ def _target_objective(target: Any, y: Any) -> Objective:
     return Objective("target", target)
 
 
-def _require_y(y: Any, what: str) -> None:
+def _require_y(y: Any, what: str, scores: bool) -> None:
     if y is None:
         raise InvalidArgumentError(
-            f"{what} compares predictions with targets, so y is required. Pass y (the labels), "
-            "or use target=k to differentiate an output score without labels. "
-            + received(y=None)
+            f"{what} compares predictions with targets, so y is required. Pass y (the labels)"
+            + (", or use target=k to differentiate an output score without labels. "
+               if scores else ". ") + received(y=None)
         )
 
 

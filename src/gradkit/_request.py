@@ -73,9 +73,11 @@ class Request:
 
 def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, target: Any = None,
             sample_weight: Any = None, layers: Any = None, training: bool = False,
-            unconnected: str = "raise", data: bool = True, seed: Any = None) -> Request:
+            unconnected: str = "raise", data: bool = True, seed: Any = None,
+            scores: bool = True) -> Request:
     """Check every argument and build the Request (`data=False`: no batch, for datasets;
-    `y` is then the first batch's, to check the objective)."""
+    `y` is then the first batch's, to check the objective; `scores`: whether the caller
+    takes ``target=``)."""
     flavour = flavour_of(model)
     check_built(model)
     if unconnected not in UNCONNECTED_MODES:
@@ -87,7 +89,7 @@ def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, targe
             "training= must be True or False. " + received(training=training)
         )
     seed = resolve_seed(seed, bool(training))
-    objective = resolve_objective(model, loss, target, y)
+    objective = resolve_objective(model, loss, target, y, scores)
     variables = select_variables(model, layers)
     batch = prepare_batch(model, x, y, sample_weight, floatx(flavour)) if data else None
     check_labels(model, objective, batch.y if data else y)

@@ -216,7 +216,7 @@ def gradient_stats(
     """
     flavour = flavour_of(model)
     stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
-    resolve_objective(model, loss, None, stream.first[1].y)  # fail before any work
+    resolve_objective(model, loss, None, stream.first[1].y, scores=False)  # fail before any work
     call_seed = resolve_seed(seed, training)
     moments = MomentAccumulator()
     with Progress(stream.total, progress, description="gradkit.gradient_stats") as bar:
