@@ -74,6 +74,18 @@ def test_calls_without_target_never_suggest_it(keras, call, compiled):
     assert "target=" not in str(error), str(error)
 
 
+def test_an_empty_batch_is_refused_except_where_the_result_is_rows(keras):
+    model, x, y = _model(keras), X[:0], Y[:0]
+    for call in (lambda: gk.gradients(model, x, y), lambda: gk.gradients(model, x, target=0),
+                 lambda: gk.input_gradients(model, x, y),
+                 lambda: gk.hvp(model, x, y, vector={}),
+                 lambda: gk.clipped_gradients(model, x, y, l2_norm_clip=1.0)):
+        _raises(gk.DataShapeError, r"no examples.*Pass at least one", call)
+    rows = gk.per_example_gradients(model, x, y)  # B = 0 rows, as NumPy would
+    assert [r.shape for r in rows.values()] == [(0, 3, 2), (0, 2)]
+    assert gk.per_example_norms(model, x, y).shape == (0,)
+
+
 def test_y_given_with_target(keras):
     _raises(gk.InvalidArgumentError, r"y is not used with target=", gk.gradients,
             _model(keras), X, Y, target=1)

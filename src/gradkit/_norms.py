@@ -64,7 +64,7 @@ def per_example_norms(
             "variables). " + received(by_layer=by_layer)
         )
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training, seed=seed)
+                      layers=layers, training=training, seed=seed, rows=True)
     check_independent(model, request.training)
     variables, batch = request.variables, request.batch
     squared = [np.zeros(batch.size, np.float64) for _ in variables]

@@ -86,7 +86,7 @@ def per_example_gradients(
     changes (weights, moving statistics, seed generators, metrics).
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
-                      layers=layers, training=training, seed=seed)
+                      layers=layers, training=training, seed=seed, rows=True)
     check_independent(model, request.training)
     variables, batch, keys = request.variables, request.batch, request.keys
     shapes = {key: ((batch.size, *tuple(v.shape)), dtype)

@@ -20,6 +20,7 @@ from gradkit import _backends
 from gradkit._data import Batch, leaves, prepare_batch
 from gradkit._detect import flavour_of
 from gradkit._errors import (
+    DataShapeError,
     InvalidArgumentError,
     NonFiniteGradientWarning,
     UnconnectedGradientError,
@@ -74,10 +75,11 @@ class Request:
 def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, target: Any = None,
             sample_weight: Any = None, layers: Any = None, training: bool = False,
             unconnected: str = "raise", data: bool = True, seed: Any = None,
-            scores: bool = True) -> Request:
+            scores: bool = True, rows: bool = False) -> Request:
     """Check every argument and build the Request (`data=False`: no batch, for datasets;
     `y` is then the first batch's, to check the objective; `scores`: whether the caller
-    takes ``target=``)."""
+    takes ``target=``; `rows`: whether its result is a row per example, so that a batch of
+    none gives empty rows, where every other call refuses it)."""
     flavour = flavour_of(model)
     check_built(model)
     if unconnected not in UNCONNECTED_MODES:
@@ -92,6 +94,12 @@ def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, targe
     objective = resolve_objective(model, loss, target, y, scores)
     variables = select_variables(model, layers)
     batch = prepare_batch(model, x, y, sample_weight, floatx(flavour)) if data else None
+    if data and batch.size == 0 and not rows:
+        raise DataShapeError(
+            "x holds no examples (a batch of size 0), so there is nothing to differentiate "
+            "(the mean loss of no examples is undefined). Pass at least one example. "
+            + received(batch_size=0)
+        )
     check_labels(model, objective, batch.y if data else y)
     return Request(model, flavour, _backends.for_flavour(flavour), variables, objective, batch,
                    bool(training), seed, layers)
