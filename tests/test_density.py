@@ -89,3 +89,36 @@ def test_plot_and_arguments(keras):
                          ({"grid": "fine"}, "grid='fine'"), ({"matrix": "x"}, "matrix='x'")]:
         with pytest.raises(gk.InvalidArgumentError, match=f"Received: {message}$"):
             gk.hessian_density(model, (x, y), **bad)
+
+
+def test_seed_fixes_the_dropout_masks_of_training_true(keras):
+    """With training=True, `seed` draws the masks too (as in hessian_eigenvalues()): one
+    seed, one matrix, the same density; another seed, another matrix."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(6, activation="tanh"),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    model.compile(loss="mse")
+    x, y = RNG.normal(size=(16, 3)), RNG.normal(size=(16, 2))
+
+    def nodes(seed):
+        return gk.hessian_density(model, (x, y), iterations=5, seed=seed,
+                                  training=True).nodes
+
+    np.testing.assert_array_equal(nodes(3), nodes(3))
+    assert not np.allclose(nodes(3), nodes(4))
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, -1, [1, 2], True])
+def test_every_seed_option_takes_a_non_negative_int(keras, seed):
+    """NumPy's default_rng would raise its own errors, or take a list or True silently."""
+    model, x, y = _model(keras)
+    for call in (lambda: gk.hessian_density(model, (x, y), iterations=3, seed=seed),
+                 lambda: gk.hessian_trace(model, (x, y), samples=6, seed=seed),
+                 lambda: gk.hessian_eigenvalues(model, (x, y), k=1, seed=seed),
+                 lambda: gk.check_gradients(model, x, y, seed=seed)):
+        with pytest.raises(gk.InvalidArgumentError, match=r"seed= must be a non-negative int"):
+            call()
+    classifier = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2,
+                                                                        activation="softmax")])
+    classifier.compile(loss="sparse_categorical_crossentropy")
+    with pytest.raises(gk.InvalidArgumentError, match=r"seed= must be a non-negative int"):
+        gk.fisher_diagonal(classifier, (x, np.zeros(len(x), "int32")), kind="true", seed=seed)

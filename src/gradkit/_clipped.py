@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import plan, rest, squared_rows, weighted_sum
 from gradkit._per_example import (
     check_independent,
@@ -25,6 +24,7 @@ from gradkit._per_example import (
     resolve_chunk_size,
 )
 from gradkit._request import finish, prepare, result_dtype
+from gradkit._seeds import check_seed
 from gradkit._transforms._base import number
 
 
@@ -65,7 +65,7 @@ def clipped_gradients(
     """
     clip = number(l2_norm_clip, "l2_norm_clip", low=0.0, strict=True)
     sigma = number(noise_multiplier, "noise_multiplier", low=0.0)
-    _check_seed(seed)
+    check_seed(seed, "noise")
     request = prepare(model, x, y, loss=loss, sample_weight=sample_weight, layers=layers,
                       training=training, seed=seed if training else None, scores=False)
     check_independent(model, request.training)
@@ -106,9 +106,4 @@ def _materialized(request: Any) -> list:
     return [request.variables[j] for j in index]
 
 
-def _check_seed(seed: Any) -> None:
-    if seed is not None and (isinstance(seed, (bool, np.bool_))
-                             or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise InvalidArgumentError(
-            "seed= must be a non-negative int (the same noise on every call) or None (fresh "
-            "noise each call). " + received(seed=seed))
+

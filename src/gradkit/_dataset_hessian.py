@@ -29,7 +29,7 @@ from gradkit._ggn import check_loss_on_outputs
 from gradkit._hvp import check_exact_second_order, checked_vector
 from gradkit._objective import check_mean_reduction
 from gradkit._request import check_connected, finish, result_dtype
-from gradkit._seeds import resolve_seed
+from gradkit._seeds import check_seed, resolve_seed
 
 MATRICES = ("hessian", "ggn")
 
@@ -47,6 +47,7 @@ class DatasetHessian:
             raise InvalidArgumentError(
                 f"matrix= must be one of {MATRICES}: the Hessian, or the generalized "
                 "Gauss-Newton matrix of the loss on the outputs. " + received(matrix=matrix))
+        check_seed(seed, "random draws")
         self.group = process_group(model, strategy, needed_by, others=False)
         self.operation = matrix
 

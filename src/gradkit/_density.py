@@ -79,7 +79,7 @@ def hessian_density(model: Any, data: Any, *, iterations: int = 80, runs: int = 
             "sigma= must be a positive number (the width of each node's Gaussian, in "
             "eigenvalue units) or None. " + received(sigma=sigma))
     points = _check_grid(grid)
-    hessian = DatasetHessian(model, data, needed_by="hessian_density()", keep=True,
+    hessian = DatasetHessian(model, data, needed_by="hessian_density()", keep=True, seed=seed,
                              matrix=matrix, loss=loss, target=target, layers=layers,
                              training=training, batch_size=batch_size)
     rng, steps = np.random.default_rng(seed), min(iterations, hessian.size)

@@ -20,6 +20,7 @@ from gradkit._errors import InvalidArgumentError, received
 from gradkit._per_example import per_example_gradients
 from gradkit._distributed import process_group
 from gradkit._request import floatx, result_dtype
+from gradkit._seeds import check_seed
 from gradkit._select import select_variables, unique_keys
 from gradkit._sources import BatchStream
 
@@ -58,6 +59,7 @@ def fisher_diagonal(model: Any, data: Any, *, kind: str = "empirical", samples: 
     examples; with kind="true" each process draws its labels from ``(seed, its rank)``).
     """
     _check_options(kind, samples)
+    check_seed(seed, "label draws")
     group = process_group(model, strategy, "fisher_diagonal()", others=False)
 
     def prepared():

@@ -24,14 +24,21 @@ _FRESH = np.random.default_rng()  # gradkit's own: NumPy's global stream is the 
 _TOP = 2**31 - 1  # seeds and rows stay valid int32, int64 and uint32 values
 
 
-def resolve_seed(seed: Any, training: bool) -> int | None:
-    """The int seed of one call (``None`` when ``training=False``); raises on a bad `seed`."""
+def check_seed(seed: Any, draws: str, name: str = "seed=") -> None:
+    """Raise unless `seed` is None or a non-negative int: what every ``seed=`` takes
+    (NumPy's ``default_rng`` would raise its own errors on floats, negatives and strings, and
+    silently take a list or True)."""
     if seed is not None and (isinstance(seed, (bool, np.bool_))
                              or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InvalidArgumentError(
-            "seed= must be a non-negative int (reproducible dropout masks) or None (fresh "
-            "masks on each call). " + received(seed=seed)
+            f"{name} must be a non-negative int (reproducible {draws}) or None (fresh "
+            f"{draws} on each call). " + received(seed=seed)
         )
+
+
+def resolve_seed(seed: Any, training: bool) -> int | None:
+    """The int seed of one call (``None`` when ``training=False``); raises on a bad `seed`."""
+    check_seed(seed, "dropout masks")
     if not training:
         if seed is not None:
             raise InvalidArgumentError(

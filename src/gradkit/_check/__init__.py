@@ -25,6 +25,7 @@ from gradkit._check._report import (
 from gradkit._errors import GradkitError, InvalidArgumentError, original_errors, received
 from gradkit._gradients import loss_and_gradients_of
 from gradkit._request import prepare
+from gradkit._seeds import check_seed
 
 __all__ = ["GradientCheck", "VariableCheck", "check_gradients"]
 
@@ -58,6 +59,7 @@ def check_gradients(model: Any, x: Any, y: Any = None, *, loss: Any = None, targ
     directional derivatives, relative error, verdict); ``print(report)`` shows a table.
     Costs 1 gradient and about ``4 * directions`` objective evaluations per variable.
     """
+    check_seed(seed, "directions")
     request = prepare(model, x, y, loss=loss, target=target, layers=layers)
     if isinstance(directions, (bool, np.bool_)) or not isinstance(
             directions, (int, np.integer)) or directions < 1:

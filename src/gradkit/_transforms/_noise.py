@@ -13,8 +13,8 @@ from typing import NamedTuple
 import numpy as np
 
 from gradkit._errors import InvalidArgumentError, received
+from gradkit._seeds import check_seed
 from gradkit._transforms._base import (
-    GradientTransformation,
     Grads,
     HostOnlyTransformation,
     check_grads,
@@ -37,11 +37,7 @@ def add_noise(stddev: float, seed: int | None = None) -> HostOnlyTransformation:
     NumPy gradient sets only: `wrap` refuses it (and any chain holding it).
     """
     stddev = number(stddev, "stddev", low=0.0)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                             or seed < 0):
-        raise InvalidArgumentError(
-            "add_noise(seed=) must be a non-negative int (reproducible noise) or None (fresh "
-            "entropy). " + received(seed=seed))
+    check_seed(seed, "noise", "add_noise(seed=)")
 
     def init(grads: Grads) -> AddNoiseState:
         check_grads(grads)
