@@ -298,6 +298,9 @@ def test_argument_errors(keras, flavour):
     losses = keras.losses
     with pytest.raises(gk.InvalidArgumentError, match="reduction='sum'"):
         gk.accumulate(model, (X, Y), loss=losses.MeanSquaredError(reduction="sum"))
+    for call in (gk.accumulate, gk.gradient_stats):  # before any work, on both
+        with pytest.raises(gk.InvalidArgumentError, match="Received: progress='yes'$"):
+            call(model, (X, Y), batch_size=4, progress="yes")
 
 
 def test_float64_model_gives_float64(keras, flavour):

@@ -30,7 +30,7 @@ from gradkit._errors import (
     received,
 )
 from gradkit._objective import check_mean_reduction
-from gradkit._progress import Progress
+from gradkit._progress import Progress, check_progress
 from gradkit._request import Request, check_connected, finish, floatx, prepare
 from gradkit._sources import BatchStream
 
@@ -142,10 +142,7 @@ def _check_options(on_nonfinite: Any, progress: Any) -> None:
         raise InvalidArgumentError(
             f"on_nonfinite= must be one of {ON_NONFINITE}. " + received(on_nonfinite=on_nonfinite)
         )
-    if not isinstance(progress, (bool, np.bool_)):
-        raise InvalidArgumentError(
-            "progress= must be True or False. " + received(progress=progress)
-        )
+    check_progress(progress)
 
 
 def _sum_batches(request: Request, stream, on_nonfinite, progress):

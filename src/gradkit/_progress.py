@@ -12,6 +12,17 @@ import sys
 import time
 from typing import Any, TextIO
 
+import numpy as np
+
+from gradkit._errors import InvalidArgumentError, received
+
+
+def check_progress(progress: Any) -> None:
+    """Raise unless ``progress=`` is True or False (checked before any work starts)."""
+    if not isinstance(progress, (bool, np.bool_)):
+        raise InvalidArgumentError("progress= must be True or False. "
+                                   + received(progress=progress))
+
 
 class Progress:
     """``with Progress(total, enabled) as bar: bar.update(examples)`` once per batch."""

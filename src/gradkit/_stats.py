@@ -28,7 +28,7 @@ from gradkit._detect import flavour_of
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._objective import resolve_objective
 from gradkit._per_example import per_example_gradients
-from gradkit._progress import Progress
+from gradkit._progress import Progress, check_progress
 from gradkit._request import floatx, result_dtype
 from gradkit._seeds import fold, resolve_seed
 from gradkit._select import layer_of
@@ -214,6 +214,7 @@ def gradient_stats(
     two examples. ``seed``: with ``training=True``, the dropout masks as in ``accumulate()``
     (each batch its own, drawn from it; None: fresh). No model state changes.
     """
+    check_progress(progress)
     flavour = flavour_of(model)
     stream = BatchStream(model, data, batch_size, flavour, floatx(flavour))
     resolve_objective(model, loss, None, stream.first[1].y, scores=False)  # fail before any work
