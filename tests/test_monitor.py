@@ -458,9 +458,13 @@ def test_a_train_step_that_skips_the_optimizer_is_reported(keras, flavour):
 
 
 def test_bad_options_raise():
-    for options in ({"every": 0}, {"on_nonfinite": "ignore"}, {"stats": ("norms",)}):
+    for options in ({"every": 0}, {"on_nonfinite": "ignore"}, {"stats": ("norms",)},
+                    {"writers": ["xml"]}, {"writers": None}):  # writers: checked without log_dir
         with pytest.raises(gk.InvalidArgumentError, match="Received"):
             gk.GradientMonitor(**options)
+    # one name is one name, not its letters
+    one = gk.GradientMonitor(writers="csv", stats="norm")
+    assert one.writer_names == ("csv",) and one.stats == ("norm",)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert gk.GradientMonitor().mode == "step"

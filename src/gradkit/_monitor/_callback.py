@@ -24,7 +24,7 @@ from gradkit._errors import (
 from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms, nonfinite_alarm
 from gradkit._monitor._history import STATS, flat_record, history_of, norms, variable_stats
 from gradkit._monitor._recorder import Recorder
-from gradkit._monitor._writers import open_writers
+from gradkit._monitor._writers import open_writers, writer_names
 from gradkit._select import select_variables, unique_keys
 from gradkit._stats import layer_of
 
@@ -47,7 +47,8 @@ class GradientMonitor:
     update step under ``gradient_accumulation_steps``, and, when the optimizer clips, also
     after clipping (``clipped_norm``, ``clipped_max_abs``). Statistics per variable, per layer
     and in total (`stats=`, see ``STATS``) end up in ``monitor.history`` (NumPy arrays by
-    step), and with `log_dir` in files (`writers=`: "jsonl", "csv", "tensorboard").
+    step), and with `log_dir` in files (`writers=`: "jsonl", "csv", "tensorboard": one name
+    or a list).
     ``weight_norm`` is of the weights the gradient was taken at; ``update_ratio`` is
     ||Δw|| / ||w|| of that update (measured around the optimizer's apply).
 
@@ -80,13 +81,14 @@ class GradientMonitor:
         if on_nonfinite not in _ACTIONS:
             raise InvalidArgumentError(f"on_nonfinite= must be one of {_ACTIONS}. "
                                        + received(on_nonfinite=on_nonfinite))
+        stats = (stats,) if isinstance(stats, str) else stats  # one name, as writers=
         unknown = [s for s in stats if s not in STATS]
         if unknown or not isinstance(histogram_bins, int) or histogram_bins < 1:
             raise InvalidArgumentError(
                 f"stats= takes names from {STATS} and histogram_bins= a positive int. "
                 + received(stats=stats, histogram_bins=histogram_bins))
         self.every, self.layers, self.log_dir = every, layers, log_dir
-        self.writer_names, self.bins = tuple(writers), histogram_bins
+        self.writer_names, self.bins = writer_names(writers), histogram_bins
         self.on_nonfinite, self.stats = on_nonfinite, tuple(stats)
         self._norm_alarms = NormAlarms(thresholds)
         self.model: Any = None

@@ -24,11 +24,17 @@ JSONL, CSV = "gradients.jsonl", "gradients.csv"
 WRITERS = ("jsonl", "csv", "tensorboard")
 
 
+def writer_names(writers: Any) -> tuple:
+    """``writers=`` as a tuple of known names (one name may come as a str), or raise."""
+    names = (writers,) if isinstance(writers, str) else (
+        tuple(writers) if isinstance(writers, (list, tuple)) else None)
+    if names is None or any(n not in WRITERS for n in names):
+        raise InvalidArgumentError(f"writers= takes a name or a list of names from {WRITERS}. "
+                                   + received(writers=writers))
+    return names
+
+
 def open_writers(log_dir: Any, names: tuple) -> list:
-    unknown = [n for n in names if n not in WRITERS]
-    if unknown:
-        raise InvalidArgumentError(f"writers= takes names from {WRITERS}. "
-                                   + received(writers=names))
     folder = Path(log_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
