@@ -105,9 +105,12 @@ def test_missing_folder_and_folder_as_path(tmp_path):
     with pytest.raises(gk.GradkitFileError, match=r"does not exist.*Received: path="):
         gk.save(tmp_path / "nowhere" / "g.npz", GRADS)
     (tmp_path / "dir.npz").mkdir()
-    with pytest.raises(gk.GradkitFileError, match=r"Could not write.*Received: path="):
+    with pytest.raises(gk.GradkitFileError, match=r"is a folder.*Received: path="):
         gk.save(tmp_path / "dir.npz", GRADS)
-    assert sorted(os.listdir(tmp_path)) == ["dir.npz"]
+    (tmp_path / "out").mkdir()  # a folder as the path: refused, not written as out.npz
+    with pytest.raises(gk.GradkitFileError, match=r"is a folder.*out/gradients.npz"):
+        gk.save(tmp_path / "out", GRADS)
+    assert sorted(os.listdir(tmp_path)) == ["dir.npz", "out"]
 
 
 def test_missing_file(tmp_path):

@@ -50,8 +50,14 @@ def save(path: str | os.PathLike, grads: Mapping[str, Any]) -> Path:
 
 def npz_path(path: str | os.PathLike, option: str = "path") -> Path:
     """`path` as the ``.npz`` file save() writes: ``.npz`` appended when it has no suffix;
-    raises InvalidArgumentError for another suffix (checked before any work is done)."""
+    raises InvalidArgumentError for another suffix, GradkitFileError for a folder (checked
+    before any work is done)."""
     path = Path(path)
+    if path.is_dir():  # not a sibling file named after it
+        raise GradkitFileError(
+            f"{str(path)!r} is a folder. Name the .npz file to write in it, e.g. "
+            f"{str(path / 'gradients.npz')!r}. " + received(**{option: str(path)})
+        )
     if path.suffix == ".npz":
         return path
     if path.suffix:
