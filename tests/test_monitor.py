@@ -421,6 +421,25 @@ def test_writers_round_trip(keras, tmp_path):
     assert _png_size(tmp_path / "flow.png") == (800, 700)
     gk.plot_histograms(monitor, path=tmp_path / "hist.png")
     assert _png_size(tmp_path / "hist.png") == (1200, 6 * 100)
+    _bad_plot_paths_and_variables_are_refused(monitor, tmp_path)
+
+
+def _bad_plot_paths_and_variables_are_refused(monitor, tmp_path):
+    """Refused before drawing, nothing written: a folder (not a sibling folder.png), a
+    missing folder, a suffix matplotlib cannot write, an unknown variable."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    (tmp_path / "plots").mkdir()
+    for path, error, pattern in [
+            ("plots", gk.GradkitFileError, r"is a folder.*plots/gradients.png"),
+            ("nowhere/flow.png", gk.GradkitFileError, r"does not exist"),
+            ("flow.txt", gk.InvalidArgumentError, r"cannot write '.txt'.*'flow.png'")]:
+        with pytest.raises(error, match=pattern + r".*Received: path="):
+            gk.plot_gradient_flow(monitor, path=tmp_path / path)
+    with pytest.raises(gk.InvalidArgumentError, match=r"\['nope'\] are not among"):
+        gk.plot_histograms(monitor, variables=["nope"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["plots"])
+    one = next(iter(monitor.history["variables"]["histogram"]))  # one key as a str
+    assert len(gk.plot_histograms(monitor, variables=one).axes) == 1
 
 
 def _png_size(path):

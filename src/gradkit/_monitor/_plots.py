@@ -58,7 +58,32 @@ def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _finish(fig: Any, path: Any) -> Any:
+def _figure_path(path: Any) -> Path | None:
+    """`path` checked before anything is drawn: an existing folder, a folder that does not
+    exist and a suffix matplotlib cannot write are refused (no suffix: matplotlib's PNG)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise GradkitFileError(f"{str(path)!r} is a folder. Name the image file to write in "
+                               f"it, e.g. {str(path / 'gradients.png')!r}. "
+                               + received(path=str(path)))
+    if not path.parent.is_dir():
+        raise GradkitFileError(f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} "
+                               "does not exist. Create it first or choose another path. "
+                               + received(path=str(path)))
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        raise InvalidArgumentError(f"matplotlib cannot write {path.suffix!r} images; use one "
+                                   f"of {sorted(formats)} (e.g. {path.stem + '.png'!r}). "
+                                   + received(path=str(path)))
+    return path
+
+
+def _finish(fig: Any, path: Path | None) -> Any:
     if path is not None:
         fig.savefig(path)
         _pyplot().close(fig)
@@ -67,7 +92,7 @@ def _finish(fig: Any, path: Any) -> Any:
 
 def plot_gradient_flow(source: Any, *, path: Any = None, stat: str = "norm") -> Any:
     """Per-layer gradient `stat` over steps (log scale) and a layer x step heat map."""
-    history = load_history(source)
+    history, path = load_history(source), _figure_path(path)
     layers = history["layers"].get(stat)
     if not layers:
         raise InvalidArgumentError(f"The history has no per-layer {stat!r} (recorded: "
@@ -93,12 +118,18 @@ def plot_gradient_flow(source: Any, *, path: Any = None, stat: str = "norm") -> 
 
 def plot_histograms(source: Any, *, path: Any = None, variables: Any = None) -> Any:
     """Each variable's gradient histogram over steps: one panel per variable, step on y."""
-    history = load_history(source)
+    history, path = load_history(source), _figure_path(path)
     hists = history["variables"].get("histogram")
     if not hists:
         raise InvalidArgumentError("The history holds no histograms: record them with "
                                    "stats= including 'histogram'. " + received(source=source))
-    keys = list(hists) if variables is None else list(variables)
+    keys = list(hists) if variables is None else (
+        [variables] if isinstance(variables, str) else list(variables))
+    unknown = [key for key in keys if key not in hists]
+    if unknown or not keys:
+        raise InvalidArgumentError(
+            f"variables= names variables of the history: {list(hists)}; "
+            f"{unknown or 'none'} are not among them. " + received(variables=variables))
     plt = _pyplot()
     cols = min(len(keys), 3)
     rows = math.ceil(len(keys) / cols)
