@@ -220,7 +220,6 @@ def test_over_a_dataset_and_its_spectrum(keras, float64):
 
 def test_refusals_say_what_to_do(keras):
     model, x, y = _tanh_mlp(keras)
-    vector = {k: np.ones_like(g) for k, g in gk.gradients(model, x, y).items()}
     with pytest.raises(gk.InvalidArgumentError, match=r"target= score.*Received: target=0"):
         gk.hessian_eigenvalues(model, (x,), target=0, matrix="ggn")
     with pytest.raises(gk.InvalidArgumentError, match=r"matrix= must be.*Received: matrix="):
