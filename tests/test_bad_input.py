@@ -86,6 +86,20 @@ def test_an_empty_batch_is_refused_except_where_the_result_is_rows(keras):
     assert gk.per_example_norms(model, x, y).shape == (0,)
 
 
+def test_a_data_source_where_one_batch_belongs_points_to_the_dataset_calls(keras):
+    model = _model(keras)
+
+    class Loader:  # a DataLoader-like iterable of batches
+        def __iter__(self):
+            yield X, Y
+
+    for source in ((b for b in [(X, Y)]), Loader()):
+        for call in (gk.gradients, gk.per_example_norms):
+            # not "y is required": the y is inside the source
+            _raises(gk.InvalidArgumentError, r"x is a data source.*accumulate\(\)",
+                    call, model, source)
+
+
 def test_y_given_with_target(keras):
     _raises(gk.InvalidArgumentError, r"y is not used with target=", gk.gradients,
             _model(keras), X, Y, target=1)

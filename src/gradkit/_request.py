@@ -30,6 +30,7 @@ from gradkit._errors import (
 from gradkit._labels import check_labels
 from gradkit._objective import Objective, resolve_objective
 from gradkit._seeds import resolve_seed
+from gradkit._sources import check_one_batch
 from gradkit._select import layer_of, select_variables, unique_keys
 
 UNCONNECTED_MODES = ("raise", "zero", "none")
@@ -91,6 +92,8 @@ def prepare(model: Any, x: Any = None, y: Any = None, *, loss: Any = None, targe
             "training= must be True or False. " + received(training=training)
         )
     seed = resolve_seed(seed, bool(training))
+    if data:  # before the objective, which would ask for the y the source holds
+        check_one_batch(x)
     objective = resolve_objective(model, loss, target, y, scores)
     variables = select_variables(model, layers)
     batch = prepare_batch(model, x, y, sample_weight, floatx(flavour)) if data else None

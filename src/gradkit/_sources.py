@@ -171,6 +171,23 @@ def _array_batches(data: Any, batch_size: Any) -> tuple[Iterator[Any], int]:
     return (cut(start) for start in starts), len(starts)
 
 
+def check_one_batch(x: Any) -> None:
+    """Raise if `x`, given where one batch of arrays belongs, is a whole data source (a
+    tf.data.Dataset, a PyDataset, a DataLoader or another iterator of batches)."""
+    source = _is_tf_dataset(x) or _is_keras_sequence(x) or (
+        (hasattr(x, "__iter__") or hasattr(x, "__next__"))
+        and not isinstance(x, (list, tuple, dict, str, bytes))
+        and not any(hasattr(x, a) for a in ("shape", "__array__", "__array_interface__")))
+    if source:
+        raise InvalidArgumentError(
+            f"x is a data source ({type(x).__name__}), but this call takes one batch of "
+            "arrays. Pass a batch (x, y), or give the source to a call over a whole dataset: "
+            "accumulate(), gradient_stats(), fisher_diagonal(), hvp_over(), ggn_vp_over(), "
+            "hessian_eigenvalues(), hessian_trace(), hessian_density(). "
+            + received(x=type(x).__name__)
+        )
+
+
 def _is_tf_dataset(data: Any) -> bool:
     tf = sys.modules.get("tensorflow")
     return tf is not None and isinstance(data, tf.data.Dataset)
