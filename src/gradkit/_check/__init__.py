@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradkit._check._copy import float64_scope, fresh_loss, model_copy
+from gradkit._check._copy import NoCopy, float64_scope, fresh_loss, model_copy
 from gradkit._check._report import (
     FLOOR,
     RTOL,
@@ -53,7 +53,10 @@ def check_gradients(model: Any, x: Any, y: Any = None, *, loss: Any = None, targ
     the copy cannot compute in float64 (an op that rounds to float32, e.g. some Keras 3 ops
     on JAX and torch, measured as rounding noise), the check warns and uses float32 step sizes
     and a wider tolerance; ``report.precision`` says which. A model ``clone_model`` cannot
-    copy (a subclassed model without ``get_config``) raises UnsupportedModelError.
+    copy (a subclassed model without ``get_config``) is checked on itself in its own dtype,
+    with float32 steps and tolerance (warned): its selected weights are set to the probes'
+    points and restored bitwise after, whatever happens (do not use the model in another
+    thread meanwhile).
 
     Returns a `GradientCheck`: ``.ok`` (no mismatch), ``.variables`` (per variable key: the
     directional derivatives, relative error, verdict); ``print(report)`` shows a table.
@@ -76,8 +79,13 @@ def check_gradients(model: Any, x: Any, y: Any = None, *, loss: Any = None, targ
     except _Float64Failed as failed:
         note = (f"the float64 copy failed ({failed}); checked in the model's own dtype, "
                 "with float32 steps and tolerance")
+        in_place = False
+    except NoCopy as failed:  # no faithful copy can be made: the model itself
+        note = (f"{failed}; checked on the model itself in its own dtype, with float32 "
+                "steps and tolerance, its weights restored bitwise after")
+        in_place = True
     warnings.warn("check_gradients: " + note, RuntimeWarning, stacklevel=2)
-    return plan.run(model, None, note)
+    return plan.run(model, None, note, in_place)
 
 
 class _Float64Failed(Exception):
@@ -101,8 +109,11 @@ class _Plan:
         self.flavour, self.x, self.y, self.loss, self.target = flavour, x, y, loss, target
         self.positions, self.keys, self.directions = positions, keys, directions
 
-    def run(self, model: Any, dtype: str | None, note: str = "") -> GradientCheck:
-        copy = model_copy(model, self.flavour, dtype)
+    def run(self, model: Any, dtype: str | None, note: str = "",
+            in_place: bool = False) -> GradientCheck:
+        """The check on a copy in `dtype` (None: the model's own dtypes), or, `in_place`,
+        on the model itself (its chosen weights restored bitwise after)."""
+        copy = model if in_place else model_copy(model, self.flavour, dtype)
         request = prepare(copy, self.x, self.y, loss=fresh_loss(self.loss, self.flavour),
                           target=self.target)
         chosen = [copy.trainable_variables[i] for i in self.positions]
@@ -122,6 +133,13 @@ class _Plan:
                 return request.adapter.gradients(value_request)[0]
 
         origins = [np.array(v.numpy()) for v in chosen]
+        try:
+            return self._judged(chosen, origins, grads, value, dtype, note)
+        finally:  # the probes' points never outlive the check (on the model itself above all)
+            for variable, origin in zip(chosen, origins):
+                _assign(variable, origin, origin)
+
+    def _judged(self, chosen, origins, grads, value, dtype, note) -> GradientCheck:
         noise, base, quantized = rounding_noise(chosen, origins, value)
         precision = "float64" if dtype and not quantized and noise <= FLOAT64_NOISE * base \
             else "float32"
@@ -130,7 +148,7 @@ class _Plan:
                     f"{', values on a float32 grid' if quantized else ''}): "
                     "an op inside computes in float32 (Keras 3 on JAX and torch rounds some "
                     "float64 ops to float32); float32 steps and tolerance used")
-            warnings.warn("check_gradients: " + note, RuntimeWarning, stacklevel=3)
+            warnings.warn("check_gradients: " + note, RuntimeWarning, stacklevel=4)
         steps, rtol = STEPS[precision], RTOL[precision]
         numbers = [_differences(variable, origin, grad, dirs, value, steps)
                    for variable, origin, grad, dirs in zip(chosen, origins, grads.values(),

@@ -4,7 +4,9 @@
 into nested models, or of tf-keras) with every floating-point layer's dtype policy replaced by
 float64 (mixed-precision policies too; integer layers keep theirs), copies every weight into it
 (float weights widened to float64) and compiles it with the model's own losses and loss weights.
-``dtype=None`` clones with the layers' own dtypes (the float32 fallback).
+``dtype=None`` clones with the layers' own dtypes (the float32 fallback). Where no faithful
+clone can be made (a subclassed model or custom layer without a usable ``get_config``) it
+raises `NoCopy`, and the check runs on the model itself.
 
 `float64_scope` is what makes float64 real while the check runs: Keras' floatx is float64 (so
 losses, the compiled-loss container and data are float64 too; global, restored after: do not
@@ -22,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from gradkit._errors import UnsupportedModelError, received
+
+
+class NoCopy(Exception):
+    """`model_copy` could not make a faithful copy; the message says why."""
 
 
 @contextlib.contextmanager
@@ -71,15 +76,8 @@ def model_copy(model: Any, flavour: str, dtype: str | None) -> Any:
     try:
         copy = keras.models.clone_model(model, clone_function=clone_layer, **options)
     except Exception as exc:  # clone_model raises ValueError, TypeError, NotImplementedError...
-        raise UnsupportedModelError(
-            f"check_gradients runs on a {dtype or 'float32'} copy of the model (so the model "
-            f"itself is never changed), but keras.models.clone_model could not copy "
-            f"{model.name!r}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}. Build "
-            "it as a Functional or Sequential model, give custom layers (and a subclassed "
-            "model) a get_config() that lists their constructor arguments, and register "
-            "custom losses with keras.saving.register_keras_serializable. "
-            + received(model=type(model).__name__)
-        ) from None
+        raise NoCopy(f"keras.models.clone_model could not copy {model.name!r}: "
+                     f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     _copy_weights(model, copy)
     if flavour == "tf_keras" and getattr(model, "_is_compiled", False):
         args = model._get_compile_args(user_metrics=False)
@@ -113,12 +111,9 @@ def _copy_weights(model: Any, copy: Any) -> None:
     pairs = list(zip(model.weights, copy.weights))
     if len(model.weights) != len(copy.weights) or any(
             tuple(a.shape) != tuple(b.shape) for a, b in pairs):
-        raise UnsupportedModelError(
-            f"The clone of {model.name!r} does not have the model's weights ({len(copy.weights)} "
-            f"instead of {len(model.weights)}, or other shapes), so it cannot stand in for it "
-            "in check_gradients. Give custom layers a get_config() that rebuilds them exactly. "
-            + received(weights=len(model.weights), cloned=len(copy.weights))
-        )
+        raise NoCopy(f"the clone of {model.name!r} does not have the model's weights "
+                     f"({len(copy.weights)} instead of {len(model.weights)}, or other shapes: "
+                     "a custom layer's get_config() does not rebuild it exactly)")
     for original, clone in pairs:
         value = np.array(original.numpy())  # a copy: the model's own buffer is never shared
         if value.dtype.kind == "f" and "float64" in str(clone.dtype):
