@@ -104,6 +104,3 @@ def _materialized(request: Any) -> list:
     planned = plan(request.model, request.variables, request.adapter.layers_module)
     index = rest(planned, len(request.variables))
     return [request.variables[j] for j in index]
-
-
-

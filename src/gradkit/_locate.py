@@ -46,7 +46,7 @@ def locate_nonfinite(
     returning its states). A shared layer, or one with several outputs named in ``layers=``,
     is a clear error: leave it out. No model state changes.
     """
-    resolve_objective(model, loss, None, y, scores=False)  # its messages, not target='s
+    resolve_objective(model, loss, None, y, scores=False)  # fail early; no target= here
     if layers is None:
         layers = model_layers(model)
     with warnings.catch_warnings():  # non-finite gradients are what is looked for here

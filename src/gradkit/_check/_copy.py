@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 
-
 class NoCopy(Exception):
     """`model_copy` could not make a faithful copy; the message says why."""
 
