@@ -476,6 +476,29 @@ def test_a_train_step_that_skips_the_optimizer_is_reported(keras, flavour):
     assert len(monitor.history["step"]) == 0
 
 
+def test_one_monitor_keeps_one_history(keras):
+    """A second fit of the same model adds to the history; a fit of a model with other
+    variables is refused before its first step, and the records held stay as they were."""
+    x, y = _data()
+    model, monitor = _model(keras), gk.GradientMonitor(every=1, writers=())
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    model.fit(x, y, batch_size=BATCH, epochs=2, initial_epoch=1, shuffle=False, verbose=0,
+              callbacks=[monitor])
+    history = monitor.history
+    assert list(history["step"]) == list(range(2 * STEPS))
+    assert list(history["epoch"]) == [0] * STEPS + [1] * STEPS
+    other = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="other")])
+    other.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    weights = [to_numpy(v) for v in other.trainable_variables]
+    with pytest.raises(gk.InvalidArgumentError, match=r"holds the records of other variables"):
+        other.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[monitor])
+    assert all(np.array_equal(a, to_numpy(b)) for a, b in zip(weights, other.trainable_variables))
+    again = monitor.history
+    assert list(again["step"]) == list(history["step"])
+    for key, values in history["variables"]["norm"].items():
+        np.testing.assert_array_equal(again["variables"]["norm"][key], values)
+
+
 def test_bad_options_raise():
     for options in ({"every": 0}, {"on_nonfinite": "ignore"}, {"stats": ("norms",)},
                     {"writers": ["xml"]}, {"writers": None}):  # writers: checked without log_dir

@@ -136,8 +136,14 @@ class GradientMonitor:
     def on_train_begin(self, logs: Any = None) -> None:
         model = self.model
         flavour_of(model)
-        self.chosen = select_variables(model, self.layers)
-        self.keys = unique_keys(self.chosen)
+        chosen = select_variables(model, self.layers)
+        keys, before = unique_keys(chosen), getattr(self, "keys", None)
+        if before is not None and keys != before and (self._records or self._raw):
+            raise InvalidArgumentError(  # before anything changes: its records stay readable
+                f"This GradientMonitor holds the records of other variables ({before[:3]}...) "
+                f"than model {model.name!r} trains; it keeps one history. Give this fit a new "
+                "GradientMonitor (the old one keeps its records). " + received(model=model.name))
+        self.chosen, self.keys = chosen, keys
         self._sizes = np.array([int(np.prod(v.shape)) for v in self.chosen], np.float64)
         layers = [layer_of(key) for key in self.keys]
         self._layers = list(dict.fromkeys(layers))
