@@ -110,6 +110,34 @@ def test_loss_option_on_an_uncompiled_linear_model_matches_the_closed_form(keras
     np.testing.assert_allclose(grad, closed_form, rtol=1e-5, atol=1e-7)
 
 
+def test_loss_option_replaces_a_custom_compiled_loss_the_file_cannot_load(keras, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A model compiled with an unregistered loss function: refused (safe_mode) with --loss
+    as the way out; with --loss the layers load without their compile state."""
+    def my_loss(y_true, y_pred):
+        return keras.ops.mean(keras.ops.abs(y_true - y_pred))
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+    model.compile(loss=my_loss)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 3)).astype("float32")
+    y = rng.standard_normal((5, 2)).astype("float32")
+    model.save(tmp_path / "custom_loss.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    code, _, err = run_in_process("grads", "custom_loss.keras", "data.npz", "-o", "g",
+                                  cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "'my_loss'" in err and "pass --loss NAME instead" in err, err
+    code, _, err = run_in_process("grads", "custom_loss.keras", "data.npz", "--loss", "mse",
+                                  "-o", "g", cwd=tmp_path, monkeypatch=monkeypatch,
+                                  capsys=capsys)
+    assert code == 0, err
+    (grad,) = gradkit.load(tmp_path / "g.npz").values()
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    w64 = np.asarray(keras.ops.convert_to_numpy(model.layers[0].kernel), np.float64)
+    np.testing.assert_allclose(grad, 2.0 / y.size * x64.T @ (x64 @ w64 - y64), rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_named_inputs_outputs_sample_weight_training_and_layers(keras, tmp_path, monkeypatch,
                                                                 capsys):
     a = keras.Input((3,), name="a")

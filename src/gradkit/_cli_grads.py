@@ -84,7 +84,7 @@ def load_inputs(args: argparse.Namespace) -> tuple:
     check_model_file(Path(args.model))
     x, y, sample_weight = load_data(Path(args.data))
     keras = import_keras()
-    model = load_model(keras, Path(args.model))
+    model = load_model(keras, Path(args.model), loss_given=args.loss is not None)
     x, y = _match_names(model, x, y)
     _check_loss_available(model, args.loss, y)
     return keras, model, x, y, sample_weight
@@ -163,13 +163,21 @@ def check_model_file(path: Path) -> None:
         )
 
 
-def load_model(keras: Any, path: Path) -> Any:
-    """A Keras 3 model from a .keras file with safe_mode=True, or one clear error."""
+def load_model(keras: Any, path: Path, loss_given: bool = False) -> Any:
+    """A Keras 3 model from a .keras file with safe_mode=True, or one clear error. With
+    `loss_given` (--loss, which replaces the compiled loss), a compile state that needs code
+    outside Keras (a custom loss) is left out rather than refused."""
     check_model_file(path)
+    failures = (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile)
     try:
         model = keras.saving.load_model(str(path), compile=True, safe_mode=True)
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
-        raise GradkitFileError(_load_failure(path, exc)) from None
+    except failures as exc:
+        if not (loss_given and _needs_code(exc)):
+            raise GradkitFileError(_load_failure(path, exc)) from None
+        try:  # the layers alone: a custom layer is refused here as before
+            model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        except failures as again:
+            raise GradkitFileError(_load_failure(path, again)) from None
     if not isinstance(model, keras.Model):
         raise GradkitFileError(
             f"{str(path)!r} holds a {type(model).__name__}, not a Keras model. "
@@ -178,18 +186,25 @@ def load_model(keras: Any, path: Path) -> Any:
     return model
 
 
+def _needs_code(exc: Exception) -> bool:
+    """Whether loading failed on code outside Keras (a custom object, a lambda)."""
+    text = str(exc)
+    return bool(re.search(r"Could not locate (?:class|function) '", text)) or "safe_mode" in text
+
+
 def _load_failure(path: Path, exc: Exception) -> str:
     from gradkit._cli import describe
 
     text = str(exc)
     missing = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
-    if missing or "safe_mode" in text:
+    if _needs_code(exc):
         what = f"the custom object {missing.group(1)!r}" if missing else "a Python lambda"
         return (
             f"The model in {str(path)!r} needs {what}, i.e. code that is not part of Keras; "
             "gradkit loads models with safe_mode=True and runs no code from the file. Use "
-            "built-in layers only, or load the model yourself in Python (with its custom "
-            "objects) and call gradkit.gradients. " + received(model=str(path))
+            "built-in layers only (a custom compiled loss: pass --loss NAME instead), or load "
+            "the model yourself in Python (with its custom objects) and call "
+            "gradkit.gradients. " + received(model=str(path))
         )
     return (
         f"{str(path)!r} could not be loaded as a Keras 3 model ({describe(exc)}). Save it "
