@@ -22,7 +22,8 @@ from gradkit._errors import (
     received,
 )
 from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms, nonfinite_alarm
-from gradkit._monitor._history import STATS, flat_record, history_of, norms, variable_stats
+from gradkit._monitor._history import (STATS, check_one_history, flat_record, history_of,
+                                       norms, variable_stats)
 from gradkit._monitor._recorder import Recorder
 from gradkit._monitor._writers import open_writers, writer_names
 from gradkit._select import select_variables, unique_keys
@@ -137,12 +138,9 @@ class GradientMonitor:
         model = self.model
         flavour_of(model)
         chosen = select_variables(model, self.layers)
-        keys, before = unique_keys(chosen), getattr(self, "keys", None)
-        if before is not None and keys != before and (self._records or self._raw):
-            raise InvalidArgumentError(  # before anything changes: its records stay readable
-                f"This GradientMonitor holds the records of other variables ({before[:3]}...) "
-                f"than model {model.name!r} trains; it keeps one history. Give this fit a new "
-                "GradientMonitor (the old one keeps its records). " + received(model=model.name))
+        keys = unique_keys(chosen)  # checked before anything changes: the records stay readable
+        held = self._records or self._raw or self._pending
+        check_one_history(getattr(self, "keys", None) if held else None, keys, model.name)
         self.chosen, self.keys = chosen, keys
         self._sizes = np.array([int(np.prod(v.shape)) for v in self.chosen], np.float64)
         layers = [layer_of(key) for key in self.keys]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from gradkit._errors import InvalidArgumentError, received
 from gradkit._stats import layer_of
 
 STATS = ("norm", "max_abs", "mean", "std", "zero_fraction", "nan_count", "inf_count",
@@ -121,6 +122,15 @@ def _put(record: dict, scope: str, key: Any, s: dict, stats: tuple) -> None:
             value = s[name]
             record[f"{scope}/{name}{suffix}"] = (
                 [float(x) for x in value] if np.ndim(value) else float(value))
+
+
+def check_one_history(held: list | None, keys: list, model_name: str) -> None:
+    """Raise if records of the variables `held` cannot share a history with `keys`'."""
+    if held is not None and keys != held:
+        raise InvalidArgumentError(
+            f"This GradientMonitor holds the records of other variables ({held[:3]}...) than "
+            f"model {model_name!r} trains; it keeps one history. Give this fit a new "
+            "GradientMonitor (the old one keeps its records). " + received(model=model_name))
 
 
 def history_of(records: list[dict]) -> dict:
