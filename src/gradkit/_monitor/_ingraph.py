@@ -43,8 +43,13 @@ def finite_sums(xp: SimpleNamespace, grads: list) -> tuple[list, Any]:
 
 def nonfinite_counts(xp: SimpleNamespace, grads: list) -> Any:
     """(n, 2) int32: NaN and Inf counts per gradient."""
-    return xp.stack([xp.stack([xp.sum(xp.cast(xp.isnan(g), "int32")),
-                               xp.sum(xp.cast(xp.isinf(g), "int32"))]) for g in grads])
+    return xp.stack([xp.stack([_count(xp, xp.isnan(g)), _count(xp, xp.isinf(g))])
+                     for g in grads])
+
+
+def _count(xp: SimpleNamespace, mask: Any) -> Any:
+    """int32 number of True entries (JAX with 64-bit types on sums int32 into int64)."""
+    return xp.cast(xp.sum(xp.cast(mask, "int32")), "int32")
 
 
 def variable_rows(xp: SimpleNamespace, grads: list, weights: list, sums: list, finite: Any,
@@ -98,7 +103,7 @@ def masked_rows(xp: SimpleNamespace, g: Any, bins: int) -> tuple[Any, Any]:
     """Some entry NaN or Inf (or sums overflowing): statistics of the finite entries."""
     size = int(g.shape[0])
     fin = xp.isfinite(g)
-    nan, inf = (xp.sum(xp.cast(f(g), "int32")) for f in (xp.isnan, xp.isinf))
+    nan, inf = (_count(xp, f(g)) for f in (xp.isnan, xp.isinf))
     count = xp.cast(size - nan - inf, "float32")
     lo = xp.min(xp.where(fin, g, float("inf")))
     hi = xp.max(xp.where(fin, g, float("-inf")))

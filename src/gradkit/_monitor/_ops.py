@@ -30,7 +30,7 @@ def namespace(kind: str, xla: bool = False) -> SimpleNamespace:
             logical_not=ops.logical_not, zeros=ops.zeros, vdot=ops.vdot,
             count_nonzero=ops.count_nonzero, copy=ops.copy, value=lambda v: v.value,
             floordiv=ops.floor_divide, put=lambda ring, slot, x: ops.slice_update(
-                ring, [slot] + [0] * len(x.shape), ops.expand_dims(x, 0)),
+                ring, [slot] + [slot * 0] * len(x.shape), ops.expand_dims(x, 0)),  # one dtype
             squares=_dot_squares(ops.vdot), zero_count=lambda g: int(g.shape[0]) - ops.cast(
                 ops.count_nonzero(g), "int32"))
         if backend == "torch":  # eager: keras.ops' conversions cost more than the passes
