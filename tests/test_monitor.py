@@ -387,6 +387,46 @@ def test_nonfinite_gradient_is_reported_at_its_step(keras, action):
     assert seen == {"warn": [0, 1, 2, 3], "stop": [0, 1, 2], "raise": [0, 1]}[action]
 
 
+def test_a_nonfinite_update_raises_no_norm_alarm(keras):
+    """Recorded, a NaN update's layers have no gradient norm (over its finite entries it is
+    0 when every entry is NaN): the NaN alarm reports it, not a "vanishing" warning."""
+    x, y = _data()
+    x[2 * BATCH:3 * BATCH] = np.nan  # every gradient entry of update 2 is NaN
+    monitor = gk.GradientMonitor(every=1, writers=())  # default thresholds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _model(keras).fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                          callbacks=[monitor])
+    assert [a["kind"] for a in monitor.alarms] == ["nonfinite"]
+    assert not [w for w in caught if w.category is gk.GradientNormWarning]
+
+
+@pytest.mark.flavours("jax")
+def test_jax_with_64_bit_types_on(keras):
+    """With JAX's 64-bit types on (set by a user or another library), integer sums default
+    to int64: the in-step counts and ring indices stay int32, and the records are right."""
+    import jax
+
+    from gradkit._check._copy import _jax_x64
+
+    x, y = _data()
+    model = _model(keras, optimizer=keras.optimizers.SGD(0.0))  # weights stay put
+    expected = gk.gradients(model, x[:BATCH], y[:BATCH], training=True)
+    x[2 * BATCH] = np.nan
+    monitor = gk.GradientMonitor(every=1, writers=())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _jax_x64():
+            assert jax.config.jax_enable_x64
+            model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[monitor])
+        norms = monitor.history["variables"]["norm"]
+    assert [w.category for w in caught] == [gk.NonFiniteGradientWarning]
+    for key, g in expected.items():
+        np.testing.assert_allclose(norms[key][0], np.linalg.norm(g), rtol=1e-5)
+    assert [(a["kind"], a["step"]) for a in monitor.alarms] == [("nonfinite", 2)]
+
+
 def test_writers_round_trip(keras, tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 

@@ -19,7 +19,10 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
+
 from gradkit._errors import GradientNormWarning, InvalidArgumentError, received
+from gradkit._monitor._history import norms
 
 DEFAULT_THRESHOLDS = {"explode": 1e3, "growth": 1e2, "vanish": 1e-7}
 
@@ -36,6 +39,16 @@ def nonfinite_alarm(keys: list, counts: Any, step: int, batch: int, epoch: int) 
             "batch: gk.locate_nonfinite(model, x, y) on it names the layer where they first "
             "appear.")
     return alarm, text
+
+
+def layer_norms(state: list, sizes: np.ndarray, layer_index: np.ndarray,
+                layers: list) -> dict:
+    """{layer: gradient L2 norm} of one recorded update's state; NaN for a layer holding
+    NaN/Inf, whose norm over its finite entries (0 when all are NaN) is no gradient norm."""
+    rows, counts = state[0], state[1]
+    squares = np.bincount(layer_index, norms(rows, counts, sizes) ** 2, len(layers))
+    bad = np.bincount(layer_index, counts[:, 1] + counts[:, 2], len(layers)) > 0
+    return dict(zip(layers, np.where(bad, np.nan, np.sqrt(squares)).tolist()))
 
 
 class NormAlarms:

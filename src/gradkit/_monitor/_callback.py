@@ -21,9 +21,10 @@ from gradkit._errors import (
     NonFiniteGradientWarning,
     received,
 )
-from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms, nonfinite_alarm
+from gradkit._monitor._alarms import (DEFAULT_THRESHOLDS, NormAlarms, layer_norms,
+                                      nonfinite_alarm)
 from gradkit._monitor._history import (STATS, check_one_history, flat_record, history_of,
-                                       norms, variable_stats)
+                                       variable_stats)
 from gradkit._monitor._recorder import Recorder
 from gradkit._monitor._writers import open_writers, writer_names
 from gradkit._select import select_variables, unique_keys
@@ -261,10 +262,8 @@ class GradientMonitor:
             for writer in self._writers:
                 writer.write(record)
         if "norm" in self.stats and self._norm_alarms.active:
-            squares = np.bincount(self._layer_index, norms(state[0], state[1], self._sizes) ** 2,
-                                  len(self._layers))
-            self.alarms.extend(self._norm_alarms.check(
-                dict(zip(self._layers, np.sqrt(squares).tolist())), meta))
+            self.alarms.extend(self._norm_alarms.check(layer_norms(
+                state, self._sizes, self._layer_index, self._layers), meta))
 
     def _flat(self, meta: dict, state: list) -> dict:
         rows, counts, updates, clipped = state
