@@ -21,8 +21,7 @@ from gradkit._errors import (
     NonFiniteGradientWarning,
     received,
 )
-from gradkit._monitor._alarms import (DEFAULT_THRESHOLDS, NormAlarms, layer_norms,
-                                      nonfinite_alarm)
+from gradkit._monitor._alarms import DEFAULT_THRESHOLDS, NormAlarms, layer_norms, nonfinite_alarm
 from gradkit._monitor._history import (STATS, check_one_history, flat_record, history_of,
                                        variable_stats)
 from gradkit._monitor._recorder import Recorder
