@@ -174,6 +174,24 @@ def test_integer_inputs_point_to_the_embedding_layer(keras):
         gk.input_gradients(model, ids, target=0)
 
 
+def test_token_ids_next_to_float_inputs_get_none(keras):
+    """Token ids and float features in one model: the features' gradient (against the
+    closed form of a linear head), None for the ids."""
+    L = keras.layers
+    ids, feats = keras.Input((5,), dtype="int32", name="ids"), keras.Input((3,), name="feats")
+    pooled = L.GlobalAveragePooling1D()(L.Embedding(10, 4, name="emb")(ids))
+    head = L.Dense(1, name="head")
+    model = keras.Model({"ids": ids, "feats": feats}, head(L.Concatenate()([pooled, feats])))
+    x = {"ids": RNG.integers(0, 10, size=(4, 5)).astype("int32"),
+         "feats": RNG.normal(size=(4, 3)).astype("float32")}
+    grads = gk.input_gradients(model, x, target=0)
+    kernel = np.asarray(keras.ops.convert_to_numpy(head.kernel)) if hasattr(keras, "ops") \
+        else head.kernel.numpy()
+    assert grads["ids"] is None
+    # target=0 sums the scores: d score_i / d feats_i = the head's weights on the features
+    np.testing.assert_allclose(grads["feats"], np.tile(kernel[4:, 0], (4, 1)), rtol=1e-6)
+
+
 def test_uncompiled_model_without_loss_or_target_is_a_clear_error(keras):
     model, _ = _mlp(keras)
     with pytest.raises(gk.InvalidArgumentError, match=r"not compiled.*Received: "):

@@ -40,8 +40,9 @@ def input_gradients(
     Rows never mix: unless the model has layers that couple examples (BatchNorm with
     ``training=True``), changing example ``j`` leaves row ``i`` unchanged. An input the
     objective does not depend on gets zeros. No model state changes (``training=True``
-    included). Integer inputs (token ids) have no gradient: use
-    ``activation_gradients(model, x, layers="<embedding layer>")`` instead.
+    included). Integer inputs (token ids) have no gradient: next to float inputs they come
+    back as None; a model whose inputs are all integers raises, pointing to
+    ``activation_gradients(model, x, layers="<embedding layer>")``.
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
                       training=training, seed=seed)
@@ -49,7 +50,8 @@ def input_gradients(
     _check_float_inputs(model, batch.x)
     with original_errors():
         _, grads = request.adapter.input_gradients(request)
-    arrays = [_as_result(g, leaf) for g, leaf in zip(grads, leaves(batch.x))]
+    arrays = [_as_result(g, leaf) if _is_float(leaf) else None
+              for g, leaf in zip(grads, leaves(batch.x))]
     report_nonfinite(dict(zip(_input_names(batch.x), arrays)), batch)
     feed = iter(arrays)
     return map_structure(lambda _: next(feed), batch.x)
@@ -76,10 +78,15 @@ def _input_names(x: Any) -> list[str]:
     return ["x"]
 
 
+def _is_float(leaf: Any) -> bool:
+    return "float" in _dtype_name(leaf)
+
+
 def _check_float_inputs(model: Any, x: Any) -> None:
+    """Raise unless some input is float (the others, token ids, get None)."""
+    if any(_is_float(leaf) for leaf in leaves(x)):
+        return
     for name, leaf in zip(_input_names(x), leaves(x)):
-        if "float" in _dtype_name(leaf):
-            continue
         embeddings = [path for path, layer in walk_layers(model)
                       if "Embedding" in type(layer).__name__]
         hint = (f"layers={embeddings[0]!r}" if embeddings else "layers=<the layer that reads "

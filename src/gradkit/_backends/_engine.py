@@ -164,7 +164,7 @@ class Engine(Operations):
     # --- gradients with respect to the inputs and to layer outputs (taps)
 
     def tapped_objective(self, request) -> Callable:
-        """objective_of(values, data, scale, x) -> (scaled value, loss) for `run_tapped`."""
+        """objective_of(values, data, scale, x) -> (scaled value, loss) for `_tapped.run_tapped`."""
         model_ref, training = weakref.ref(request.model), request.training
         objective = k3.prepare_objective(request.objective)
 

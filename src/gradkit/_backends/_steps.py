@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 from gradkit._backends import _cache
-from gradkit._data import leaves, map_structure
+from gradkit._data import leaves
 from gradkit._factors import (
     KINDS,
     LayerTaps,
@@ -31,7 +31,7 @@ class Operations:
     """The operations every adapter shares, over what the adapter supplies: ``p`` (its
     primitives), ``objective(request, scaled)`` (see `gradient_fn`),
     ``output_objective(request, scaled)`` (see `_second_order.run_ggn` and
-    `_batched.batched_fn`), ``tapped_objective(request)`` (see `tapped_fn`),
+    `_batched.batched_fn`), ``tapped_objective(request)`` (see `_tapped.tapped_fn`),
     ``parts(request, mapped)`` (see `run_per_example`) and ``scale_of(model)``."""
 
     pad_chunks = False
@@ -52,10 +52,14 @@ class Operations:
         return run_ggn(self, request, vectors)
 
     def input_gradients(self, request):
+        from gradkit._backends._tapped import run_tapped
+
         loss, grads, _ = run_tapped(self, request, None, self.tapped_objective(request))
         return loss, grads
 
     def activation_gradients(self, request, layers, keys, return_activations: bool):
+        from gradkit._backends._tapped import run_tapped
+
         return run_tapped(self, request, OutputTaps(layers, keys),
                           self.tapped_objective(request), keep_outputs=return_activations)
 
@@ -140,26 +144,6 @@ def host(p, loss: Any, *groups: list) -> tuple:
             *([None if a is None else p.to_numpy(a) for a in group] for group in groups))
 
 
-def run_tapped(adapter, request, taps: OutputTaps | None, objective_of: Callable,
-               keep_outputs: bool = False) -> tuple:
-    """(loss, grads, outputs) of `tapped_fn`, compiled and cached, as NumPy (the outputs only
-    with `keep_outputs`, else None each); the taps are installed around the call and checked
-    after it."""
-    template = map_structure(lambda _: 0, request.batch.x)
-    key = (None if taps is None else tuple(id(la) for la in taps.layers), repr(template))
-    scale = adapter.scale_of(request.model)
-    taps, run = compiled(request, scale, "tapped", lambda s: (taps, adapter.p.compile(
-        tapped_fn(adapter.p, taps, template, objective_of), request.model)), key)
-    data = dict(data_of(request.batch, request.seed), x=leaves(request.batch.x))
-    with taps.installed() if taps is not None else nullcontext():
-        loss, grads, outputs = run(data, scale)
-    if taps is not None:
-        taps.check()  # what the pass recorded: a shared, unused or non-float layer
-    if not keep_outputs:  # no copy to the host of what the caller will not read
-        outputs = [None] * len(outputs)
-    return host(adapter.p, loss, grads, outputs)
-
-
 def planned_layers(adapter, request, mapped: bool) -> list:
     """The factored layers of `request` (gradkit._factors.plan). In the compiled loop
     (`mapped`) only the kinds marked `compiled_loop` are factored: there the framework's own
@@ -220,33 +204,6 @@ def unscaled(p, grads: list, scale: Any, scaled: bool = True) -> list:
     if not scaled:
         return list(grads)
     return [None if g is None else g / p.ops.cast(scale, g.dtype) for g in grads]
-
-
-def tapped_fn(p, taps: OutputTaps | None, template: Any, objective_of: Callable) -> Callable:
-    """fn -> (loss, [gradient or None], [output]): w.r.t. the flat inputs (``taps=None``;
-    ``data["x"]`` is then the list of input leaves) or the tapped layers' outputs.
-    ``objective_of(values, data, scale, x) -> (scaled value, loss)``."""
-    def fn(values, data, scale):
-        def f(perturb, *inputs):  # inputs: the flat x when differentiated, else none
-            feed = iter(inputs[0] if inputs else data["x"])
-            x = map_structure(lambda _: next(feed), template)
-            outputs, order = ([None] * len(taps.layers), []) if taps else ([], [])
-            if taps is not None:
-                taps.start(lambda i, out: order.append(i) or outputs.__setitem__(i, out)
-                           or perturb(out))
-            value, loss = objective_of(values, data, scale, x)
-            return value, (loss, outputs, order)
-
-        if taps is None:
-            (loss, _, _), (grads,), _ = p.grad(f)(list(data["x"]))
-            return loss, unscaled(p, grads, scale), []
-        (loss, outputs, order), _, tap_grads = p.grad(f, taps=True)()
-        grads = [None] * len(taps.layers)
-        for i, grad in zip(order, tap_grads):
-            grads[i] = grad
-        return loss, unscaled(p, grads, scale), outputs
-
-    return fn
 
 
 def per_example_fn(p, planned: list, count: int, objective_of: Callable, chosen_of: Callable,
