@@ -539,6 +539,25 @@ def test_one_monitor_keeps_one_history(keras):
         np.testing.assert_array_equal(again["variables"]["norm"][key], values)
 
 
+@pytest.mark.flavours("tensorflow", "jax", "torch")
+def test_a_checkpoint_saved_during_a_monitored_fit_restores_the_optimizer(keras, tmp_path):
+    """The monitor's in-step state (on JAX, variables of the optimizer during fit) is not
+    saved with the optimizer: the checkpoint loads its Adam state as a plain fit's would."""
+    x, y = _data()
+    model = _model(keras, optimizer=keras.optimizers.Adam(1e-2))
+    path = tmp_path / "m.keras"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[
+            gk.GradientMonitor(every=1, writers=()), keras.callbacks.ModelCheckpoint(path)])
+        loaded = keras.models.load_model(path)
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    assert "save_own_variables" not in vars(model.optimizer)  # the shadow goes with fit
+
+
 def test_bad_options_raise():
     for options in ({"every": 0}, {"on_nonfinite": "ignore"}, {"stats": ("norms",)},
                     {"writers": ["xml"]}, {"writers": None}):  # writers: checked without log_dir

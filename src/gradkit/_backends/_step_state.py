@@ -3,7 +3,9 @@ and the train function it is traced into.
 
 - `add_state` makes a zero-filled variable a hook may assign in the step; on JAX it joins the
   optimizer's variables, which the trainer carries through the step, so `read_state` reads
-  it from that carried state in the middle of a `fit`; `remove_state` forgets it.
+  it from that carried state in the middle of a `fit`; `remove_state` forgets it. Saving
+  the optimizer meanwhile (a ModelCheckpoint) stores its own variables only, as a plain fit
+  would: with gradkit's too, loading the checkpoint would skip the optimizer's state.
 - `refresh` and `fresh_train_function` make `fit` trace its train function again (once
   hooks are installed or removed, or one function per kind of step); `steps_per_call` is
   how many steps one call of it takes.
@@ -25,7 +27,9 @@ def add_state(model: Any, optimizer: Any, shape: tuple, name: str, dtype: str = 
         import keras
 
         if keras.backend.backend() == "jax":
-            return opt.add_variable(shape, dtype=dtype, name=name)
+            variable = opt.add_variable(shape, dtype=dtype, name=name)
+            _unsaved(opt).add(id(variable))
+            return variable
         with strategy_scope(model):
             return keras.Variable(keras.ops.zeros(shape, dtype), trainable=False, name=name,
                                   aggregation="only_first_replica")
@@ -44,6 +48,29 @@ def remove_state(optimizer: Any, variables: list) -> None:
     if kind(opt) == "keras3" and tracked is not None:
         for i in reversed([i for i, v in enumerate(tracked) if id(v) in ids]):
             del tracked[i]
+    unsaved = vars(opt).get(_UNSAVED)
+    if unsaved is not None:
+        unsaved -= ids
+        if not unsaved:
+            vars(opt).pop(_UNSAVED)
+            vars(opt).pop("save_own_variables", None)
+
+
+_UNSAVED = "_gradkit_unsaved"
+
+
+def _unsaved(opt: Any) -> set:
+    """The ids of `opt`'s variables its saving leaves out; saving is shadowed to do so."""
+    if _UNSAVED not in vars(opt):
+        vars(opt)[_UNSAVED] = set()
+
+        def save_own_variables(store: Any) -> None:  # Keras' own, on its own variables
+            own = [v for v in opt.variables if id(v) not in vars(opt)[_UNSAVED]]
+            for i, variable in enumerate(own):
+                store[str(i)] = variable.numpy()
+
+        vars(opt)["save_own_variables"] = save_own_variables
+    return vars(opt)[_UNSAVED]
 
 
 def read_state(model: Any, variables: list) -> list:
