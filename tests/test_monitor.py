@@ -557,6 +557,25 @@ def test_a_checkpoint_saved_during_a_monitored_fit_restores_the_optimizer(keras,
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
     assert "save_own_variables" not in vars(model.optimizer)  # the shadow goes with fit
 
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    def resumable(*extra):  # the monitor first: its state exists when the backup loads
+        return [gk.GradientMonitor(every=1, writers=()),
+                keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), *extra]
+
+    first = _model(keras, optimizer=keras.optimizers.Adam(1e-2))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(x, y, batch_size=BATCH, epochs=4, verbose=0, callbacks=resumable(Interrupt()))
+    again = _model(keras, optimizer=keras.optimizers.Adam(1e-2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again.fit(x, y, batch_size=BATCH, epochs=4, verbose=0, callbacks=resumable())
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+    assert int(to_numpy(again.optimizer.iterations)) == 4 * STEPS  # 2 restored, 2 run
+
 
 def test_bad_options_raise():
     for options in ({"every": 0}, {"on_nonfinite": "ignore"}, {"stats": ("norms",)},

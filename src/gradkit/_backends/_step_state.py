@@ -52,25 +52,35 @@ def remove_state(optimizer: Any, variables: list) -> None:
     if unsaved is not None:
         unsaved -= ids
         if not unsaved:
-            vars(opt).pop(_UNSAVED)
-            vars(opt).pop("save_own_variables", None)
+            for name in (_UNSAVED, *_SAVING):
+                vars(opt).pop(name, None)
 
 
 _UNSAVED = "_gradkit_unsaved"
+_SAVING = ("save_own_variables", "load_own_variables")
 
 
 def _unsaved(opt: Any) -> set:
-    """The ids of `opt`'s variables its saving leaves out; saving is shadowed to do so."""
+    """The ids of `opt`'s variables its saving and loading leave out (a checkpoint written or
+    read during fit: ModelCheckpoint, BackupAndRestore); Keras' own methods run on the
+    optimizer's variables without them."""
     if _UNSAVED not in vars(opt):
         vars(opt)[_UNSAVED] = set()
-
-        def save_own_variables(store: Any) -> None:  # Keras' own, on its own variables
-            own = [v for v in opt.variables if id(v) not in vars(opt)[_UNSAVED]]
-            for i, variable in enumerate(own):
-                store[str(i)] = variable.numpy()
-
-        vars(opt)["save_own_variables"] = save_own_variables
+        for name in _SAVING:
+            vars(opt)[name] = lambda store, name=name: _without_ours(opt, name, store)
     return vars(opt)[_UNSAVED]
+
+
+def _without_ours(opt: Any, method: str, store: Any) -> Any:
+    tracked, ours = opt._variables, vars(opt)[_UNSAVED]
+    kept = [(i, v) for i, v in enumerate(tracked) if id(v) in ours]
+    for i, _ in reversed(kept):
+        del tracked[i]
+    try:
+        return getattr(type(opt), method)(opt, store)
+    finally:
+        for i, variable in kept:
+            tracked.insert(i, variable)
 
 
 def read_state(model: Any, variables: list) -> list:
