@@ -37,7 +37,8 @@ def wrap(optimizer: Any, transform: GradientTransformation) -> Any:
     counts, and ``add_noise`` is refused (use a manual loop or ``clipped_gradients``).
 
     `optimizer` itself is not changed: the new one is built from its config, with fresh
-    state (pass it to ``compile`` before training). Keras 3 or tf-keras optimizers.
+    state (pass it to ``compile`` before training). Keras 3 or tf-keras optimizers. A saved
+    model holds no Python code: it loads with the plain optimizer; wrap it again.
     """
     if not isinstance(transform, GradientTransformation):
         raise InvalidArgumentError(
