@@ -65,9 +65,7 @@ def tapped_fn(p, taps: OutputTaps | None, template: Any, objective_of: Callable)
                 perturb, _placed(xs, at, chosen)))([xs[i] for i in at])
             return loss, unscaled(p, _placed([None] * len(xs), at, grads), scale), []
         (loss, outputs, order), _, tap_grads = p.grad(f, taps=True)()
-        grads = [None] * len(taps.layers)
-        for i, grad in zip(order, tap_grads):
-            grads[i] = grad
+        grads = _placed([None] * len(taps.layers), order, tap_grads)
         return loss, unscaled(p, grads, scale), outputs
 
     return fn
