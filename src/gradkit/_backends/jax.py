@@ -19,6 +19,7 @@ import numpy as np
 
 from gradkit._backends import _buckets
 from gradkit._backends import _keras3 as k3
+from gradkit._backends.jax_pooling import fast_max_pooling
 from gradkit._factors import Ops
 
 
@@ -38,7 +39,8 @@ class JaxPrimitives:
 
     def compile(self, fn: Callable, model: Any, *, donate: tuple = (), pad: Any = None):
         model_ref = weakref.ref(model)
-        jitted = jax.jit(k3.seeded(fn, model_ref), donate_argnums=tuple(i + 1 for i in donate))
+        jitted = jax.jit(k3.seeded(pooled(fn, model_ref), model_ref),
+                         donate_argnums=tuple(i + 1 for i in donate))
         exact = pad is not None and _buckets.padding_is_exact(model, *pad)
         buckets = [_buckets.Buckets()] if exact else []
         traced = []
@@ -148,6 +150,15 @@ class JaxPrimitives:
         from gradkit._backends import jax_distributed
 
         return jax_distributed.distributed_sum(engine, request, batches, strategy)
+
+
+def pooled(fn: Callable, model_ref: Any) -> Callable:
+    """`fn` traced with the model's max pooling in its fast exact form (jax_pooling)."""
+    def traced(*args):
+        with fast_max_pooling(model_ref()):
+            return fn(*args)
+
+    return traced
 
 
 def reaching(fn: Callable, args: tuple) -> list[list[bool]]:

@@ -15,6 +15,7 @@ global batch, and every process gets the same result.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from gradkit._backends import _cache
 from gradkit._backends import _keras3 as k3
 from gradkit._backends._accumulator import adder
 from gradkit._backends._steps import data_of, gradient_fn
+from gradkit._backends.jax import pooled
 from gradkit._data import leaves, map_structure
 from gradkit._errors import InvalidArgumentError, received
 
@@ -36,7 +38,8 @@ def distributed_sum(engine, request, batches, strategy):
     model = request.model
     connected: list = []  # found while tracing
     connected, step = _cache.cached(model, ("mesh", request.cache_key(), mesh), lambda: (
-        connected, jax.jit(adder(gradient_fn(engine, request, True), engine.p, False, connected),
+        connected, jax.jit(pooled(adder(gradient_fn(engine, request, True), engine.p, False,
+                                        connected), weakref.ref(model)),
                            out_shardings=NamedSharding(mesh, PartitionSpec()))))
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(axes))
