@@ -57,6 +57,32 @@ def test_recurrent_layers_decide_their_route_once(keras, flavour, caplog):
     assert not [r for r in caplog.records if r.name == "tensorflow"]
 
 
+def test_layers_that_fold_time_into_the_batch(keras, monkeypatch):
+    """tf-keras' TimeDistributed calls its layer once on (n·T, ...) rows: one pass over the
+    batch would take those rows for examples (it once returned wrong rows and norms, with
+    nothing said). Keras 3's calls it once per step on (n, ...). Either way the rows equal
+    the loop's, and a selection whose layers fold is not run in one pass a second time."""
+    from gradkit._backends import _batched
+
+    L = keras.layers
+    inputs = keras.Input((5, 4))
+    steps = L.TimeDistributed(L.Dense(6, activation="tanh", name="per_step"), name="steps")
+    outputs = L.Dense(3, name="out")(L.Flatten()(steps(inputs)))
+    model = keras.Model(inputs, outputs)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    runs = []
+    one_pass = _batched.run_batched
+    monkeypatch.setattr(_batched, "run_batched", lambda *a: runs.append(1) or one_pass(*a))
+    x = np.random.default_rng(4).normal(size=(4, 5, 4)).astype("float32")
+    check_against_loop(model, x, np.arange(4) % 3)
+    if keras.__name__ == "tf_keras":  # found on the first run, then never tried again
+        assert len(runs) == 1
+        gk.per_example_gradients(model, x, np.arange(4) % 3)
+        assert len(runs) == 1
+    # one example's rows are those of a batch of one too (n·T = T rows for n = 1)
+    check_against_loop(model, x[:1], np.zeros(1, "int64"))
+
+
 @pytest.mark.flavours("jax", "torch")
 def test_attention_layers(keras):
     check_against_loop(*attention(keras))

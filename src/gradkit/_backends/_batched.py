@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from gradkit._backends import _cache
 from gradkit._backends._steps import compiled, data_of
-from gradkit._data import map_structure
+from gradkit._data import leaves, map_structure
 from gradkit._factors import LayerTaps, assemble, factor_arrays, rest, with_regularizers
 from gradkit._select import walk_layers
 
@@ -45,15 +45,20 @@ def rows_independent(model: Any, training: bool) -> bool:
 
 def applies(request: Any, planned: list) -> bool:
     """Whether `run_batched` gives `request`'s rows: every selected variable planned, rows
-    independent (decided once per model and mode)."""
+    independent (decided once per model and mode), and no planned layer found to see more
+    rows than the batch has (`run_batched`)."""
     model, training = request.model, request.training
     return not rest(planned, len(request.variables)) and _cache.cached(
-        model, ("rows_independent", training), lambda: rows_independent(model, training))
+        model, ("rows_independent", training), lambda: rows_independent(model, training)) \
+        and not _cache.cached(model, ("folds_rows", request.cache_key()), lambda: False)
 
 
-def run_batched(adapter: Any, request: Any, planned: list) -> list:
+def run_batched(adapter: Any, request: Any, planned: list) -> list | None:
     """Per selected variable: its Factor, or None if unconnected, from `batched_fn` compiled
-    and cached."""
+    and cached; None (and the route not tried again for this selection) if a planned layer's
+    leading axis is not the batch's: a layer that folds another axis into the batch before
+    calling it (tf-keras' TimeDistributed reshapes (n, T, ...) to (n·T, ...)), so its rows
+    are not the examples'."""
     def build(scaled):
         reached: list = []
         return reached, adapter.p.compile(
@@ -61,7 +66,10 @@ def run_batched(adapter: Any, request: Any, planned: list) -> list:
 
     scale = adapter.scale_of(request.model)
     reached, run = compiled(request, scale, "batched", build)
-    arrays = run(data_of(request.batch), scale)
+    arrays, rows = run(data_of(request.batch), scale)
+    if any(deltas.shape[0] != rows.shape[0] for _, deltas in arrays):
+        _cache.for_model(request.model)[("folds_rows", request.cache_key())] = True
+        return None
     parts = assemble(len(request.variables), [e for e, ok in zip(planned, reached) if ok],
                      arrays, [])
     return with_regularizers(request, planned, parts)
@@ -69,9 +77,9 @@ def run_batched(adapter: Any, request: Any, planned: list) -> list:
 
 def batched_fn(adapter: Any, request: Any, planned: list, reached: list,
                scaled: bool) -> Callable:
-    """fn(values, data, scale) -> factor arrays of each planned layer whose output reaches
-    the objective (gradkit._factors), from one pass over the batch; which layers do is
-    written into `reached` while tracing."""
+    """fn(values, data, scale) -> (factor arrays of each planned layer whose output reaches
+    the objective (gradkit._factors), from one pass over the batch; an empty (batch rows, 0)
+    array); which layers reach it is written into `reached` while tracing."""
     p, taps = adapter.p, LayerTaps(planned)
     forward_of, loss_of, chosen_of = adapter.output_objective(request, scaled)
 
@@ -101,7 +109,9 @@ def batched_fn(adapter: Any, request: Any, planned: list, reached: list,
         kept = [i for i, ok in enumerate(reached) if ok]
         inputs, deltas = ([[p.detached(t)[:, None] for t in group[i]] for i in kept]
                           for group in (inputs, deltas))
+        # (batch rows, 0): the batch's leading size, read on the host after the run
+        rows = leaves(data["x"])[0][:, None][:, :0]
         return factor_arrays([planned[i] for i in kept], inputs, deltas, p.ops,
-                             scale if scaled else None)
+                             scale if scaled else None), rows
 
     return fn

@@ -100,7 +100,12 @@ class Operations:
         if planned is not None:
             from gradkit._backends import _batched
 
-            return _batched.run_batched(self, request, planned)
+            parts = _batched.run_batched(self, request, planned)
+            if parts is not None:
+                return parts
+            hazard = self.vectorize_hazard(request)  # not looked for while one pass applied
+            if hazard is not None:
+                raise RuntimeError(hazard)
         return self.parts(request, mapped=False)
 
     def _one_pass(self, request) -> list | None:
