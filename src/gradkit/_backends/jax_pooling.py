@@ -87,23 +87,16 @@ def _tiled_max_jvp(axes: tuple, pool: tuple, primals: tuple, tangents: tuple) ->
 
 def _windows(x: Any, axes: tuple, pool: tuple) -> Any:
     """`x` with each window's values along a new last axis (window order: row-major)."""
-    counts = [x.shape[a] // p for a, p in zip(axes, pool)]
-    x = x[tuple(slice(0, c * p) if a in axes else slice(None)
-                for a, c, p in _per_axis(x.ndim, axes, counts, pool))]
+    size = dict(zip(axes, pool))
+    count = {a: x.shape[a] // p for a, p in size.items()}
+    x = x[tuple(slice(0, count[a] * size[a]) if a in size else slice(None)
+                for a in range(x.ndim))]
     shape: list = []
     for a in range(x.ndim):
-        shape += [counts[axes.index(a)], pool[axes.index(a)]] if a in axes else [x.shape[a]]
+        shape += [count[a], size[a]] if a in size else [x.shape[a]]
     x = x.reshape(shape)
-    # axis a of the input is axis a + (number of pooled axes before it) of the reshaped array
-    inner = [a + axes.index(a) + 1 for a in axes]
+    # pooled axis a (the j-th, axes ascending) is split into axes a + j and a + j + 1
+    inner = [a + j + 1 for j, a in enumerate(axes)]
     outer = [d for d in range(x.ndim) if d not in inner]
     x = x.transpose(outer + inner)
     return x.reshape(x.shape[:len(outer)] + (math.prod(pool),))
-
-
-def _per_axis(ndim: int, axes: tuple, counts: list, pool: tuple) -> Iterator[tuple]:
-    for a in range(ndim):
-        if a in axes:
-            yield a, counts[axes.index(a)], pool[axes.index(a)]
-        else:
-            yield a, None, None
