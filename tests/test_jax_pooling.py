@@ -35,7 +35,7 @@ def build(keras, layer, options, shape):
     L = keras.layers
     inputs = keras.Input(shape)
     first = L.Dense(3)
-    h = getattr(L, layer)(**options)(first(inputs))
+    h = getattr(L, layer)(**options, name="pool")(first(inputs))
     h = L.Dense(4, activation="tanh")(h)  # smooth, so second derivatives are not all zero
     model = keras.Model(inputs, L.Dense(3)(L.Flatten()(h)))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -105,3 +105,30 @@ def test_per_example_rows_equal_a_loop_through_keras_own_pooling(keras):
         for variable, g in zip(model.trainable_variables, gradient(values)):
             np.testing.assert_allclose(rows[variable.path][i], np.asarray(g), rtol=1e-5,
                                        atol=1e-6, err_msg=variable.path)
+
+
+def test_a_pooling_layer_whose_output_is_tapped_keeps_its_tap(keras):
+    """Activation gradients of the pooling layer itself (its call is shadowed by the tap
+    before gradkit traces): the gradient of the loss at its output, by hand, and the
+    gradients of the layers around it."""
+    import jax
+
+    import gradkit as gk
+
+    model = build(keras, "MaxPooling2D", {}, (6, 7, 3))
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 3, size=(4, 6, 7, 3)).astype("float32")
+    y = rng.integers(0, 3, size=4)
+    got = gk.activation_gradients(model, x, y, layers=["pool", "dense"])
+    names = [layer.name for layer in model.layers]
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output)(x)
+
+    def loss_at(h, start):
+        for layer in model.layers[start:]:
+            h = layer(h)
+        return model.loss(y, h)
+
+    expected = jax.grad(loss_at)(pooled, names.index("pool") + 1)
+    np.testing.assert_allclose(got["pool"], np.asarray(expected), rtol=1e-5, atol=1e-7)
+    assert got["dense"].shape == (4, 6, 7, 3)  # the Dense before the pooling
+    assert np.any(got["pool"]) and np.any(got["dense"])

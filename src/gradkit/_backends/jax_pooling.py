@@ -11,7 +11,8 @@ Hessian-vector products are Keras' own to rounding (XLA may order a sum differen
 
 `fast_max_pooling(model)` shadows the `call` of the model's max-pooling layers while gradkit
 traces a program (a trace runs the Python once; the compiled program keeps the fast form).
-Other pooling (overlapping windows, "same" padding that pads) runs Keras' own call.
+Other pooling (overlapping windows, "same" padding that pads) and a pooling layer whose own
+output is tapped (activation gradients, `locate_nonfinite`) run Keras' own call.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from gradkit._taps import restore, shadow
 
 @contextlib.contextmanager
 def fast_max_pooling(model: Any) -> Iterator[None]:
-    """Within the block, `model`'s max-pooling layers pool with `tiled_max` where exact."""
+    """Within the block, `model`'s max-pooling layers pool with `tiled_max` where exact; not
+    a layer whose call is already shadowed (an output tap, which must see its output)."""
     saved: list = []
     try:
         for _, layer in walk_layers(model):
-            if _is_max_pooling(layer):
+            if _is_max_pooling(layer) and "call" not in vars(layer):
                 shadow(layer, "call", _tiled_call(layer, layer.call), saved)
         yield
     finally:
