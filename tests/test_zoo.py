@@ -57,6 +57,19 @@ def test_recurrent_layers_decide_their_route_once(keras, flavour, caplog):
     assert not [r for r in caplog.records if r.name == "tensorflow"]
 
 
+def test_token_ids_that_arrive_as_floats(keras):
+    """`keras.Input((T,))` without dtype="int32" in front of an Embedding (common in text
+    models): the ids reach the layer as floats and Keras casts them; the rows once failed
+    with NumPy's "arrays used as indices must be of integer type"."""
+    L = keras.layers
+    model = keras.Sequential([keras.Input((5,)), L.Embedding(7, 3, name="embed"),
+                              L.GlobalAveragePooling1D(), L.Dense(2, name="out")])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.array([[1, 1, 4, 0, 6], [2, 3, 3, 3, 5], [6, 0, 0, 1, 2]], "float32")
+    rows = check_against_loop(model, x, np.array([0, 1, 1]))
+    assert np.any(rows[next(k for k in rows if "embed" in k)][1, 3])  # id 3, three times
+
+
 def test_layers_that_fold_time_into_the_batch(keras, monkeypatch):
     """tf-keras' TimeDistributed calls its layer once on (n·T, ...) rows: one pass over the
     batch would take those rows for examples (it once returned wrong rows and norms, with

@@ -5,7 +5,8 @@ The adapter records, per call of a planned layer, batched per-example tensors sh
 
 - `features` (Dense): inputs (n, T, in) and deltas (n, T, out), every position of every call
   along T;
-- `ids` (Embedding): ids (n, T), kept in their own dtype, and deltas (n, T, dim);
+- `ids` (Embedding): ids (n, T), in their own integer dtype (floats cast to int32, as the
+  layer does), and deltas (n, T, dim);
 - `spatial` (Conv): inputs (n, calls, *input shape) and deltas (n, calls, *output shape),
   spatial shapes kept for the convolution's geometry.
 
@@ -34,9 +35,11 @@ def features(a_calls: list, d_calls: list, ops: Ops, dtype: str, scale: Any) -> 
 
 
 def ids(a_calls: list, d_calls: list, ops: Ops, dtype: str, scale: Any) -> tuple:
-    """(ids (n, T), deltas (n, T, out))."""
+    """(ids (n, T), deltas (n, T, out)). Ids that arrive as floats (a model whose Input has
+    no ``dtype="int32"``) are cast to int32, as the Embedding layer casts them."""
     d = _unscaled(ops.concat([_positions(x, ops, dtype) for x in d_calls]), ops, dtype, scale)
-    return ops.concat([_positions(x, ops, None, keep_last=False) for x in a_calls]), d
+    return ops.concat([_positions(x, ops, None if "int" in str(x.dtype) else "int32",
+                                  keep_last=False) for x in a_calls]), d
 
 
 def spatial(a_calls: list, d_calls: list, ops: Ops, dtype: str, scale: Any) -> tuple:
