@@ -50,7 +50,7 @@ def applies(request: Any, planned: list) -> bool:
     model, training = request.model, request.training
     return not rest(planned, len(request.variables)) and _cache.cached(
         model, ("rows_independent", training), lambda: rows_independent(model, training)) \
-        and not _cache.cached(model, ("folds_rows", request.cache_key()), lambda: False)
+        and ("folds_rows", request.cache_key()) not in _cache.for_model(model)
 
 
 def run_batched(adapter: Any, request: Any, planned: list) -> list | None:
