@@ -196,3 +196,23 @@ def test_uncompiled_model_without_loss_or_target_is_a_clear_error(keras):
     model, _ = _mlp(keras)
     with pytest.raises(gk.InvalidArgumentError, match=r"not compiled.*Received: "):
         gk.input_gradients(model, np.ones((2, 3), "float32"), np.ones((2, 2), "float32"))
+
+
+def test_token_ids_given_as_floats_point_to_the_embedding_layer(keras):
+    """`keras.Input((5,))` (float) in front of an Embedding: the layer casts the ids to
+    integers, so the input reaches the objective through no differentiable op; every flavour
+    (JAX included: an integer value carries no derivative in its dependency walk) says so
+    instead of returning zeros."""
+    model = keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Embedding(10, 3, name="emb"),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(2),
+    ])
+    model.compile(loss="mse")
+    ids = RNG.integers(0, 10, size=(2, 5)).astype("float32")
+    with pytest.raises(gk.InvalidArgumentError,
+                       match=r"(?s)No float input.*activation_gradients.*'emb'.*Received: "):
+        gk.input_gradients(model, ids, np.zeros((2, 2), "float32"))
+    out = gk.activation_gradients(model, ids, np.zeros((2, 2), "float32"), layers="emb")
+    assert next(iter(out.values())).shape == (2, 5, 3)

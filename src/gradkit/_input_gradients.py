@@ -41,7 +41,9 @@ def input_gradients(
     ``training=True``), changing example ``j`` leaves row ``i`` unchanged. An input the
     objective does not depend on gets zeros. No model state changes (``training=True``
     included). Integer inputs (token ids) have no gradient: next to float inputs they come
-    back as None; a model whose inputs are all integers raises, pointing to
+    back as None; a model whose inputs are all integers, or none of whose float inputs
+    reaches the objective differentiably (token ids given as floats, which an Embedding
+    casts to integers), raises, pointing to
     ``activation_gradients(model, x, layers="<embedding layer>")``.
     """
     request = prepare(model, x, y, loss=loss, target=target, sample_weight=sample_weight,
@@ -50,6 +52,7 @@ def input_gradients(
     _check_float_inputs(model, batch.x)
     with original_errors():
         _, grads = request.adapter.input_gradients(request)
+    _check_some_input_reaches(model, batch.x, grads)
     arrays = [_as_result(g, leaf) if _is_float(leaf) else None
               for g, leaf in zip(grads, leaves(batch.x))]
     report_nonfinite(dict(zip(_input_names(batch.x), arrays)), batch)
@@ -86,14 +89,33 @@ def _check_float_inputs(model: Any, x: Any) -> None:
     """Raise unless some input is float (the others, token ids, get None)."""
     if any(_is_float(leaf) for leaf in leaves(x)):
         return
-    for name, leaf in zip(_input_names(x), leaves(x)):
-        embeddings = [path for path, layer in walk_layers(model)
-                      if "Embedding" in type(layer).__name__]
-        hint = (f"layers={embeddings[0]!r}" if embeddings else "layers=<the layer that reads "
-                "them>")
+    name, leaf = _input_names(x)[0], leaves(x)[0]
+    raise InvalidArgumentError(
+        f"Input {name} holds {_dtype_name(leaf)} values (token ids or categories), which "
+        "have no gradient. Differentiate the first layer's float output instead: "
+        f"gradkit.activation_gradients(model, x, ..., {_reader_hint(model)}). "
+        + received(input=name, dtype=_dtype_name(leaf))
+    )
+
+
+def _check_some_input_reaches(model: Any, x: Any, grads: list) -> None:
+    """Raise if no float input reaches the objective through differentiable operations
+    (its gradient would be zeros everywhere): float token ids, which an Embedding casts to
+    integers, are the usual cause."""
+    floats = [(name, g) for name, g, leaf in zip(_input_names(x), grads, leaves(x))
+              if _is_float(leaf)]
+    if floats and all(g is None for _, g in floats):
         raise InvalidArgumentError(
-            f"Input {name} holds {_dtype_name(leaf)} values (token ids or categories), which "
-            "have no gradient. Differentiate the first layer's float output instead: "
-            f"gradkit.activation_gradients(model, x, ..., {hint}). "
-            + received(input=name, dtype=_dtype_name(leaf))
+            f"No float input ({', '.join(name for name, _ in floats)}) reaches the objective "
+            "through differentiable operations, so every input gradient would be zero. If "
+            "the input holds token ids as floats (an Embedding casts them to integers), "
+            "differentiate the layer that reads them instead: gradkit.activation_gradients("
+            f"model, x, ..., {_reader_hint(model)}). "
+            + received(inputs=[name for name, _ in floats])
         )
+
+
+def _reader_hint(model: Any) -> str:
+    embeddings = [path for path, layer in walk_layers(model)
+                  if "Embedding" in type(layer).__name__]
+    return f"layers={embeddings[0]!r}" if embeddings else "layers=<the layer that reads them>"

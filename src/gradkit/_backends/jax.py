@@ -163,8 +163,11 @@ def pooled(fn: Callable, model_ref: Any) -> Callable:
 
 def reaching(fn: Callable, args: tuple) -> list[list[bool]]:
     """For each array of each argument (a list of arrays): does fn's first output depend on
-    it at all? A forward dependency walk over the traced program; a nested call (pjit,
-    custom_jvp) counts as depending on all of its inputs, so the answer errs towards "yes"."""
+    it differentiably at all? A forward dependency walk over the traced program; a nested
+    call (pjit, custom_jvp) counts as depending on all of its inputs, so the answer errs
+    towards "yes"; an integer or boolean value carries no derivative, so the walk stops
+    there (float token ids cast by an Embedding, a comparison), as TensorFlow's and torch's
+    gradients do."""
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     deps: dict[Any, int] = {var: 1 << i for i, var in enumerate(jaxpr.invars)}
     for eqn in jaxpr.eqns:
@@ -174,7 +177,8 @@ def reaching(fn: Callable, args: tuple) -> list[list[bool]]:
                 mask |= deps.get(var, 0)
         if mask:
             for var in eqn.outvars:
-                deps[var] = mask
+                if jnp.issubdtype(var.aval.dtype, jnp.inexact):
+                    deps[var] = mask
     out = jaxpr.outvars[0]
     mask = 0 if hasattr(out, "val") else deps.get(out, 0)
     found, position = [], 0
