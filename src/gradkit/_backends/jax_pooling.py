@@ -53,18 +53,26 @@ def _is_max_pooling(layer: Any) -> bool:
 def _tiled_call(layer: Any, keras_call: Any) -> Any:
     @functools.wraps(keras_call)
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        x = jnp.asarray(inputs) if not hasattr(inputs, "ndim") else inputs
-        spatial = (range(1, x.ndim - 1) if layer.data_format == "channels_last"
-                   else range(2, x.ndim))
-        sizes = [x.shape[axis] for axis in spatial]
-        tiles = all(isinstance(n, int) and n > 0 for n in sizes) and (
-            layer.padding == "valid"
-            or all(n % p == 0 for n, p in zip(sizes, layer.pool_size)))
-        if args or kwargs or not tiles or not jnp.issubdtype(x.dtype, jnp.floating):
+        axes = _tiled_axes(layer, inputs)
+        if args or kwargs or axes is None:
             return keras_call(inputs, *args, **kwargs)
-        return tiled_max(x, tuple(spatial), tuple(layer.pool_size))
+        return tiled_max(inputs, axes, tuple(layer.pool_size))
 
     return call
+
+
+def _tiled_axes(layer: Any, x: Any) -> tuple | None:
+    """The pooled axes of `x` if `layer`'s windows tile them exactly (float values, static
+    sizes, no padding added), else None."""
+    if not (hasattr(x, "ndim") and jnp.issubdtype(x.dtype, jnp.floating)):
+        return None
+    axes = tuple(range(1, x.ndim - 1) if layer.data_format == "channels_last"
+                 else range(2, x.ndim))
+    sizes = [x.shape[axis] for axis in axes]
+    if not all(isinstance(n, int) and n > 0 for n in sizes):
+        return None
+    pads = layer.padding != "valid" and any(n % p for n, p in zip(sizes, layer.pool_size))
+    return None if pads else axes
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
