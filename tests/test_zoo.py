@@ -57,6 +57,41 @@ def test_recurrent_layers_decide_their_route_once(keras, flavour, caplog):
     assert not [r for r in caplog.records if r.name == "tensorflow"]
 
 
+def test_a_custom_recurrent_cell_with_dense_layers(keras, flavour, caplog):
+    """Dense layers inside a custom RNN cell run in the framework's loop over time steps,
+    where a factor tap's recording cannot leave the loop: they are differentiated directly,
+    so JAX and torch vectorize the model and TensorFlow's compiled loop runs (both once fell
+    back to the plain loop, after the vectorizer and the compiled loop failed on the taps)."""
+    L = keras.layers
+
+    class Cell(L.Layer):
+        def __init__(self, units=3, **kwargs):
+            super().__init__(**kwargs)
+            self.units = self.state_size = self.output_size = units
+            self.step_in = L.Dense(units, name="step_in")
+            self.step_back = L.Dense(units, use_bias=False, name="step_back")
+            self.act = L.Activation("tanh")
+
+        def build(self, input_shape):
+            self.step_in.build((None, input_shape[-1]))
+            self.step_back.build((None, self.units))
+            self.built = True
+
+        def call(self, inputs, states):
+            h = self.act(self.step_in(inputs) + self.step_back(states[0]))
+            return h, [h]
+
+    model = keras.Sequential([keras.Input((4, 2)), L.RNN(Cell()), L.Dense(2, name="out")])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(5).normal(size=(3, 4, 2)).astype("float32")
+    with caplog.at_level(logging.WARNING, logger="gradkit"):
+        check_against_loop(model, x, np.array([0, 1, 1]))
+    said = [r.getMessage() for r in caplog.records if r.name == "gradkit"]
+    assert not [m for m in said if "compiled loop over examples failed" in m], said
+    if flavour in ("jax", "torch"):  # TensorFlow's pfor cannot convert the while loop
+        assert not said, said
+
+
 def test_token_ids_that_arrive_as_floats(keras):
     """`keras.Input((T,))` without dtype="int32" in front of an Embedding (common in text
     models): the ids reach the layer as floats and Keras casts them; the rows once failed

@@ -198,9 +198,10 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
     ``keras.layers`` or ``tf_keras.layers``)."""
     index = {id(v): j for j, v in enumerate(variables)}
     classes = [(kind, cls) for kind in KINDS.values() for cls in kind.classes(layers_module)]
+    in_loops = _inside_recurrent_layers(model, layers_module)
     planned = []
     for _, layer in walk_layers(model):
-        kind = _kind(layer, classes)
+        kind = None if id(layer) in in_loops else _kind(layer, classes)
         if kind is None:
             continue
         roles = {}
@@ -211,6 +212,17 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
         if roles:
             planned.append(Planned(layer, kind.name, roles))
     return planned
+
+
+def _inside_recurrent_layers(model: Any, layers_module: Any) -> set[int]:
+    """Ids of the layers an RNN layer holds (a custom cell's Dense): called inside the
+    framework's loop over time steps (`tf.while_loop`, `lax.scan`), where a tap's recording
+    cannot leave the loop, so their variables are differentiated directly, not factored."""
+    rnn = getattr(layers_module, "RNN", None)
+    if rnn is None:
+        return set()
+    return {id(inner) for _, layer in walk_layers(model) if isinstance(layer, rnn)
+            for _, inner in walk_layers(layer)}
 
 
 def _kind(layer: Any, classes: list) -> Kind | None:
