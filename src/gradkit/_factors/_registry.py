@@ -215,9 +215,8 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
 
 
 def _inside_recurrent_layers(model: Any, layers_module: Any) -> set[int]:
-    """Ids of the layers an RNN layer holds (a custom cell's Dense): called inside the
-    framework's loop over time steps (`tf.while_loop`, `lax.scan`), where a tap's recording
-    cannot leave the loop, so their variables are differentiated directly, not factored."""
+    """Ids of the layers an RNN layer holds (a custom cell's Dense): they run inside the time
+    loop (`tf.while_loop`, `lax.scan`), which a tap's recording cannot leave."""
     rnn = getattr(layers_module, "RNN", None)
     if rnn is None:
         return set()
