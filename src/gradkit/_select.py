@@ -56,6 +56,16 @@ def model_layers(model: Any) -> list[Any]:
     return chosen
 
 
+def inside_recurrent_layers(model: Any, layers_module: Any) -> set[int]:
+    """Ids of the layers an RNN layer of `model` holds (its cell and the cell's layers): they
+    run inside the framework's loop over time steps (`tf.while_loop`, `lax.scan`)."""
+    rnn = getattr(layers_module, "RNN", None)
+    if rnn is None:
+        return set()
+    return {id(inner) for _, layer in walk_layers(model) if isinstance(layer, rnn)
+            for _, inner in walk_layers(layer)}
+
+
 def _several_outputs(layer: Any) -> bool:
     try:
         output = layer.output

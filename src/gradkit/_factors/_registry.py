@@ -16,7 +16,7 @@ import numpy as np
 from gradkit._factors import _arrays, _einsum, _normalization, _norms, _rows, _sums
 from gradkit._factors._conv import (conv_geometry, separable_geometry, separable_rows64,
                                     transposable)
-from gradkit._select import walk_layers
+from gradkit._select import inside_recurrent_layers, walk_layers
 
 
 class Role(NamedTuple):
@@ -198,7 +198,8 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
     ``keras.layers`` or ``tf_keras.layers``)."""
     index = {id(v): j for j, v in enumerate(variables)}
     classes = [(kind, cls) for kind in KINDS.values() for cls in kind.classes(layers_module)]
-    in_loops = _inside_recurrent_layers(model, layers_module)
+    # a custom cell's Dense runs inside the time loop, which a tap's recording cannot leave
+    in_loops = inside_recurrent_layers(model, layers_module)
     planned = []
     for _, layer in walk_layers(model):
         kind = None if id(layer) in in_loops else _kind(layer, classes)
@@ -212,16 +213,6 @@ def plan(model: Any, variables: list, layers_module: Any) -> list[Planned]:
         if roles:
             planned.append(Planned(layer, kind.name, roles))
     return planned
-
-
-def _inside_recurrent_layers(model: Any, layers_module: Any) -> set[int]:
-    """Ids of the layers an RNN layer holds (a custom cell's Dense): they run inside the time
-    loop (`tf.while_loop`, `lax.scan`), which a tap's recording cannot leave."""
-    rnn = getattr(layers_module, "RNN", None)
-    if rnn is None:
-        return set()
-    return {id(inner) for _, layer in walk_layers(model) if isinstance(layer, rnn)
-            for _, inner in walk_layers(layer)}
 
 
 def _kind(layer: Any, classes: list) -> Kind | None:
