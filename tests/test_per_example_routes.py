@@ -162,6 +162,24 @@ def test_the_faster_route_is_timed_once_and_kept(keras, flavour, monkeypatch):
         assert calls[:3] == ["vectorized", "mapped", "vectorized"]
 
 
+def test_a_close_timing_is_a_tie_won_by_the_route_first_in_order():
+    """Timings within TIE of the fastest tie, and the tie goes to the route first in
+    ROUTES (one program over the batch before the compiled loop before the plain loop);
+    a route faster by more than that is kept."""
+    from gradkit import _routes
+
+    route = _routes.Route()
+    route.costs = {("rows", "vectorized"): [1.3, 1.12, 1.2, 1.14],
+                   ("rows", "mapped"): [1.1, 1.0, 1.05, 1.2], ("rows", "loop"): [4.0]}
+    assert _routes._on_trial(route, "rows") == "vectorized"
+    route.costs[("rows", "vectorized")] = [1.3, 1.2, 1.16, 1.2]
+    assert _routes._on_trial(route, "rows") == "mapped"
+    route.costs[("rows", "loop")] = [1.1, 0.99, 1.0, 1.05]  # faster, but within the tie
+    assert _routes._on_trial(route, "rows") == "mapped"
+    route.reasons["mapped"] = "failed"
+    assert _routes._on_trial(route, "rows") == "loop"
+
+
 def test_the_compiled_loop_and_its_fallback(keras, flavour, monkeypatch, caplog):
     """With the vectorizer failing, the loop compiled over the chunk gives the rows; when it
     fails too, the plain loop does. Each failure is tried and logged once."""
