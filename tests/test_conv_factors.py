@@ -285,7 +285,7 @@ def test_regularized_layers_add_the_regularizer_gradient_to_every_row(keras, mon
     slope the loop gives it; none with target=, whose score holds no model losses; taken
     once per call, not per chunk."""
     from gradkit._factors import Factor, plan
-    from gradkit._per_example import slice_batch
+    from gradkit._data import slice_batch
     from gradkit._request import prepare
 
     L, regularizers = keras.layers, keras.regularizers

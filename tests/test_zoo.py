@@ -131,6 +131,71 @@ def test_layers_that_fold_time_into_the_batch(keras, monkeypatch):
     check_against_loop(model, x[:1], np.zeros(1, "int64"))
 
 
+def test_layers_a_backend_computes_otherwise_take_its_own_gradient(keras, flavour, caplog):
+    """Where a backend computes a layer differently from its documented formula for some
+    shapes, the rows are still the gradients of what the model computes (what `fit`
+    differentiates): Keras 3 on TensorFlow adds a bias shaped (C, 1, 1) along the last axis
+    when that axis also has C entries (keras.ops.add's bias_add guess: an EinsumDense bias
+    on a leading axis here, a channels-first convolution's alike), and on torch a
+    LayerNormalization over axis 1 of a cube normalizes the last axis. The factors' rows
+    once disagreed with gradients() there (by about their own size), silently."""
+    L = keras.layers
+    rng = np.random.default_rng(5)
+    leading_bias = keras.Sequential([keras.Input((6, 6, 4)), L.EinsumDense(
+        "abcd,de->abce", output_shape=(6, 6, 6), bias_axes="b", activation="tanh",
+        name="lead"), L.Flatten(), L.Dense(3, name="out")])
+    cube = keras.Sequential([keras.Input((6, 6, 6)), L.Dense(6, use_bias=False, name="mix"),
+                             L.LayerNormalization(axis=1, name="norm"), L.Flatten(),
+                             L.Dense(3, name="out")])
+    for model, shape in ((leading_bias, (6, 6, 4)), (cube, (6, 6, 6))):
+        model.compile(loss="mse")
+        for variable in model.trainable_weights[:-2]:  # biases and β away from 0
+            variable.assign(rng.normal(size=tuple(variable.shape)).astype("float32"))
+        x = rng.normal(size=(4, *shape)).astype("float32")
+        with caplog.at_level(logging.WARNING, logger="gradkit"):
+            check_against_loop(model, x, rng.normal(size=(4, 3)).astype("float32"))
+    computed_otherwise = {"tensorflow": "lead/bias", "torch": "norm/"}.get(flavour)
+    warned = [r.getMessage() for r in caplog.records if "computes that layer" in r.getMessage()]
+    if computed_otherwise is None:
+        assert not warned
+    else:
+        assert len(warned) == 1 and computed_otherwise in warned[0], warned
+
+
+def test_a_route_whose_rows_disagree_is_not_taken(keras, flavour, monkeypatch, caplog):
+    """A route is checked once, on its first chunk, against the framework's own gradient of
+    its first example: a factor formula that is not the model's (here a Dense bias writer
+    made wrong on purpose) sends the call to the next route, logged once with the
+    variable, and the rows are right."""
+    from gradkit._factors import _registry
+
+    L = keras.layers
+    model = keras.Sequential([keras.Input((4,)), L.Dense(5, activation="tanh", name="hidden"),
+                              L.Dense(2, name="out")])
+    model.compile(loss="mse")
+    role = _registry.ROLES["bias"]
+
+    def doubled(part, out, product=None):
+        finite = role.rows(part, out, product)
+        out *= 2
+        return finite
+
+    monkeypatch.setitem(_registry.ROLES, "bias", role._replace(rows=doubled))
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(6, 4)).astype("float32"), rng.normal(size=(6, 2)).astype("float32")
+    with caplog.at_level(logging.WARNING, logger="gradkit"):
+        for _ in range(3):
+            rows = gk.per_example_gradients(model, x, y)
+    monkeypatch.undo()
+    expected = [gk.gradients(model, x[i:i + 1], y[i:i + 1]) for i in range(6)]
+    for key in rows:
+        np.testing.assert_allclose(rows[key], np.stack([e[key] for e in expected]),
+                                   rtol=1e-4, atol=1e-6, err_msg=key)
+    warned = [r.getMessage() for r in caplog.records if "computes that layer" in r.getMessage()]
+    assert len(warned) >= 1 and "bias" in warned[0], warned
+    assert len(warned) == len({w.split("(", 1)[0] for w in warned})  # each route once
+
+
 @pytest.mark.flavours("jax", "torch")
 def test_attention_layers(keras):
     check_against_loop(*attention(keras))

@@ -43,6 +43,21 @@ def map_structure(fn: Any, structure: Any) -> Any:
     return None if structure is None else fn(structure)
 
 
+def slice_batch(batch: Batch, start: int, stop: int, pad_to: int | None = None) -> Batch:
+    """Examples ``start:stop`` of `batch`; padded with copies of the first to `pad_to`."""
+
+    def cut(array: Any) -> Any:
+        part = array[start:stop]
+        if pad_to is None or stop - start == pad_to:
+            return part
+        return np.concatenate([part, np.repeat(part[:1], pad_to - (stop - start), axis=0)])
+
+    return Batch(
+        map_structure(cut, batch.x), map_structure(cut, batch.y),
+        None if batch.sample_weight is None else cut(batch.sample_weight), stop - start,
+    )
+
+
 def prepare_batch(model: Any, x: Any, y: Any, sample_weight: Any, floatx: str) -> Batch:
     """Normalize x/y/sample_weight and check them against each other and the model."""
     if x is None:

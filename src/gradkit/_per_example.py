@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradkit._data import Batch, leaves, map_structure
+from gradkit._data import Batch, leaves, slice_batch
 from gradkit._errors import InvalidArgumentError, received
 from gradkit._factors import write_rows
 from gradkit._memory import check_fits
@@ -166,21 +166,6 @@ def resolve_chunk_size(chunk_size: Any, row_bytes: int, size: int) -> int:
             "to fit each chunk's result in 256 MiB. " + received(chunk_size=chunk_size)
         )
     return int(min(chunk_size, size))
-
-
-def slice_batch(batch: Batch, start: int, stop: int, pad_to: int | None = None) -> Batch:
-    """Examples ``start:stop`` of `batch`; padded with copies of the first to `pad_to`."""
-
-    def cut(array: Any) -> Any:
-        part = array[start:stop]
-        if pad_to is None or stop - start == pad_to:
-            return part
-        return np.concatenate([part, np.repeat(part[:1], pad_to - (stop - start), axis=0)])
-
-    return Batch(
-        map_structure(cut, batch.x), map_structure(cut, batch.y),
-        None if batch.sample_weight is None else cut(batch.sample_weight), stop - start,
-    )
 
 
 def for_each_chunk(request: Request, chunk: int, store: Callable, operation: str) -> None:

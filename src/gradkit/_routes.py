@@ -38,8 +38,12 @@ import re
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 from gradkit._backends import _cache
+from gradkit._data import slice_batch
 from gradkit._errors import GradkitError, original_errors
+from gradkit._factors import Factor, write_rows
 
 logger = logging.getLogger("gradkit")
 _NOISE = re.compile(r"^(in user code:|Traceback|File |Exception encountered when calling|"
@@ -66,6 +70,7 @@ class Route:
         self.chosen: dict[str, str] = {}  # operation -> the route kept
         self.sizes: dict[tuple, set] = {}  # (operation, route) -> chunk sizes run (compiled)
         self.costs: dict[tuple, list] = {}  # (operation, route) -> seconds per example, timed
+        self.agreed: set[str] = set()  # routes whose first rows agreed (`disagreement`)
 
     @property
     def reason(self) -> str | None:
@@ -103,19 +108,72 @@ def run_chunk(request: Any, operation: str, store: Callable, start: int, stop: i
         try:
             with original_errors():
                 parts = list(runs[name](request))
-            break
+            reason = None if name == "loop" or name in route.agreed else \
+                disagreement(request, parts, loop)
+            if reason is None:
+                route.agreed.add(name)
+                break
         except Exception as error:  # noqa: BLE001 - any gap: the next route gives the rows
             if isinstance(error, GradkitError) or name == "loop":
                 raise
-            _give_up(route, request, name, first_line(error))
-            route.chosen.pop(operation, None)
-            name = _on_trial(route, operation)
+            reason = first_line(error)
+        _give_up(route, request, name, reason)
+        route.chosen.pop(operation, None)
+        name = _on_trial(route, operation)
     check(parts)
     store(start, stop, parts)  # timed too: on JAX this is where the host waits for the rows
     seconds = (time.perf_counter() - begin) / (stop - start)
     route.sizes[(operation, name)].add(stop - start)
     if timed:
         _timed(route, request, operation, name, seconds)
+
+
+#: A route's first row of a variable agrees with the framework's own gradient of that example
+#: when they differ by at most this fraction of its norm (plus `AGREE_FLOOR` of the example's
+#: whole gradient): rounding and 16-bit compute stay far below, a formula that is not the
+#: model's is far above (Keras 3 on TensorFlow adding a channels-first bias on the wrong axis:
+#: about 1)
+AGREE_RTOL = 0.05
+AGREE_FLOOR = 1e-3
+
+
+def disagreement(request: Any, parts: list, loop: Callable) -> str | None:
+    """Why a route's `parts` for the chunk `request` are not the model's per-example
+    gradients, or None: their first example's row of each variable against the framework's
+    own gradient of that example (`loop` on it). Checked once per route of a model and
+    selection: rows from factors follow each layer's documented formula, and a backend may
+    compute something else for some shapes (Keras 3 on TensorFlow adds a channels-first
+    convolution's bias along the last axis when that axis has as many entries as there are
+    filters; on torch a LayerNormalization over axis 1 of a cube normalizes the last axis),
+    which `fit` then differentiates."""
+    expected = loop(request.replace(batch=slice_batch(request.batch, 0, 1)))
+    rows = [None if part is None else _first_row(part, tuple(v.shape), dtype)
+            for part, v, dtype in zip(parts, request.variables, request.dtypes)]
+    wanted = [None if grads is None else np.asarray(grads[0], np.float64) for grads in expected]
+    total = np.sqrt(sum(float(np.sum(g * g)) for g in wanted if g is not None))
+    for key, row, grad in zip(request.keys, rows, wanted):
+        if (row is None) != (grad is None):
+            return f"{key!r} reaches the objective on one route only"
+        if row is None:
+            continue
+        error, norm = float(np.linalg.norm(row - grad)), float(np.linalg.norm(grad))
+        if error > AGREE_RTOL * norm + AGREE_FLOOR * total:
+            return (f"its rows of {key!r} differ from the framework's own gradient of the "
+                    f"first example by {error:.3g} (norm {norm:.3g}): this backend computes "
+                    "that layer differently from the formula gradkit's factors follow")
+    return None
+
+
+def _first_row(part: Any, shape: tuple, dtype: Any) -> np.ndarray:
+    """Row 0 of one variable's part (a Factor, an (n, ...) array, or a list of arrays)."""
+    if isinstance(part, Factor):
+        part = part._replace(inputs=None if part.inputs is None else part.inputs[:1],
+                             deltas=part.deltas[:1])
+    else:
+        part = part[:1]
+    row = np.empty((1, *shape), dtype)
+    write_rows(part, row)
+    return row[0].astype(np.float64)
 
 
 def _on_trial(route: Route, operation: str) -> str:
