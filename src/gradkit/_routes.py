@@ -14,7 +14,9 @@ gradient called once per example. Per model, variables, objective and training m
   under oneDNN), or to be slow (per-example depthwise convolutions). The vectorized route is
   never taken;
 - a failure: a route raised once (a converter gap, e.g. TensorFlow's pfor through the while
-  loops of recurrent layers). It is never retried;
+  loops of recurrent layers), or its first chunk's rows disagreed with the framework's own
+  gradient of that chunk's first example (`disagreement`: a layer the backend computes
+  otherwise than the formula its factors follow). It is never retried;
 - a timing, per operation (rows, norms, clipped): the routes still open take turns, in the
   order above: each runs one untimed chunk that compiles it, then up to `TIMINGS` timed
   chunks of an already compiled size; after k of them, a route over ``KEEP[k - 1]`` times
